@@ -1,0 +1,21 @@
+"""One adapter per model family; ``adapter_for(model)`` picks the one that serves a model."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import Adapter, ImageSlot, VisionCapture
+from .llava import LlavaAdapter
+
+ADAPTERS: list[type[Adapter]] = [LlavaAdapter]
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    for adapter in ADAPTERS:
+        if adapter.matches(model):
+            return adapter(model)
+    supported = ", ".join(name for adapter in ADAPTERS for name in adapter.model_classes)
+    raise TypeError(f"tokensieve does not support {type(model).__name__}: pass one of {supported}")
+
+
+__all__ = ["ADAPTERS", "Adapter", "ImageSlot", "VisionCapture", "adapter_for"]

@@ -1,0 +1,80 @@
+"""What every model-family adapter provides to the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ImageSlot:
+    """Where one image's visual tokens sit in the LLM input: batch row, sequence positions
+    (raster order over ``grid``), and the index of the image in the vision pass."""
+
+    row: int
+    positions: torch.Tensor
+    grid: tuple[int, int]
+    image: int
+
+
+@dataclass
+class VisionCapture:
+    """What hooks on the vision side recorded during the latest vision pass."""
+
+    pixel_shape: tuple[int, ...] | None = None
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def reset(self, pixel_shape: tuple[int, ...] | None) -> None:
+        self.pixel_shape = pixel_shape
+        self.tensors = {}
+
+
+class Adapter:
+    """Model-family knowledge: which modules to hook, where image tokens sit, how to read signals.
+
+    Subclasses name the model classes they serve (``model_classes``, matched by class name in the
+    model's MRO, so no model class is imported to match) and the signals they can compute.
+    """
+
+    family: ClassVar[str]
+    model_classes: ClassVar[tuple[str, ...]]
+    signals: ClassVar[frozenset[str]] = frozenset()
+    #: keyword inputs of the inner model aligned with ``input_ids`` on the sequence axis
+    aligned_inputs: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return any(klass.__name__ in cls.model_classes for klass in type(model).__mro__)
+
+    # modules the engine hooks
+    inner: nn.Module  # sees input_ids and the image inputs
+    decoder: nn.Module  # the text decoder; sees inputs_embeds with image features scattered in
+    vision_tower: nn.Module  # one call per vision pass
+
+    def image_token_id(self) -> int:
+        raise NotImplementedError
+
+    def missing_signals(self, wanted: tuple[str, ...]) -> dict[str, str]:
+        """Signals this model cannot give, each with the reason (empty if all are available)."""
+        raise NotImplementedError
+
+    def check_inputs(self, kwargs: dict) -> None:
+        """Raise a clear error for inputs a pre-LLM image method cannot handle (e.g. video)."""
+
+    def install_signal_hooks(self, wanted: tuple[str, ...], capture: VisionCapture) -> list:
+        """Register hooks that fill ``capture`` with what ``wanted`` needs; return their handles."""
+        return []
+
+    def slots(self, input_ids: torch.Tensor, capture: VisionCapture) -> list[ImageSlot]:
+        """Every image in the call, in the order the model consumes their features."""
+        raise NotImplementedError
+
+    def image_signals(self, wanted: tuple[str, ...], capture: VisionCapture, image: int) -> dict:
+        """The per-image values of ``wanted`` signals."""
+        return {}

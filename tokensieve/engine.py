@@ -1,0 +1,295 @@
+"""``apply`` / ``attach``: hook a stock model so a sieve prunes its image tokens before the LLM.
+
+One set of hooks serves every family (the adapter says where things are):
+
+- a pre-hook on the vision tower opens a capture of the signals the sieve asked for;
+- a pre-hook on the inner model reads ``input_ids`` (to find the image tokens) and, when a
+  pruned cache is continued, drops the prompt tokens the cache already holds;
+- a pre-hook on the text decoder runs the sieve on each image's tokens, then gathers the kept
+  tokens' embeddings, original positions and mask (rows of a batch may keep different counts:
+  shorter rows are left-padded and masked), and at later steps maps the caller's mask, which
+  still has the unpruned length, onto what the cache holds;
+- a post-hook on the inner model refuses a forward that carried images the sieve never saw.
+
+Kept tokens keep their original positions, so decode positions stay those of the unpruned
+sequence. The model's weights, modules and attention implementation are never changed.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from .adapters import VisionCapture, adapter_for
+from .flops import decoder_prefill_flops
+from .sieve import Selection, Sieve, VisualTokens
+from .stats import ImageRecord, RunStats
+
+_HOOKED_MODELS: weakref.WeakSet = weakref.WeakSet()
+#: what each pruned cache holds, so later forwards (decode steps, a second turn) line up with it
+_CACHE_STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class CacheState:
+    logical_length: int  # tokens of the unpruned sequence the cache stands for
+    mask: torch.Tensor  # (batch, cached) 2D mask over what the cache physically holds
+    pruned: torch.Tensor  # (batch,) real tokens removed so far, per row
+
+
+@dataclass
+class _Call:
+    input_ids: torch.Tensor | None
+    images_pending: bool
+
+
+def _has_images(kwargs: dict) -> bool:
+    encoded = kwargs.get("mm_encoder_outputs") or {}
+    return kwargs.get("pixel_values") is not None or encoded.get("image") is not None
+
+
+class Run:
+    """Hooks of one sieve on one model; ``stats`` records what they did. Use as a context manager
+    (``with ts.apply(model, sieve) as run``) or call :meth:`remove` (``ts.attach``)."""
+
+    def __init__(self, model: nn.Module, sieve: Sieve):
+        if not isinstance(sieve, Sieve):
+            raise TypeError(f"expected a tokensieve method (e.g. ts.load('fastervlm', keep=64)), not {type(sieve).__name__}")
+        if sieve.stage != "pre_llm":
+            raise ValueError(f"{sieve.name} acts at stage {sieve.stage!r}; this version applies pre_llm methods only")
+        adapter = adapter_for(model)
+        missing = adapter.missing_signals(sieve.signals)
+        if missing:
+            reasons = "; ".join(f"{name}: {why}" for name, why in missing.items())
+            raise ValueError(
+                f"{sieve.name} needs signals {type(model).__name__} cannot give ({reasons}). Use a method "
+                f"that needs none of them, such as divprune, uniform or pool (see `tokensieve methods`)"
+            )
+        if model in _HOOKED_MODELS:
+            raise RuntimeError(
+                f"{type(model).__name__} already has a tokensieve method applied: exit that apply() block "
+                f"(or call .remove() on its handle) before applying another"
+            )
+        self.model, self.sieve, self.adapter = model, sieve, adapter
+        self.stats = RunStats()
+        self._text_config = model.config.get_text_config()
+        self._capture = VisionCapture()
+        self._call: _Call | None = None
+        self._handles = [
+            adapter.vision_tower.register_forward_pre_hook(self._open_capture),
+            adapter.inner.register_forward_pre_hook(self._before_inner, with_kwargs=True),
+            adapter.inner.register_forward_hook(self._after_inner, with_kwargs=True),
+            adapter.decoder.register_forward_pre_hook(self._before_decoder, with_kwargs=True),
+        ]
+        try:
+            self._handles += adapter.install_signal_hooks(sieve.signals, self._capture)
+        except Exception:
+            self.remove()
+            raise
+        _HOOKED_MODELS.add(model)
+
+    def remove(self) -> None:
+        """Take every hook off; the model is as it was before. Safe to call twice."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._call = None
+        self._capture.reset(None)
+        _HOOKED_MODELS.discard(self.model)
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    # hooks
+
+    def _open_capture(self, module, args) -> None:
+        pixels = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        self._capture.reset(tuple(pixels.shape) if pixels is not None else None)
+
+    def _before_inner(self, module, args, kwargs):
+        self._call = None
+        self.adapter.check_inputs(kwargs)
+        has_images = _has_images(kwargs)
+        if has_images and kwargs.get("input_ids") is None:
+            raise ValueError(
+                "tokensieve finds image tokens by their ids: pass input_ids (not inputs_embeds) together "
+                "with the images inside an apply() block"
+            )
+        cache = kwargs.get("past_key_values")
+        state = _CACHE_STATES.get(cache) if cache is not None else None
+        if state is not None and kwargs.get("input_ids") is not None:
+            self._drop_cached_prefix(kwargs, state)
+        self._call = _Call(kwargs.get("input_ids"), has_images)
+        return args, kwargs
+
+    def _after_inner(self, module, args, kwargs, output) -> None:
+        call, self._call = self._call, None
+        if call is not None and call.images_pending:
+            raise RuntimeError(
+                f"a forward carried images but {self.sieve.name} never ran: the {self.adapter.family} adapter's "
+                f"decoder hook did not fire, so this transformers version changed how image tokens reach the LLM"
+            )
+
+    def _drop_cached_prefix(self, kwargs: dict, state: CacheState) -> None:
+        """generate() continuing a pruned cache slices the prompt by the cache's (shorter) physical
+        length, so the new input starts with tokens the cache already holds: drop them."""
+        n_new = kwargs["input_ids"].shape[1]
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.ndim == 2:
+            overlap = state.logical_length + n_new - mask.shape[1]
+        elif kwargs.get("position_ids") is not None:
+            positions = kwargs["position_ids"]
+            text_positions = positions if positions.ndim == 2 else positions[0]
+            overlap = state.logical_length - int(text_positions[0, 0])
+        else:
+            overlap = 0
+        if overlap <= 0:
+            return
+        for name in ("input_ids", "position_ids", *self.adapter.aligned_inputs):
+            if kwargs.get(name) is not None:
+                kwargs[name] = kwargs[name][..., overlap:]
+
+    def _before_decoder(self, module, args, kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            return None
+        cache = kwargs.get("past_key_values")
+        state = _CACHE_STATES.get(cache) if cache is not None else None
+        call = self._call
+        slots = []
+        if call is not None and call.images_pending:
+            call.images_pending = False
+            slots = self.adapter.slots(call.input_ids, self._capture)
+        if not slots and state is None:
+            return None
+        batch, length = embeds.shape[:2]
+        mask = kwargs.get("attention_mask")
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.ndim != 2):
+            raise ValueError(
+                "tokensieve needs the 2D attention mask the processor returns; this call carries a prebuilt "
+                "4D mask (a static or compiled cache?): use the default dynamic cache"
+            )
+        if state is None and cache is not None and cache.get_seq_length() > 0:
+            past = cache.get_seq_length()
+            past_mask = mask[:, :past] if mask is not None else embeds.new_ones(batch, past, dtype=torch.long)
+            state = CacheState(past, past_mask, torch.zeros(batch, dtype=torch.long))
+        past_logical = state.logical_length if state is not None else 0
+        own_mask = mask[:, -length:] if mask is not None else torch.ones(batch, length, dtype=torch.long, device=embeds.device)
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            positions = (torch.arange(length, device=embeds.device) + past_logical).unsqueeze(0)
+        keep, replacements = self._select(slots, embeds)
+        if keep.all() and not replacements and state is None:
+            return None  # nothing removed: the stock forward, bit for bit
+        if replacements:
+            embeds = embeds.clone()
+            for row, where, features in replacements:
+                embeds[row, where] = features.to(embeds.dtype)
+        index, kept_mask = _left_packed(keep, own_mask)
+        embeds = embeds.gather(1, index.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
+        if positions.ndim == 2:
+            positions = positions.expand(batch, -1).gather(1, index)
+        else:  # multi-row rotary positions (mrope): (rows, batch, length)
+            positions = positions.expand(-1, batch, -1).gather(2, index.unsqueeze(0).expand(positions.shape[0], -1, -1))
+        full_mask = torch.cat([state.mask, kept_mask], dim=1) if state is not None else kept_mask
+        removed = own_mask.sum(1) - kept_mask.sum(1)
+        pruned_before = state.pruned if state is not None else torch.zeros(batch, dtype=torch.long)
+        if slots:
+            self._count_flops(own_mask.sum(1), kept_mask.sum(1), state, pruned_before)
+        use_cache = kwargs.get("use_cache")
+        if cache is None and (use_cache if use_cache is not None else module.config.use_cache):
+            cache = DynamicCache(config=module.config)
+        if cache is not None:
+            _CACHE_STATES[cache] = CacheState(past_logical + length, full_mask, pruned_before + removed.cpu())
+        kwargs.update(inputs_embeds=embeds, position_ids=positions, attention_mask=full_mask, past_key_values=cache)
+        return args, kwargs
+
+    def _select(self, slots, embeds: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """Run the sieve on every image; return the (batch, length) keep mask and merged features."""
+        keep = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
+        replacements = []
+        call_index = self.stats.calls
+        for slot in slots:
+            features = embeds[slot.row, slot.positions]
+            if not torch.isfinite(features).all():
+                raise ValueError(
+                    f"image {slot.image} has non-finite visual features (NaN or inf): check its pixel_values "
+                    f"and the model's dtype"
+                )
+            signals = self.adapter.image_signals(self.sieve.signals, self._capture, slot.image)
+            tokens = VisualTokens(features, slot.grid, signals)
+            _synchronize(features)
+            start = time.perf_counter()
+            selection = self.sieve.select(tokens)
+            _synchronize(features)
+            seconds = time.perf_counter() - start
+            kept = _checked(selection, len(tokens), self.sieve.name)
+            keep[slot.row, slot.positions] = False
+            keep[slot.row, slot.positions[kept]] = True
+            if selection.features is not None:
+                replacements.append((slot.row, slot.positions[kept], selection.features))
+            self.stats.images.append(
+                ImageRecord(call_index, slot.row, len(tokens), len(kept), kept.cpu(), slot.grid, seconds)
+            )
+        if slots:
+            self.stats.calls += 1
+        return keep, replacements
+
+    def _count_flops(self, real_before, real_after, state, pruned_before) -> None:
+        past_after = state.mask.sum(1).tolist() if state is not None else [0] * len(real_after)
+        past_before = [p + int(d) for p, d in zip(past_after, pruned_before)]
+        config = self._text_config
+        self.stats.prefill_flops += decoder_prefill_flops(config, real_after.tolist(), past_after)
+        self.stats.prefill_flops_unreduced += decoder_prefill_flops(config, real_before.tolist(), past_before)
+
+
+def _left_packed(keep: torch.Tensor, own_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the indices of kept tokens, left-padded to the longest row, and their 2D mask."""
+    counts = keep.sum(1)
+    width = int(counts.max())
+    index = torch.zeros(keep.shape[0], width, dtype=torch.long, device=keep.device)
+    mask = torch.zeros(keep.shape[0], width, dtype=own_mask.dtype, device=keep.device)
+    for row in range(keep.shape[0]):
+        kept = keep[row].nonzero().squeeze(1)
+        index[row, width - len(kept) :] = kept
+        mask[row, width - len(kept) :] = own_mask[row, kept]
+    return index, mask
+
+
+def _checked(selection: Selection, n: int, name: str) -> torch.Tensor:
+    kept = selection.kept
+    if kept.ndim != 1 or len(kept) == 0 or int(kept.min()) < 0 or int(kept.max()) >= n:
+        raise RuntimeError(f"{name} returned kept indices outside 0..{n - 1}")
+    if len(kept) > 1 and not bool((kept[1:] > kept[:-1]).all()):
+        raise RuntimeError(f"{name} returned kept indices that are not strictly ascending")
+    if selection.features is not None and selection.features.shape[0] != len(kept):
+        raise RuntimeError(f"{name} returned {selection.features.shape[0]} features for {len(kept)} kept tokens")
+    return kept
+
+
+def _synchronize(tensor: torch.Tensor) -> None:
+    if tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)
+
+
+def attach(model: nn.Module, sieve: Sieve) -> Run:
+    """Apply ``sieve`` to ``model`` until ``.remove()`` is called on the returned handle."""
+    return Run(model, sieve)
+
+
+def apply(model: nn.Module, sieve: Sieve) -> Run:
+    """Apply ``sieve`` to ``model`` for the duration of a ``with`` block::
+
+        with ts.apply(model, ts.load("fastervlm", keep=64)) as run:
+            out = model.generate(**inputs)
+        print(run.stats)
+    """
+    return Run(model, sieve)

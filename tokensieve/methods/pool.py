@@ -1,0 +1,56 @@
+"""``pool``: 2D average pooling of the visual tokens to a smaller grid (LLaVolta-style)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..registry import register
+from ..sieve import Selection, Sieve, VisualTokens
+
+
+def _target_grid(grid: tuple[int, int], k: int) -> tuple[int, int]:
+    """The largest rows×cols <= k that keeps the grid's aspect ratio (64 -> 8×8 on a square grid)."""
+    h, w = grid
+    best = (1, 1)
+    for rows in range(1, h + 1):
+        cols = min(w, max(1, round(rows * w / h)))
+        if rows * cols <= k and rows * cols > best[0] * best[1]:
+            best = (rows, cols)
+    return best
+
+
+def _cell_bounds(size: int, cells: int) -> list[tuple[int, int]]:
+    """The [start, end) spans adaptive average pooling uses for each output cell."""
+    return [((i * size) // cells, -(-((i + 1) * size) // cells)) for i in range(cells)]
+
+
+@register
+class Pool(Sieve):
+    """Average-pool the projected tokens to the largest grid of at most ``keep`` cells.
+
+    Paper: LLaVolta / Visual Context Compressor (Chen et al., arXiv 2406.20092), which pools visual
+    tokens inside the LLM (1-D, kernel = stride) during training. Differences: this pools in 2D on
+    the image grid, at the LLM input, training-free; each pooled token sits at the position of its
+    cell's centre token (LLaVolta averages the positions, which rounds to about the same place).
+    The budget rounds down to a whole grid: keep=64 gives 8×8, 128 gives 11×11, 192 gives 13×14.
+    """
+
+    name = "pool"
+    paper = "LLaVolta (arXiv 2406.20092)"
+
+    def select(self, tokens: VisualTokens) -> Selection:
+        h, w = tokens.grid
+        k = self.budget.resolve(len(tokens))
+        if k >= len(tokens):
+            return Selection(torch.arange(len(tokens), device=tokens.features.device))
+        rows, cols = _target_grid((h, w), k)
+        image = tokens.features.T.reshape(1, -1, h, w).float()
+        pooled = F.adaptive_avg_pool2d(image, (rows, cols)).reshape(-1, rows * cols).T
+        centres = [
+            ((top + bottom - 1) // 2) * w + (left + right - 1) // 2
+            for top, bottom in _cell_bounds(h, rows)
+            for left, right in _cell_bounds(w, cols)
+        ]
+        kept = torch.tensor(centres, device=tokens.features.device)
+        return Selection(kept, pooled.to(tokens.features.dtype))

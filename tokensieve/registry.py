@@ -1,0 +1,46 @@
+"""The method registry: ``load(name, **kwargs)`` and ``list_methods()``."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+from .sieve import Sieve
+
+_METHODS: dict[str, type[Sieve]] = {}
+
+
+def register(cls: type[Sieve]) -> type[Sieve]:
+    """Class decorator that makes a sieve loadable by its ``name``."""
+    if cls.name in _METHODS:
+        raise ValueError(f"a method named {cls.name!r} is already registered")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def load(name: str, **kwargs) -> Sieve:
+    """Build the method registered as ``name`` with ``kwargs`` (e.g. ``load("divprune", keep=64)``)."""
+    try:
+        cls = _METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}: choose one of {', '.join(sorted(_METHODS))}") from None
+    return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    paper: str
+    stage: str
+    signals: tuple[str, ...]
+    defaults: dict
+
+
+def list_methods() -> list[MethodInfo]:
+    """Every registered method with its paper, stage, required signals and default arguments."""
+    infos = []
+    for name, cls in sorted(_METHODS.items()):
+        params = inspect.signature(cls.__init__).parameters.values()
+        defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+        infos.append(MethodInfo(name, cls.paper, cls.stage, cls.signals, defaults))
+    return infos

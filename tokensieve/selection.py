@@ -1,0 +1,76 @@
+"""Algorithms shared by several sieves. Each works on one image's tokens and returns indices."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def top_k_in_order(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` highest scores, in ascending (raster) order.
+
+    Scores are compared in float32 and ties go to the lower index (a stable sort), so the
+    selection does not depend on the dtype the model runs in or on the top-k kernel.
+    """
+    order = torch.sort(scores.float(), descending=True, stable=True).indices
+    return order[:k].sort().values
+
+
+def farthest_point(features: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy max-min diversity (Gonzalez k-center) on cosine distance, in raster order.
+
+    Seeds with the token farthest from its nearest neighbour, then repeatedly adds the token whose
+    distance to the chosen set is largest. A running minimum keeps it O(k·N) after the N×N matrix.
+    """
+    unit = F.normalize(features.float(), dim=-1)
+    distance = 1.0 - unit @ unit.T
+    n = distance.shape[0]
+    chosen = torch.empty(k, dtype=torch.long, device=features.device)
+    to_set = distance.clone()
+    to_set.fill_diagonal_(float("inf"))
+    chosen[0] = to_set.min(dim=1).values.argmax()
+    to_set = distance[chosen[0]].clone()
+    to_set[chosen[0]] = -float("inf")
+    for step in range(1, min(k, n)):
+        pick = to_set.argmax()
+        chosen[step] = pick
+        to_set = torch.minimum(to_set, distance[pick])
+        to_set[pick] = -float("inf")
+    return chosen.sort().values
+
+
+def strided(n: int, k: int) -> torch.Tensor:
+    """``k`` indices spread evenly over ``range(n)`` (the first one always included)."""
+    step = max(1, n // k)
+    return torch.arange(0, n, step)[:k]
+
+
+def grid_subsample(grid: tuple[int, int], k: int) -> torch.Tensor:
+    """About ``k`` raster indices on an even 2D lattice over an ``h×w`` grid, exactly ``k`` of them.
+
+    Picks the lattice with rows×cols closest to ``k`` from above that keeps the grid's aspect,
+    takes the cell centres, and trims the surplus evenly so the count is exact.
+    """
+    h, w = grid
+    rows = max(1, min(h, round((k * h / w) ** 0.5)))
+    cols = max(1, min(w, -(-k // rows)))
+    while rows * cols < k:
+        rows = min(h, rows + 1)
+        cols = max(1, min(w, -(-k // rows)))
+    ys = ((torch.arange(rows) + 0.5) * h / rows).long()
+    xs = ((torch.arange(cols) + 0.5) * w / cols).long()
+    lattice = (ys[:, None] * w + xs[None, :]).flatten()
+    return lattice[strided(lattice.numel(), k)] if lattice.numel() > k else lattice
+
+
+def merge_into_targets(
+    hidden: torch.Tensor, metric: torch.Tensor, targets: torch.Tensor, members: torch.Tensor
+) -> torch.Tensor:
+    """VisionZip's contextual merge: each member joins its most cosine-similar target (by ``metric``);
+    a target becomes ``hidden[target] + mean(hidden[members])`` (unchanged if it has none)."""
+    unit = F.normalize(metric.float(), dim=-1)
+    assignment = (unit[members] @ unit[targets].T).argmax(dim=1)
+    sums = torch.zeros(len(targets), hidden.shape[-1], dtype=torch.float32, device=hidden.device)
+    sums.index_add_(0, assignment, hidden[members].float())
+    counts = torch.bincount(assignment, minlength=len(targets)).clamp(min=1).unsqueeze(1)
+    return (hidden[targets].float() + sums / counts).to(hidden.dtype)

@@ -1,0 +1,91 @@
+"""The Sieve interface: one method maps one image's visual tokens to a Selection."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from .budget import Budget
+from .selection import top_k_in_order
+
+#: Signals a sieve may ask for; an adapter computes only those asked for.
+SIGNALS = {
+    "cls_attention": "(heads, N) softmax attention of the vision [CLS] query to each patch, at the feature layer",
+    "vision_features": "(N, d_vision) features of the vision feature layer, before the projector",
+    "vision_keys": "(heads, N, d_head) key vectors of the feature layer's attention, [CLS] excluded",
+    "project": "callable mapping (M, d_vision) vision features to (M, d_llm) LLM input embeddings",
+}
+
+
+@dataclass
+class VisualTokens:
+    """What a sieve sees of one image.
+
+    ``features`` are the projected tokens as they enter the LLM, in raster order over ``grid``;
+    ``signals`` holds exactly the signals the sieve declared (see :data:`SIGNALS`).
+    """
+
+    features: torch.Tensor
+    grid: tuple[int, int]
+    signals: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    def __getitem__(self, signal: str):
+        return self.signals[signal]
+
+
+@dataclass
+class Selection:
+    """Kept token indices (ascending, into ``range(N)``) and, for merging methods, the features that
+    replace the kept tokens' own (one row per kept index)."""
+
+    kept: torch.Tensor
+    features: torch.Tensor | None = None
+
+
+class Sieve:
+    """Base class of every method.
+
+    Subclasses set ``name``, ``paper``, ``stage`` and ``signals`` and implement :meth:`select`
+    (or, through :class:`ScoringSieve`, only :meth:`ScoringSieve.score`). A sieve is pure tensor
+    code: it never sees a model class.
+    """
+
+    name: ClassVar[str]
+    paper: ClassVar[str]
+    stage: ClassVar[str] = "pre_llm"
+    signals: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, keep: int | float = 64):
+        self.budget = Budget(keep)
+
+    def select(self, tokens: VisualTokens) -> Selection:
+        raise NotImplementedError
+
+    def defaults(self) -> dict:
+        """The constructor arguments of this instance, for display and for the benchmark log."""
+        return {"keep": self.budget.value}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.defaults().items())
+        return f"{type(self).__name__}({args})"
+
+
+class ScoringSieve(Sieve):
+    """A sieve that scores every token and keeps the top ``keep`` in raster order."""
+
+    def score(self, tokens: VisualTokens) -> torch.Tensor:
+        """One score per token, shape (N,); higher is kept first."""
+        raise NotImplementedError
+
+    def select(self, tokens: VisualTokens) -> Selection:
+        k = self.budget.resolve(len(tokens))
+        return Selection(top_k_in_order(self.score(tokens), k))
+
+
+Projector = Callable[[torch.Tensor], torch.Tensor]
