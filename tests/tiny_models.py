@@ -1,4 +1,5 @@
-"""Tiny random models of each supported family, built from configs (no download), and inputs for them."""
+"""Shared pieces of the tiny test models, and the tiny LLaVA-1.5. Other families live in
+``tiny_<family>.py`` files; ``families.py`` lists them all."""
 
 from __future__ import annotations
 
@@ -29,33 +30,60 @@ def tiny_llava(seed: int = 0) -> LlavaForConditionalGeneration:
         projection_dim=32,
     )
     config = LlavaConfig(vision_config=vision, text_config=_llama(), image_token_id=IMAGE_TOKEN)
-    return LlavaForConditionalGeneration(config).eval()
+    return _for_tests(LlavaForConditionalGeneration(config))
+
+
+def _for_tests(model):
+    # generation runs a fixed number of steps so a random model's early EOS cannot end it
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = PAD
+    return model.eval()
 
 
 @dataclass
 class Family:
-    """How to build a tiny model of one family and a batch of prompts with images for it."""
+    """How to build a tiny model of one family and a batch of prompts with images for it.
+
+    ``make_inputs(texts, n_images=None, seed=1, image_offset=0)`` returns the model's keyword
+    inputs for left-padded rows, row i holding ``n_images[i]`` images (default 1) and then the text
+    ids ``texts[i]``; images come from a seeded stream (``random_image``) starting at
+    ``image_offset``, so a batch row rebuilt alone gets the same pixels. Every image must give
+    exactly ``tokens_per_image`` placeholder tokens with id ``image_token``.
+    """
 
     name: str
     build: Callable[[], torch.nn.Module]
     make_inputs: Callable[..., dict]
     tokens_per_image: int
+    image_token: int = IMAGE_TOKEN
 
 
-def llava_inputs(texts: list[list[int]], n_images: list[int] | None = None, seed: int = 1, size: int = 64) -> dict:
-    """Left-padded inputs: each row is ``bos, image tokens, text``; ``texts`` gives each row's text ids."""
+def random_image(seed: int, index: int, size: int) -> torch.Tensor:
+    """Image ``index`` of a seeded stream, so a row built alone gets the pixels it has in a batch."""
+    return torch.randn(3, size, size, generator=torch.Generator().manual_seed(seed * 1000 + index))
+
+
+def llava_inputs(
+    texts: list[list[int]], n_images: list[int] | None = None, seed: int = 1, size: int = 64, image_offset: int = 0
+) -> dict:
+    """Left-padded inputs: each row is ``bos, image tokens, text``; ``texts`` gives each row's text ids.
+    ``image_offset`` starts the image stream later (row i of a batch, built alone)."""
     n_images = n_images or [1] * len(texts)
     per_image = (size // 8) ** 2
-    rows = [[1] + [IMAGE_TOKEN] * per_image * n + text for text, n in zip(texts, n_images)]
+    input_ids, attention_mask = left_padded([[1] + [IMAGE_TOKEN] * per_image * n + text for text, n in zip(texts, n_images)])
+    pixel_values = torch.stack([random_image(seed, image_offset + i, size) for i in range(sum(n_images))])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+
+
+def left_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask for token rows of different lengths, padded on the left."""
     width = max(map(len, rows))
     input_ids = torch.full((len(rows), width), PAD)
     attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
     for i, row in enumerate(rows):
         input_ids[i, width - len(row) :] = torch.tensor(row)
         attention_mask[i, width - len(row) :] = 1
-    generator = torch.Generator().manual_seed(seed)
-    pixel_values = torch.randn(sum(n_images), 3, size, size, generator=generator)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+    return input_ids, attention_mask
 
 
-FAMILIES = [Family("llava", tiny_llava, llava_inputs, 64)]
+LLAVA = Family("llava", tiny_llava, llava_inputs, 64)

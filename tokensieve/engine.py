@@ -44,7 +44,7 @@ class CacheState:
 
 @dataclass
 class _Call:
-    input_ids: torch.Tensor | None
+    inputs: dict  # the inner model's keyword inputs
     images_pending: bool
 
 
@@ -81,7 +81,7 @@ class Run:
         self._capture = VisionCapture()
         self._call: _Call | None = None
         self._handles = [
-            adapter.vision_tower.register_forward_pre_hook(self._open_capture),
+            adapter.vision_tower.register_forward_pre_hook(self._open_capture, with_kwargs=True),
             adapter.inner.register_forward_pre_hook(self._before_inner, with_kwargs=True),
             adapter.inner.register_forward_hook(self._after_inner, with_kwargs=True),
             adapter.decoder.register_forward_pre_hook(self._before_decoder, with_kwargs=True),
@@ -99,7 +99,7 @@ class Run:
             handle.remove()
         self._handles = []
         self._call = None
-        self._capture.reset(None)
+        self._capture.reset()
         _HOOKED_MODELS.discard(self.model)
 
     def __enter__(self) -> Run:
@@ -110,9 +110,8 @@ class Run:
 
     # hooks
 
-    def _open_capture(self, module, args) -> None:
-        pixels = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        self._capture.reset(tuple(pixels.shape) if pixels is not None else None)
+    def _open_capture(self, module, args, kwargs) -> None:
+        self.adapter.open_capture(self._capture, args, kwargs)
 
     def _before_inner(self, module, args, kwargs):
         self._call = None
@@ -127,7 +126,7 @@ class Run:
         state = _CACHE_STATES.get(cache) if cache is not None else None
         if state is not None and kwargs.get("input_ids") is not None:
             self._drop_cached_prefix(kwargs, state)
-        self._call = _Call(kwargs.get("input_ids"), has_images)
+        self._call = _Call(kwargs, has_images)
         return args, kwargs
 
     def _after_inner(self, module, args, kwargs, output) -> None:
@@ -167,7 +166,7 @@ class Run:
         slots = []
         if call is not None and call.images_pending:
             call.images_pending = False
-            slots = self.adapter.slots(call.input_ids, self._capture)
+            slots = self.adapter.slots(call.inputs, self._capture)
         if not slots and state is None:
             return None
         batch, length = embeds.shape[:2]

@@ -22,14 +22,19 @@ class ImageSlot:
 
 @dataclass
 class VisionCapture:
-    """What hooks on the vision side recorded during the latest vision pass."""
+    """What hooks on the vision side recorded during the latest vision pass: the pass's inputs
+    the adapter needs (``inputs``, e.g. the pixel shape or ``grid_thw``) and signal tensors."""
 
-    pixel_shape: tuple[int, ...] | None = None
+    inputs: dict = field(default_factory=dict)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def reset(self, pixel_shape: tuple[int, ...] | None) -> None:
-        self.pixel_shape = pixel_shape
+    def reset(self, **inputs) -> None:
+        self.inputs = inputs
         self.tensors = {}
+
+    @property
+    def seen(self) -> bool:
+        return bool(self.inputs)
 
 
 class Adapter:
@@ -67,12 +72,18 @@ class Adapter:
     def check_inputs(self, kwargs: dict) -> None:
         """Raise a clear error for inputs a pre-LLM image method cannot handle (e.g. video)."""
 
+    def open_capture(self, capture: VisionCapture, args: tuple, kwargs: dict) -> None:
+        """Called before every vision-tower pass: reset ``capture`` with what ``slots`` will need."""
+        pixels = args[0] if args else kwargs.get("pixel_values")
+        capture.reset(pixel_shape=tuple(pixels.shape))
+
     def install_signal_hooks(self, wanted: tuple[str, ...], capture: VisionCapture) -> list:
         """Register hooks that fill ``capture`` with what ``wanted`` needs; return their handles."""
         return []
 
-    def slots(self, input_ids: torch.Tensor, capture: VisionCapture) -> list[ImageSlot]:
-        """Every image in the call, in the order the model consumes their features."""
+    def slots(self, inputs: dict, capture: VisionCapture) -> list[ImageSlot]:
+        """Every image in the call, in the order the model consumes their features. ``inputs`` are the
+        keyword inputs of the inner model's forward (``input_ids``, ``image_sizes``, ...)."""
         raise NotImplementedError
 
     def image_signals(self, wanted: tuple[str, ...], capture: VisionCapture, image: int) -> dict:

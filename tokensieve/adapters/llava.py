@@ -101,16 +101,17 @@ class LlavaAdapter(Adapter):
             handles.append(self.projector.register_forward_pre_hook(keep_projector_input))
         return handles
 
-    def slots(self, input_ids: torch.Tensor, capture: VisionCapture) -> list[ImageSlot]:
-        if capture.pixel_shape is None:
+    def slots(self, inputs: dict, capture: VisionCapture) -> list[ImageSlot]:
+        if not capture.seen:
             raise ValueError(
                 "image tokens reached the model but tokensieve saw no vision pass: pass pixel_values "
                 "(not precomputed image features) to the model inside the apply() block"
             )
-        placed = (input_ids == self.image_token_id()).nonzero()
-        n_images = capture.pixel_shape[0]
+        placed = (inputs["input_ids"] == self.image_token_id()).nonzero()
+        pixel_shape = capture.inputs["pixel_shape"]
+        n_images = pixel_shape[0]
         patch = self.vision_config.patch_size
-        grid = (capture.pixel_shape[-2] // patch, capture.pixel_shape[-1] // patch)
+        grid = (pixel_shape[-2] // patch, pixel_shape[-1] // patch)
         per_image = grid[0] * grid[1]
         if len(placed) != n_images * per_image:
             raise ValueError(

@@ -1,0 +1,210 @@
+"""The contract every method and every family must pass (see tests/cases.py for the list)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokensieve as ts
+from conftest import build_model, family_method_params
+from tokensieve.adapters import adapter_for
+
+CONTRACT = family_method_params()
+TEXTS = [[5, 6, 7, 8], [9, 10]]  # two rows of different length, so the batch is left-padded
+
+
+def sieve_for(name, kwargs, keep=16):
+    return ts.load(name, keep=keep, **kwargs)
+
+
+def greedy(model, inputs, n=4):
+    return model.generate(**inputs, max_new_tokens=n, do_sample=False, pad_token_id=0)
+
+
+@pytest.mark.parametrize("family, name, kwargs", CONTRACT)
+@pytest.mark.parametrize("keep_all", [1.0, "count"])
+def test_keep_all_is_the_stock_model_bit_for_bit(family, name, kwargs, keep_all):
+    model = build_model(family)
+    inputs = family.make_inputs(TEXTS)
+    expected_logits = model(**inputs).logits
+    expected_tokens = greedy(model, inputs)
+    keep = family.tokens_per_image if keep_all == "count" else keep_all
+    with ts.apply(model, ts.load(name, keep=keep, **kwargs)) as run:
+        logits = model(**inputs).logits
+        tokens = greedy(model, inputs)
+    assert torch.equal(logits, expected_logits)
+    assert torch.equal(tokens, expected_tokens)
+    assert all(r.after == r.before == family.tokens_per_image for r in run.stats.images)
+
+
+@pytest.mark.parametrize("family, name, kwargs", CONTRACT)
+def test_pruning_acts_and_is_deterministic(family, name, kwargs):
+    model = build_model(family)
+    inputs = family.make_inputs(TEXTS)
+    stock = model(**inputs).logits[:, -1]
+    results = []
+    for _ in range(2):
+        with ts.apply(model, sieve_for(name, kwargs)) as run:
+            results.append((model(**inputs).logits[:, -1], [r.kept for r in run.stats.images]))
+    (first, kept_first), (second, kept_second) = results
+    assert torch.equal(first, second)
+    assert all(torch.equal(a, b) for a, b in zip(kept_first, kept_second))
+    assert [len(k) for k in kept_first] == [16, 16]
+    assert not torch.allclose(first, stock), "pruning 75% of the image tokens changed nothing"
+
+
+@pytest.mark.parametrize("family, name, kwargs", CONTRACT)
+def test_generate_with_cache_equals_a_no_cache_loop(family, name, kwargs):
+    model = build_model(family)
+    inputs = family.make_inputs(TEXTS[:1])
+    with ts.apply(model, sieve_for(name, kwargs)):
+        cached = greedy(model, inputs)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        for _ in range(4):
+            step = {**inputs, "input_ids": ids, "attention_mask": mask}
+            next_token = model(**step, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, next_token], dim=1)
+            mask = torch.cat([mask, torch.ones_like(next_token)], dim=1)
+    assert torch.equal(cached, ids)
+
+
+@pytest.mark.parametrize("family, name, kwargs", CONTRACT)
+def test_left_padded_batch_equals_each_row_alone(family, name, kwargs):
+    model = build_model(family)
+    batch = family.make_inputs(TEXTS, seed=3)
+    rows = [family.make_inputs([text], seed=3, image_offset=i) for i, text in enumerate(TEXTS)]
+    with ts.apply(model, sieve_for(name, kwargs)):
+        batch_logits = model(**batch).logits[:, -1]
+        batch_tokens = greedy(model, batch)[:, -4:]
+        for i, row in enumerate(rows):
+            assert torch.allclose(model(**row).logits[0, -1], batch_logits[i], atol=1e-5)
+            assert torch.equal(greedy(model, row)[0, -4:], batch_tokens[i])
+
+
+def _decoder_calls(decoder):
+    """Record the keyword inputs and output of every decoder call (after tokensieve's own hook)."""
+    calls = []
+    pre = decoder.register_forward_pre_hook(lambda m, a, kw: calls.append(dict(kw)), with_kwargs=True)
+    post = decoder.register_forward_hook(lambda m, a, out: calls[-1].update(output=out.last_hidden_state))
+    return calls, (pre, post)
+
+
+@pytest.mark.parametrize("family, name, kwargs", CONTRACT)
+def test_prefill_equals_the_stock_decoder_with_dropped_tokens_masked(family, name, kwargs):
+    model = build_model(family)
+    decoder = adapter_for(model).decoder
+    inputs = family.make_inputs(TEXTS)
+    with ts.apply(model, sieve_for(name, kwargs)) as run:
+        calls, handles = _decoder_calls(decoder)
+        model(**inputs)
+    pruned = calls[0]
+    calls.clear()
+    model(**inputs)
+    stock = calls[0]
+    for handle in handles:
+        handle.remove()
+
+    # the stock sequence with the dropped image tokens masked out and merged features in place
+    embeds = stock["inputs_embeds"].clone()
+    mask = stock["attention_mask"].clone() if stock["attention_mask"] is not None else torch.ones(embeds.shape[:2], dtype=torch.long)
+    keep = torch.ones(embeds.shape[:2], dtype=torch.bool)
+    image_positions = (inputs["input_ids"] == family.image_token).nonzero()
+    start = 0
+    for record in run.stats.images:
+        block = image_positions[start : start + record.before]
+        start += record.before
+        keep[block[:, 0], block[:, 1]] = False
+        keep[block[record.kept, 0], block[record.kept, 1]] = True
+    mask = mask * keep
+    for row in range(embeds.shape[0]):
+        kept = keep[row].nonzero().squeeze(1)
+        embeds[row, kept] = pruned["inputs_embeds"][row, -len(kept) :]
+    positions = stock["position_ids"]
+    if positions is None:
+        positions = torch.arange(embeds.shape[1]).unsqueeze(0)
+    masked = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
+    for row in range(embeds.shape[0]):
+        kept = keep[row].nonzero().squeeze(1)
+        real = mask[row, kept].bool()
+        got = pruned["output"][row, -len(kept) :][real]
+        torch.testing.assert_close(got, masked[row, kept][real], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family, name, kwargs", CONTRACT)
+@pytest.mark.parametrize("texts", [TEXTS[:1], TEXTS], ids=["one-row", "padded-batch"])
+def test_second_turn_reusing_the_pruned_cache_equals_a_fresh_prefill(family, name, kwargs, texts):
+    model = build_model(family)
+    inputs = family.make_inputs(texts)
+    with ts.apply(model, sieve_for(name, kwargs)):
+        first = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        follow_up = torch.tensor([[11, 12, 13]] * len(texts))
+        ids = torch.cat([first.sequences, follow_up], dim=1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones(len(texts), 6, dtype=torch.long)], dim=1)
+        turn = {"input_ids": ids, "attention_mask": mask}
+        continued = model.generate(**turn, past_key_values=first.past_key_values, max_new_tokens=3, do_sample=False)
+        images = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        fresh = model.generate(**turn, **images, max_new_tokens=3, do_sample=False)
+    assert torch.equal(continued, fresh)
+
+
+@pytest.mark.parametrize("family, name, kwargs", CONTRACT)
+def test_sampling_is_reproducible_under_a_seed(family, name, kwargs):
+    model = build_model(family)
+    inputs = family.make_inputs(TEXTS)
+    outputs = []
+    with ts.apply(model, sieve_for(name, kwargs)):
+        for _ in range(2):
+            torch.manual_seed(7)
+            outputs.append(model.generate(**inputs, max_new_tokens=4, do_sample=True, top_k=20, pad_token_id=0))
+    assert torch.equal(*outputs)
+
+
+@pytest.mark.parametrize("family, name, kwargs", CONTRACT)
+def test_several_images_in_one_prompt_are_each_pruned(family, name, kwargs):
+    model = build_model(family)
+    inputs = family.make_inputs(TEXTS, n_images=[2, 1])
+    with ts.apply(model, sieve_for(name, kwargs)) as run:
+        tokens = greedy(model, inputs)
+    assert [(r.row, r.before, r.after) for r in run.stats.images] == [
+        (0, family.tokens_per_image, 16), (0, family.tokens_per_image, 16), (1, family.tokens_per_image, 16)
+    ]
+    assert tokens.shape == (2, inputs["input_ids"].shape[1] + 4)
+
+
+def _snapshot(model):
+    modules = {
+        name: (
+            sorted(vars(module)),
+            [len(getattr(module, d)) for d in ("_forward_pre_hooks", "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs")],
+        )
+        for name, module in model.named_modules()
+    }
+    return modules, {k: v.clone() for k, v in model.state_dict().items()}, model.config.to_json_string()
+
+
+def _assert_same(model, before):
+    modules, weights, config = _snapshot(model)
+    assert modules == before[0]
+    assert weights.keys() == before[1].keys() and all(torch.equal(weights[k], before[1][k]) for k in weights)
+    assert config == before[2]
+
+
+@pytest.mark.parametrize("family, name, kwargs", CONTRACT)
+def test_model_is_restored_on_exit_and_after_an_exception(family, name, kwargs):
+    model = build_model(family)
+    inputs = family.make_inputs(TEXTS)
+    before = _snapshot(model)
+    with ts.apply(model, sieve_for(name, kwargs)):
+        greedy(model, inputs)
+    _assert_same(model, before)
+    with pytest.raises(KeyError):
+        with ts.apply(model, sieve_for(name, kwargs)):
+            model(**inputs)
+            raise KeyError("boom")
+    _assert_same(model, before)
+    handle = ts.attach(model, sieve_for(name, kwargs))
+    with pytest.raises(RuntimeError, match="already has a tokensieve method"):
+        ts.apply(model, sieve_for(name, kwargs))
+    handle.remove()
+    handle.remove()
+    _assert_same(model, before)

@@ -1,0 +1,67 @@
+"""Greedy answers from cached vision features: the projector and the language model without the tower.
+
+Used during training (validation every few hundred steps) and for quick per-skill tables. Optional
+random pruning keeps a fraction of the image tokens at their original positions, the same thing
+tokensieve's pre-LLM methods do, to check that the QA suite punishes losing visual information.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..qa import Example, accuracy_by_skill, is_correct
+from .sequences import Encoder, embed_with_images
+
+
+@torch.no_grad()
+def answer(lm, projector, encoder: Encoder, features: torch.Tensor, questions: list[str],
+           keep_ratio: float = 1.0, seed: int = 0, max_new_tokens: int = 5) -> list[str]:
+    """Answers to one question per image. features: (B, N, D_vision)."""
+    device = next(lm.parameters()).device
+    prompts = [encoder.prompt(q) for q in questions]
+    length = max(map(len, prompts))
+    pad = encoder.tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (length - len(p)) + p for p in prompts], device=device)  # left padding
+    mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    embeds = embed_with_images(lm.get_input_embeddings(), ids, encoder.image_token_id,
+                               projector(features.to(device, torch.float32)))
+    if keep_ratio < 1.0:  # drop the same count of random image tokens from every row
+        n_image = features.shape[1]
+        n_keep = max(1, round(keep_ratio * n_image))
+        generator = torch.Generator().manual_seed(seed)
+        keep = torch.ones_like(ids, dtype=torch.bool)
+        for row in range(ids.shape[0]):
+            image_positions = (ids[row] == encoder.image_token_id).nonzero().squeeze(-1)
+            dropped = torch.randperm(n_image, generator=generator)[n_keep:]
+            keep[row, image_positions[dropped.to(device)]] = False
+        index = keep.nonzero()[:, 1].view(ids.shape[0], -1)
+        embeds = embeds.gather(1, index.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
+        mask, positions = mask.gather(1, index), positions.gather(1, index)
+
+    out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
+    tokens = [out.logits[:, -1].argmax(-1)]
+    for _ in range(max_new_tokens - 1):
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        positions = positions[:, -1:] + 1
+        out = lm(input_ids=tokens[-1][:, None], attention_mask=mask, position_ids=positions,
+                 past_key_values=out.past_key_values, use_cache=True)
+        tokens.append(out.logits[:, -1].argmax(-1))
+    answers = []
+    for row in torch.stack(tokens, 1).tolist():
+        if encoder.end_of_turn_id in row:
+            row = row[: row.index(encoder.end_of_turn_id)]
+        answers.append(encoder.tokenizer.decode(row, skip_special_tokens=True).strip())
+    return answers
+
+
+def evaluate(lm, projector, encoder: Encoder, exs: list[Example], features: torch.Tensor,
+             keep_ratio: float = 1.0, batch: int = 16) -> dict[str, dict[str, float]]:
+    """Per-skill accuracy on each example's own question (qas[0])."""
+    records = []
+    for start in range(0, len(exs), batch):
+        chunk = exs[start:start + batch]
+        preds = answer(lm, projector, encoder, features[start:start + len(chunk)],
+                       [ex.qas[0].question for ex in chunk], keep_ratio, seed=start)
+        records += [(ex.skill, is_correct(p, ex.qas[0].answer)) for ex, p in zip(chunk, preds)]
+    return accuracy_by_skill(records)

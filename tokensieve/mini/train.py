@@ -1,0 +1,204 @@
+"""Train sieve-mini's projector (and LoRA adapters in the language model) on the QA suite's train split.
+
+    nice -n 19 python -m tokensieve.mini.train --out /tmp/sieve-mini-train --steps 3000
+
+The vision tower and the language model's own weights stay frozen; gradients flow through the
+whole language model to the projector and adapters. Vision features are cached (features.py).
+Each training sequence packs several questions about one image. The loss covers answer tokens
+only. bf16 autocast on CPU (fast where the CPU has bf16 units), a GPU when present. Checkpoints
+every --checkpoint-every steps; rerunning the same command resumes. --export writes the small
+trained files that `tokensieve model build` assembles into sieve-mini.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import typer
+from safetensors.torch import save_file
+from transformers import AutoTokenizer, LlamaForCausalLM, LlavaConfig
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+from ..qa import DATA_VERSION, examples, format_table
+from .build import LORA_FILE, PROJECTOR_FILE, VISION_FEATURE_LAYER, language_dir, vision_dir
+from .assemble import llava_config
+from .fasteval import evaluate
+from .features import SHARD_SIZE, FeatureCache
+from .lora import add_lora, lora_state
+from .sequences import IGNORE, Encoder, embed_with_images
+
+LORA_TARGETS = ("q_proj", "v_proj")
+
+
+def make_projector(vision: Path, language: Path, layer: int) -> LlavaMultiModalProjector:
+    """The stock LLaVA projector for this pair of parts (fresh weights)."""
+    config: LlavaConfig = llava_config(vision, language, image_token_id=0, vocab_size=49153, vision_feature_layer=layer)
+    return LlavaMultiModalProjector(config)
+
+
+def standardise_first_layer(projector: LlavaMultiModalProjector, features: torch.Tensor) -> None:
+    """Initialise linear_1 to see standardised features: DINOv2's mid-layer channels vary widely in scale."""
+    flat = features.float().reshape(-1, features.shape[-1])
+    mean, std = flat.mean(0), flat.std(0).clamp(min=1e-3)
+    with torch.no_grad():
+        weight = projector.linear_1.weight / std
+        projector.linear_1.weight.copy_(weight)
+        projector.linear_1.bias.copy_(projector.linear_1.bias - weight @ mean)
+
+
+def batch_tensors(encoder: Encoder, convs: list[tuple[list[int], list[int]]], device) -> tuple[torch.Tensor, ...]:
+    length = max(len(ids) for ids, _ in convs)
+    pad = encoder.tokenizer.pad_token_id
+    ids = torch.tensor([i + [pad] * (length - len(i)) for i, _ in convs], device=device)
+    labels = torch.tensor([l + [IGNORE] * (length - len(l)) for _, l in convs], device=device)
+    mask = torch.tensor([[1] * len(i) + [0] * (length - len(i)) for i, _ in convs], device=device)
+    return ids, labels, mask
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def main(
+    out: Path = typer.Option(Path("/tmp/sieve-mini-train"), help="checkpoints, logs and eval tables"),
+    steps: int = typer.Option(3000, help="optimizer steps in total (the schedule's length)"),
+    batch: int = typer.Option(4, help="images (sequences) per step"),
+    questions: int = typer.Option(4, help="questions packed per image"),
+    train_images: int = typer.Option(8000, help="size of the train split used (multiple of 500)"),
+    lr: float = typer.Option(1e-3, help="peak learning rate"),
+    lora_rank: int = typer.Option(8, help="LoRA rank on q/v projections; 0 trains the projector only"),
+    layer: int = typer.Option(VISION_FEATURE_LAYER, help="vision hidden_states index fed to the projector"),
+    val_examples: int = typer.Option(210, help="validation examples per evaluation (30 per skill)"),
+    eval_every: int = typer.Option(250),
+    checkpoint_every: int = typer.Option(50),
+    seed: int = typer.Option(0),
+    threads: int = typer.Option(0, help="torch CPU threads (0: torch's default)"),
+    export: bool = typer.Option(True, help="write weights to tokensieve/mini/weights at each evaluation and at the end"),
+):
+    if train_images % SHARD_SIZE:
+        raise typer.BadParameter(f"--train-images must be a multiple of {SHARD_SIZE}, got {train_images}")
+    if threads:
+        torch.set_num_threads(threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    log = (out / "log.jsonl").open("a")
+
+    vision, language = vision_dir(), language_dir()
+    tokenizer = AutoTokenizer.from_pretrained(language)
+    lm = LlamaForCausalLM.from_pretrained(language, dtype=torch.float32).to(device)
+    lm.requires_grad_(False)
+    wrapped = add_lora(lm.model, LORA_TARGETS, lora_rank, alpha=2 * lora_rank) if lora_rank else {}
+    lm.to(device)
+    projector = make_projector(vision, language, layer).to(device)
+    cache = FeatureCache(layer, device=device)
+    encoder = Encoder(tokenizer, image_tokens=cache.shard("train", 0).shape[1])
+
+    params = list(projector.parameters()) + [p for w in wrapped.values() for p in (w.lora_A, w.lora_B)]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    checkpoint, start = out / "checkpoint.pt", 0
+    if checkpoint.is_file():
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        projector.load_state_dict(state["projector"])
+        for name, w in wrapped.items():
+            w.lora_A.data.copy_(state["lora"][f"{name}.lora_A"])
+            w.lora_B.data.copy_(state["lora"][f"{name}.lora_B"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+        print(f"resumed from {checkpoint} at step {start}")
+    else:
+        standardise_first_layer(projector, cache.shard("train", 0))
+
+    n_shards = train_images // SHARD_SIZE
+    shards_per_epoch_steps = SHARD_SIZE // batch
+
+    def batch_at(step: int) -> tuple[list, torch.Tensor]:
+        """Step -> images: epochs visit shards in a seeded order, images in a seeded order within each."""
+        epoch, within = divmod(step, n_shards * shards_per_epoch_steps)
+        shard_slot, offset = divmod(within, shards_per_epoch_steps)
+        shard = int(np.random.default_rng((seed, epoch)).permutation(n_shards)[shard_slot])
+        order = np.random.default_rng((seed, epoch, shard)).permutation(SHARD_SIZE)[offset * batch:(offset + 1) * batch]
+        exs = [examples("train", 1, shard * SHARD_SIZE + int(i), questions)[0] for i in order]
+        return exs, cache.shard("train", shard)[torch.from_numpy(order)]
+
+    val = examples("validation", val_examples)
+    val_features = torch.cat([cache.shard("validation", s) for s in range(math.ceil(val_examples / SHARD_SIZE))])[:val_examples]
+
+    def run_eval(step: int) -> None:
+        projector.eval()
+        with torch.autocast(device, dtype=torch.bfloat16):
+            table = evaluate(lm, projector, encoder, val, val_features)
+        projector.train()
+        text = format_table(table)
+        print(f"validation at step {step} ({val_examples} examples, full tokens):\n{text}", flush=True)
+        (out / f"val-step{step:05d}.md").write_text(text + "\n")
+        log.write(json.dumps({"step": step, "validation": table}) + "\n")
+        log.flush()
+        if export:
+            export_weights(step)
+
+    def export_weights(step: int) -> None:
+        meta = {"vision_feature_layer": str(layer), "data_version": DATA_VERSION, "step": str(step),
+                "seed": str(seed)}
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in projector.state_dict().items()},
+                  str(PROJECTOR_FILE), metadata=meta)
+        if wrapped:
+            save_file({k: v.cpu() for k, v in lora_state(wrapped).items()}, str(LORA_FILE),
+                      metadata={**meta, "scale": str(2.0), "targets": ",".join(LORA_TARGETS)})
+        elif LORA_FILE.is_file():
+            LORA_FILE.unlink()
+
+    def save_checkpoint(step: int) -> None:
+        partial = checkpoint.with_suffix(".partial")
+        torch.save({"projector": projector.state_dict(), "lora": lora_state(wrapped),
+                    "optimizer": optimizer.state_dict(), "step": step}, partial)
+        partial.replace(checkpoint)
+
+    projector.train()
+    clock, recent = time.time(), []
+    for step in range(start, steps):
+        exs, features = batch_at(step)
+        ids, labels, mask = batch_tensors(encoder, [encoder.conversation(ex.qas) for ex in exs], device)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, lr)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            embeds = embed_with_images(lm.get_input_embeddings(), ids, encoder.image_token_id,
+                                       projector(features.to(device, torch.float32)))
+            hidden = lm.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+            # Logits only where an answer token is predicted: the 49k-way head over every token costs a lot.
+            targets = labels[:, 1:]
+            picked = targets != IGNORE
+            logits = lm.lm_head(hidden[:, :-1][picked])
+        loss = torch.nn.functional.cross_entropy(logits.float(), targets[picked])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        recent.append(loss.item())
+
+        done = step + 1
+        if done % 10 == 0:
+            elapsed = time.time() - clock
+            print(f"step {done}/{steps} loss {np.mean(recent):.4f} lr {lr_at(step, steps, lr):.2e} "
+                  f"{elapsed / 10:.2f}s/step", flush=True)
+            log.write(json.dumps({"step": done, "loss": float(np.mean(recent)), "s_per_step": elapsed / 10}) + "\n")
+            log.flush()
+            clock, recent = time.time(), []
+        if done % checkpoint_every == 0 or done == steps:
+            save_checkpoint(done)
+        if done % eval_every == 0 or done == steps:
+            run_eval(done)
+    if start >= steps:
+        print(f"already trained to step {start} (--steps {steps}); raise --steps to continue")
+
+
+if __name__ == "__main__":
+    typer.run(main)
