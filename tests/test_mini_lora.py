@@ -1,0 +1,46 @@
+"""LoRA adapters trained here fold into plain weights: the merged model computes what the adapted one did."""
+
+import torch
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tokensieve.mini.assemble import merge_lora
+from tokensieve.mini.lora import add_lora, lora_state
+from tokensieve.mini.train import lr_at
+
+
+def _tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_merged_weights_reproduce_the_adapted_model(tmp_path):
+    adapted, merged = _tiny_llama(), _tiny_llama()
+    wrapped = add_lora(adapted.model, ("q_proj", "v_proj"), rank=4, alpha=8)
+    assert len(wrapped) == 4  # two layers x (q, v)
+    for layer in wrapped.values():  # as if trained: B is no longer zero
+        torch.nn.init.normal_(layer.lora_B, std=0.1)
+    path = tmp_path / "lora.safetensors"
+    save_file(lora_state(wrapped), str(path), metadata={"scale": str(8 / 4)})
+    merge_lora(merged, path)
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(adapted(ids).logits, merged(ids).logits, atol=1e-5)
+        assert not torch.allclose(_tiny_llama()(ids).logits, merged(ids).logits, atol=1e-3)
+
+
+def test_fresh_adapters_change_nothing():
+    base, adapted = _tiny_llama(), _tiny_llama()
+    add_lora(adapted.model, ("q_proj", "v_proj"), rank=4, alpha=8)
+    ids = torch.randint(0, 64, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(base(ids).logits, adapted(ids).logits)
+
+
+def test_learning_rate_warms_up_then_decays_to_a_tenth():
+    assert lr_at(0, 1000, 1.0) == 0.01
+    assert lr_at(99, 1000, 1.0) == 1.0
+    assert abs(lr_at(1000, 1000, 1.0) - 0.1) < 1e-9
+    assert lr_at(500, 1000, 1.0) < lr_at(200, 1000, 1.0)
