@@ -82,6 +82,7 @@ class Run:
         self._call: _Call | None = None
         self._handles = [
             adapter.vision_tower.register_forward_pre_hook(self._open_capture, with_kwargs=True),
+            adapter.vision_tower.register_forward_hook(self._check_placeholders),
             adapter.inner.register_forward_pre_hook(self._before_inner, with_kwargs=True),
             adapter.inner.register_forward_hook(self._after_inner, with_kwargs=True),
             adapter.decoder.register_forward_pre_hook(self._before_decoder, with_kwargs=True),
@@ -113,6 +114,12 @@ class Run:
     def _open_capture(self, module, args, kwargs) -> None:
         self.adapter.open_capture(self._capture, args, kwargs)
 
+    def _check_placeholders(self, *hook_args) -> None:
+        """Once both the image inputs and the placeholder tokens are known, check that they agree, so
+        a mismatch gets tokensieve's message (what to change) rather than a failure deep inside."""
+        if self._call is not None and self._call.images_pending:
+            self.adapter.slots(self._call.inputs, self._capture)
+
     def _before_inner(self, module, args, kwargs):
         self._call = None
         self.adapter.check_inputs(kwargs)
@@ -126,7 +133,13 @@ class Run:
         state = _CACHE_STATES.get(cache) if cache is not None else None
         if state is not None and kwargs.get("input_ids") is not None:
             self._drop_cached_prefix(kwargs, state)
+        if state is not None and kwargs.get("position_ids") is None:
+            positions = self.adapter.continued_positions(kwargs, state.logical_length)
+            if positions is not None:
+                kwargs["position_ids"] = positions
         self._call = _Call(kwargs, has_images)
+        if has_images and kwargs.get("pixel_values") is None:  # features were encoded before this call
+            self._check_placeholders()
         return args, kwargs
 
     def _after_inner(self, module, args, kwargs, output) -> None:

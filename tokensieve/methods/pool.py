@@ -10,13 +10,13 @@ from ..sieve import Selection, Sieve, VisualTokens
 
 
 def _target_grid(grid: tuple[int, int], k: int) -> tuple[int, int]:
-    """The largest rows×cols <= k that keeps the grid's aspect ratio (64 -> 8×8 on a square grid)."""
+    """The largest rows×cols <= k with cols within one of rows·w/h (64 -> 8×8, 192 -> 13×14 on 24×24)."""
     h, w = grid
     best = (1, 1)
     for rows in range(1, h + 1):
-        cols = min(w, max(1, round(rows * w / h)))
-        if rows * cols <= k and rows * cols > best[0] * best[1]:
-            best = (rows, cols)
+        for cols in {min(w, max(1, round(rows * w / h) + extra)) for extra in (0, 1)}:
+            if rows * cols <= k and rows * cols > best[0] * best[1]:
+                best = (rows, cols)
     return best
 
 

@@ -1,0 +1,111 @@
+"""Selection overhead: prefill time of each method against feeding the same number of tokens with
+no selection at all.
+
+The ideal at budget k runs the same vision tower and projector, then the stock model on a prompt
+with only k image placeholders and the first k projected features (no hooks, no scoring). Each
+method runs through tokensieve on the full 576-placeholder prompt and keeps k. Runs alternate
+(ideal, method, ideal, method, ...) so drift on a shared machine hits both alike; the figure is
+the ratio of medians. The selection's own time comes from ``run.stats``.
+
+    python benchmarks/overhead.py                    # LLaVA-shaped, hidden 512, 8 layers, CPU
+    python benchmarks/overhead.py --device cuda --dtype bfloat16 --real-size   # LLaVA-1.5-7B shapes
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+import tokensieve as ts
+from tokensieve.demo_model import IMAGE_TOKEN, demo_inputs, demo_llava
+
+console = Console()
+
+
+def _timed(fn, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _ideal_inputs(inputs: dict, k: int) -> dict:
+    """The same prompt with k image placeholders instead of 576."""
+    ids = inputs["input_ids"]
+    image = ids[0] == IMAGE_TOKEN
+    first = int(image.nonzero()[0])
+    kept = torch.cat([ids[:, :first], ids[:, first : first + k], ids[:, first + int(image.sum()) :]], dim=1)
+    return {"input_ids": kept, "attention_mask": torch.ones_like(kept)}
+
+
+def main(
+    methods: str = typer.Option("random,uniform,pool,fastervlm,visionzip,divprune", help="comma-separated"),
+    keeps: str = typer.Option("64,128,192"),
+    repeats: int = typer.Option(7, help="timed runs per configuration (median)"),
+    device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("float32"),
+    real_size: bool = typer.Option(False, help="LLaVA-1.5-7B shapes: CLIP-L/336 (24 layers, 1024) + a 4096x32 decoder"),
+) -> None:
+    torch.set_grad_enabled(False)
+    if real_size:
+        model = demo_llava(vision_layers=24, llm_hidden=4096, llm_layers=32, vision_hidden=1024)
+    else:
+        model = demo_llava()
+    model = model.to(device=device, dtype=getattr(torch, dtype))
+    inputs = {k: v.to(device) for k, v in demo_inputs().items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(getattr(torch, dtype))
+    config = model.config.text_config
+    console.print(
+        f"model: vision {model.config.vision_config.num_hidden_layers}x{model.config.vision_config.hidden_size}, "
+        f"LLM {config.num_hidden_layers}x{config.hidden_size}, 576 image + {inputs['input_ids'].shape[1] - 576} text "
+        f"tokens, {device} {dtype}, attention {model.config._attn_implementation}"
+    )
+
+    def ideal(k: int):
+        small = _ideal_inputs(inputs, k)
+
+        def run():
+            features = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+            encoded = BaseModelOutputWithPooling(pooler_output=[f[:k] for f in features])
+            model(**small, mm_encoder_outputs={"image": encoded})
+
+        return run
+
+    stock_seconds = statistics.median(_timed(lambda: model(**inputs), device) for _ in range(repeats))
+    table = Table(title=f"prefill vs the ideal (stock, all 576 tokens: {stock_seconds * 1e3:.0f} ms)")
+    for column in ("method", "keep", "ideal ms", "method ms", "vs ideal", "selection ms", "vs stock"):
+        table.add_column(column, justify="right")
+    for k in map(int, keeps.split(",")):
+        for name in methods.split(","):
+            sieve = ts.load(name, keep=k)
+            ideal_run = ideal(k)
+            ideal_run()  # warm-up
+            with ts.apply(model, sieve):
+                model(**inputs)  # warm-up
+            ideal_times, method_times, selection_times = [], [], []
+            for _ in range(repeats):
+                ideal_times.append(_timed(ideal_run, device))
+                with ts.apply(model, sieve) as handle:  # hooks go on and off outside the timed call
+                    method_times.append(_timed(lambda: model(**inputs), device))
+                selection_times.append(handle.stats.selection_seconds)
+            ideal_ms = statistics.median(ideal_times) * 1e3
+            method_ms = statistics.median(method_times) * 1e3
+            selection_ms = statistics.median(selection_times) * 1e3
+            table.add_row(
+                name, str(k), f"{ideal_ms:.1f}", f"{method_ms:.1f}", f"{method_ms / ideal_ms - 1:+.1%}",
+                f"{selection_ms:.2f}", f"{stock_seconds * 1e3 / method_ms:.2f}x",
+            )
+    console.print(table)
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,0 +1,117 @@
+"""Bad input gets a clear error naming what to change, and leaves the model untouched."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
+
+import tokensieve as ts
+from conftest import build_model
+from test_contract import _assert_same, _snapshot
+from tiny_models import IMAGE_TOKEN, LLAVA, _llama
+
+
+@pytest.mark.parametrize(
+    "keep, error, words",
+    [
+        (0, ValueError, "at least 1"),
+        (-3, ValueError, "at least 1"),
+        (1.5, ValueError, "ratio in \\(0, 1\\]"),
+        (0.0, ValueError, "ratio in \\(0, 1\\]"),
+        ("64", TypeError, "int .* or a float"),
+        (True, TypeError, "int .* or a float"),
+    ],
+)
+def test_bad_budgets_are_refused_when_the_method_is_built(keep, error, words):
+    with pytest.raises(error, match=words):
+        ts.load("uniform", keep=keep)
+
+
+def test_unknown_method_names_the_choices():
+    with pytest.raises(ValueError, match="unknown method 'fastv2'.*divprune"):
+        ts.load("fastv2")
+
+
+def test_a_budget_above_the_token_count_is_clamped_with_a_warning():
+    model = build_model(LLAVA)
+    inputs = LLAVA.make_inputs([[5, 6]])
+    expected = model(**inputs).logits
+    with pytest.warns(ts.BudgetClampedWarning, match="keep=500 is more than the 64"):
+        with ts.apply(model, ts.load("fastervlm", keep=500)) as run:
+            logits = model(**inputs).logits
+    assert torch.equal(logits, expected)
+    assert run.stats.images[0].after == 64
+
+
+def test_an_unsupported_model_class_is_refused():
+    model = LlamaForCausalLM(_llama())
+    with pytest.raises(TypeError, match="does not support LlamaForCausalLM: pass one of .*LlavaForConditionalGeneration"):
+        ts.apply(model, ts.load("divprune"))
+    assert not model._forward_pre_hooks
+
+
+def test_a_method_needing_cls_is_refused_on_a_tower_without_one():
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+    config = LlavaConfig(vision_config=vision, text_config=_llama(), image_token_id=IMAGE_TOKEN, vision_feature_select_strategy="full")
+    model = LlavaForConditionalGeneration(config).eval()
+    before = _snapshot(model)
+    for name in ("fastervlm", "visionzip"):
+        with pytest.raises(ValueError, match=f"{name} needs signals .*no \\[CLS\\] token.*divprune"):
+            ts.apply(model, ts.load(name))
+    _assert_same(model, before)
+    with ts.apply(model, ts.load("divprune", keep=4)) as run:  # the same model works with a method that needs no [CLS]
+        model(input_ids=torch.tensor([[1] + [IMAGE_TOKEN] * 16 + [5]]), pixel_values=torch.randn(1, 3, 32, 32))
+    assert run.stats.images[0].after == 4
+
+
+def test_images_and_placeholders_that_disagree_are_refused():
+    model = build_model(LLAVA)
+    inputs = LLAVA.make_inputs([[5, 6]], n_images=[2])
+    inputs["pixel_values"] = inputs["pixel_values"][:1]  # two images' placeholders, one image
+    with ts.apply(model, ts.load("divprune", keep=8)):
+        with pytest.raises(ValueError, match="1 image\\(s\\) of 8x8 patches need 64 image placeholder tokens, but input_ids has 128"):
+            model(**inputs)
+        model(**LLAVA.make_inputs([[5, 6]]))  # the block still works after the error
+
+
+def test_inputs_embeds_with_images_are_refused_instead_of_running_unpruned():
+    model = build_model(LLAVA)
+    inputs = LLAVA.make_inputs([[5, 6]])
+    embeds = model.get_input_embeddings()(inputs.pop("input_ids"))
+    with ts.apply(model, ts.load("divprune", keep=8)):
+        with pytest.raises(ValueError, match="pass input_ids \\(not inputs_embeds\\)"):
+            model(inputs_embeds=embeds, **inputs)
+
+
+def test_non_finite_features_are_refused():
+    model = build_model(LLAVA)
+    inputs = LLAVA.make_inputs([[5, 6]])
+    inputs["pixel_values"][0, 0, 0, 0] = float("nan")
+    with ts.apply(model, ts.load("divprune", keep=8)):
+        with pytest.raises(ValueError, match="image 0 has non-finite visual features"):
+            model(**inputs)
+
+
+def test_a_forward_whose_images_never_reach_the_sieve_is_an_error():
+    """If a transformers upgrade moved where image tokens enter the LLM, say so instead of running unpruned."""
+    model = build_model(LLAVA)
+    inputs = LLAVA.make_inputs([[5, 6]])
+    with ts.apply(model, ts.load("divprune", keep=8)) as run:
+        decoder_hook = run._handles[4]
+        decoder_hook.remove()  # simulate the decoder hook no longer firing
+        with pytest.raises(RuntimeError, match="never ran: the llava adapter's decoder hook did not fire"):
+            model(**inputs)
+
+
+def test_text_only_calls_pass_through():
+    model = build_model(LLAVA)
+    ids = torch.tensor([[1, 5, 6, 7]])
+    expected = model(input_ids=ids).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with ts.apply(model, ts.load("divprune", keep=8)) as run:
+            assert torch.equal(model(input_ids=ids).logits, expected)
+    assert run.stats.images == []

@@ -1,0 +1,101 @@
+"""The shared algorithms and the budget, checked against plain reference implementations."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tokensieve import Budget
+from tokensieve.flops import decoder_prefill_flops
+from tokensieve.methods.pool import _target_grid
+from tokensieve.selection import farthest_point, grid_subsample, merge_into_targets, top_k_in_order
+
+
+def reference_divprune(features: torch.Tensor, k: int) -> torch.Tensor:
+    """The reference loop: recompute the min distance to the whole chosen set at every step."""
+    unit = F.normalize(features.float(), dim=-1)
+    distance = 1 - unit @ unit.T
+    chosen = [int(distance.sort(dim=0).values[1].argmax())]  # second-smallest per column skips self
+    while len(chosen) < k:
+        to_set = distance[chosen].min(dim=0).values
+        to_set[chosen] = -1
+        chosen.append(int(to_set.argmax()))
+    return torch.tensor(sorted(chosen))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(4, 80), st.integers(1, 80), st.integers(0, 10_000))
+def test_farthest_point_matches_the_reference_loop(n, k, seed):
+    k = min(k, n)
+    features = torch.randn(n, 16, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(farthest_point(features, k), reference_divprune(features, k))
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(-5, 5), min_size=1, max_size=60), st.integers(1, 60))
+def test_top_k_in_order_keeps_the_highest_scores_in_raster_order(scores, k):
+    k = min(k, len(scores))
+    kept = top_k_in_order(torch.tensor(scores), k)
+    assert len(kept) == k and torch.equal(kept, kept.sort().values)
+    threshold = sorted(scores, reverse=True)[k - 1]
+    assert all(scores[i] >= threshold for i in kept.tolist())
+
+
+def test_top_k_breaks_ties_towards_the_lower_index():
+    assert top_k_in_order(torch.tensor([1.0, 2.0, 2.0, 2.0, 0.0]), 2).tolist() == [1, 2]
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 30), st.integers(1, 30), st.integers(1, 900))
+def test_grid_subsample_gives_exactly_k_distinct_cells(h, w, k):
+    k = min(k, h * w)
+    kept = grid_subsample((h, w), k)
+    assert len(kept) == k == len(set(kept.tolist()))
+    assert 0 <= int(kept.min()) and int(kept.max()) < h * w
+
+
+def test_grid_subsample_is_an_even_lattice():
+    kept = grid_subsample((24, 24), 64)
+    rows, cols = kept // 24, kept % 24
+    assert rows.unique().tolist() == [1, 4, 7, 10, 13, 16, 19, 22]
+    assert cols.unique().tolist() == [1, 4, 7, 10, 13, 16, 19, 22]
+
+
+def test_pool_target_grids():
+    assert _target_grid((24, 24), 64) == (8, 8)
+    assert _target_grid((24, 24), 128) == (11, 11)
+    assert _target_grid((24, 24), 192) == (13, 14)
+    assert _target_grid((16, 32), 32) == (4, 8)
+
+
+def test_merge_into_targets_adds_the_mean_of_members():
+    hidden = torch.tensor([[1.0, 0.0], [0.0, 1.0], [3.0, 0.0], [5.0, 0.0], [0.0, 7.0]])
+    metric = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [1.0, -0.1], [0.1, 1.0]])
+    merged = merge_into_targets(hidden, metric, torch.tensor([0, 1]), torch.tensor([2, 3, 4]))
+    assert torch.equal(merged, torch.tensor([[1.0 + 4.0, 0.0], [0.0, 1.0 + 7.0]]))
+
+
+def test_budget_resolution():
+    assert Budget(64).resolve(576) == 64
+    assert Budget(0.25).resolve(576) == 144
+    assert Budget(0.001).resolve(576) == 1
+    assert Budget(1.0).resolve(576) == 576
+
+
+def test_prefill_flops_match_torch_flop_counter_on_a_real_decoder():
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import LlamaConfig, LlamaModel
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=50, attn_implementation="eager")
+    model = LlamaModel(config).eval()
+    length = 37
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(input_ids=torch.zeros(1, length, dtype=torch.long))
+    ours = decoder_prefill_flops(config, [length])
+    # eager attention multiplies the full L×L score matrix; ours counts the causal half exactly
+    head_dim = 64 // 4
+    full_minus_causal = 2 * 2 * 4 * head_dim * (length * length - length * (length + 1) // 2) * 2
+    assert counter.get_total_flops() == ours + full_minus_causal
