@@ -72,6 +72,13 @@ class Adapter:
     def check_inputs(self, kwargs: dict) -> None:
         """Raise a clear error for inputs a pre-LLM image method cannot handle (e.g. video)."""
 
+    def continued_positions(self, kwargs: dict, logical_past: int) -> torch.Tensor | None:
+        """Position ids for a forward that continues a pruned cache without bringing its own (a
+        hand-written decode loop); ``logical_past`` is the unpruned length the cache stands for.
+        None (the default) lets the decoder hook count on from it. Models that build positions
+        before the decoder from the cache's length, which pruning shortened, override this."""
+        return None
+
     def open_capture(self, capture: VisionCapture, args: tuple, kwargs: dict) -> None:
         """Called before every vision-tower pass: reset ``capture`` with what ``slots`` will need."""
         pixels = args[0] if args else kwargs.get("pixel_values")
