@@ -1,7 +1,10 @@
 """Every model family the contract tests run on: one tiny model each (see tiny_*.py)."""
 
+from tiny_idefics3 import IDEFICS3, SMOLVLM
 from tiny_models import LLAVA
 
 FAMILIES = [
     LLAVA,
+    IDEFICS3,
+    SMOLVLM,
 ]

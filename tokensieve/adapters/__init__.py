@@ -5,9 +5,10 @@ from __future__ import annotations
 from torch import nn
 
 from .base import Adapter, ImageSlot, VisionCapture
+from .idefics3 import Idefics3Adapter
 from .llava import LlavaAdapter
 
-ADAPTERS: list[type[Adapter]] = [LlavaAdapter]
+ADAPTERS: list[type[Adapter]] = [LlavaAdapter, Idefics3Adapter]
 
 
 def adapter_for(model: nn.Module) -> Adapter:
