@@ -1,10 +1,13 @@
 """Every model family the contract tests run on: one tiny model each (see tiny_*.py)."""
 
 from tiny_idefics3 import IDEFICS3, SMOLVLM
+from tiny_llava_next import LLAVA_NEXT, LLAVA_ONEVISION
 from tiny_models import LLAVA
 
 FAMILIES = [
     LLAVA,
+    LLAVA_NEXT,
+    LLAVA_ONEVISION,
     IDEFICS3,
     SMOLVLM,
 ]

@@ -17,6 +17,7 @@ sequence. The model's weights, modules and attention implementation are never ch
 
 from __future__ import annotations
 
+import inspect
 import time
 import weakref
 from dataclasses import dataclass
@@ -122,6 +123,9 @@ class Run:
 
     def _before_inner(self, module, args, kwargs):
         self._call = None
+        if args:  # some wrappers pass input_ids by position (LLaVA-NeXT): name every input
+            kwargs = {**inspect.signature(module.forward).bind_partial(*args).arguments, **kwargs}
+            args = ()
         self.adapter.check_inputs(kwargs)
         has_images = _has_images(kwargs)
         if has_images and kwargs.get("input_ids") is None:
@@ -237,7 +241,7 @@ class Run:
                     f"and the model's dtype"
                 )
             signals = self.adapter.image_signals(self.sieve.signals, self._capture, slot.image)
-            tokens = VisualTokens(features, slot.grid, signals)
+            tokens = VisualTokens(features, slot.grid, signals, slot.blocks)
             _synchronize(features)
             start = time.perf_counter()
             selection = self.sieve.select(tokens)

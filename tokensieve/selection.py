@@ -45,6 +45,20 @@ def strided(n: int, k: int) -> torch.Tensor:
     return torch.arange(0, n, step)[:k]
 
 
+def split_budget(sizes: list[int], k: int) -> list[int]:
+    """``k`` shared among parts of the given sizes in proportion to them (largest remainder, ties to
+    the earlier part); no part gets more than its size."""
+    total = sum(sizes)
+    if k >= total:
+        return list(sizes)
+    exact = [k * size / total for size in sizes]
+    shares = [int(x) for x in exact]
+    by_remainder = sorted(range(len(sizes)), key=lambda i: shares[i] - exact[i])
+    for i in by_remainder[: k - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
 def grid_subsample(grid: tuple[int, int], k: int) -> torch.Tensor:
     """About ``k`` raster indices on an even 2D lattice over an ``h×w`` grid, exactly ``k`` of them.
 

@@ -25,15 +25,27 @@ class VisualTokens:
     """What a sieve sees of one image.
 
     ``features`` are the projected tokens as they enter the LLM, in raster order over ``grid``;
-    ``signals`` holds exactly the signals the sieve declared (see :data:`SIGNALS`).
+    ``signals`` holds exactly the signals the sieve declared (see :data:`SIGNALS`). An image made of
+    several 2D pieces (LLaVA-NeXT: a base view, a high-res grid and a column of row-end newline
+    tokens) has ``grid == (1, N)`` and lists the pieces in ``blocks``; methods that need 2D
+    structure read :meth:`layout`.
     """
 
     features: torch.Tensor
     grid: tuple[int, int]
     signals: dict = field(default_factory=dict)
+    blocks: tuple[torch.Tensor, ...] = ()
 
     def __len__(self) -> int:
         return self.features.shape[0]
+
+    def layout(self) -> tuple[torch.Tensor, ...]:
+        """The image's 2D pieces as maps of token indices (each in raster order, together covering
+        every token once): ``blocks``, or the single map of ``grid``."""
+        if self.blocks:
+            return self.blocks
+        h, w = self.grid
+        return (torch.arange(h * w).view(h, w),)
 
     def __getitem__(self, signal: str):
         return self.signals[signal]

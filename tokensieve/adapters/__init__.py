@@ -7,8 +7,10 @@ from torch import nn
 from .base import Adapter, ImageSlot, VisionCapture
 from .idefics3 import Idefics3Adapter
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
+from .llava_onevision import LlavaOnevisionAdapter
 
-ADAPTERS: list[type[Adapter]] = [LlavaAdapter, Idefics3Adapter]
+ADAPTERS: list[type[Adapter]] = [LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Idefics3Adapter]
 
 
 def adapter_for(model: nn.Module) -> Adapter:

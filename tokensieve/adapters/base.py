@@ -12,12 +12,14 @@ from torch import nn
 @dataclass
 class ImageSlot:
     """Where one image's visual tokens sit in the LLM input: batch row, sequence positions
-    (raster order over ``grid``), and the index of the image in the vision pass."""
+    (raster order over ``grid``), and the index of the image in the vision pass. An image made of
+    several 2D pieces has ``grid == (1, N)`` and lists them in ``blocks`` (see ``VisualTokens``)."""
 
     row: int
     positions: torch.Tensor
     grid: tuple[int, int]
     image: int
+    blocks: tuple[torch.Tensor, ...] = ()
 
 
 @dataclass

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import register
+from ..selection import split_budget
 from ..sieve import Selection, Sieve, VisualTokens
 
 
@@ -34,23 +35,41 @@ class Pool(Sieve):
     the image grid, at the LLM input, training-free; each pooled token sits at the position of its
     cell's centre token (LLaVolta averages the positions, which rounds to about the same place).
     The budget rounds down to a whole grid: keep=64 gives 8×8, 128 gives 11×11, 192 gives 13×14.
+    An image of several 2D pieces (``VisualTokens.layout``) shares the budget among them in
+    proportion to their sizes and pools each piece on its own.
     """
 
     name = "pool"
     paper = "LLaVolta (arXiv 2406.20092)"
 
     def select(self, tokens: VisualTokens) -> Selection:
-        h, w = tokens.grid
         k = self.budget.resolve(len(tokens))
+        device = tokens.features.device
         if k >= len(tokens):
-            return Selection(torch.arange(len(tokens), device=tokens.features.device))
-        rows, cols = _target_grid((h, w), k)
-        image = tokens.features.T.reshape(1, -1, h, w).float()
-        pooled = F.adaptive_avg_pool2d(image, (rows, cols)).reshape(-1, rows * cols).T
-        centres = [
-            ((top + bottom - 1) // 2) * w + (left + right - 1) // 2
-            for top, bottom in _cell_bounds(h, rows)
-            for left, right in _cell_bounds(w, cols)
-        ]
-        kept = torch.tensor(centres, device=tokens.features.device)
-        return Selection(kept, pooled.to(tokens.features.dtype))
+            return Selection(torch.arange(len(tokens), device=device))
+        layout = tokens.layout()
+        kept, pooled = [], []
+        for block, share in zip(layout, split_budget([block.numel() for block in layout], k)):
+            if share:
+                index = block.flatten().to(device)
+                centres, features = _pool_block(tokens.features[index], tuple(block.shape), share)
+                kept.append(index[centres])
+                pooled.append(features)
+        kept = torch.cat(kept)
+        order = kept.argsort()
+        return Selection(kept[order], torch.cat(pooled)[order].to(tokens.features.dtype))
+
+
+def _pool_block(features: torch.Tensor, grid: tuple[int, int], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pool one h×w piece (its features in raster order) to at most ``k`` cells: the raster index of
+    each cell's centre token within the piece, and the cell means in float32."""
+    h, w = grid
+    rows, cols = _target_grid((h, w), k)
+    image = features.T.reshape(1, -1, h, w).float()
+    pooled = F.adaptive_avg_pool2d(image, (rows, cols)).reshape(-1, rows * cols).T
+    centres = [
+        ((top + bottom - 1) // 2) * w + (left + right - 1) // 2
+        for top, bottom in _cell_bounds(h, rows)
+        for left, right in _cell_bounds(w, cols)
+    ]
+    return torch.tensor(centres, device=features.device), pooled

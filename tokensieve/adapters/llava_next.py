@@ -1,0 +1,185 @@
+"""LLaVA-NeXT (``LlavaNextForConditionalGeneration``): anyres crops through a CLIP tower, packed with
+row-end newline tokens.
+
+The processor cuts each image into a base view (the whole image resized to one crop) and the crops of
+the best-fitting ``image_grid_pinpoints`` resolution; the tower encodes every crop with its own [CLS].
+``pack_image_features`` then lays one image out as consecutive placeholder tokens:
+
+1. the base view: g×g patches in raster order (g = image_size / patch_size);
+2. the high-res crops stitched into one grid and unpadded to the image's aspect, R×C patches, each
+   row followed by one ``image_newline`` token: R×(C+1) tokens.
+
+The budget covers the whole image: the sieve sees all g² + R×(C+1) tokens as one list, with
+``grid = (1, N)`` and three 2D ``blocks`` (base g×g, high-res R×C, newline column R×1), so grid
+methods (uniform, pool) work piece by piece. Newline tokens are candidates like any other token: they
+are placeholders of the image, and the budget counts every placeholder. Kept tokens keep their
+positions, so the LLM still sees where each one sits when newlines are dropped.
+
+The layout comes from the model's own ``pack_image_features`` run on crop×patch indices instead of
+features, so it follows the model's unpadding exactly. That needs ``image_sizes``, which
+``generate()`` passes to ``get_image_features`` only, never to the forward: while applied, the
+adapter wraps that method on the model instance (no module hook sees its arguments) and unwraps it
+with the hooks.
+
+Signals: ``cls_attention`` is each crop's [CLS] attention, packed like the features; newline tokens
+get 0 (they are not patches), so [CLS] methods drop them first. The budget stays per image: one top-k
+over the per-crop scores together (the FasterVLM reference budgets each crop on its own).
+``vision_keys`` and ``vision_features`` are refused: newline tokens have neither, so a method that
+merges in vision space (visionzip) cannot place them.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+from .base import ImageSlot, VisionCapture
+from .llava import LlavaAdapter
+
+#: what the newline token packs to when the adapter packs indices instead of features
+_NEWLINE = -1.0
+
+
+@dataclass
+class PackedImage:
+    """One image of a vision pass, laid out as the model packs it."""
+
+    first_crop: int  # index of its base view among the crops the tower encoded
+    n_crops: int
+    #: per token, the crop×patch index (within this image's crops) it was packed from; -1 for newlines.
+    #: Exact when packing only moves features (NeXT); OneVision's anyres_max may interpolate them.
+    sources: torch.Tensor
+    blocks: tuple[torch.Tensor, ...]
+
+
+class _BeforeCall:
+    """A handle that wraps ``module.<name>`` on that one instance, so ``before(arguments)`` runs before
+    each call; ``remove()`` puts back what was there."""
+
+    def __init__(self, module: nn.Module, name: str, before):
+        self.module, self.name = module, name
+        self.previous = module.__dict__.get(name)
+        original = getattr(module, name)
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)  # generate() reads the signature to choose the arguments it passes
+        def wrapped(*args, **kwargs):
+            before(signature.bind(*args, **kwargs).arguments)
+            return original(*args, **kwargs)
+
+        module.__dict__[name] = wrapped
+
+    def remove(self) -> None:
+        if self.previous is None:
+            self.module.__dict__.pop(self.name, None)
+        else:
+            self.module.__dict__[self.name] = self.previous
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    family = "llava_next"
+    model_classes = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
+    signals = frozenset({"cls_attention", "project"})
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self._next_images: list[PackedImage] | None = None  # laid out by get_image_features, for its tower pass
+
+    def missing_signals(self, wanted: tuple[str, ...]) -> dict[str, str]:
+        missing = super().missing_signals(wanted)
+        for name in {"vision_keys", "vision_features"} & set(wanted):
+            missing[name] = "its image_newline tokens (one per row) have no vision-tower key or feature"
+        return missing
+
+    def install_signal_hooks(self, wanted: tuple[str, ...], capture: VisionCapture) -> list:
+        handles = super().install_signal_hooks(wanted, capture)
+
+        def lay_out(arguments: dict) -> None:
+            self._next_images = self._packed_images(arguments)
+
+        return handles + [_BeforeCall(self.inner, "get_image_features", lay_out)]
+
+    def open_capture(self, capture: VisionCapture, args: tuple, kwargs: dict) -> None:
+        super().open_capture(capture, args, kwargs)
+        images, self._next_images = self._next_images, None
+        if images is not None:
+            capture.inputs["images"] = images
+
+    def _crop_counts(self, arguments: dict) -> list[int]:
+        """Crops per image (base view included) of one ``get_image_features`` call."""
+        pinpoints, crop_size = self.config.image_grid_pinpoints, self.vision_config.image_size
+        return [image_size_to_num_patches(size, pinpoints, crop_size) for size in arguments["image_sizes"]]
+
+    def _pack(self, values: torch.Tensor, newline: torch.Tensor, image_size, arguments: dict) -> torch.Tensor:
+        """The model's own packing of one image's (crops, g², 1) values: (tokens, 1)."""
+        strategy = arguments.get("vision_feature_select_strategy") or self.config.vision_feature_select_strategy
+        return self.inner.pack_image_features([values], [image_size], strategy, image_newline=newline)[0][0]
+
+    def _packed_images(self, arguments: dict) -> list[PackedImage]:
+        side = self.vision_config.image_size // self.vision_config.patch_size
+        base = side * side
+        images, first_crop = [], 0
+        for size, n_crops in zip(arguments["image_sizes"], self._crop_counts(arguments)):
+            indices = torch.arange(n_crops * base, dtype=torch.float64).view(n_crops, base, 1)
+            sources = self._pack(indices, torch.tensor([_NEWLINE], dtype=indices.dtype), size, arguments)[:, 0]
+            newline = sources == _NEWLINE
+            rows = int(newline.sum())
+            high_res = len(sources) - base
+            grid = base + torch.arange(high_res).view(rows, -1) if rows and high_res % rows == 0 else None
+            if grid is None or newline[:base].any() or not newline[grid[:, -1]].all():
+                raise RuntimeError(
+                    f"{type(self.inner).__name__}.pack_image_features no longer lays out the base view, then "
+                    f"rows ending in a newline token: this transformers version changed it"
+                )
+            pieces = (torch.arange(base).view(side, side), grid[:, :-1], grid[:, -1:])
+            blocks = tuple(piece for piece in pieces if piece.numel())
+            images.append(PackedImage(first_crop, n_crops, sources.long(), blocks))
+            first_crop += n_crops
+        return images
+
+    def slots(self, inputs: dict, capture: VisionCapture) -> list[ImageSlot]:
+        images = capture.inputs.get("images")
+        if images is None:
+            raise ValueError(
+                "image tokens reached the model but tokensieve saw no image encoding: pass pixel_values and "
+                "image_sizes (not precomputed image features) to the model inside the apply() block"
+            )
+        crops = sum(image.n_crops for image in images)
+        if crops != capture.inputs["pixel_shape"][0]:
+            raise ValueError(
+                f"image_sizes and image_grid_pinpoints give {crops} crops, but the vision tower encoded "
+                f"{capture.inputs['pixel_shape'][0]}: build pixel_values and image_sizes with the model's processor"
+            )
+        placed = (inputs["input_ids"] == self.image_token_id()).nonzero()
+        lengths = [len(image.sources) for image in images]
+        if len(placed) != sum(lengths):
+            raise ValueError(
+                f"{len(images)} image(s) of {lengths} tokens (from image_sizes) need {sum(lengths)} image "
+                f"placeholder tokens, but input_ids has {len(placed)}: build the inputs with the model's processor"
+            )
+        slots, start = [], 0
+        for index, (image, length) in enumerate(zip(images, lengths)):
+            block = placed[start : start + length]
+            start += length
+            if block[0, 0] != block[-1, 0]:
+                raise ValueError(f"image {index}'s placeholder tokens span two batch rows: one image per row block")
+            slots.append(ImageSlot(int(block[0, 0]), block[:, 1], (1, length), index, image.blocks))
+        return slots
+
+    def image_signals(self, wanted: tuple[str, ...], capture: VisionCapture, image: int) -> dict:
+        signals = super().image_signals(tuple(name for name in wanted if name != "cls_attention"), capture, image)
+        if "cls_attention" in wanted:
+            packed = capture.inputs["images"][image]
+            crops = range(packed.first_crop, packed.first_crop + packed.n_crops)
+            crop_signals = super().image_signals  # LLaVA's: one tower image, here one crop
+            # (heads, crops × g²): each crop's own [CLS] row, crops side by side as the indices count them
+            per_crop = torch.cat([crop_signals(("cls_attention",), capture, crop)["cls_attention"] for crop in crops], dim=1)
+            sources = packed.sources.to(per_crop.device)
+            newline = (sources < 0).unsqueeze(0)
+            signals["cls_attention"] = per_crop[:, sources.clamp(min=0)].masked_fill(newline, 0.0)
+        return signals
