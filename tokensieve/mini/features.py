@@ -26,12 +26,15 @@ class FeatureCache:
         self.root = mini_dir() / "features" / f"{DATA_VERSION}-layer{layer}-{image_size}px"
         self._tower: Dinov2Model | None = None
         self._processor = None
+        self._loaded: dict[tuple[str, int], torch.Tensor] = {}
 
     def path(self, split: str, shard: int) -> Path:
         return self.root / f"{split}-{shard:04d}.safetensors"
 
     def shard(self, split: str, shard: int) -> torch.Tensor:
         """Features of examples [shard * SHARD_SIZE, (shard + 1) * SHARD_SIZE) of `split`: (N, tokens, 384) fp16."""
+        if (split, shard) in self._loaded:
+            return self._loaded[split, shard]
         path = self.path(split, shard)
         if not path.is_file():
             features = self._compute(split, shard * SHARD_SIZE, SHARD_SIZE)
@@ -39,7 +42,8 @@ class FeatureCache:
             partial = path.with_suffix(".partial")
             save_file({"features": features}, str(partial), metadata={"data_version": DATA_VERSION})
             partial.replace(path)
-        return load_file(str(path))["features"]
+        self._loaded[split, shard] = load_file(str(path))["features"]
+        return self._loaded[split, shard]
 
     @torch.inference_mode()
     def _compute(self, split: str, start: int, count: int, batch: int = 25) -> torch.Tensor:

@@ -80,7 +80,8 @@ def main(
     eval_every: int = typer.Option(250),
     checkpoint_every: int = typer.Option(50),
     seed: int = typer.Option(0),
-    threads: int = typer.Option(0, help="torch CPU threads (0: torch's default)"),
+    threads: int = typer.Option(1, help="torch CPU threads; 0: torch's default. On a shared CPU one thread is "
+                                "fastest: OpenMP workers of a niced job wait on each other (5x slower with 2)"),
     export: bool = typer.Option(True, help="write weights to tokensieve/mini/weights at each evaluation and at the end"),
 ):
     if train_images % SHARD_SIZE:
@@ -94,7 +95,8 @@ def main(
 
     vision, language = vision_dir(), language_dir()
     tokenizer = AutoTokenizer.from_pretrained(language)
-    lm = LlamaForCausalLM.from_pretrained(language, dtype=torch.float32).to(device)
+    # Frozen weights in bf16: autocast would otherwise re-cast every fp32 weight at every step.
+    lm = LlamaForCausalLM.from_pretrained(language, dtype=torch.bfloat16).to(device)
     lm.requires_grad_(False)
     wrapped = add_lora(lm.model, LORA_TARGETS, lora_rank, alpha=2 * lora_rank) if lora_rank else {}
     lm.to(device)
