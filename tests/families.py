@@ -3,6 +3,7 @@
 from tiny_idefics3 import IDEFICS3, SMOLVLM
 from tiny_llava_next import LLAVA_NEXT, LLAVA_ONEVISION
 from tiny_models import LLAVA
+from tiny_qwen2_vl import QWEN2_5_VL, QWEN2_VL
 
 FAMILIES = [
     LLAVA,
@@ -10,4 +11,6 @@ FAMILIES = [
     LLAVA_ONEVISION,
     IDEFICS3,
     SMOLVLM,
+    QWEN2_VL,
+    QWEN2_5_VL,
 ]

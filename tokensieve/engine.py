@@ -163,7 +163,7 @@ class Run:
             overlap = state.logical_length + n_new - mask.shape[1]
         elif kwargs.get("position_ids") is not None:
             positions = kwargs["position_ids"]
-            text_positions = positions if positions.ndim == 2 else positions[0]
+            text_positions = self.adapter.text_positions(positions)
             overlap = state.logical_length - int(text_positions[0, 0])
         else:
             overlap = 0

@@ -81,6 +81,11 @@ class Adapter:
         before the decoder from the cache's length, which pruning shortened, override this."""
         return None
 
+    def text_positions(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """The (batch, length) 1D positions in the ``position_ids`` the inner model receives: the
+        tensor itself when 2D, else its first row (mrope models put a 1D text row first)."""
+        return position_ids if position_ids.ndim == 2 else position_ids[0]
+
     def open_capture(self, capture: VisionCapture, args: tuple, kwargs: dict) -> None:
         """Called before every vision-tower pass: reset ``capture`` with what ``slots`` will need."""
         pixels = args[0] if args else kwargs.get("pixel_values")

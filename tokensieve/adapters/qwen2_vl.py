@@ -1,0 +1,181 @@
+"""Qwen2-VL and Qwen2.5-VL (``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``).
+
+The processor cuts an image into ``grid_thw = (1, h, w)`` patches, flattened so that the four
+patches of each 2x2 merge block are consecutive. The tower's ``PatchMerger`` (the projector) turns
+each block into one LLM token, so an image is ``(h/2)*(w/2)`` consecutive ``image_pad`` tokens
+between ``vision_start`` and ``vision_end``, in raster order over an ``(h/2, w/2)`` grid. Qwen2.5-VL
+runs its blocks in window order and puts the merger's output back in raster order.
+
+The LLM sees 3D mrope positions (t, h, w) computed by the inner model from ``input_ids``,
+``mm_token_type_ids`` and ``image_grid_thw``; the engine gathers the kept tokens' positions, so
+they keep their place on the image grid. Images therefore need ``mm_token_type_ids`` (Qwen2.5-VL
+silently falls back to 1D positions without it). After the prefill the model numbers new tokens
+from the cache length plus its cached ``rope_deltas``; a pruned cache is shorter, so forwards that
+continue it without positions get them from the unpruned length here.
+
+Signals: the tower has no [CLS] token. ``vision_features`` is the merger's input with each LLM
+token's 2x2 patches concatenated, (N, 4*d_patch), in raster order; ``project`` is the merger, so
+``project(vision_features)`` gives exactly the image's tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.vision_utils import get_vision_window_index
+
+from .base import Adapter, ImageSlot, VisionCapture
+
+_NO_CLS = "the Qwen2-VL vision tower has no [CLS] token (its merger pools 2x2 patches; no token stands for the image)"
+
+
+class Qwen2VLAdapter(Adapter):
+    family = "qwen2_vl"
+    model_classes = (
+        "Qwen2VLForConditionalGeneration", "Qwen2VLModel", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel",
+    )
+    signals = frozenset({"vision_features", "project"})
+    aligned_inputs = ("mm_token_type_ids",)
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.inner = model.model if hasattr(model, "lm_head") else model
+        self.decoder = self.inner.language_model
+        self.vision_tower = self.inner.visual
+        self.merger = self.vision_tower.merger
+        self.config = model.config
+        self.vision_config = self.config.vision_config
+        self.merge = self.vision_config.spatial_merge_size
+
+    def image_token_id(self) -> int:
+        return self.config.image_token_id
+
+    def missing_signals(self, wanted: tuple[str, ...]) -> dict[str, str]:
+        missing = {name: f"the {self.family} adapter does not compute it" for name in wanted if name not in self.signals}
+        for name in {"cls_attention", "vision_keys"} & set(wanted):
+            missing[name] = _NO_CLS
+        return missing
+
+    def check_inputs(self, kwargs: dict) -> None:
+        encoded = kwargs.get("mm_encoder_outputs") or {}
+        videos = (kwargs.get("pixel_values_videos"), kwargs.get("video_grid_thw"), encoded.get("video"))
+        if any(video is not None for video in videos):
+            raise ValueError(
+                "tokensieve methods act on images, not videos: run video inputs (pixel_values_videos) outside the "
+                "apply() block"
+            )
+        input_ids, types = kwargs.get("input_ids"), kwargs.get("mm_token_type_ids")
+        if kwargs.get("pixel_values") is None and encoded.get("image") is None:
+            return
+        if types is None:
+            raise ValueError(
+                "images need mm_token_type_ids (the processor returns it with input_ids): without it Qwen2-VL "
+                "cannot give image tokens their 3D positions, and Qwen2.5-VL silently uses 1D ones"
+            )
+        if input_ids is not None and types.shape != input_ids.shape:
+            raise ValueError(
+                f"mm_token_type_ids has shape {tuple(types.shape)} but input_ids {tuple(input_ids.shape)}: when "
+                f"appending tokens to input_ids, append zeros (text) to mm_token_type_ids, as generate() does"
+            )
+        if input_ids is not None and not torch.equal(types == 1, input_ids == self.image_token_id()):
+            raise ValueError(
+                "mm_token_type_ids must be 1 exactly at the image_pad tokens of input_ids: build both with the processor"
+            )
+
+    def _rope_deltas(self, batch: int, device: torch.device) -> torch.Tensor | None:
+        """(batch, 1) shift from a text token's 1D position to its mrope position, which the model
+        caches at its latest prefill (images take fewer positions than tokens)."""
+        deltas = self.inner.rope_deltas
+        return None if deltas is None else deltas.repeat_interleave(batch // deltas.shape[0], dim=0).to(device)
+
+    def text_positions(self, position_ids: torch.Tensor) -> torch.Tensor:
+        if position_ids.ndim == 2 or position_ids.shape[0] == 4:
+            return super().text_positions(position_ids)
+        # mrope rows without the text row (generate() continuing a cache passes one: text positions
+        # plus rope_deltas): take the shift off
+        deltas = self._rope_deltas(position_ids.shape[1], position_ids.device)
+        return position_ids[0] if deltas is None else position_ids[0] - deltas
+
+    def continued_positions(self, kwargs: dict, logical_past: int) -> torch.Tensor | None:
+        # The stock model would count on from the cache's physical length (or, with a mask, crash on
+        # its full length) plus rope_deltas; count from the unpruned length instead.
+        tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        if tokens is None:
+            return None
+        batch, length = tokens.shape[:2]
+        deltas = self._rope_deltas(batch, tokens.device)
+        if deltas is None:
+            return None
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.ndim == 2:
+            text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -length:]
+        else:
+            text = torch.arange(logical_past, logical_past + length, device=tokens.device).expand(batch, -1)
+        return (text + deltas).unsqueeze(0).expand(3, -1, -1)
+
+    def open_capture(self, capture: VisionCapture, args: tuple, kwargs: dict) -> None:
+        grid_thw = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        capture.reset(grid_thw=grid_thw)
+
+    def _token_counts(self, grid_thw: torch.Tensor) -> list[int]:
+        return (grid_thw.prod(-1) // self.merge**2).tolist()
+
+    def install_signal_hooks(self, wanted: tuple[str, ...], capture: VisionCapture) -> list:
+        if "vision_features" not in wanted:
+            return []
+
+        def keep_merger_input(module, args):
+            # the first merger call after a vision pass; a sieve's own `project` calls come later
+            if "vision_features" not in capture.tensors:
+                capture.tensors["vision_features"] = self._per_token(args[0].detach(), capture.inputs["grid_thw"])
+
+        return [self.merger.register_forward_pre_hook(keep_merger_input)]
+
+    def _per_token(self, patches: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """The merger's input as one row per LLM token (its 2x2 patches concatenated), in raster order."""
+        blocks = patches.reshape(-1, self.merger.hidden_size)
+        window_size = getattr(self.vision_config, "window_size", None)
+        if window_size is None:
+            return blocks
+        window_index, _ = get_vision_window_index(grid_thw, self.merge, window_size, self.vision_config.patch_size)
+        return blocks[window_index.argsort().to(blocks.device)]
+
+    def _project(self, features: torch.Tensor) -> torch.Tensor:
+        """The merger on (..., 4*d_patch) rows of concatenated patches: (..., d_llm)."""
+        patch_dim = self.merger.hidden_size // self.merge**2
+        return self.merger(features.reshape(-1, patch_dim)).reshape(*features.shape[:-1], -1)
+
+    def slots(self, inputs: dict, capture: VisionCapture) -> list[ImageSlot]:
+        if not capture.seen or capture.inputs["grid_thw"] is None:
+            raise ValueError(
+                "image tokens reached the model but tokensieve saw no vision pass: pass pixel_values and "
+                "image_grid_thw (not precomputed image features) to the model inside the apply() block"
+            )
+        grid_thw = capture.inputs["grid_thw"]
+        if bool((grid_thw[:, 0] != 1).any()):
+            raise ValueError(f"image_grid_thw {grid_thw.tolist()} has images of several frames (t > 1): pass still images")
+        placed = (inputs["input_ids"] == self.image_token_id()).nonzero()
+        counts = self._token_counts(grid_thw)
+        if len(placed) != sum(counts):
+            raise ValueError(
+                f"image_grid_thw {grid_thw.tolist()} gives {sum(counts)} image tokens, but input_ids has "
+                f"{len(placed)} image_pad tokens: build the inputs with the model's processor"
+            )
+        slots, start = [], 0
+        for image, ((_, h, w), count) in enumerate(zip(grid_thw.tolist(), counts)):
+            block = placed[start : start + count]
+            start += count
+            if block[0, 0] != block[-1, 0]:
+                raise ValueError(f"image {image}'s image_pad tokens span two batch rows: one image per row block")
+            slots.append(ImageSlot(int(block[0, 0]), block[:, 1], (h // self.merge, w // self.merge), image))
+        return slots
+
+    def image_signals(self, wanted: tuple[str, ...], capture: VisionCapture, image: int) -> dict:
+        signals = {}
+        if "vision_features" in wanted:
+            counts = self._token_counts(capture.inputs["grid_thw"])
+            start = sum(counts[:image])
+            signals["vision_features"] = capture.tensors["vision_features"][start : start + counts[image]]
+        if "project" in wanted:
+            signals["project"] = self._project
+        return signals
