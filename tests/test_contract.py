@@ -17,6 +17,17 @@ def sieve_for(name, kwargs, keep=16):
     return ts.load(name, keep=keep, **kwargs)
 
 
+def appended(model, inputs, ids, mask):
+    """``inputs`` extended to ``ids``/``mask`` by text tokens: inputs aligned with input_ids (e.g. Qwen's
+    mm_token_type_ids) get zeros (text) for the new tokens, as generate() extends them."""
+    step = {**inputs, "input_ids": ids, "attention_mask": mask}
+    for name in adapter_for(model).aligned_inputs:
+        if name in inputs:
+            extra = inputs[name].new_zeros(len(ids), ids.shape[1] - inputs[name].shape[1])
+            step[name] = torch.cat([inputs[name], extra], dim=1)
+    return step
+
+
 def greedy(model, inputs, n=4):
     return model.generate(**inputs, max_new_tokens=n, do_sample=False, pad_token_id=0)
 
@@ -61,7 +72,7 @@ def test_generate_with_cache_equals_a_no_cache_loop(family, name, kwargs):
         cached = greedy(model, inputs)
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         for _ in range(4):
-            step = {**inputs, "input_ids": ids, "attention_mask": mask}
+            step = appended(model, inputs, ids, mask)
             next_token = model(**step, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
             ids = torch.cat([ids, next_token], dim=1)
             mask = torch.cat([mask, torch.ones_like(next_token)], dim=1)
@@ -142,8 +153,7 @@ def test_second_turn_reusing_the_pruned_cache_equals_a_fresh_prefill(family, nam
         mask = torch.cat([inputs["attention_mask"], torch.ones(len(texts), 6, dtype=torch.long)], dim=1)
         turn = {"input_ids": ids, "attention_mask": mask}
         continued = model.generate(**turn, past_key_values=first.past_key_values, max_new_tokens=3, do_sample=False)
-        images = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-        fresh = model.generate(**turn, **images, max_new_tokens=3, do_sample=False)
+        fresh = model.generate(**appended(model, inputs, ids, mask), max_new_tokens=3, do_sample=False)
     assert torch.equal(continued, fresh)
 
 
