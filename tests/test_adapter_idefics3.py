@@ -15,16 +15,6 @@ FAMILIES = [pytest.param(family, id=family.name) for family in (IDEFICS3, SMOLVL
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("name", ["fastervlm", "visionzip"])
-def test_methods_needing_cls_are_refused_and_the_model_is_untouched(family, name):
-    model = build_model(family)
-    before = _snapshot(model)
-    with pytest.raises(ValueError, match=f"{name} needs signals .*no \\[CLS\\] token.*divprune"):
-        ts.apply(model, ts.load(name))
-    _assert_same(model, before)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
 def test_a_split_image_is_pruned_per_crop_and_global_view(family):
     model = build_model(family)
     inputs = split_image_inputs([5, 6], rows=2, cols=2)

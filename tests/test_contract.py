@@ -10,6 +10,7 @@ from conftest import build_model, family_method_params
 from tokensieve.adapters import adapter_for
 
 CONTRACT = family_method_params()
+REFUSED = family_method_params(want_supported=False)
 TEXTS = [[5, 6, 7, 8], [9, 10]]  # two rows of different length, so the batch is left-padded
 
 
@@ -217,4 +218,13 @@ def test_model_is_restored_on_exit_and_after_an_exception(family, name, kwargs):
         ts.apply(model, sieve_for(name, kwargs))
     handle.remove()
     handle.remove()
+    _assert_same(model, before)
+
+
+@pytest.mark.parametrize("family, name, kwargs", REFUSED)
+def test_a_method_the_family_cannot_serve_is_refused_before_touching_the_model(family, name, kwargs):
+    model = build_model(family)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=f"{name} needs signals {type(model).__name__} cannot give .*divprune"):
+        ts.apply(model, sieve_for(name, kwargs))
     _assert_same(model, before)

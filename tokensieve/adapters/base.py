@@ -100,6 +100,24 @@ class Adapter:
         keyword inputs of the inner model's forward (``input_ids``, ``image_sizes``, ...)."""
         raise NotImplementedError
 
+    def placeholder_blocks(self, input_ids: torch.Tensor, counts: list[int], images: str, hint: str = "") -> list[tuple[int, torch.Tensor]]:
+        """(row, positions) of each image's placeholder tokens: image i takes the next ``counts[i]``
+        of them in batch-row order. ``images`` describes the images for the error message."""
+        placed = (input_ids == self.image_token_id()).nonzero()
+        if len(placed) != sum(counts):
+            raise ValueError(
+                f"{images} need {sum(counts)} image placeholder tokens, but input_ids has {len(placed)}: build the "
+                f"inputs with the model's processor{hint}"
+            )
+        blocks, start = [], 0
+        for image, count in enumerate(counts):
+            block = placed[start : start + count]
+            start += count
+            if block[0, 0] != block[-1, 0]:
+                raise ValueError(f"image {image}'s placeholder tokens span two batch rows: one image per row block")
+            blocks.append((int(block[0, 0]), block[:, 1]))
+        return blocks
+
     def image_signals(self, wanted: tuple[str, ...], capture: VisionCapture, image: int) -> dict:
         """The per-image values of ``wanted`` signals."""
         return {}

@@ -64,24 +64,15 @@ class Idefics3Adapter(Adapter):
                 "image tokens reached the model but tokensieve saw no vision pass: pass pixel_values "
                 "(not precomputed image features) to the model inside the apply() block"
             )
-        placed = (inputs["input_ids"] == self.image_token_id()).nonzero()
         n_images, _, height, width = capture.inputs["pixel_shape"]  # padding images already dropped
         cell = self.config.vision_config.patch_size * self.config.scale_factor
         grid = (height // cell, width // cell)
-        per_image = grid[0] * grid[1]
-        if len(placed) != n_images * per_image:
-            raise ValueError(
-                f"{n_images} (sub-)image(s) of {grid[0]}x{grid[1]} tokens after pixel shuffle need "
-                f"{n_images * per_image} image placeholder tokens, but input_ids has {len(placed)}: build the "
-                f"inputs with the model's processor (all-zero images count as padding and are dropped)"
-            )
-        slots = []
-        for image in range(n_images):
-            block = placed[image * per_image : (image + 1) * per_image]
-            if block[0, 0] != block[-1, 0]:
-                raise ValueError(f"image {image}'s placeholder tokens span two batch rows: one image per row block")
-            slots.append(ImageSlot(int(block[0, 0]), block[:, 1], grid, image))
-        return slots
+        blocks = self.placeholder_blocks(
+            inputs["input_ids"], [grid[0] * grid[1]] * n_images,
+            f"{n_images} (sub-)image(s) of {grid[0]}x{grid[1]} tokens after pixel shuffle",
+            " (all-zero images count as padding and are dropped)",
+        )
+        return [ImageSlot(row, positions, grid, image) for image, (row, positions) in enumerate(blocks)]
 
     def image_signals(self, wanted: tuple[str, ...], capture: VisionCapture, image: int) -> dict:
         signals = {}

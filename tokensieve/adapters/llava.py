@@ -107,25 +107,14 @@ class LlavaAdapter(Adapter):
                 "image tokens reached the model but tokensieve saw no vision pass: pass pixel_values "
                 "(not precomputed image features) to the model inside the apply() block"
             )
-        placed = (inputs["input_ids"] == self.image_token_id()).nonzero()
         pixel_shape = capture.inputs["pixel_shape"]
         n_images = pixel_shape[0]
         patch = self.vision_config.patch_size
         grid = (pixel_shape[-2] // patch, pixel_shape[-1] // patch)
-        per_image = grid[0] * grid[1]
-        if len(placed) != n_images * per_image:
-            raise ValueError(
-                f"{n_images} image(s) of {grid[0]}x{grid[1]} patches need {n_images * per_image} image "
-                f"placeholder tokens, but input_ids has {len(placed)}: build the inputs with the model's "
-                f"processor, one image per image token block"
-            )
-        slots = []
-        for image in range(n_images):
-            block = placed[image * per_image : (image + 1) * per_image]
-            if block[0, 0] != block[-1, 0]:
-                raise ValueError(f"image {image}'s placeholder tokens span two batch rows: one image per row block")
-            slots.append(ImageSlot(int(block[0, 0]), block[:, 1], grid, image))
-        return slots
+        blocks = self.placeholder_blocks(
+            inputs["input_ids"], [grid[0] * grid[1]] * n_images, f"{n_images} image(s) of {grid[0]}x{grid[1]} patches"
+        )
+        return [ImageSlot(row, positions, grid, image) for image, (row, positions) in enumerate(blocks)]
 
     def image_signals(self, wanted: tuple[str, ...], capture: VisionCapture, image: int) -> dict:
         signals = {}

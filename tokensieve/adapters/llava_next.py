@@ -155,21 +155,14 @@ class LlavaNextAdapter(LlavaAdapter):
                 f"image_sizes and image_grid_pinpoints give {crops} crops, but the vision tower encoded "
                 f"{capture.inputs['pixel_shape'][0]}: build pixel_values and image_sizes with the model's processor"
             )
-        placed = (inputs["input_ids"] == self.image_token_id()).nonzero()
         lengths = [len(image.sources) for image in images]
-        if len(placed) != sum(lengths):
-            raise ValueError(
-                f"{len(images)} image(s) of {lengths} tokens (from image_sizes) need {sum(lengths)} image "
-                f"placeholder tokens, but input_ids has {len(placed)}: build the inputs with the model's processor"
-            )
-        slots, start = [], 0
-        for index, (image, length) in enumerate(zip(images, lengths)):
-            block = placed[start : start + length]
-            start += length
-            if block[0, 0] != block[-1, 0]:
-                raise ValueError(f"image {index}'s placeholder tokens span two batch rows: one image per row block")
-            slots.append(ImageSlot(int(block[0, 0]), block[:, 1], (1, length), index, image.blocks))
-        return slots
+        blocks = self.placeholder_blocks(
+            inputs["input_ids"], lengths, f"{len(images)} image(s) of {lengths} tokens (from image_sizes)"
+        )
+        return [
+            ImageSlot(row, positions, (1, length), index, image.blocks)
+            for index, ((row, positions), image, length) in enumerate(zip(blocks, images, lengths))
+        ]
 
     def image_signals(self, wanted: tuple[str, ...], capture: VisionCapture, image: int) -> dict:
         signals = super().image_signals(tuple(name for name in wanted if name != "cls_attention"), capture, image)

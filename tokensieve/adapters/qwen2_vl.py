@@ -154,21 +154,12 @@ class Qwen2VLAdapter(Adapter):
         grid_thw = capture.inputs["grid_thw"]
         if bool((grid_thw[:, 0] != 1).any()):
             raise ValueError(f"image_grid_thw {grid_thw.tolist()} has images of several frames (t > 1): pass still images")
-        placed = (inputs["input_ids"] == self.image_token_id()).nonzero()
         counts = self._token_counts(grid_thw)
-        if len(placed) != sum(counts):
-            raise ValueError(
-                f"image_grid_thw {grid_thw.tolist()} gives {sum(counts)} image tokens, but input_ids has "
-                f"{len(placed)} image_pad tokens: build the inputs with the model's processor"
-            )
-        slots, start = [], 0
-        for image, ((_, h, w), count) in enumerate(zip(grid_thw.tolist(), counts)):
-            block = placed[start : start + count]
-            start += count
-            if block[0, 0] != block[-1, 0]:
-                raise ValueError(f"image {image}'s image_pad tokens span two batch rows: one image per row block")
-            slots.append(ImageSlot(int(block[0, 0]), block[:, 1], (h // self.merge, w // self.merge), image))
-        return slots
+        blocks = self.placeholder_blocks(inputs["input_ids"], counts, f"images of image_grid_thw {grid_thw.tolist()}")
+        return [
+            ImageSlot(row, positions, (h // self.merge, w // self.merge), image)
+            for image, ((row, positions), (_, h, w)) in enumerate(zip(blocks, grid_thw.tolist()))
+        ]
 
     def image_signals(self, wanted: tuple[str, ...], capture: VisionCapture, image: int) -> dict:
         signals = {}
