@@ -57,7 +57,7 @@ def main(
 ) -> None:
     torch.set_grad_enabled(False)
     if real_size:
-        model = demo_llava(vision_layers=24, llm_hidden=4096, llm_layers=32, vision_hidden=1024)
+        model = demo_llava(vision_layers=24, llm_hidden=4096, llm_layers=32, vision_hidden=1024, llm_heads=32)
     else:
         model = demo_llava()
     model = model.to(device=device, dtype=getattr(torch, dtype))

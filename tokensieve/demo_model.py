@@ -10,15 +10,15 @@ IMAGE_TOKEN = 32000
 
 
 def demo_llava(
-    vision_layers: int = 6, llm_hidden: int = 512, llm_layers: int = 8, vision_hidden: int = 256, seed: int = 0
+    vision_layers: int = 6, llm_hidden: int = 512, llm_layers: int = 8, vision_hidden: int = 256, llm_heads: int = 8,
+    seed: int = 0,
 ) -> LlavaForConditionalGeneration:
-    """Random weights; ``demo_llava(24, 4096, 32, 1024)`` has the shapes of LLaVA-1.5-7B."""
+    """Random weights; ``demo_llava(24, 4096, 32, 1024, 32)`` has the shapes of LLaVA-1.5-7B."""
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=vision_hidden * 4, num_hidden_layers=vision_layers,
                               num_attention_heads=vision_hidden // 64, image_size=336, patch_size=14)
     text = LlamaConfig(vocab_size=32064, hidden_size=llm_hidden, intermediate_size=llm_hidden * 43 // 16,
-                       num_hidden_layers=llm_layers, num_attention_heads=llm_hidden // 64,
-                       num_key_value_heads=llm_hidden // 64)
+                       num_hidden_layers=llm_layers, num_attention_heads=llm_heads, num_key_value_heads=llm_heads)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN)
     return LlavaForConditionalGeneration(config).eval()
 
