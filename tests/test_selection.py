@@ -99,3 +99,17 @@ def test_prefill_flops_match_torch_flop_counter_on_a_real_decoder():
     head_dim = 64 // 4
     full_minus_causal = 2 * 2 * 4 * head_dim * (length * length - length * (length + 1) // 2) * 2
     assert counter.get_total_flops() == ours + full_minus_causal
+
+
+def test_registering_a_method_with_an_unknown_signal_fails():
+    import pytest
+
+    from tokensieve import Sieve, register
+
+    class Misspelled(Sieve):
+        name = "misspelled"
+        paper = "none"
+        signals = ("cls_atention",)
+
+    with pytest.raises(ValueError, match="unknown signals \\['cls_atention'\\]"):
+        register(Misspelled)

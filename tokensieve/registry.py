@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 
-from .sieve import Sieve
+from .sieve import SIGNALS, Sieve
 
 _METHODS: dict[str, type[Sieve]] = {}
 
@@ -14,6 +14,9 @@ def register(cls: type[Sieve]) -> type[Sieve]:
     """Class decorator that makes a sieve loadable by its ``name``."""
     if cls.name in _METHODS:
         raise ValueError(f"a method named {cls.name!r} is already registered")
+    unknown = set(cls.signals) - set(SIGNALS)
+    if unknown:
+        raise ValueError(f"{cls.__name__} asks for unknown signals {sorted(unknown)}: choose from {sorted(SIGNALS)}")
     _METHODS[cls.name] = cls
     return cls
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -99,5 +98,3 @@ class ScoringSieve(Sieve):
         k = self.budget.resolve(len(tokens))
         return Selection(top_k_in_order(self.score(tokens), k))
 
-
-Projector = Callable[[torch.Tensor], torch.Tensor]
