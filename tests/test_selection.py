@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokensieve import Budget
+from tokensieve import Budget, Sieve, register
 from tokensieve.flops import decoder_prefill_flops
 from tokensieve.methods.pool import _target_grid
 from tokensieve.selection import farthest_point, grid_subsample, merge_into_targets, top_k_in_order
@@ -102,10 +103,6 @@ def test_prefill_flops_match_torch_flop_counter_on_a_real_decoder():
 
 
 def test_registering_a_method_with_an_unknown_signal_fails():
-    import pytest
-
-    from tokensieve import Sieve, register
-
     class Misspelled(Sieve):
         name = "misspelled"
         paper = "none"
