@@ -1,0 +1,1 @@
+"""Benchmark harness: standard-benchmark loaders and their official scorers live in `datasets`."""
