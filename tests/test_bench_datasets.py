@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tokensieve.bench.datasets import pope
+from tokensieve.bench.datasets import gqa, pope, textvqa
 from tokensieve.bench.datasets.common import BenchmarkDataMissing
+from tokensieve.bench.datasets.vqa_normalise import normalise_vqa_answer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "bench"
 
@@ -49,3 +50,53 @@ def test_pope_scores_precision_recall_f1():
     assert result["per_sample"] == [1.0, 1.0, 0.0, 0.0, 0.0]
     assert result["by_category"]["adversarial"]["f1"] == 1.0
     assert result["by_category"]["popular"]["precision"] == 0.0  # no true positives: 0, not NaN
+
+
+@pytest.mark.parametrize("raw, normalised", [
+    ("The Two Dogs.", "2 dogs"),        # case, article, number word, final period
+    ("Coca-Cola", "coca cola"),         # a hyphen inside a word becomes a space
+    ("coca - cola", "coca cola"),       # punctuation next to a space is deleted
+    ("1,000", "1000"),                  # commas are dropped first
+    ("3.5", "3.5"),                     # a period before a digit stays
+    ("dont", "don't"),                  # contractions restored
+    ("man's hat", "man 's hat"),        # 's split off as the EvalAI tokeniser does
+    ("none", "0"),
+])
+def test_vqa_normalisation(raw, normalised):
+    assert normalise_vqa_answer(raw) == normalised
+
+
+def test_textvqa_loads_and_scores_vqa_accuracy():
+    samples = textvqa.load(FIXTURES / "textvqa")
+    assert [len(s.answers) for s in samples] == [10, 10, 10]
+    assert samples[0].question.endswith("soda?\nAnswer the question using a single word or phrase.")
+    with_ocr = textvqa.load(FIXTURES / "textvqa", with_ocr=True)[0].question
+    assert "\nReference OCR token: coca, cola\n" in with_ocr
+    # 4 humans said "coca cola" once normalised -> 1; "two" and "2" are one answer said by 2 -> 0.6
+    result = textvqa.score(samples, ["COCA-COLA", "Two.", "stops"])
+    assert result["per_sample"] == pytest.approx([1.0, 0.6, 0.0])
+    assert result["accuracy"] == pytest.approx(1.6 / 3)
+
+
+@pytest.mark.parametrize("humans_agreeing, accuracy", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0)])
+def test_vqa_accuracy_leaves_one_human_out(humans_agreeing, accuracy):
+    humans = ["red"] * humans_agreeing + ["blue"] * (10 - humans_agreeing)
+    assert textvqa.vqa_accuracy("Red", humans) == pytest.approx(accuracy)
+
+
+def test_gqa_joins_images_and_scores_exact_match():
+    samples = gqa.load(FIXTURES / "gqa")
+    assert [s.meta["image_id"] for s in samples] == ["n161313", "n161313", "n235859"]
+    assert samples[0].image.getpixel((0, 0)) == (0, 0, 0)
+    assert samples[2].image.getpixel((0, 0)) == (0, 0, 90)
+    assert samples[1].category == "query"
+    # case and punctuation are ignored, articles are not
+    result = gqa.score(samples, ["No.", "The girl", "LEFT"])
+    assert result["per_sample"] == [1.0, 0.0, 1.0]
+    assert result["by_category"] == {"choose": 1.0, "query": 0.0, "verify": 1.0}
+
+
+def test_gqa_needs_both_configurations(tmp_path):
+    (tmp_path / "testdev_balanced_instructions").mkdir()
+    with pytest.raises(BenchmarkDataMissing, match="lmms-lab/GQA"):
+        gqa.load(tmp_path)
