@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tokensieve.bench.datasets import gqa, pope, textvqa
+from tokensieve.bench.datasets import gqa, mme, pope, textvqa
 from tokensieve.bench.datasets.common import BenchmarkDataMissing
 from tokensieve.bench.datasets.vqa_normalise import normalise_vqa_answer
 
@@ -100,3 +100,28 @@ def test_gqa_needs_both_configurations(tmp_path):
     (tmp_path / "testdev_balanced_instructions").mkdir()
     with pytest.raises(BenchmarkDataMissing, match="lmms-lab/GQA"):
         gqa.load(tmp_path)
+
+
+@pytest.mark.parametrize("reply, reading", [
+    ("Yes.", "yes"), ("n", "no"), ("Nope", "no"), ("Not sure", "no"),  # "no" in the first 4 chars
+    ("The answer is yes", "other"),                                    # only the first 4 chars count
+])
+def test_mme_reads_replies_as_its_calculation_script_does(reply, reading):
+    assert mme.yes_no_other(reply) == reading
+
+
+def test_mme_scores_acc_plus_per_image():
+    samples = mme.load(FIXTURES / "mme")
+    assert samples[0].question == ("Is there a train in this image?\n"
+                                   "Answer the question using a single word or phrase.")
+    assert samples[0].answers == ["yes"] and samples[0].meta["image_key"] == "existence/000000006040.jpg"
+    replies = ["Yes.", "no",                          # existence image 1: both right
+               "Yes", "Yes, there is a cat.",         # existence image 2: one right
+               "Yes, it is", "I think not"]           # code_reasoning: one right ("other" is wrong)
+    result = mme.score(samples, replies)
+    existence, code = result["by_category"]["existence"], result["by_category"]["code_reasoning"]
+    assert (existence["acc"], existence["acc_plus"]) == (0.75, 0.5)
+    assert existence["score"] == pytest.approx(125.0)
+    assert (code["acc"], code["acc_plus"], code["score"]) == (0.5, 0.0, 50.0)
+    assert (result["perception"], result["cognition"], result["total"]) == pytest.approx((125, 50, 175))
+    assert result["per_sample"] == [1.0, 1.0, 1.0, 0.0, 1.0, 0.0]
