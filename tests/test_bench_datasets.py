@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tokensieve.bench.datasets import gqa, mme, pope, textvqa
+from tokensieve.bench.datasets import gqa, mmbench, mme, pope, scienceqa, textvqa
 from tokensieve.bench.datasets.common import BenchmarkDataMissing
+from tokensieve.bench.datasets.options import option_letter
 from tokensieve.bench.datasets.vqa_normalise import normalise_vqa_answer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "bench"
@@ -125,3 +126,41 @@ def test_mme_scores_acc_plus_per_image():
     assert (code["acc"], code["acc_plus"], code["score"]) == (0.5, 0.0, 50.0)
     assert (result["perception"], result["cognition"], result["total"]) == pytest.approx((125, 50, 175))
     assert result["per_sample"] == [1.0, 1.0, 1.0, 0.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("reply, letter", [
+    ("B", "B"), ("B.", "B"), ("(C) bird", "C"), ("The answer is A.", "A"), ("Answer: c", "C"),
+    ("I pick C", "C"),        # "I" is not an option letter of a 3-option question
+    ("It is a cat", "B"),     # no letter: the one option text named
+    ("dog or cat", None),     # two option texts: nothing read
+    ("D", None),              # not an option of this question
+])
+def test_option_letter(reply, letter):
+    assert option_letter(reply, ["dog", "cat", "bird"]) == letter
+
+
+def test_scienceqa_img_keeps_image_questions_and_scores_letters():
+    samples = scienceqa.load(FIXTURES / "scienceqa")
+    assert len(samples) == 3  # the text-only question is not part of ScienceQA-IMG
+    assert samples[0].question == ("Context: Otters live near water.\n"
+                                   "Which animal's feet are also adapted for swimming?\nA. otter\nB. gecko\n"
+                                   "Answer with the option's letter from the given choices directly.")
+    assert samples[1].question.startswith("Which of these states")  # no hint, no "Context:"
+    assert [s.answers for s in samples] == [["A"], ["B"], ["B"]]
+    result = scienceqa.score(samples, ["A", "The answer is C.", "(B) yellow"])
+    assert result["per_sample"] == [1.0, 0.0, 1.0]
+    assert result["by_category"] == {"natural science": 1.0, "social science": 0.0}
+    assert len(scienceqa.load(FIXTURES / "scienceqa", limit=1)) == 1
+
+
+def test_mmbench_circular_evaluation():
+    samples = mmbench.load(FIXTURES / "mmbench")
+    assert [s.meta["circular_group"] for s in samples] == [241, 241, 7, 7]
+    assert samples[2].question == ("The image shows a street.\nIs it outdoors?\nA. yes\nB. no\n"
+                                   "Answer with the option's letter from the given choices directly.")
+    assert samples[2].meta["options"] == ["yes", "no"]  # empty options C and D are left out
+    # question 241 right in both orders; question 7 right once ("no" names option A of the rotated copy)
+    result = mmbench.score(samples, ["C", "B. blue", "A", "no"])
+    assert result["accuracy"] == 0.75
+    assert (result["questions"], result["circular_accuracy"]) == (2, 0.5)
+    assert result["by_category"] == {"color_attribute": 1.0, "image_scene": 0.0}
