@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tokensieve.bench.datasets import gqa, mmbench, mme, pope, scienceqa, textvqa
+from tokensieve.bench.datasets import BENCHMARKS, benchmark, gqa, mmbench, mme, pope, scienceqa, textvqa
 from tokensieve.bench.datasets.common import BenchmarkDataMissing
 from tokensieve.bench.datasets.options import option_letter
 from tokensieve.bench.datasets.vqa_normalise import normalise_vqa_answer
@@ -159,8 +159,31 @@ def test_mmbench_circular_evaluation():
     assert samples[2].question == ("The image shows a street.\nIs it outdoors?\nA. yes\nB. no\n"
                                    "Answer with the option's letter from the given choices directly.")
     assert samples[2].meta["options"] == ["yes", "no"]  # empty options C and D are left out
+    assert samples[0].meta["l2_category"] == "attribute_reasoning"
     # question 241 right in both orders; question 7 right once ("no" names option A of the rotated copy)
     result = mmbench.score(samples, ["C", "B. blue", "A", "no"])
     assert result["accuracy"] == 0.75
     assert (result["questions"], result["circular_accuracy"]) == (2, 0.5)
     assert result["by_category"] == {"color_attribute": 1.0, "image_scene": 0.0}
+
+
+FIXTURE_FOLDERS = {"pope": "pope", "gqa": "gqa", "textvqa": "textvqa", "mme": "mme",
+                   "scienceqa_img": "scienceqa", "mmbench": "mmbench"}
+
+
+@pytest.mark.parametrize("name", sorted(BENCHMARKS))
+def test_every_benchmark_scores_its_own_answers_perfectly(name):
+    module, headline = benchmark(name)
+    samples = module.load(FIXTURES / FIXTURE_FOLDERS[name])
+    # the most common reference answer (TextVQA's first human answer may be a minority one)
+    result = module.score(samples, [max(s.answers, key=s.answers.count) for s in samples])
+    assert result["per_sample"] == [1.0] * len(samples)
+    perfect = {"total": 200.0 * len({s.category for s in samples})}.get(headline, 1.0)
+    assert result[headline] == pytest.approx(perfect)
+    with pytest.raises(ValueError, match="predictions"):
+        module.score(samples, [])
+
+
+def test_unknown_benchmark_is_refused():
+    with pytest.raises(ValueError, match="known: pope"):
+        benchmark("vqav2")

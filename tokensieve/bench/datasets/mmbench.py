@@ -1,8 +1,8 @@
 """MMBench (Liu et al., 2023): multiple-choice perception and reasoning questions, `lmms-lab/MMBench`.
 
-Columns: index, question, hint, A, B, C, D (unused options empty), answer (a letter), category,
-image, source, l2-category, comment, split. Config "en" (files en/dev-*.parquet, en/test-*.parquet);
-the dev split has public answers. Prompt (LLaVA / lmms-eval): "<hint>\n" when there is a hint, the
+Columns: index, question, hint, answer (a letter), A, B, C, D (unused options empty), category,
+image, source, L2-category, comment, split. Config "en" (files en/dev-*.parquet, en/test-*.parquet;
+`lmms-lab/MMBench_EN` has the same files without the en/ folder); the dev split has public answers. Prompt (LLaVA / lmms-eval): "<hint>\n" when there is a hint, the
 question, the options as "A. text" lines, then the answer-with-a-letter instruction.
 
 Official scoring: CircularEval. Each question is also asked with its options rotated; these
@@ -35,7 +35,8 @@ def _present(value) -> bool:
 def load(data: Path | str | None, split: str = "dev", limit: int | None = None,
          language: str = "en") -> list[Sample]:
     samples = []
-    for row in read_rows(parquet_files("MMBench", REPO, data, split, language), limit):
+    language_folder = language if data is not None and (Path(data) / language).is_dir() else None
+    for row in read_rows(parquet_files("MMBench", REPO, data, split, language_folder), limit):
         options = [str(row[letter]) for letter in LETTERS[:4] if _present(row.get(letter))]
         hint = f"{row['hint']}\n" if _present(row.get("hint")) else ""
         samples.append(Sample(
@@ -43,7 +44,7 @@ def load(data: Path | str | None, split: str = "dev", limit: int | None = None,
             question=multiple_choice_prompt(f"{hint}{row['question']}", options),
             answers=[row["answer"]], category=row["category"],
             meta={"options": options, "circular_group": int(row["index"]) % CIRCULAR_STRIDE,
-                  "l2_category": row.get("l2-category"), "source": row.get("source")}))
+                  "l2_category": row.get("L2-category"), "source": row.get("source")}))
     return samples
 
 
