@@ -2,8 +2,9 @@
 
 Columns: index, question, hint, answer (a letter), A, B, C, D (unused options empty), category,
 image, source, L2-category, comment, split. Config "en" (files en/dev-*.parquet, en/test-*.parquet;
-`lmms-lab/MMBench_EN` has the same files without the en/ folder); the dev split has public answers. Prompt (LLaVA / lmms-eval): "<hint>\n" when there is a hint, the
-question, the options as "A. text" lines, then the answer-with-a-letter instruction.
+`lmms-lab/MMBench_EN` has the same files without the en/ folder); the dev split has public answers.
+Prompt (LLaVA / lmms-eval): the hint and a newline when there is a hint, the question, the options
+as "A. text" lines, then the answer-with-a-letter instruction.
 
 Official scoring: CircularEval. Each question is also asked with its options rotated; these
 copies are stored with index = original index + k x 1,000,000, and a question counts as right only

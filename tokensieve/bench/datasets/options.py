@@ -40,5 +40,6 @@ def option_letter(reply: str, options: list[str]) -> str | None:
     standalone = {token for token in re.split(r"[^A-Za-z]+", reply) if len(token) == 1 and token in valid}
     if len(standalone) == 1:
         return standalone.pop()
-    named = {LETTERS[i] for i, text in enumerate(options) if text.strip() and text.strip().lower() in reply.lower()}
+    named = {LETTERS[i] for i, text in enumerate(options)
+             if text.strip() and text.strip().lower() in reply.lower()}
     return named.pop() if len(named) == 1 else None

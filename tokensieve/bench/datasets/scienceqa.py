@@ -5,7 +5,7 @@ Columns: image (None for text-only questions, which are skipped), question, choi
 index of the right choice), hint, task, grade, subject, topic, category, skill, lecture, solution.
 Split: test (2017 questions with images).
 
-Prompt (LLaVA / lmms-eval): "Context: <hint>\n" when there is a hint, the question, the options as
+Prompt (LLaVA / lmms-eval): a "Context: <hint>" line when there is a hint, the question, the options as
 "A. text" lines, then the answer-with-a-letter instruction. Official scoring: accuracy of the option
 letter read from the reply (options.option_letter); per-category accuracy by subject (natural,
 social, language science), as the ScienceQA paper reports it.
