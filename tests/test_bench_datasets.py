@@ -153,6 +153,14 @@ def test_scienceqa_img_keeps_image_questions_and_scores_letters():
     assert len(scienceqa.load(FIXTURES / "scienceqa", limit=1)) == 1
 
 
+def test_scienceqa_reads_only_the_img_folder_of_lmms_lab_layout(tmp_path):
+    fixture = (FIXTURES / "scienceqa" / "data" / "test-00000-of-00001.parquet").read_bytes()
+    for folder in ("ScienceQA-IMG", "ScienceQA-FULL"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "test-00000-of-00001.parquet").write_bytes(fixture)
+    assert len(scienceqa.load(tmp_path)) == 3  # not 6
+
+
 def test_mmbench_circular_evaluation():
     samples = mmbench.load(FIXTURES / "mmbench")
     assert [s.meta["circular_group"] for s in samples] == [241, 241, 7, 7]

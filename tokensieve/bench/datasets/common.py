@@ -61,12 +61,13 @@ def parquet_files(benchmark: str, repo: str, data: Path | str | None, split: str
 
 
 def read_rows(files: list[Path], limit: int | None = None) -> list[dict]:
-    """The rows of the parquet files as dicts, at most `limit` of them."""
+    """The rows of the parquet files as dicts, at most `limit` of them (read no further)."""
     rows: list[dict] = []
     for path in files:
-        rows.extend(pq.read_table(path).to_pylist())
-        if limit is not None and len(rows) >= limit:
-            return rows[:limit]
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
+            rows.extend(batch.to_pylist())
+            if limit is not None and len(rows) >= limit:
+                return rows[:limit]
     return rows
 
 

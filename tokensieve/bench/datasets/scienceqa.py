@@ -1,5 +1,6 @@
 """ScienceQA-IMG (Lu et al., 2022): the test questions of ScienceQA that come with an image,
-`derek-thomas/ScienceQA` (also `lmms-lab/ScienceQA`, config ScienceQA-IMG, same columns).
+`derek-thomas/ScienceQA` (files data/<split>-*.parquet), or `lmms-lab/ScienceQA`, whose
+ScienceQA-IMG/ folder has the same columns and is read in preference to its ScienceQA-FULL/.
 
 Columns: image (None for text-only questions, which are skipped), question, choices, answer (the
 index of the right choice), hint, task, grade, subject, topic, category, skill, lecture, solution.
@@ -23,7 +24,8 @@ REPO = "derek-thomas/ScienceQA"
 
 def load(data: Path | str | None, split: str = "test", limit: int | None = None) -> list[Sample]:
     samples = []
-    for index, row in enumerate(read_rows(parquet_files("ScienceQA", REPO, data, split))):
+    img_folder = "ScienceQA-IMG" if data is not None and (Path(data) / "ScienceQA-IMG").is_dir() else None
+    for index, row in enumerate(read_rows(parquet_files("ScienceQA", REPO, data, split, img_folder))):
         if row["image"] is None:
             continue
         context = f"Context: {row['hint']}\n" if row["hint"] else ""
