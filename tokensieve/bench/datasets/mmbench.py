@@ -45,7 +45,7 @@ def load(data: Path | str | None, split: str = "dev", limit: int | None = None,
             question=multiple_choice_prompt(f"{hint}{row['question']}", options),
             answers=[row["answer"]], category=row["category"],
             meta={"options": options, "circular_group": int(row["index"]) % CIRCULAR_STRIDE,
-                  "l2_category": row.get("L2-category"), "source": row.get("source")}))
+                  "l2_category": row.get("L2-category", row.get("l2-category")), "source": row.get("source")}))
     return samples
 
 
