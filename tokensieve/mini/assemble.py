@@ -82,7 +82,6 @@ def make_processor(language: Path, image_size: int = 224) -> LlavaProcessor:
         image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, do_convert_rgb=True,
     )
     tokenizer = AutoTokenizer.from_pretrained(language)
-    tokenizer.padding_side = "left"  # batched generation
     return LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
         vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,

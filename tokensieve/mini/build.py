@@ -164,4 +164,5 @@ def load_sieve_mini(image_size: int = 224, dtype: torch.dtype = torch.float32):
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).eval()
     processor = LlavaProcessor.from_pretrained(path)
     processor.image_processor.size = {"height": image_size, "width": image_size}
+    processor.tokenizer.padding_side = "left"  # batched generation; not kept by save_pretrained
     return model, processor

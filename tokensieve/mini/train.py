@@ -200,6 +200,8 @@ def main(
             run_eval(done)
     if start >= steps:
         print(f"already trained to step {start} (--steps {steps}); raise --steps to continue")
+        if export:  # so a run trained with --no-export can still hand over its weights
+            export_weights(start)
 
 
 if __name__ == "__main__":
