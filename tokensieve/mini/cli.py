@@ -18,8 +18,13 @@ SAMPLE_QUESTION = "What colour is the triangle?"
 DROPPED_GREY = (128, 128, 128)
 
 console = Console()
-model_app = typer.Typer(help="The embedded sieve-mini model (DINOv2-S + SmolLM2-135M, LLaVA architecture).",
-                        no_args_is_help=True)
+model_app = typer.Typer(no_args_is_help=True)
+
+
+@model_app.callback()
+def model_group() -> None:
+    """The embedded sieve-mini model (DINOv2-S + SmolLM2-135M, LLaVA architecture)."""
+    # A callback keeps `model` a command group: Typer would collapse a one-command app into that command.
 
 
 @model_app.command("build")
