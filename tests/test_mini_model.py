@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, Dinov2Model, LlamaForCausalLM, LlavaForConditionalGeneration
+from transformers import AutoTokenizer, Dinov2Config, Dinov2Model, LlamaForCausalLM, LlavaForConditionalGeneration
 
 from tokensieve.mini import build
 from tokensieve.mini.cli import SAMPLE_IMAGE, SAMPLE_QUESTION, grey_out, parse_keep, run_command
-from tokensieve.mini.convert import (ONNX_FINAL_LAYERNORM, dinov2_state_dict_from_onnx, onnx_layer_output)
+from tokensieve.mini.convert import DINOV2_SMALL, ONNX_FINAL_LAYERNORM, dinov2_state_dict_from_onnx, onnx_layer_output
 from tokensieve.mini.sequences import Encoder
 
 
@@ -59,8 +59,7 @@ def test_vision_tower_matches_the_onnx_graph(parts, sieve_mini, onnx_session):
 
 def test_every_backbone_tensor_is_mapped_under_5x_names():
     state = dinov2_state_dict_from_onnx(build.onnx_file())
-    expected = set(Dinov2Model(Dinov2Model.config_class(**__import__(
-        "tokensieve.mini.convert", fromlist=["DINOV2_SMALL"]).DINOV2_SMALL)).state_dict())
+    expected = set(Dinov2Model(Dinov2Config(**DINOV2_SMALL)).state_dict())
     assert set(state) == expected
     assert sum(k.endswith("attention.q_proj.weight") for k in state) == 12
 
