@@ -19,20 +19,20 @@ class QA:
     answer: str
 
 
+def _uniquely_named(scene: Scene, rng: np.random.Generator, attribute: str):
+    """A random large object whose ``attribute`` (shape or colour) no other object shares, or None."""
+    unique = [s for s in scene.large if sum(getattr(o, attribute) == getattr(s, attribute) for o in scene.shapes) == 1]
+    return unique[rng.integers(len(unique))] if unique else None
+
+
 def ask_colour(scene: Scene, rng: np.random.Generator) -> QA | None:
-    unique = [s for s in scene.large if sum(o.shape == s.shape for o in scene.shapes) == 1]
-    if not unique:
-        return None
-    s = unique[rng.integers(len(unique))]
-    return QA("colour", f"What colour is the {s.shape}?", s.colour)
+    s = _uniquely_named(scene, rng, "shape")
+    return QA("colour", f"What colour is the {s.shape}?", s.colour) if s else None
 
 
 def ask_shape(scene: Scene, rng: np.random.Generator) -> QA | None:
-    unique = [s for s in scene.large if sum(o.colour == s.colour for o in scene.shapes) == 1]
-    if not unique:
-        return None
-    s = unique[rng.integers(len(unique))]
-    return QA("shape", f"What shape is the {s.colour} object?", s.shape)
+    s = _uniquely_named(scene, rng, "colour")
+    return QA("shape", f"What shape is the {s.colour} object?", s.shape) if s else None
 
 
 def ask_counting(scene: Scene, rng: np.random.Generator) -> QA | None:
