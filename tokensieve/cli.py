@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -70,3 +71,40 @@ def demo(
     console.print(f"[bold]{sieve!r}[/] on a random {type(model).__name__} ({attention} attention)")
     console.print(str(run.stats))
     console.print(f"prefill: {stock_seconds * 1e3:.0f} ms stock, {pruned_seconds * 1e3:.0f} ms with {method}")
+
+
+@app.command()
+def bench(
+    model: str = typer.Option("sieve-mini", help="sieve-mini, or a local Hugging Face checkpoint folder"),
+    suite: str = typer.Option("builtin", help="builtin (the QA suite's test split) or pope, gqa, textvqa, mme, "
+                                              "scienceqa_img, mmbench (with --data)"),
+    methods: str = typer.Option("all", help="comma-separated method names, or all; name:keep fixes one's budget"),
+    keep: str = typer.Option("256,128,64,32,16", help="comma-separated budgets: counts (64) or ratios (0.25)"),
+    limit: int = typer.Option(None, help="the first N samples (builtin: 700 unless given)"),
+    out: Path = typer.Option(Path("results"), help="results folder; rerun the same command to resume"),
+    workers: int = typer.Option(1, help="configurations run in this many parallel processes"),
+    data: Path = typer.Option(None, help="a benchmark's downloaded folder (or one .parquet file)"),
+    split: str = typer.Option(None, help="benchmark split (default: the benchmark's scored split)"),
+    device: str = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda when available)"),
+    dtype: str = typer.Option(None, help="float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU)"),
+    max_new_tokens: int = typer.Option(None, help="longest answer (default: 5 builtin, 16 benchmarks)"),
+    show: int = typer.Option(6, help="save the first N images as the model saw them, for the report"),
+    report: bool = typer.Option(True, help="write tables, plots and report.html when the sweep ends"),
+) -> None:
+    """Sweep model x method x budget over a suite; one JSON line per sample in OUT/runs, resumable."""
+    from .bench.datasets import BenchmarkDataMissing
+    from .bench.sweep import SweepSpecError, sweep
+
+    try:
+        sweep(model=model, suite=suite, methods=methods, keeps=keep, limit=limit, out=out, workers=workers,
+              data=data, split=split, device=device, dtype=dtype, max_new_tokens=max_new_tokens, show=show)
+    except (SweepSpecError, BenchmarkDataMissing) as err:
+        raise typer.BadParameter(str(err)) from None
+    console.print(f"records: [bold]{out / 'runs'}[/] (one JSONL per configuration)")
+    skipped = json.loads((out / "sweep.json").read_text())["skipped"]
+    for config_id, reason in skipped.items():
+        console.print(f"[yellow]skipped[/] {config_id}: {reason}")
+    if report:
+        from .bench.outputs import write_outputs
+
+        write_outputs(out)

@@ -1,0 +1,311 @@
+"""`tokensieve bench`: run every configuration (the baseline, and each method at each budget) on
+every sample of a suite, and append one JSON line per (configuration, sample) to
+`OUT/runs/<config>.jsonl` as soon as the sample is done.
+
+Rerunning the same sweep resumes it: samples a configuration has recorded are never run again,
+and a torn last line (a kill mid-write) is cut off first. With `workers > 1` configurations run in
+parallel processes, each loading the model once. What each field measures: docs/bench.md and
+tokensieve/bench/measure.py.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import shlex
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import transformers
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+import tokensieve as ts
+
+from ..flops import decoder_prefill_flops
+from .measure import Meter
+from .suites import BUILTIN, check_model, load_model, load_suite, model_inputs, model_view
+
+BASELINE = "baseline"
+DEFAULT_KEEPS = (256, 128, 64, 32, 16)
+WARMUP_NEW_TOKENS = 2  # a prefill and one decode step: enough to pay every first-call cost
+# Settings a resumed sweep must share with the records already in OUT: mixing them would mix numbers.
+_FIXED_ON_RESUME = ("model", "suite", "split", "data", "device", "dtype", "max_new_tokens")
+
+
+class SweepSpecError(ValueError):
+    """The sweep asks for something it cannot run: an unknown method or suite, a chain, a bad budget."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """One configuration: the stock model (`method=None`) or one method at one budget."""
+
+    method: str | None = None
+    keep: int | float | None = None
+
+    @property
+    def id(self) -> str:
+        return BASELINE if self.method is None else f"{self.method}-k{self.keep}"
+
+
+@dataclass
+class Settings:
+    """What every worker process needs to rebuild the same model and samples."""
+
+    model: str
+    suite: str
+    split: str | None
+    data: str | None
+    limit: int | None
+    device: str
+    dtype: str
+    max_new_tokens: int
+    show: int
+    out: str
+
+
+def parse_keep(text: str | int | float) -> int | float:
+    """"64" -> 64 tokens, "0.25" -> a quarter of them."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise SweepSpecError(f"a budget must be a token count (64) or a ratio (0.25), not {text!r}") from None
+    return int(value) if value.is_integer() else value  # "0" and "-1" then fail as counts, not as ratios
+
+
+def plan(methods: list[str], keeps: list[int | float]) -> list[Config]:
+    """The baseline, then each method at each budget (`name:keep` gives one method its own budget).
+
+    Every method is built here once, so an unknown name or a bad budget fails before a model loads.
+    """
+    names = [info.name for info in ts.list_methods()] if methods == ["all"] else methods
+    configs = [Config()]
+    for spec in names:
+        if "+" in spec:
+            stages = [stage.partition(":")[::2] for stage in spec.split("+")]
+            described = ", ".join(f"{name} keep={keep or 'default'}" for name, keep in stages)
+            raise SweepSpecError(
+                f"{spec!r} chains {len(stages)} stages ({described}), but tokensieve cannot chain methods yet "
+                f"(there is no ts.Chain, and no in-LLM method such as fastv): give the methods one by one, "
+                f"e.g. --methods {','.join(name for name, _ in stages)}")
+        name, _, keep = spec.partition(":")
+        for budget in [parse_keep(keep)] if keep else keeps:
+            try:
+                ts.load(name, keep=budget)
+            except (TypeError, ValueError) as err:
+                raise SweepSpecError(str(err)) from None
+            configs.append(Config(name, budget))
+    return list(dict.fromkeys(configs))  # a configuration asked for twice runs once
+
+
+def sweep(model: str = "sieve-mini", suite: str = BUILTIN, methods: list[str] | str = "all",
+          keeps: list[int | float] | str = DEFAULT_KEEPS, limit: int | None = None, out: Path | str = "results",
+          workers: int = 1, data: Path | str | None = None, split: str | None = None, device: str | None = None,
+          dtype: str | None = None, max_new_tokens: int | None = None, show: int = 6,
+          progress: bool = True) -> Path:
+    """Run the sweep into `out`, resuming what is there, and return `out`.
+
+    `methods`: names, `name:keep` specs or "all"; `keeps`: counts and ratios; either may be one
+    comma-separated string. `device` defaults to CUDA when there is one; `dtype` to bfloat16 on
+    CUDA, float32 on the CPU; `max_new_tokens` to 5 for the builtin suite (one-word answers) and 16
+    for benchmarks. `show`: save the image as the model saw it for the first `show` samples.
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    settings = Settings(model=model, suite=suite, split=split, data=None if data is None else str(data),
+                        limit=limit, device=device, dtype=dtype, show=show, out=str(out),
+                        max_new_tokens=max_new_tokens or (5 if suite == BUILTIN else 16))
+    try:
+        methods = [m for m in (methods.split(",") if isinstance(methods, str) else methods) if m]
+        configs = plan(methods, [parse_keep(k) for k in (keeps.split(",") if isinstance(keeps, str) else keeps)])
+        check_model(model, settings.dtype)
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, not {workers}")
+        samples, settings.split = load_suite(suite, limit, data, split)
+    except ValueError as err:
+        raise SweepSpecError(str(err)) from None
+    out = Path(out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    description = _describe(out, settings, configs, workers, len(samples))
+
+    with SweepProgress(enabled=progress) as bar:
+        for config in configs:
+            bar.add(config.id, len(samples), len(read_done(out / "runs" / f"{config.id}.jsonl")))
+        if workers == 1:
+            worker = Worker(settings)
+            skipped = {c.id: reason for c in configs if (reason := worker.run(c, bar.handle))}
+        else:
+            skipped = _run_in_processes(settings, configs, workers, bar)
+    description.update(skipped=skipped, finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    (out / "sweep.json").write_text(json.dumps(description, indent=2) + "\n")
+    return out
+
+
+def _describe(out: Path, settings: Settings, configs: list[Config], workers: int, n_samples: int) -> dict:
+    """Write OUT/sweep.json (the settings, versions, command line); refuse to mix two sweeps in one OUT."""
+    path = out / "sweep.json"
+    fixed = {key: asdict(settings)[key] for key in _FIXED_ON_RESUME}
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = ", ".join(f"{k}: {before.get(k)!r} -> {v!r}" for k, v in fixed.items() if before.get(k) != v)
+        if changed:
+            raise SweepSpecError(f"{out} holds a sweep with other settings ({changed}): resume it with its own "
+                                 f"settings, or pass another --out")
+    description = {**fixed, "limit": settings.limit, "samples": n_samples, "configs": [c.id for c in configs],
+                   "workers": workers, "torch": torch.__version__, "transformers": transformers.__version__,
+                   "tokensieve": ts.__version__, "command": shlex.join(sys.argv),
+                   "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "finished": None, "skipped": {}}
+    path.write_text(json.dumps(description, indent=2) + "\n")
+    return description
+
+
+def read_done(path: Path) -> set[str]:
+    """The samples a configuration's JSONL already holds. A last line without its newline was torn
+    by a kill mid-write: it is cut from the file, and that sample runs again."""
+    if not path.is_file():
+        return set()
+    data = path.read_bytes()
+    complete = data.rfind(b"\n") + 1
+    if complete < len(data):
+        with path.open("r+b") as file:
+            file.truncate(complete)
+    return {json.loads(line)["sample"] for line in data[:complete].splitlines()}
+
+
+class Worker:
+    """One process's model, processor, samples and meter; runs configurations one after another."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.model, self.processor = load_model(settings.model, settings.device, settings.dtype)
+        self.samples, _ = load_suite(settings.suite, settings.limit, settings.data, settings.split)
+        self.meter = Meter(self.model)
+
+    def run(self, config: Config, report: Callable) -> str | None:
+        """Run `config` on every sample it has not recorded; returns why it was skipped, if it was.
+        `report(config_id, "done" | "skipped", detail)` hears of each finished sample and of a skip."""
+        out = Path(self.settings.out)
+        self._save_images(out / "images")
+        path = out / "runs" / f"{config.id}.jsonl"
+        done = read_done(path)
+        todo = [sample for sample in self.samples if sample.id not in done]
+        if not todo:
+            return None
+        sieve = ts.load(config.method, keep=config.keep) if config.method else None
+        if sieve is not None and (reason := self.meter.refusal(sieve)):
+            report(config.id, "skipped", reason)
+            return reason
+        # Untimed warm-up on this configuration, so no record pays first-call costs.
+        self.meter.generate(model_inputs(self.model, self.processor, todo[0]), WARMUP_NEW_TOKENS, sieve)
+        with path.open("a") as file:
+            for sample in todo:
+                file.write(json.dumps(self._record(config, sieve, sample)) + "\n")
+                file.flush()
+                report(config.id, "done", sample.id)
+        return None
+
+    def _record(self, config: Config, sieve, sample) -> dict:
+        inputs = model_inputs(self.model, self.processor, sample)
+        measured = self.meter.generate(inputs, self.settings.max_new_tokens, sieve)
+        prediction = self.processor.decode(measured.new_tokens, skip_special_tokens=True).strip()
+        score = sample.score(prediction)
+        stats, first_image = measured.stats, measured.images[0]
+        if stats is None:  # the baseline: every token, the stock prefill
+            prompt_flops = decoder_prefill_flops(self.model.config.get_text_config(),
+                                                 [int(inputs["attention_mask"].sum())])
+            tokens = sum(len(image.positions) for image in measured.images)
+            kept, flops = list(range(len(first_image.positions))), (tokens, tokens, prompt_flops, prompt_flops)
+        else:
+            kept = stats.images[0].kept.tolist()
+            flops = (stats.tokens_before, stats.tokens_after, stats.prefill_flops, stats.prefill_flops_unreduced)
+        tokens_before, tokens_after, prefill_flops, prefill_flops_unreduced = flops
+        return {
+            "config": config.id, "method": config.method, "keep": config.keep, "sample": sample.id,
+            "category": sample.category, "question": sample.question, "target": sample.target,
+            "prediction": prediction, "correct": score >= 1.0, "score": score,
+            "tokens_before": tokens_before, "tokens_after": tokens_after, "kept": kept, "grid": list(first_image.grid),
+            "prefill_flops": prefill_flops, "prefill_flops_unreduced": prefill_flops_unreduced,
+            "vision_flops": measured.vision_flops, "prefill_seconds": measured.prefill_seconds,
+            "decode_seconds_per_token": measured.decode_seconds_per_token, "new_tokens": len(measured.new_tokens),
+            "peak_memory_bytes": measured.peak_memory_bytes, "kv_cache_bytes": measured.kv_cache_bytes,
+            "selection_seconds": stats.selection_seconds if stats is not None else None, "warmup": False,
+        }
+
+    def _save_images(self, folder: Path) -> None:
+        """The first `show` samples' images as the model saw them, for the report's kept-patch pictures."""
+        folder.mkdir(exist_ok=True)
+        for sample in self.samples[: self.settings.show]:
+            target = folder / f"{sample.id}.png"
+            if not target.is_file():
+                scratch = target.with_name(f"{target.stem}.{multiprocessing.current_process().pid}.tmp.png")
+                model_view(self.processor, model_inputs(self.model, self.processor, sample), sample).save(scratch)
+                scratch.replace(target)  # atomic: parallel workers may write the same picture
+
+
+class SweepProgress:
+    """Rich progress bars with ETA: one for the whole sweep, one per configuration."""
+
+    def __init__(self, enabled: bool = True):
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeRemainingColumn(), disable=not enabled)
+        self.total = self.progress.add_task("sweep", total=0)
+        self.tasks: dict[str, int] = {}
+
+    def add(self, config_id: str, samples: int, done: int) -> None:
+        self.tasks[config_id] = self.progress.add_task(config_id, total=samples, completed=done)
+        self.progress.update(self.total, total=self.progress.tasks[self.total].total + samples, advance=done)
+
+    def handle(self, config_id: str, event: str, detail: str) -> None:
+        if event == "done":
+            self.progress.advance(self.tasks[config_id])
+            self.progress.advance(self.total)
+        else:  # skipped: its samples leave the sweep's total
+            task = self.progress.tasks[self.tasks[config_id]]
+            self.progress.update(task.id, description=f"{config_id} [yellow]skipped[/]: {detail[:80]}")
+            self.progress.update(self.total, total=self.progress.tasks[self.total].total - task.remaining)
+
+    def __enter__(self) -> SweepProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+
+_WORKER: Worker | None = None  # in a worker process: its model and samples
+_MESSAGES = None  # in a worker process: the queue its progress goes back through
+
+
+def _start_worker(settings: Settings, threads: int, messages) -> None:
+    global _WORKER, _MESSAGES
+    torch.set_num_threads(threads)
+    _WORKER, _MESSAGES = Worker(settings), messages
+
+
+def _run_config(config: Config) -> str | None:
+    return _WORKER.run(config, lambda *event: _MESSAGES.put(event))
+
+
+def _run_in_processes(settings: Settings, configs: list[Config], workers: int, bar: SweepProgress) -> dict:
+    """Configurations spread over `workers` spawned processes that split the CPU threads between
+    them; progress comes back through a queue. Returns {config id: why it was skipped}."""
+    context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools and locks
+    messages = context.Queue()
+    threads = max(1, torch.get_num_threads() // workers)
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                             initargs=(settings, threads, messages)) as pool:
+        futures = {pool.submit(_run_config, config): config for config in configs}
+        pending = set(futures)
+        while pending:
+            _, pending = wait(pending, timeout=0.2)
+            while not messages.empty():
+                bar.handle(*messages.get())
+        reasons = {futures[future].id: future.result() for future in futures}
+    while not messages.empty():
+        bar.handle(*messages.get())
+    return {config_id: reason for config_id, reason in reasons.items() if reason}
