@@ -1,0 +1,126 @@
+"""Aggregate a sweep's per-sample records into one row per configuration, and per category.
+
+Every comparison with the baseline is paired: a configuration counts only the samples that the
+baseline also answered, so a partial or resumed sweep summarises the same way a complete one does.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from tokensieve.qa import CHANCE, SKILLS, normalise
+
+BASELINE = "baseline"
+MIB = 2**20
+
+
+def read_runs(out: Path) -> pd.DataFrame:
+    """Every record of `out/runs/*.jsonl`, one row each, with `keep_label` and `answer` columns added."""
+    records = []
+    for path in sorted((out / "runs").glob("*.jsonl")):
+        lines = path.read_text().splitlines()
+        for number, line in enumerate(lines):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number == len(lines) - 1:  # a sweep killed mid-write leaves a torn last line
+                    continue
+                raise ValueError(f"{path}:{number + 1}: not a JSON record") from None
+    if not records:
+        raise ValueError(f"no records in {out / 'runs'}")
+    for record in records:  # before pandas turns the keeps 64 and 0.25 into floats: as the sweep spelt them
+        record["keep_label"] = "" if record.get("keep") is None else str(record["keep"])
+    runs = pd.DataFrame.from_records(records)
+    if BASELINE not in set(runs["config"]):
+        raise ValueError(f"no '{BASELINE}' records in {out / 'runs'}: nothing to compare with")
+    # A resumed sweep may have written a sample twice; the later record wins.
+    runs = runs.drop_duplicates(["config", "sample"], keep="last").reset_index(drop=True)
+    runs["method"] = runs["method"].fillna(BASELINE)
+    runs["answer"] = runs["prediction"].map(normalise)
+    return runs
+
+
+def paired(runs: pd.DataFrame) -> pd.DataFrame:
+    """The records whose sample the baseline also answered, each with the baseline's `base_*` columns."""
+    base = runs[runs["config"] == BASELINE][["sample", "correct", "answer", "prefill_flops"]]
+    base = base.rename(columns={c: f"base_{c}" for c in ["correct", "answer", "prefill_flops"]})
+    return runs.merge(base, on="sample", how="inner")
+
+
+def _median_ms(seconds: pd.Series) -> float:
+    return float(seconds.dropna().median() * 1e3) if seconds.notna().any() else float("nan")
+
+
+def _summarise_config(rows: pd.DataFrame) -> dict:
+    timed = rows[~rows["warmup"].astype(bool)]  # warm-up samples pay one-off costs: no timings from them
+    accuracy = rows["correct"].mean()
+    base_accuracy = rows["base_correct"].mean()
+    peak = rows["peak_memory_bytes"].dropna()
+    return {
+        "config": rows["config"].iloc[0],
+        "method": rows["method"].iloc[0],
+        "keep": rows["keep_label"].iloc[0],
+        "tokens_kept": rows["tokens_after"].mean(),
+        "tokens_before": rows["tokens_before"].mean(),
+        "accuracy": accuracy,
+        "baseline_accuracy": base_accuracy,
+        "retention": accuracy / base_accuracy if base_accuracy > 0 else float("nan"),
+        "agreement": (rows["answer"] == rows["base_answer"]).mean(),
+        "prefill_gflops": rows["prefill_flops"].mean() / 1e9,
+        "prefill_flops_ratio": rows["prefill_flops"].sum() / rows["base_prefill_flops"].sum(),
+        "vision_gflops": rows["vision_flops"].mean() / 1e9,
+        "prefill_ms": _median_ms(timed["prefill_seconds"]),
+        "decode_ms_per_token": _median_ms(timed["decode_seconds_per_token"].astype(float)),
+        "peak_memory_mib": float(peak.max()) / MIB if len(peak) else float("nan"),
+        "kv_cache_mib": rows["kv_cache_bytes"].mean() / MIB,
+        "selection_ms": _median_ms(timed["selection_seconds"]),
+        "n": len(rows),
+        "n_timed": len(timed),
+    }
+
+
+def config_rank(pairs: pd.DataFrame) -> dict[str, int]:
+    """Baseline first, then methods by name, each from the fewest tokens kept to the most."""
+    configs = pairs.groupby("config").agg(method=("method", "first"), tokens=("tokens_after", "mean")).reset_index()
+    configs["is_method"] = configs["config"] != BASELINE
+    configs = configs.sort_values(["is_method", "method", "tokens", "config"])
+    return {config: rank for rank, config in enumerate(configs["config"])}
+
+
+def category_rank(category: str) -> tuple:
+    """The QA suite's skills in their own order, any other category alphabetically after them."""
+    return (SKILLS.index(category), "") if category in SKILLS else (len(SKILLS), category)
+
+
+def summarise(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration (see docs/bench-outputs.md for each column's definition)."""
+    pairs = paired(runs)
+    rank = config_rank(pairs)
+    rows = [_summarise_config(group) for _, group in pairs.groupby("config")]
+    return pd.DataFrame(sorted(rows, key=lambda row: rank[row["config"]])).reset_index(drop=True)
+
+
+def per_category(runs: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy per (configuration, category), with the baseline's on the same samples and the retention."""
+    pairs = paired(runs)
+    rank = config_rank(pairs)
+    rows = []
+    for (config, category), group in pairs.groupby(["config", "category"]):
+        accuracy, base_accuracy = group["correct"].mean(), group["base_correct"].mean()
+        rows.append({
+            "config": config, "method": group["method"].iloc[0], "keep": group["keep_label"].iloc[0],
+            "category": category, "n": len(group), "accuracy": accuracy, "baseline_accuracy": base_accuracy,
+            "retention": accuracy / base_accuracy if base_accuracy > 0 else float("nan"),
+            "chance": CHANCE.get(category, float("nan")),
+        })
+    rows.sort(key=lambda row: (rank[row["config"]], category_rank(row["category"])))
+    return pd.DataFrame(rows)
+
+
+def chance_level(runs: pd.DataFrame) -> float | None:
+    """The QA suite's chance accuracy over the baseline's samples; None for other benchmarks."""
+    categories = runs.loc[runs["config"] == BASELINE, "category"]
+    return float(categories.map(CHANCE).mean()) if categories.isin(list(CHANCE)).all() else None

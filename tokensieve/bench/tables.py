@@ -1,0 +1,86 @@
+"""The summary as text: CSV (full precision), Markdown and a rich terminal table (rounded)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+# Column of the summary -> (heading, format) for the Markdown, terminal and HTML tables.
+SUMMARY_COLUMNS = {
+    "method": ("method", "{}"),
+    "keep": ("keep", "{}"),
+    "tokens_kept": ("tokens kept", "{:.1f}"),
+    "accuracy": ("accuracy", "{:.3f}"),
+    "retention": ("retention", "{:.1%}"),
+    "agreement": ("agreement", "{:.1%}"),
+    "prefill_gflops": ("prefill GFLOPs", "{:.2f}"),
+    "prefill_flops_ratio": ("FLOPs vs baseline", "{:.1%}"),
+    "vision_gflops": ("vision GFLOPs", "{:.2f}"),
+    "prefill_ms": ("prefill ms", "{:.1f}"),
+    "decode_ms_per_token": ("decode ms/tok", "{:.2f}"),
+    "peak_memory_mib": ("peak MiB", "{:.0f}"),
+    "kv_cache_mib": ("KV MiB", "{:.2f}"),
+    "selection_ms": ("selection ms", "{:.2f}"),
+    "n": ("n", "{}"),
+}
+# Two-line headings, one space between columns: twelve columns must fit an 80-column terminal.
+TERMINAL_COLUMNS = {"method": "method", "keep": "keep", "tokens_kept": "tokens\nkept", "accuracy": "acc",
+                    "retention": "retain", "agreement": "agree", "prefill_flops_ratio": "FLOPs\nvs base",
+                    "prefill_ms": "prefill\nms", "decode_ms_per_token": "decode\nms/tok", "peak_memory_mib": "peak\nMiB",
+                    "selection_ms": "select\nms", "n": "n"}
+CATEGORY_COLUMNS = {
+    "method": ("method", "{}"),
+    "keep": ("keep", "{}"),
+    "category": ("category", "{}"),
+    "n": ("n", "{}"),
+    "accuracy": ("accuracy", "{:.3f}"),
+    "baseline_accuracy": ("baseline", "{:.3f}"),
+    "retention": ("retention", "{:.1%}"),
+    "chance": ("chance", "{:.3f}"),
+}
+
+
+def cell(value, fmt: str) -> str:
+    """One formatted value; a missing one (no timings, no memory on CPU) as '-'."""
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
+        return "-"
+    return fmt.format(value)
+
+
+def formatted(table: pd.DataFrame, columns: dict) -> tuple[list[str], list[list[str]]]:
+    """Headings and rows of strings."""
+    rows = [[cell(row[name], fmt) for name, (_, fmt) in columns.items()] for _, row in table.iterrows()]
+    return [heading for heading, _ in columns.values()], rows
+
+
+def markdown(table: pd.DataFrame, columns: dict) -> str:
+    headings, rows = formatted(table, columns)
+    lines = ["| " + " | ".join(headings) + " |", "|" + "---|" * len(headings)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def print_summary(summary: pd.DataFrame, console: Console | None = None) -> None:
+    """The columns that fit a terminal; summary.md has them all."""
+    columns = {name: (heading, SUMMARY_COLUMNS[name][1]) for name, heading in TERMINAL_COLUMNS.items()}
+    headings, rows = formatted(summary, columns)
+    table = Table(title="tokensieve bench", box=box.SIMPLE_HEAD, padding=(0, 0), show_edge=False,
+                  caption="paired with the baseline; timings are medians after warm-up; every column: summary.md")
+    for index, heading in enumerate(headings):
+        table.add_column(heading, justify="left" if index < 2 else "right", no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    (console or Console()).print(table)
+
+
+def write_tables(out: Path, summary: pd.DataFrame, categories: pd.DataFrame) -> None:
+    """`summary.csv`, `summary.md` and `per_category.csv` in `out`."""
+    summary.to_csv(out / "summary.csv", index=False)
+    (out / "summary.md").write_text("## Summary\n\n" + markdown(summary, SUMMARY_COLUMNS)
+                                    + "\n## Per category\n\n" + markdown(categories, CATEGORY_COLUMNS))
+    categories.to_csv(out / "per_category.csv", index=False)
