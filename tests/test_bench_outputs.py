@@ -128,6 +128,17 @@ def test_partial_sweep_counts_only_samples_the_baseline_answered(summary):
     assert quarter["keep"] == "0.25"
 
 
+def test_partial_credit_counts_where_a_benchmark_gives_it(sweep):
+    """TextVQA-style records carry a `score` (VQA accuracy); accuracy is its mean, `correct` elsewhere."""
+    baseline = sweep / "runs" / "baseline.jsonl"
+    records = [json.loads(line) for line in baseline.read_text().splitlines()]
+    records[1]["score"] = 0.6  # s1: wrong as an exact match, 60% by the benchmark's own measure
+    baseline.write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = summarise(read_runs(sweep)).set_index("config")
+    assert math.isclose(summary.loc["baseline", "accuracy"], (1 + 0.6 + 1 + 1) / 4)
+    assert math.isclose(summary.loc["fastervlm-k4", "retention"], 0.75 / ((1 + 0.6 + 1 + 1) / 4))
+
+
 def test_per_category(sweep):
     table = per_category(read_runs(sweep)).set_index(["config", "category"])
     colour, counting = table.loc[("fastervlm-k4", "colour")], table.loc[("fastervlm-k4", "counting")]

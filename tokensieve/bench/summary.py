@@ -39,25 +39,30 @@ def read_runs(out: Path) -> pd.DataFrame:
     # A resumed sweep may have written a sample twice; the later record wins.
     runs = runs.drop_duplicates(["config", "sample"], keep="last").reset_index(drop=True)
     runs["method"] = runs["method"].fillna(BASELINE)
+    # Per-sample credit: a benchmark's partial score where it has one (TextVQA's VQA accuracy), else 0 or 1.
+    correct = runs["correct"].astype(float)
+    runs["score"] = runs["score"].astype(float).fillna(correct) if "score" in runs else correct
     runs["answer"] = runs["prediction"].map(normalise)
     return runs
 
 
 def paired(runs: pd.DataFrame) -> pd.DataFrame:
     """The records whose sample the baseline also answered, each with the baseline's `base_*` columns."""
-    base = runs[runs["config"] == BASELINE][["sample", "correct", "answer", "prefill_flops"]]
-    base = base.rename(columns={c: f"base_{c}" for c in ["correct", "answer", "prefill_flops"]})
+    base = runs[runs["config"] == BASELINE][["sample", "score", "answer", "prefill_flops"]]
+    base = base.rename(columns={c: f"base_{c}" for c in ["score", "answer", "prefill_flops"]})
     return runs.merge(base, on="sample", how="inner")
 
 
 def _median_ms(seconds: pd.Series) -> float:
-    return float(seconds.dropna().median() * 1e3) if seconds.notna().any() else float("nan")
+    """Median in ms of the values present; NaN when none is (the baseline has no selection time)."""
+    seconds = pd.to_numeric(seconds).dropna()
+    return float(seconds.median() * 1e3) if len(seconds) else float("nan")
 
 
 def _summarise_config(rows: pd.DataFrame) -> dict:
     timed = rows[~rows["warmup"].astype(bool)]  # warm-up samples pay one-off costs: no timings from them
-    accuracy = rows["correct"].mean()
-    base_accuracy = rows["base_correct"].mean()
+    accuracy = rows["score"].mean()
+    base_accuracy = rows["base_score"].mean()
     peak = rows["peak_memory_bytes"].dropna()
     return {
         "config": rows["config"].iloc[0],
@@ -73,7 +78,7 @@ def _summarise_config(rows: pd.DataFrame) -> dict:
         "prefill_flops_ratio": rows["prefill_flops"].sum() / rows["base_prefill_flops"].sum(),
         "vision_gflops": rows["vision_flops"].mean() / 1e9,
         "prefill_ms": _median_ms(timed["prefill_seconds"]),
-        "decode_ms_per_token": _median_ms(timed["decode_seconds_per_token"].astype(float)),
+        "decode_ms_per_token": _median_ms(timed["decode_seconds_per_token"]),
         "peak_memory_mib": float(peak.max()) / MIB if len(peak) else float("nan"),
         "kv_cache_mib": rows["kv_cache_bytes"].mean() / MIB,
         "selection_ms": _median_ms(timed["selection_seconds"]),
@@ -109,7 +114,7 @@ def per_category(runs: pd.DataFrame) -> pd.DataFrame:
     rank = config_rank(pairs)
     rows = []
     for (config, category), group in pairs.groupby(["config", "category"]):
-        accuracy, base_accuracy = group["correct"].mean(), group["base_correct"].mean()
+        accuracy, base_accuracy = group["score"].mean(), group["base_score"].mean()
         rows.append({
             "config": config, "method": group["method"].iloc[0], "keep": group["keep_label"].iloc[0],
             "category": category, "n": len(group), "accuracy": accuracy, "baseline_accuracy": base_accuracy,
