@@ -150,13 +150,13 @@ def _describe(out: Path, settings: Settings, configs: list[Config], workers: int
     """Write OUT/sweep.json (the settings, versions, command line); refuse to mix two sweeps in one OUT."""
     path = out / "sweep.json"
     fixed = {key: asdict(settings)[key] for key in _FIXED_ON_RESUME}
-    if path.is_file():
-        before = json.loads(path.read_text())
-        changed = ", ".join(f"{k}: {before.get(k)!r} -> {v!r}" for k, v in fixed.items() if before.get(k) != v)
-        if changed:
-            raise SweepSpecError(f"{out} holds a sweep with other settings ({changed}): resume it with its own "
-                                 f"settings, or pass another --out")
-    description = {**fixed, "limit": settings.limit, "samples": n_samples, "configs": [c.id for c in configs],
+    before = json.loads(path.read_text()) if path.is_file() else {}
+    changed = ", ".join(f"{k}: {before[k]!r} -> {v!r}" for k, v in fixed.items() if before and before.get(k) != v)
+    if changed:
+        raise SweepSpecError(f"{out} holds a sweep with other settings ({changed}): resume it with its own "
+                             f"settings, or pass another --out")
+    configs_ever = list(dict.fromkeys(before.get("configs", []) + [c.id for c in configs]))  # this run's and earlier
+    description = {**fixed, "limit": settings.limit, "samples": n_samples, "configs": configs_ever,
                    "workers": workers, "torch": torch.__version__, "transformers": transformers.__version__,
                    "tokensieve": ts.__version__, "command": shlex.join(sys.argv),
                    "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "finished": None, "skipped": {}}
