@@ -124,8 +124,8 @@ def sweep(model: str = "sieve-mini", suite: str = BUILTIN, methods: list[str] | 
         methods = [m for m in (methods.split(",") if isinstance(methods, str) else methods) if m]
         configs = plan(methods, [parse_keep(k) for k in (keeps.split(",") if isinstance(keeps, str) else keeps)])
         check_model(model, settings.dtype)
-        if workers < 1:
-            raise ValueError(f"workers must be at least 1, not {workers}")
+        if workers < 1 or (limit is not None and limit < 1):
+            raise ValueError(f"workers and limit must be at least 1, not {workers} and {limit}")
         samples, settings.split = load_suite(suite, limit, data, split)
     except ValueError as err:
         raise SweepSpecError(str(err)) from None
@@ -137,7 +137,7 @@ def sweep(model: str = "sieve-mini", suite: str = BUILTIN, methods: list[str] | 
         for config in configs:
             bar.add(config.id, len(samples), len(read_done(out / "runs" / f"{config.id}.jsonl")))
         if workers == 1:
-            worker = Worker(settings)
+            worker = Worker(settings, samples)
             skipped = {c.id: reason for c in configs if (reason := worker.run(c, bar.handle))}
         else:
             skipped = _run_in_processes(settings, configs, workers, bar)
@@ -180,10 +180,10 @@ def read_done(path: Path) -> set[str]:
 class Worker:
     """One process's model, processor, samples and meter; runs configurations one after another."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, samples: list | None = None):
         self.settings = settings
         self.model, self.processor = load_model(settings.model, settings.device, settings.dtype)
-        self.samples, _ = load_suite(settings.suite, settings.limit, settings.data, settings.split)
+        self.samples = samples or load_suite(settings.suite, settings.limit, settings.data, settings.split)[0]
         self.meter = Meter(self.model)
 
     def run(self, config: Config, report: Callable) -> str | None:
