@@ -22,7 +22,7 @@ from rich.console import Console
 from tokensieve.bench.oracle import NEVER, distribution, oracle
 from tokensieve.bench.outputs import write_outputs
 from tokensieve.bench.plots import pareto_front
-from tokensieve.bench.summary import per_category, read_runs, summarise
+from tokensieve.bench.summary import chance_level, per_category, read_runs, summarise
 from tokensieve.qa import CHANCE
 
 MIB = 2**20
@@ -148,6 +148,15 @@ def test_per_category(sweep):
     assert list(table.loc["baseline"].index) == ["colour", "counting"]  # skill order of the QA suite
 
 
+def test_chance_only_for_the_qa_suite(sweep):
+    """A benchmark whose categories merely include a skill's name (MME's "existence") gets no chance level."""
+    assert chance_level(read_runs(sweep)) == (CHANCE["colour"] + CHANCE["counting"]) / 2
+    for path in (sweep / "runs").glob("*.jsonl"):
+        path.write_text(path.read_text().replace('"category": "counting"', '"category": "celebrity"'))
+    runs = read_runs(sweep)
+    assert chance_level(runs) is None and per_category(runs)["chance"].isna().all()
+
+
 def test_oracle_needs_agreement_at_every_larger_budget(sweep):
     runs = read_runs(sweep)
     table = oracle(runs).set_index(["method", "sample"])
@@ -194,6 +203,14 @@ def test_write_outputs_writes_every_file(sweep):
     for name in ["accuracy_vs_tokens", "accuracy_vs_latency", "retention_heatmap", "oracle_cdf"]:
         assert Image.open(sweep / "plots" / f"{name}.png").size[0] > 100
         assert (sweep / "plots" / f"{name}.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_a_sweep_stopped_after_the_baseline_still_reports(sweep):
+    for path in (sweep / "runs").glob("*-k*.jsonl"):
+        path.unlink()
+    write_outputs(sweep, Console(file=io.StringIO()))
+    assert list(pd.read_csv(sweep / "summary.csv")["config"]) == ["baseline"]
+    assert "No reduced configuration" in (sweep / "report.html").read_text()
 
 
 def test_report_is_self_contained(sweep):

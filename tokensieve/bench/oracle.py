@@ -71,5 +71,6 @@ def distribution(oracle_table: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFr
         never = int((group["oracle_config"] == NEVER).sum())
         rows.append({"method": method, "config": NEVER, "keep": NEVER, "tokens_kept": float("nan"),
                      "samples": never, "fraction": never / len(group), "cumulative_fraction": 1.0})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["method", "config", "keep", "tokens_kept", "samples", "fraction",
+                                       "cumulative_fraction"])
 

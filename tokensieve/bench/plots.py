@@ -29,20 +29,16 @@ def save(figure: Figure, plots: Path, name: str) -> str:
     return name
 
 
-def _reference_lines(ax, summary: pd.DataFrame, chance: float | None) -> None:
-    base = summary[summary["config"] == BASELINE].iloc[0]
-    ax.axhline(base["accuracy"], color="black", linestyle="--", linewidth=1,
-               label=f"baseline ({base['tokens_kept']:.0f} tokens)")
-    if chance is not None:
-        ax.axhline(chance, color="grey", linestyle=":", linewidth=1, label="chance")
-
-
 def accuracy_vs_tokens(summary: pd.DataFrame, plots: Path, chance: float | None) -> str:
     figure = Figure(figsize=(6.4, 4.2))
     ax = figure.add_subplot()
     for method, rows in summary[summary["config"] != BASELINE].groupby("method"):
         ax.plot(rows["tokens_kept"], rows["accuracy"], marker="o", label=method)
-    _reference_lines(ax, summary, chance)
+    base = summary[summary["config"] == BASELINE].iloc[0]
+    ax.axhline(base["accuracy"], color="black", linestyle="--", linewidth=1,
+               label=f"baseline ({base['tokens_kept']:.0f} tokens)")
+    if chance is not None:
+        ax.axhline(chance, color="grey", linestyle=":", linewidth=1, label="chance")
     _token_axis(ax, summary["tokens_kept"])
     ax.set_xlabel("visual tokens kept (mean per sample)")
     ax.set_ylabel("accuracy")

@@ -10,6 +10,7 @@ import pandas as pd
 
 from .gallery import GallerySample, file_data_uri
 from .oracle import NEVER
+from .summary import BASELINE
 from .tables import CATEGORY_COLUMNS, SUMMARY_COLUMNS, formatted
 
 STYLE = """
@@ -39,14 +40,18 @@ PLOT_CAPTIONS = {
 }
 
 
+TEXT_COLUMNS = {"method", "keep", "category"}  # left-aligned; numbers align right
+
+
 def html_table(table: pd.DataFrame, columns: dict, table_id: str) -> str:
+    """`columns` as in tables.py; each row carries its configuration in data-config (the browser test reads it)."""
     headings, rows = formatted(table, columns)
-    text_columns = {i for i, (_, fmt) in enumerate(columns.values()) if fmt == "{}"}
-    head = "".join(f'<th class="{"text" if i in text_columns else ""}">{escape(h)}</th>' for i, h in enumerate(headings))
+    align = ["text" if name in TEXT_COLUMNS else "" for name in columns]
+    head = "".join(f'<th class="{a}">{escape(h)}</th>' for a, h in zip(align, headings))
     body = []
-    for config, row in zip(table.get("config", [""] * len(rows)), rows):
-        cells = "".join(f'<td class="{"text" if i in text_columns else ""}">{escape(v)}</td>' for i, v in enumerate(row))
-        body.append(f'<tr class="{"baseline" if config == "baseline" else ""}" data-config="{escape(config)}">{cells}</tr>')
+    for config, row in zip(table["config"], rows):
+        cells = "".join(f'<td class="{a}">{escape(v)}</td>' for a, v in zip(align, row))
+        body.append(f'<tr class="{"baseline" if config == BASELINE else ""}" data-config="{escape(config)}">{cells}</tr>')
     return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 

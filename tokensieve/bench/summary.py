@@ -112,6 +112,7 @@ def per_category(runs: pd.DataFrame) -> pd.DataFrame:
     """Accuracy per (configuration, category), with the baseline's on the same samples and the retention."""
     pairs = paired(runs)
     rank = config_rank(pairs)
+    chance = CHANCE if is_qa_suite(runs) else {}  # MME's "existence" is not the QA suite's
     rows = []
     for (config, category), group in pairs.groupby(["config", "category"]):
         accuracy, base_accuracy = group["score"].mean(), group["base_score"].mean()
@@ -119,13 +120,19 @@ def per_category(runs: pd.DataFrame) -> pd.DataFrame:
             "config": config, "method": group["method"].iloc[0], "keep": group["keep_label"].iloc[0],
             "category": category, "n": len(group), "accuracy": accuracy, "baseline_accuracy": base_accuracy,
             "retention": accuracy / base_accuracy if base_accuracy > 0 else float("nan"),
-            "chance": CHANCE.get(category, float("nan")),
+            "chance": chance.get(category, float("nan")),
         })
     rows.sort(key=lambda row: (rank[row["config"]], category_rank(row["category"])))
     return pd.DataFrame(rows)
 
 
+def is_qa_suite(runs: pd.DataFrame) -> bool:
+    """Whether every category is one of the QA suite's skills (whose chance levels are known)."""
+    return bool(runs["category"].isin(list(CHANCE)).all())
+
+
 def chance_level(runs: pd.DataFrame) -> float | None:
     """The QA suite's chance accuracy over the baseline's samples; None for other benchmarks."""
-    categories = runs.loc[runs["config"] == BASELINE, "category"]
-    return float(categories.map(CHANCE).mean()) if categories.isin(list(CHANCE)).all() else None
+    if not is_qa_suite(runs):
+        return None
+    return float(runs.loc[runs["config"] == BASELINE, "category"].map(CHANCE).mean())
