@@ -1,0 +1,73 @@
+"""The lmms-eval bridge: lmms-eval's own evaluator runs a task with a tokensieve method applied.
+
+The task is lmms-eval's MME (its prompt, scorer and aggregation) on six local questions
+(tests/fixtures/lmms_eval); the model is sieve-mini loaded by lmms-eval's own `llava_hf` class.
+"""
+
+from pathlib import Path
+
+import pytest
+from lmms_eval.evaluator import simple_evaluate
+from lmms_eval.models import get_model
+from lmms_eval.tasks import TaskManager
+
+from tokensieve.bench.lmms_eval import Tokensieve, TokensieveChat
+from tokensieve.mini.build import model_dir
+
+FIXTURES = Path(__file__).parent / "fixtures" / "lmms_eval"
+TASK = "mme_fixture"
+QUESTIONS = 6
+SIEVE_MINI_TOKENS = 256  # 16x16 patches at 224 px
+ON_CPU = "device=cpu,device_map=cpu"  # lmms-eval's llava_hf defaults to cuda
+
+
+def evaluate(model_name: str, model_args: str, force_simple: bool = False):
+    """Build the model as lmms-eval's evaluator does (registry, then the arg string), run the task."""
+    lm = get_model(model_name, force_simple).create_from_arg_string(model_args, {"batch_size": 1})
+    task_manager = TaskManager("WARNING", include_path=str(FIXTURES), model_name=model_name)
+    results = simple_evaluate(model=lm, tasks=[TASK], task_manager=task_manager, batch_size=1, log_samples=True)
+    answers = [sample["filtered_resps"][0] for sample in sorted(results["samples"][TASK], key=lambda s: s["doc_id"])]
+    return lm, results, answers
+
+
+@pytest.fixture(scope="module")
+def sieve_mini_path() -> str:
+    return str(model_dir())
+
+
+def test_task_runs_with_the_method_applied_to_every_image():
+    lm, results, answers = evaluate("tokensieve", f"pretrained=sieve-mini,method=fastervlm,keep=16,{ON_CPU}")
+
+    assert type(lm) is TokensieveChat and not lm.is_simple  # the entry point, llava_hf's chat class
+    score = results["results"][TASK]["mme_perception_score,none"]
+    assert 0 <= score <= 3 * 200  # MME's acc + acc+ summed over the fixture's three categories
+    assert len(answers) == QUESTIONS and all(isinstance(a, str) for a in answers)
+    [stats] = lm.run_stats  # one generate_until batch
+    assert [(image.before, image.after) for image in stats.images] == [(SIEVE_MINI_TOKENS, 16)] * QUESTIONS
+    assert stats.prefill_flops < stats.prefill_flops_unreduced
+
+
+def test_keeping_every_token_answers_as_the_stock_model(sieve_mini_path):
+    # --force_simple: the simple classes, so both request kinds of lmms-eval go through the bridge
+    lm, _, kept_all = evaluate(
+        "tokensieve", f"model=llava_hf,pretrained=sieve-mini,method=divprune,keep=1.0,{ON_CPU}", force_simple=True
+    )
+    _, _, stock = evaluate("llava_hf", f"pretrained={sieve_mini_path},{ON_CPU}", force_simple=True)
+
+    assert type(lm) is Tokensieve and lm.is_simple
+    assert [(image.before, image.after) for image in lm.run_stats[0].images] == [(SIEVE_MINI_TOKENS,) * 2] * QUESTIONS
+    assert kept_all == stock and any(answer.strip() for answer in stock)
+
+
+def test_method_options_reach_the_method_and_loglikelihood_is_refused(sieve_mini_path):
+    lm = get_model("tokensieve").create_from_arg_string(
+        f"pretrained={sieve_mini_path},method=random,keep=0.25,method_seed=7,{ON_CPU}"
+    )
+    assert (lm.sieve.name, lm.sieve.seed) == ("random", 7)
+    with pytest.raises(NotImplementedError, match="generate_until tasks"):
+        lm.loglikelihood([])
+
+
+def test_an_unknown_method_fails_before_the_model_loads():
+    with pytest.raises(ValueError, match="unknown method"):
+        get_model("tokensieve").create_from_arg_string(f"pretrained=sieve-mini,method=fastv,{ON_CPU}")
