@@ -25,6 +25,8 @@ from transformers import AutoTokenizer, LlamaForCausalLM, LlavaConfig
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from ..qa import DATA_VERSION, examples, format_table
+from ..qa.questions import describe
+from .align import WordTargets, fit_projector
 from .build import LORA_FILE, PROJECTOR_FILE, VISION_FEATURE_LAYER, language_dir, vision_dir
 from .assemble import llava_config
 from .fasteval import evaluate
@@ -32,7 +34,7 @@ from .features import SHARD_SIZE, FeatureCache
 from .lora import add_lora, lora_state
 from .sequences import IGNORE, Encoder, embed_with_images
 
-LORA_TARGETS = ("q_proj", "v_proj")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def make_projector(vision: Path, language: Path, layer: int) -> LlavaMultiModalProjector:
@@ -49,6 +51,15 @@ def standardise_first_layer(projector: LlavaMultiModalProjector, features: torch
         weight = projector.linear_1.weight / std
         projector.linear_1.weight.copy_(weight)
         projector.linear_1.bias.copy_(projector.linear_1.bias - weight @ mean)
+
+
+def pool_grid(features: torch.Tensor, factor: int) -> torch.Tensor:
+    """Average-pool a square grid of patch features (B, N, D) by `factor` per side: cheaper training sequences."""
+    if factor == 1:
+        return features
+    side = math.isqrt(features.shape[1])
+    grid = features.float().view(features.shape[0], side, side, -1).permute(0, 3, 1, 2)
+    return torch.nn.functional.avg_pool2d(grid, factor).flatten(2).transpose(1, 2).contiguous()
 
 
 def batch_tensors(encoder: Encoder, convs: list[tuple[list[int], list[int]]], device) -> tuple[torch.Tensor, ...]:
@@ -73,8 +84,15 @@ def main(
     batch: int = typer.Option(4, help="images (sequences) per step"),
     questions: int = typer.Option(4, help="questions packed per image"),
     train_images: int = typer.Option(8000, help="size of the train split used (multiple of 500)"),
-    lr: float = typer.Option(1e-3, help="peak learning rate"),
-    lora_rank: int = typer.Option(8, help="LoRA rank on q/v projections; 0 trains the projector only"),
+    lr: float = typer.Option(1e-3, help="peak learning rate of the projector"),
+    lora_lr: float = typer.Option(5e-4, help="peak learning rate of the LoRA adapters"),
+    lora_rank: int = typer.Option(16, help="LoRA rank on every linear layer of the language model; 0: projector only"),
+    align_steps: int = typer.Option(600, help="patch-to-word alignment steps fitting the projector before training "
+                                    "through the language model (align.py); 0 starts from random weights"),
+    describe_scene: bool = typer.Option(True, "--describe/--no-describe",
+                                        help="end each training sequence with a full description of the scene"),
+    pool: int = typer.Option(1, help="train on features average-pooled by this factor per side (2: 64 tokens "
+                             "instead of 256, about 3x cheaper); validation runs at full tokens"),
     layer: int = typer.Option(VISION_FEATURE_LAYER, help="vision hidden_states index fed to the projector"),
     val_examples: int = typer.Option(210, help="validation examples per evaluation (30 per skill)"),
     eval_every: int = typer.Option(250),
@@ -103,9 +121,12 @@ def main(
     projector = make_projector(vision, language, layer).to(device)
     cache = FeatureCache(layer, device=device)
     encoder = Encoder(tokenizer, image_tokens=cache.shard("train", 0).shape[1])
+    train_encoder = Encoder(tokenizer, image_tokens=cache.shard("train", 0).shape[1] // pool**2)
 
-    params = list(projector.parameters()) + [p for w in wrapped.values() for p in (w.lora_A, w.lora_B)]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    lora_params = [p for w in wrapped.values() for p in (w.lora_A, w.lora_B)]
+    params = list(projector.parameters()) + lora_params
+    optimizer = torch.optim.AdamW([{"params": list(projector.parameters()), "peak": lr},
+                                   {"params": lora_params, "peak": lora_lr}], lr=lr, weight_decay=0.0)
     checkpoint, start = out / "checkpoint.pt", 0
     if checkpoint.is_file():
         state = torch.load(checkpoint, map_location=device, weights_only=True)
@@ -118,6 +139,13 @@ def main(
         print(f"resumed from {checkpoint} at step {start}")
     else:
         standardise_first_layer(projector, cache.shard("train", 0))
+        if align_steps:
+            targets = WordTargets(lm.get_input_embeddings().weight, tokenizer)
+            side = math.isqrt(encoder.image_tokens)
+            aligned = [cache.shard("train", s) for s in range(2)]
+            wanted = torch.stack([targets(ex, side, cache.image_size) for ex in examples("train", 2 * SHARD_SIZE)])
+            error = fit_projector(projector, torch.cat(aligned).to(device), wanted.to(device), align_steps, seed=seed)
+            print(f"patch-to-word alignment: {align_steps} steps, relative error {error:.3f}", flush=True)
 
     n_shards = train_images // SHARD_SIZE
     shards_per_epoch_steps = SHARD_SIZE // batch
@@ -129,7 +157,7 @@ def main(
         shard = int(np.random.default_rng((seed, epoch)).permutation(n_shards)[shard_slot])
         order = np.random.default_rng((seed, epoch, shard)).permutation(SHARD_SIZE)[offset * batch:(offset + 1) * batch]
         exs = [examples("train", 1, shard * SHARD_SIZE + int(i), questions)[0] for i in order]
-        return exs, cache.shard("train", shard)[torch.from_numpy(order)]
+        return exs, pool_grid(cache.shard("train", shard)[torch.from_numpy(order)], pool)
 
     val = examples("validation", val_examples)
     val_features = torch.cat([cache.shard("validation", s) for s in range(math.ceil(val_examples / SHARD_SIZE))])[:val_examples]
@@ -154,7 +182,7 @@ def main(
                   str(PROJECTOR_FILE), metadata=meta)
         if wrapped:
             save_file({k: v.cpu() for k, v in lora_state(wrapped).items()}, str(LORA_FILE),
-                      metadata={**meta, "scale": str(2.0), "targets": ",".join(LORA_TARGETS)})
+                      metadata={**meta, "scale": str(wrapped[next(iter(wrapped))].scale), "targets": ",".join(LORA_TARGETS)})
         elif LORA_FILE.is_file():
             LORA_FILE.unlink()
 
@@ -168,9 +196,9 @@ def main(
     clock, recent = time.time(), []
     for step in range(start, steps):
         exs, features = batch_at(step)
-        ids, labels, mask = batch_tensors(encoder, [encoder.conversation(ex.qas) for ex in exs], device)
+        ids, labels, mask = batch_tensors(train_encoder, [train_encoder.conversation(ex.qas + [describe(ex.scene)] * describe_scene) for ex in exs], device)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, lr)
+            group["lr"] = lr_at(step, steps, group["peak"])
         with torch.autocast(device, dtype=torch.bfloat16):
             embeds = embed_with_images(lm.get_input_embeddings(), ids, encoder.image_token_id,
                                        projector(features.to(device, torch.float32)))

@@ -82,6 +82,23 @@ def ask_reading(scene: Scene, rng: np.random.Generator) -> QA | None:
     return QA("reading", "What word is written?", scene.word.text)
 
 
+def _where(s) -> str:
+    """Which ninth of the canvas a shape's centre is in, in words."""
+    row = ("top", "", "bottom")[min(2, int(s.y * 3))]
+    column = ("left", "", "right")[min(2, int(s.x * 3))]
+    return " ".join(w for w in (row, column) if w) or "centre"
+
+
+def describe(scene: Scene) -> QA:
+    """A full description (for training only: it ties every visual attribute to the words the questions use)."""
+    large = sorted(scene.large, key=lambda s: (min(2, int(s.y * 3)), s.x))
+    parts = [f"{len(large)} shape{'s' * (len(large) != 1)}: " + ", ".join(f"{s.name} {_where(s)}" for s in large)]
+    parts += [f"small {s.name} {_where(s)}" for s in scene.small]
+    if scene.word is not None:
+        parts.append(f"the word {scene.word.text}")
+    return QA("description", "Describe the image.", "; ".join(parts) + ".")
+
+
 ASKERS: dict[str, Callable[[Scene, np.random.Generator], QA | None]] = {
     "colour": ask_colour, "shape": ask_shape, "counting": ask_counting, "position": ask_position,
     "existence": ask_existence, "small": ask_small, "reading": ask_reading,

@@ -71,7 +71,7 @@ class Scene:
         image = random_background(rng, size)
         draw = ImageDraw.Draw(image)
         for s in self.shapes:
-            points = _outline(s.shape, s.x * size, s.y * size, s.r * size)
+            points = outline(s.shape, s.x * size, s.y * size, s.r * size)
             draw.polygon(points, fill=COLOURS[s.colour], outline=(0, 0, 0), width=max(1, size // 112))
         if self.word is not None:
             font = ImageFont.load_default(size=int(WORD_HEIGHT * size))
@@ -80,7 +80,7 @@ class Scene:
         return image
 
 
-def _outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+def outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     """Polygon corners of a shape of circumradius about r."""
     def ring(n: int, radius: float, phase: float) -> list[tuple[float, float]]:
         return [(cx + radius * math.cos(phase + 2 * math.pi * k / n),
