@@ -5,7 +5,7 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tokensieve.mini.assemble import merge_lora
-from tokensieve.mini.lora import add_lora, lora_state
+from tokensieve.mini.lora import add_lora, dequantised, lora_state, quantised
 from tokensieve.mini.train import lr_at
 
 
@@ -44,3 +44,22 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth():
     assert lr_at(99, 1000, 1.0) == 1.0
     assert abs(lr_at(1000, 1000, 1.0) - 0.1) < 1e-9
     assert lr_at(500, 1000, 1.0) < lr_at(200, 1000, 1.0)
+
+
+def test_int8_export_merges_close_to_the_float_adapters(tmp_path):
+    adapted, merged = _tiny_llama(), _tiny_llama()
+    wrapped = add_lora(adapted.model, ("q_proj", "v_proj", "down_proj"), rank=4, alpha=8)
+    for layer in wrapped.values():
+        torch.nn.init.normal_(layer.lora_B, std=0.1)
+    state = lora_state(wrapped)
+    restored = dequantised(quantised(state))
+    assert restored.keys() == state.keys()
+    for name, tensor in state.items():  # int8 steps of 1/127 of the row's max, the scale itself in fp16
+        step = tensor.abs().amax(dim=1, keepdim=True) / 127
+        assert ((restored[name] - tensor).abs() <= 0.6 * step).all()
+    path = tmp_path / "lora.safetensors"
+    save_file(quantised(state), str(path), metadata={"scale": str(8 / 4)})
+    merge_lora(merged, path)
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(adapted(ids).logits, merged(ids).logits, atol=1e-2)

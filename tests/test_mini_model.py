@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, Dinov2Config, Dinov2Model, LlamaForCausalLM, LlavaForConditionalGeneration
 
 from tokensieve.mini import build
+from tokensieve.mini.lora import dequantised
 from tokensieve.mini.cli import SAMPLE_IMAGE, SAMPLE_QUESTION, grey_out, parse_keep, run_command
 from tokensieve.mini.convert import DINOV2_SMALL, ONNX_FINAL_LAYERNORM, dinov2_state_dict_from_onnx, onnx_layer_output
 from tokensieve.mini.sequences import Encoder
@@ -86,9 +87,18 @@ def test_assembled_model_is_stock_llava_with_every_part_in_place(parts, sieve_mi
 
     base = LlamaForCausalLM.from_pretrained(parts[1]).model.state_dict()
     merged = model.model.language_model.state_dict()
-    assert torch.equal(merged["layers.0.mlp.down_proj.weight"], base["layers.0.mlp.down_proj.weight"])
-    if build.LORA_FILE.is_file():  # adapters were folded into q/v, nowhere else
-        assert not torch.equal(merged["layers.0.self_attn.q_proj.weight"], base["layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(merged["layers.0.input_layernorm.weight"], base["layers.0.input_layernorm.weight"])
+    adapted = set()
+    if build.LORA_FILE.is_file():  # each adapted weight is the base plus scale * B @ A, from the committed file
+        with safe_open(str(build.LORA_FILE), "pt") as f:
+            scale = float(f.metadata()["scale"])
+        lora = dequantised(load_file(str(build.LORA_FILE)))
+        for key in (k for k in lora if k.endswith(".lora_A")):
+            name = key.removesuffix(".lora_A") + ".weight"
+            expected = base[name] + scale * lora[key.replace("lora_A", "lora_B")] @ lora[key]
+            assert torch.allclose(merged[name], expected, atol=1e-6), name
+            adapted.add(name)
+    assert all(torch.equal(merged[k], base[k]) for k in base if k not in adapted and k != "embed_tokens.weight")
     image_id = processor.image_token_id
     assert model.config.image_token_id == image_id == len(processor.tokenizer) - 1
     assert torch.equal(merged["embed_tokens.weight"][:image_id], base["embed_tokens.weight"])

@@ -11,6 +11,7 @@ from transformers import (AutoTokenizer, BitImageProcessorPil, Dinov2Config, Din
                           LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
 
 from .chat import CHAT_TEMPLATE, IMAGE_TOKEN
+from .lora import dequantised
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 PATCH_SIZE = 14
@@ -38,7 +39,7 @@ def merge_lora(language: LlamaForCausalLM, lora_path: Path) -> None:
     """Fold trained low-rank adapters into the language model's weights: W += scale * B @ A."""
     with safe_open(str(lora_path), "pt") as f:
         scale = float(f.metadata()["scale"])
-    lora = load_file(str(lora_path))
+    lora = dequantised(load_file(str(lora_path)))
     modules = dict(language.model.named_modules())
     for key in sorted(k for k in lora if k.endswith(".lora_A")):
         name = key.removesuffix(".lora_A")

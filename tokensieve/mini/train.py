@@ -31,7 +31,7 @@ from .build import LORA_FILE, PROJECTOR_FILE, VISION_FEATURE_LAYER, language_dir
 from .assemble import llava_config
 from .fasteval import evaluate
 from .features import SHARD_SIZE, FeatureCache
-from .lora import add_lora, lora_state
+from .lora import add_lora, lora_state, quantised
 from .sequences import IGNORE, Encoder, embed_with_images
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -181,7 +181,7 @@ def main(
         save_file({k: v.detach().float().cpu().contiguous() for k, v in projector.state_dict().items()},
                   str(PROJECTOR_FILE), metadata=meta)
         if wrapped:
-            save_file({k: v.cpu() for k, v in lora_state(wrapped).items()}, str(LORA_FILE),
+            save_file({k: v.cpu() for k, v in quantised(lora_state(wrapped)).items()}, str(LORA_FILE),
                       metadata={**meta, "scale": str(wrapped[next(iter(wrapped))].scale), "targets": ",".join(LORA_TARGETS)})
         elif LORA_FILE.is_file():
             LORA_FILE.unlink()
