@@ -114,8 +114,14 @@ def oracle_cdf(distribution: pd.DataFrame, plots: Path) -> str:
 
 
 def _token_axis(ax, tokens: pd.Series) -> None:
-    """A log-2 axis labelled with the swept token counts themselves, not powers of two."""
+    """A log-2 axis labelled with the swept token counts themselves, not powers of two.
+
+    Counts within 15% of a larger one (pool's 121 beside 128) are left unlabelled so labels never overlap.
+    """
     ax.set_xscale("log", base=2)
-    ticks = sorted(set(tokens.round(1)))
+    ticks: list[float] = []
+    for count in sorted(set(tokens.round(1)), reverse=True):
+        if not ticks or ticks[-1] / count >= 1.15:
+            ticks.append(count)
     ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     ax.xaxis.set_minor_locator(NullLocator())
