@@ -6,6 +6,20 @@ import warnings
 from dataclasses import dataclass
 
 
+def parse_keep(text: str | int | float) -> int | float:
+    """A budget as written on a command line: "64" -> 64 tokens, "0.25" -> a quarter of them.
+
+    Whole numbers become counts, so "0" and "-1" fail as counts (with the count's message), not as ratios.
+    """
+    if isinstance(text, (int, float)):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"a budget must be a token count (64) or a ratio (0.25), not {text!r}") from None
+    return int(value) if value.is_integer() else value
+
+
 class BudgetClampedWarning(UserWarning):
     """A count budget asked for more tokens than an image has; every token was kept."""
 

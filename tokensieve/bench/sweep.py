@@ -25,6 +25,7 @@ import transformers
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 import tokensieve as ts
+from tokensieve import budget
 
 from ..flops import decoder_prefill_flops
 from .measure import Meter
@@ -70,12 +71,10 @@ class Settings:
 
 
 def parse_keep(text: str | int | float) -> int | float:
-    """"64" -> 64 tokens, "0.25" -> a quarter of them."""
     try:
-        value = float(text)
-    except ValueError:
-        raise SweepSpecError(f"a budget must be a token count (64) or a ratio (0.25), not {text!r}") from None
-    return int(value) if value.is_integer() else value  # "0" and "-1" then fail as counts, not as ratios
+        return budget.parse_keep(text)
+    except ValueError as err:
+        raise SweepSpecError(str(err)) from None
 
 
 def plan(methods: list[str], keeps: list[int | float]) -> list[Config]:

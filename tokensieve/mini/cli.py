@@ -13,6 +13,8 @@ import typer
 from PIL import Image
 from rich.console import Console
 
+from .. import budget
+
 SAMPLE_IMAGE = Path(__file__).parent / "sample.jpg"
 SAMPLE_QUESTION = "What colour is the triangle?"
 DROPPED_GREY = (128, 128, 128)
@@ -38,14 +40,13 @@ def build_command(rebuild: bool = typer.Option(False, help="assemble again even 
 
 
 def parse_keep(keep: str | float | int | None) -> int | float | None:
-    """"64" -> 64 tokens, "0.25" -> a quarter of them."""
-    if keep is None or isinstance(keep, (int, float)):
-        return keep
+    """--keep: "64" -> 64 tokens, "0.25" -> a quarter of them, None -> None."""
+    if keep is None:
+        return None
     try:
-        value = float(keep)
-    except ValueError:
-        raise typer.BadParameter(f"--keep must be a token count (64) or a ratio (0.25), got {keep!r}") from None
-    return int(value) if value >= 1 and value.is_integer() else value
+        return budget.parse_keep(keep)
+    except ValueError as err:
+        raise typer.BadParameter(f"--keep: {err}") from None
 
 
 def grey_out(image: Image.Image, grid: tuple[int, int], kept, strength: float = 0.75) -> Image.Image:
