@@ -196,7 +196,8 @@ def main(
     clock, recent = time.time(), []
     for step in range(start, steps):
         exs, features = batch_at(step)
-        ids, labels, mask = batch_tensors(train_encoder, [train_encoder.conversation(ex.qas + [describe(ex.scene)] * describe_scene) for ex in exs], device)
+        packs = [ex.qas + [describe(ex.scene)] if describe_scene else ex.qas for ex in exs]
+        ids, labels, mask = batch_tensors(train_encoder, [train_encoder.conversation(qas) for qas in packs], device)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, group["peak"])
         with torch.autocast(device, dtype=torch.bfloat16):
