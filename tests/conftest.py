@@ -29,16 +29,35 @@ def build_model(family):
     return _MODELS[family.name]
 
 
-def supported(family, method_name) -> bool:
-    sieve = ts.load(method_name)
-    return not adapter_for(build_model(family)).missing_signals(sieve.signals)
+def method_for(name, kwargs, keep=16, pre_keep=0.5):
+    """The method a case names; a chain "a+b" gives its first method ``pre_keep`` and its last ``keep``."""
+    if "+" not in name:
+        return ts.load(name, keep=keep, **kwargs)
+    first, last = name.split("+")
+    return ts.Chain(ts.load(first, keep=pre_keep), ts.load(last, keep=keep, **kwargs))
 
 
-def family_method_params(want_supported: bool = True):
-    """(family, method, kwargs) for every pair the family supports (or, with False, refuses)."""
+def pre_llm_sieve(method):
+    sieves = method.sieves if isinstance(method, ts.Chain) else (method,)
+    return next((s for s in sieves if s.stage == "pre_llm"), None)
+
+
+def supported(family, name, kwargs) -> bool:
+    pre = pre_llm_sieve(method_for(name, kwargs))
+    return pre is None or not adapter_for(build_model(family)).missing_signals(pre.signals)
+
+
+def family_method_params(want_supported: bool = True, stages=("pre_llm", "in_llm", "chain")):
+    """(family, method, kwargs) for every pair the family supports (or, with False, refuses), for cases
+    of the given stages ("chain" for chains)."""
     return [
         pytest.param(family, name, kwargs, id=f"{family.name}-{name}")
         for family in FAMILIES
         for name, kwargs in METHOD_CASES
-        if supported(family, name) == want_supported
+        if supported(family, name, kwargs) == want_supported and _stage(name, kwargs) in stages
     ]
+
+
+def _stage(name, kwargs) -> str:
+    method = method_for(name, kwargs)
+    return "chain" if isinstance(method, ts.Chain) else method.stage

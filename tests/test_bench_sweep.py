@@ -15,6 +15,7 @@ from tokensieve.bench import sweep
 from tokensieve.bench.sweep import SweepSpecError, read_done
 from tokensieve.cli import app
 from tokensieve.mini.build import model_dir
+from tokensieve.selection import grid_subsample
 
 FIXTURES = Path(__file__).parent / "fixtures" / "bench"
 FIELDS = {"config", "method", "keep", "sample", "category", "question", "target", "prediction", "correct", "score",
@@ -113,8 +114,18 @@ def test_two_workers_give_the_same_records_as_one(small_sweep, tmp_path):
                [(r["sample"], r["prediction"], r["kept"], r["kv_cache_bytes"]) for r in serial]
 
 
+def test_an_in_llm_method_and_a_chain_run_with_the_budgets_they_are_given(tmp_path):
+    out = sweep(limit=1, out=tmp_path, methods="fastv,uniform:64+fastv:16", keeps="32", max_new_tokens=2,
+                progress=False)
+    (alone,), (chained,), (baseline,) = (records(out, c) for c in ("fastv-k32", "uniform-k64+fastv-k16", "baseline"))
+    assert (alone["tokens_after"], chained["tokens_after"], chained["keep"]) == (32, 16, None)
+    assert set(chained["kept"]) <= set(grid_subsample((16, 16), 64).tolist())  # what uniform:64 kept
+    # layers 0-1 of 30 see every token, so FastV saves less than pruning the same count before the LLM
+    assert chained["prefill_flops"] < alone["prefill_flops"] < baseline["prefill_flops"]
+
+
 @pytest.mark.parametrize("methods, message", [
-    ("fastervlm:128+fastv:0.5", "cannot chain methods yet"),
+    ("fastv:0.5+fastervlm:128", "at most one method per stage, in the order pre_llm then in_llm"),
     ("nope", "unknown method 'nope'"),
     ("random:0", "keeps no token"),
 ])
@@ -149,8 +160,8 @@ def test_cli_runs_a_sweep_and_explains_errors(tmp_path):
     assert result.exit_code == 0, result.output
     assert [r["tokens_after"] for r in records(tmp_path, "uniform-k0.25")] == [64]
     assert str(tmp_path / "runs") in result.output
-    result = runner.invoke(app, ["bench", "--methods", "a:1+b:2", "--out", str(tmp_path / "x")])
-    assert result.exit_code == 2 and "cannot chain methods" in result.output
+    result = runner.invoke(app, ["bench", "--methods", "a:1+fastv:2", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "unknown method 'a'" in result.output
 
 
 def tiny_siglip_llava(folder: Path) -> Path:

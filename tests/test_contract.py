@@ -6,16 +6,13 @@ import pytest
 import torch
 
 import tokensieve as ts
-from conftest import build_model, family_method_params
+from conftest import build_model, family_method_params, method_for
 from tokensieve.adapters import adapter_for
 
 CONTRACT = family_method_params()
+PRE_LLM = family_method_params(stages=("pre_llm",))
 REFUSED = family_method_params(want_supported=False)
 TEXTS = [[5, 6, 7, 8], [9, 10]]  # two rows of different length, so the batch is left-padded
-
-
-def sieve_for(name, kwargs, keep=16):
-    return ts.load(name, keep=keep, **kwargs)
 
 
 def appended(model, inputs, ids, mask):
@@ -41,7 +38,7 @@ def test_keep_all_is_the_stock_model_bit_for_bit(family, name, kwargs, keep_all)
     expected_logits = model(**inputs).logits
     expected_tokens = greedy(model, inputs)
     keep = family.tokens_per_image if keep_all == "count" else keep_all
-    with ts.apply(model, ts.load(name, keep=keep, **kwargs)) as run:
+    with ts.apply(model, method_for(name, kwargs, keep=keep, pre_keep=keep)) as run:
         logits = model(**inputs).logits
         tokens = greedy(model, inputs)
     assert torch.equal(logits, expected_logits)
@@ -56,7 +53,7 @@ def test_pruning_acts_and_is_deterministic(family, name, kwargs):
     stock = model(**inputs).logits[:, -1]
     results = []
     for _ in range(2):
-        with ts.apply(model, sieve_for(name, kwargs)) as run:
+        with ts.apply(model, method_for(name, kwargs)) as run:
             results.append((model(**inputs).logits[:, -1], [r.kept for r in run.stats.images]))
     (first, kept_first), (second, kept_second) = results
     assert torch.equal(first, second)
@@ -69,7 +66,7 @@ def test_pruning_acts_and_is_deterministic(family, name, kwargs):
 def test_generate_with_cache_equals_a_no_cache_loop(family, name, kwargs):
     model = build_model(family)
     inputs = family.make_inputs(TEXTS[:1])
-    with ts.apply(model, sieve_for(name, kwargs)):
+    with ts.apply(model, method_for(name, kwargs)):
         cached = greedy(model, inputs)
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         for _ in range(4):
@@ -85,7 +82,7 @@ def test_left_padded_batch_equals_each_row_alone(family, name, kwargs):
     model = build_model(family)
     batch = family.make_inputs(TEXTS, seed=3)
     rows = [family.make_inputs([text], seed=3, image_offset=i) for i, text in enumerate(TEXTS)]
-    with ts.apply(model, sieve_for(name, kwargs)):
+    with ts.apply(model, method_for(name, kwargs)):
         batch_logits = model(**batch).logits[:, -1]
         batch_tokens = greedy(model, batch)[:, -4:]
         for i, row in enumerate(rows):
@@ -101,12 +98,12 @@ def _decoder_calls(decoder):
     return calls, (pre, post)
 
 
-@pytest.mark.parametrize("family, name, kwargs", CONTRACT)
+@pytest.mark.parametrize("family, name, kwargs", PRE_LLM)  # in-LLM methods: test_in_llm.py
 def test_prefill_equals_the_stock_decoder_with_dropped_tokens_masked(family, name, kwargs):
     model = build_model(family)
     decoder = adapter_for(model).decoder
     inputs = family.make_inputs(TEXTS)
-    with ts.apply(model, sieve_for(name, kwargs)) as run:
+    with ts.apply(model, method_for(name, kwargs)) as run:
         calls, handles = _decoder_calls(decoder)
         model(**inputs)
     pruned = calls[0]
@@ -147,7 +144,7 @@ def test_prefill_equals_the_stock_decoder_with_dropped_tokens_masked(family, nam
 def test_second_turn_reusing_the_pruned_cache_equals_a_fresh_prefill(family, name, kwargs, texts):
     model = build_model(family)
     inputs = family.make_inputs(texts)
-    with ts.apply(model, sieve_for(name, kwargs)):
+    with ts.apply(model, method_for(name, kwargs)):
         first = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
         follow_up = torch.tensor([[11, 12, 13]] * len(texts))
         ids = torch.cat([first.sequences, follow_up], dim=1)
@@ -163,7 +160,7 @@ def test_sampling_is_reproducible_under_a_seed(family, name, kwargs):
     model = build_model(family)
     inputs = family.make_inputs(TEXTS)
     outputs = []
-    with ts.apply(model, sieve_for(name, kwargs)):
+    with ts.apply(model, method_for(name, kwargs)):
         for _ in range(2):
             torch.manual_seed(7)
             outputs.append(model.generate(**inputs, max_new_tokens=4, do_sample=True, top_k=20, pad_token_id=0))
@@ -174,7 +171,7 @@ def test_sampling_is_reproducible_under_a_seed(family, name, kwargs):
 def test_several_images_in_one_prompt_are_each_pruned(family, name, kwargs):
     model = build_model(family)
     inputs = family.make_inputs(TEXTS, n_images=[2, 1])
-    with ts.apply(model, sieve_for(name, kwargs)) as run:
+    with ts.apply(model, method_for(name, kwargs)) as run:
         tokens = greedy(model, inputs)
     assert [(r.row, r.before, r.after) for r in run.stats.images] == [
         (0, family.tokens_per_image, 16), (0, family.tokens_per_image, 16), (1, family.tokens_per_image, 16)
@@ -205,17 +202,17 @@ def test_model_is_restored_on_exit_and_after_an_exception(family, name, kwargs):
     model = build_model(family)
     inputs = family.make_inputs(TEXTS)
     before = _snapshot(model)
-    with ts.apply(model, sieve_for(name, kwargs)):
+    with ts.apply(model, method_for(name, kwargs)):
         greedy(model, inputs)
     _assert_same(model, before)
     with pytest.raises(KeyError):
-        with ts.apply(model, sieve_for(name, kwargs)):
+        with ts.apply(model, method_for(name, kwargs)):
             model(**inputs)
             raise KeyError("boom")
     _assert_same(model, before)
-    handle = ts.attach(model, sieve_for(name, kwargs))
+    handle = ts.attach(model, method_for(name, kwargs))
     with pytest.raises(RuntimeError, match="already has a tokensieve method"):
-        ts.apply(model, sieve_for(name, kwargs))
+        ts.apply(model, method_for(name, kwargs))
     handle.remove()
     handle.remove()
     _assert_same(model, before)
@@ -226,5 +223,5 @@ def test_a_method_the_family_cannot_serve_is_refused_before_touching_the_model(f
     model = build_model(family)
     before = _snapshot(model)
     with pytest.raises(ValueError, match=f"{name} needs signals {type(model).__name__} cannot give .*divprune"):
-        ts.apply(model, sieve_for(name, kwargs))
+        ts.apply(model, method_for(name, kwargs))
     _assert_same(model, before)

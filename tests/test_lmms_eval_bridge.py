@@ -70,4 +70,4 @@ def test_method_options_reach_the_method_and_loglikelihood_is_refused(sieve_mini
 
 def test_an_unknown_method_fails_before_the_model_loads():
     with pytest.raises(ValueError, match="unknown method"):
-        get_model("tokensieve").create_from_arg_string(f"pretrained=sieve-mini,method=fastv,{ON_CPU}")
+        get_model("tokensieve").create_from_arg_string(f"pretrained=sieve-mini,method=nope,{ON_CPU}")

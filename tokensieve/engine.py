@@ -18,7 +18,6 @@ sequence. The model's weights, modules and attention implementation are never ch
 from __future__ import annotations
 
 import inspect
-import time
 import weakref
 from dataclasses import dataclass
 
@@ -27,8 +26,11 @@ from torch import nn
 from transformers import DynamicCache
 
 from .adapters import VisionCapture, adapter_for
+from .chain import Chain
 from .flops import decoder_prefill_flops
-from .sieve import Selection, Sieve, VisualTokens
+from .layer_pruning import LayerPruning, PendingImage, PromptQueries
+from .selection import left_packed
+from .sieve import Sieve, VisualTokens, timed_select
 from .stats import ImageRecord, RunStats
 
 _HOOKED_MODELS: weakref.WeakSet = weakref.WeakSet()
@@ -58,17 +60,15 @@ class Run:
     """Hooks of one sieve on one model; ``stats`` records what they did. Use as a context manager
     (``with ts.apply(model, sieve) as run``) or call :meth:`remove` (``ts.attach``)."""
 
-    def __init__(self, model: nn.Module, sieve: Sieve):
-        if not isinstance(sieve, Sieve):
-            raise TypeError(f"expected a tokensieve method (e.g. ts.load('fastervlm', keep=64)), not {type(sieve).__name__}")
-        if sieve.stage != "pre_llm":
-            raise ValueError(f"{sieve.name} acts at stage {sieve.stage!r}; this version applies pre_llm methods only")
+    def __init__(self, model: nn.Module, method: Sieve | Chain):
+        chain = method if isinstance(method, Chain) else Chain(method)
         adapter = adapter_for(model)
-        missing = adapter.missing_signals(sieve.signals)
+        self.pre, self.inside = chain.pre, chain.inside
+        missing = adapter.missing_signals(self.pre.signals) if self.pre is not None else {}
         if missing:
             reasons = "; ".join(f"{name}: {why}" for name, why in missing.items())
             raise ValueError(
-                f"{sieve.name} needs signals {type(model).__name__} cannot give ({reasons}). Use a method "
+                f"{self.pre.name} needs signals {type(model).__name__} cannot give ({reasons}). Use a method "
                 f"that needs none of them, such as divprune, uniform or pool (see `tokensieve methods`)"
             )
         if model in _HOOKED_MODELS:
@@ -76,11 +76,13 @@ class Run:
                 f"{type(model).__name__} already has a tokensieve method applied: exit that apply() block "
                 f"(or call .remove() on its handle) before applying another"
             )
-        self.model, self.sieve, self.adapter = model, sieve, adapter
+        self.model, self.sieve, self.adapter = model, method, adapter
         self.stats = RunStats()
         self._text_config = model.config.get_text_config()
         self._capture = VisionCapture()
         self._call: _Call | None = None
+        self._prompts = PromptQueries()
+        self._layers: LayerPruning | None = None
         self._handles = [
             adapter.vision_tower.register_forward_pre_hook(self._open_capture, with_kwargs=True),
             adapter.vision_tower.register_forward_hook(self._check_placeholders),
@@ -89,7 +91,9 @@ class Run:
             adapter.decoder.register_forward_pre_hook(self._before_decoder, with_kwargs=True),
         ]
         try:
-            self._handles += adapter.install_signal_hooks(sieve.signals, self._capture)
+            self._handles += adapter.install_signal_hooks(self.pre.signals if self.pre is not None else (), self._capture)
+            if self.inside is not None:
+                self._layers = LayerPruning(self.inside, adapter.decoder, self.stats)
         except Exception:
             self.remove()
             raise
@@ -99,7 +103,9 @@ class Run:
         """Take every hook off; the model is as it was before. Safe to call twice."""
         for handle in self._handles:
             handle.remove()
-        self._handles = []
+        if self._layers is not None:
+            self._layers.remove()
+        self._handles, self._layers = [], None
         self._call = None
         self._capture.reset()
         _HOOKED_MODELS.discard(self.model)
@@ -153,6 +159,11 @@ class Run:
                 f"a forward carried images but {self.sieve.name} never ran: the {self.adapter.family} adapter's "
                 f"decoder hook did not fire, so this transformers version changed how image tokens reach the LLM"
             )
+        if self._layers is not None and self._layers.pending:
+            raise RuntimeError(
+                f"a forward carried images but {self.inside.name} never ran: its hook on decoder layer "
+                f"{self.inside.layer} did not fire, so this transformers version changed how the decoder calls its layers"
+            )
 
     def _drop_cached_prefix(self, kwargs: dict, state: CacheState) -> None:
         """generate() continuing a pruned cache slices the prompt by the cache's (shorter) physical
@@ -184,11 +195,14 @@ class Run:
         if call is not None and call.images_pending:
             call.images_pending = False
             slots = self.adapter.slots(call.inputs, self._capture)
-        if not slots and state is None:
-            return None
         batch, length = embeds.shape[:2]
         mask = kwargs.get("attention_mask")
-        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.ndim != 2):
+        flat = mask is None or (isinstance(mask, torch.Tensor) and mask.ndim == 2)
+        own_mask = mask[:, -length:] if mask is not None and flat else torch.ones(batch, length, dtype=torch.long, device=embeds.device)
+        if not slots and state is None:
+            self._hand_over([], own_mask, None, None, None)
+            return None
+        if not flat:
             raise ValueError(
                 "tokensieve needs the 2D attention mask the processor returns; this call carries a prebuilt "
                 "4D mask (a static or compiled cache?): use the default dynamic cache"
@@ -198,18 +212,24 @@ class Run:
             past_mask = mask[:, :past] if mask is not None else embeds.new_ones(batch, past, dtype=torch.long)
             state = CacheState(past, past_mask, torch.zeros(batch, dtype=torch.long))
         past_logical = state.logical_length if state is not None else 0
-        own_mask = mask[:, -length:] if mask is not None else torch.ones(batch, length, dtype=torch.long, device=embeds.device)
         positions = kwargs.get("position_ids")
         if positions is None:
             positions = (torch.arange(length, device=embeds.device) + past_logical).unsqueeze(0)
         keep, replacements = self._select(slots, embeds)
+        queries = self._prompts.query_positions(call.inputs, embeds, slots, own_mask) if slots and self._layers else None
+        pruned_before = state.pruned if state is not None else torch.zeros(batch, dtype=torch.long)
         if keep.all() and not replacements and state is None:
-            return None  # nothing removed: the stock forward, bit for bit
+            if slots:
+                self._count_flops(own_mask.sum(1), own_mask.sum(1), state, pruned_before)
+            past = cache.get_seq_length() if cache is not None else 0
+            past_mask = mask[:, :past] if mask is not None else own_mask.new_ones(batch, past)
+            self._hand_over(slots, own_mask, None, queries, past_mask)
+            return None  # nothing removed before the LLM: the stock decoder input, bit for bit
         if replacements:
             embeds = embeds.clone()
             for row, where, features in replacements:
                 embeds[row, where] = features.to(embeds.dtype)
-        index, kept_mask = _left_packed(keep, own_mask)
+        index, kept_mask = left_packed(keep, own_mask)
         embeds = embeds.gather(1, index.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
         if positions.ndim == 2:
             positions = positions.expand(batch, -1).gather(1, index)
@@ -217,7 +237,6 @@ class Run:
             positions = positions.expand(-1, batch, -1).gather(2, index.unsqueeze(0).expand(positions.shape[0], -1, -1))
         full_mask = torch.cat([state.mask, kept_mask], dim=1) if state is not None else kept_mask
         removed = own_mask.sum(1) - kept_mask.sum(1)
-        pruned_before = state.pruned if state is not None else torch.zeros(batch, dtype=torch.long)
         if slots:
             self._count_flops(own_mask.sum(1), kept_mask.sum(1), state, pruned_before)
         use_cache = kwargs.get("use_cache")
@@ -225,11 +244,33 @@ class Run:
             cache = DynamicCache(config=module.config)
         if cache is not None:
             _CACHE_STATES[cache] = CacheState(past_logical + length, full_mask, pruned_before + removed.cpu())
+        self._hand_over(slots, kept_mask, (keep, index), queries, state.mask if state is not None else None)
         kwargs.update(inputs_embeds=embeds, position_ids=positions, attention_mask=full_mask, past_key_values=cache)
         return args, kwargs
 
+    def _hand_over(self, slots, own_mask, packing, queries, past_mask) -> None:
+        """Tell the in-LLM stage (if any) where this forward's images and query tokens sit at the decoder
+        input: their original positions, or where the pre-LLM gather (``packing``: keep mask, index) put
+        them; ``own_mask`` and ``past_mask`` are the decoder's 2D masks of this forward and of its cache."""
+        if self._layers is None:
+            return
+        images = self.stats.images[len(self.stats.images) - len(slots):] if slots else []
+        if packing is None:
+            pending = [PendingImage(r, s.row, s.positions[r.kept], r.kept) for r, s in zip(images, slots)]
+            self._layers.begin(pending, queries, own_mask, past_mask)
+            return
+        keep, index = packing
+        moved = torch.full(keep.shape, -1, dtype=torch.long, device=keep.device)
+        for row in range(keep.shape[0]):
+            kept = keep[row].nonzero().squeeze(1)
+            moved[row, kept] = torch.arange(index.shape[1] - len(kept), index.shape[1], device=keep.device)
+        pending = [PendingImage(r, s.row, moved[s.row, s.positions[r.kept]], r.kept) for r, s in zip(images, slots)]
+        queries = moved.gather(1, queries.unsqueeze(1)).squeeze(1) if queries is not None else None
+        self._layers.begin(pending, queries, own_mask, past_mask)
+
     def _select(self, slots, embeds: torch.Tensor) -> tuple[torch.Tensor, list]:
-        """Run the sieve on every image; return the (batch, length) keep mask and merged features."""
+        """Run the pre-LLM sieve on every image (none: keep them all); return the (batch, length) keep
+        mask and merged features."""
         keep = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
         replacements = []
         call_index = self.stats.calls
@@ -240,20 +281,18 @@ class Run:
                     f"image {slot.image} has non-finite visual features (NaN or inf): check its pixel_values "
                     f"and the model's dtype"
                 )
-            signals = self.adapter.image_signals(self.sieve.signals, self._capture, slot.image)
-            tokens = VisualTokens(features, slot.grid, signals, slot.blocks)
-            _synchronize(features)
-            start = time.perf_counter()
-            selection = self.sieve.select(tokens)
-            _synchronize(features)
-            seconds = time.perf_counter() - start
-            kept = _checked(selection, len(tokens), self.sieve.name)
-            keep[slot.row, slot.positions] = False
-            keep[slot.row, slot.positions[kept]] = True
-            if selection.features is not None:
-                replacements.append((slot.row, slot.positions[kept], selection.features))
+            if self.pre is None:
+                kept, seconds = torch.arange(len(features)), 0.0
+            else:
+                signals = self.adapter.image_signals(self.pre.signals, self._capture, slot.image)
+                selection, seconds = timed_select(self.pre, VisualTokens(features, slot.grid, signals, slot.blocks))
+                kept = selection.kept
+                keep[slot.row, slot.positions] = False
+                keep[slot.row, slot.positions[kept]] = True
+                if selection.features is not None:
+                    replacements.append((slot.row, slot.positions[kept], selection.features))
             self.stats.images.append(
-                ImageRecord(call_index, slot.row, len(tokens), len(kept), kept.cpu(), slot.grid, seconds)
+                ImageRecord(call_index, slot.row, len(features), len(kept), kept.cpu(), slot.grid, seconds)
             )
         if slots:
             self.stats.calls += 1
@@ -267,45 +306,16 @@ class Run:
         self.stats.prefill_flops_unreduced += decoder_prefill_flops(config, real_before.tolist(), past_before)
 
 
-def _left_packed(keep: torch.Tensor, own_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, the indices of kept tokens, left-padded to the longest row, and their 2D mask."""
-    counts = keep.sum(1)
-    width = int(counts.max())
-    index = torch.zeros(keep.shape[0], width, dtype=torch.long, device=keep.device)
-    mask = torch.zeros(keep.shape[0], width, dtype=own_mask.dtype, device=keep.device)
-    for row in range(keep.shape[0]):
-        kept = keep[row].nonzero().squeeze(1)
-        index[row, width - len(kept) :] = kept
-        mask[row, width - len(kept) :] = own_mask[row, kept]
-    return index, mask
+def attach(model: nn.Module, method: Sieve | Chain) -> Run:
+    """Apply ``method`` (a sieve or a chain) to ``model`` until ``.remove()`` is called on the returned handle."""
+    return Run(model, method)
 
 
-def _checked(selection: Selection, n: int, name: str) -> torch.Tensor:
-    kept = selection.kept
-    if kept.ndim != 1 or len(kept) == 0 or int(kept.min()) < 0 or int(kept.max()) >= n:
-        raise RuntimeError(f"{name} returned kept indices outside 0..{n - 1}")
-    if len(kept) > 1 and not bool((kept[1:] > kept[:-1]).all()):
-        raise RuntimeError(f"{name} returned kept indices that are not strictly ascending")
-    if selection.features is not None and selection.features.shape[0] != len(kept):
-        raise RuntimeError(f"{name} returned {selection.features.shape[0]} features for {len(kept)} kept tokens")
-    return kept
-
-
-def _synchronize(tensor: torch.Tensor) -> None:
-    if tensor.is_cuda:
-        torch.cuda.synchronize(tensor.device)
-
-
-def attach(model: nn.Module, sieve: Sieve) -> Run:
-    """Apply ``sieve`` to ``model`` until ``.remove()`` is called on the returned handle."""
-    return Run(model, sieve)
-
-
-def apply(model: nn.Module, sieve: Sieve) -> Run:
-    """Apply ``sieve`` to ``model`` for the duration of a ``with`` block::
+def apply(model: nn.Module, method: Sieve | Chain) -> Run:
+    """Apply ``method`` (a sieve or a chain) to ``model`` for the duration of a ``with`` block::
 
         with ts.apply(model, ts.load("fastervlm", keep=64)) as run:
             out = model.generate(**inputs)
         print(run.stats)
     """
-    return Run(model, sieve)
+    return Run(model, method)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 
-def decoder_prefill_flops(text_config, query_lengths: list[int], past_lengths: list[int] | None = None) -> int:
-    """FLOPs of the decoder layers for one forward over each row's ``query_lengths`` new tokens.
+def decoder_prefill_flops(text_config, query_lengths: list[int], past_lengths: list[int] | None = None,
+                          layers: int | None = None) -> int:
+    """FLOPs of the decoder layers (all, or the last ``layers`` of them) for one forward over each row's
+    ``query_lengths`` new tokens.
 
     Counts 2·m·n·k per matmul: q/k/v/o projections (grouped-query aware), causal attention scores
     and weighted values over exactly the keys each query sees (``past + i`` for the i-th new
@@ -17,7 +19,7 @@ def decoder_prefill_flops(text_config, query_lengths: list[int], past_lengths: l
     kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
     head_dim = getattr(text_config, "head_dim", None) or d // heads
     ffn = text_config.intermediate_size
-    layers = text_config.num_hidden_layers
+    layers = text_config.num_hidden_layers if layers is None else layers
     past_lengths = past_lengths or [0] * len(query_lengths)
     total = 0
     for q, past in zip(query_lengths, past_lengths):

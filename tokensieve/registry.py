@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 
+from .budget import parse_keep
 from .sieve import SIGNALS, Sieve
 
 _METHODS: dict[str, type[Sieve]] = {}
@@ -28,6 +29,20 @@ def load(name: str, **kwargs) -> Sieve:
     except KeyError:
         raise ValueError(f"unknown method {name!r}: choose one of {', '.join(sorted(_METHODS))}") from None
     return cls(**kwargs)
+
+
+def build(spec: str, keep: int | float | None = None):
+    """A method from its command-line spelling: ``"fastv"``, ``"fastv:0.5"``, or a chain
+    ``"fastervlm:128+fastv:0.5"`` (a :class:`~tokensieve.Chain`). ``keep`` is the budget of every method
+    whose spelling gives none; None leaves those at their defaults."""
+    from .chain import Chain  # chain.py needs the sieve module only; importing it here avoids a cycle
+
+    sieves = []
+    for part in spec.split("+"):
+        name, _, budget = part.partition(":")
+        value = parse_keep(budget) if budget else keep
+        sieves.append(load(name.strip()) if value is None else load(name.strip(), keep=value))
+    return sieves[0] if len(sieves) == 1 else Chain(*sieves)
 
 
 @dataclass(frozen=True)

@@ -88,3 +88,16 @@ def merge_into_targets(
     sums.index_add_(0, assignment, hidden[members].float())
     counts = torch.bincount(assignment, minlength=len(targets)).clamp(min=1).unsqueeze(1)
     return (hidden[targets].float() + sums / counts).to(hidden.dtype)
+
+
+def left_packed(keep: torch.Tensor, own_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the indices of kept tokens, left-padded to the longest row, and their 2D mask."""
+    counts = keep.sum(1)
+    width = int(counts.max())
+    index = torch.zeros(keep.shape[0], width, dtype=torch.long, device=keep.device)
+    mask = torch.zeros(keep.shape[0], width, dtype=own_mask.dtype, device=keep.device)
+    for row in range(keep.shape[0]):
+        kept = keep[row].nonzero().squeeze(1)
+        index[row, width - len(kept) :] = kept
+        mask[row, width - len(kept) :] = own_mask[row, kept]
+    return index, mask

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import time
+
 import torch
 
 from .budget import Budget
@@ -16,7 +18,10 @@ SIGNALS = {
     "vision_features": "(N, d_vision) features of the vision feature layer, before the projector",
     "vision_keys": "(heads, N, d_head) key vectors of the feature layer's attention, [CLS] excluded",
     "project": "callable mapping (M, d_vision) vision features to (M, d_llm) LLM input embeddings",
+    "llm_attention": "(heads, N) softmax attention of the prompt's last token to each image token at LLM layer K-1 (in_llm only)",
 }
+#: where a sieve acts: on the image tokens before the LLM, or between LLM layers ``layer - 1`` and ``layer``
+STAGES = ("pre_llm", "in_llm")
 
 
 @dataclass
@@ -64,7 +69,9 @@ class Sieve:
 
     Subclasses set ``name``, ``paper``, ``stage`` and ``signals`` and implement :meth:`select`
     (or, through :class:`ScoringSieve`, only :meth:`ScoringSieve.score`). A sieve is pure tensor
-    code: it never sees a model class.
+    code: it never sees a model class. An ``in_llm`` sieve also sets ``self.layer``: it sees the
+    image tokens' hidden states at the input of that decoder layer, and the layers from it on keep
+    only what it selects.
     """
 
     name: ClassVar[str]
@@ -98,3 +105,25 @@ class ScoringSieve(Sieve):
         k = self.budget.resolve(len(tokens))
         return Selection(top_k_in_order(self.score(tokens), k))
 
+
+
+def timed_select(sieve: Sieve, tokens: VisualTokens) -> tuple[Selection, float]:
+    """``sieve.select(tokens)``, checked (kept indices ascending and in range) and timed (GPU synchronised)."""
+    _synchronize(tokens.features)
+    start = time.perf_counter()
+    selection = sieve.select(tokens)
+    _synchronize(tokens.features)
+    seconds = time.perf_counter() - start
+    kept, n = selection.kept, len(tokens)
+    if kept.ndim != 1 or len(kept) == 0 or int(kept.min()) < 0 or int(kept.max()) >= n:
+        raise RuntimeError(f"{sieve.name} returned kept indices outside 0..{n - 1}")
+    if len(kept) > 1 and not bool((kept[1:] > kept[:-1]).all()):
+        raise RuntimeError(f"{sieve.name} returned kept indices that are not strictly ascending")
+    if selection.features is not None and selection.features.shape[0] != len(kept):
+        raise RuntimeError(f"{sieve.name} returned {selection.features.shape[0]} features for {len(kept)} kept tokens")
+    return selection, seconds
+
+
+def _synchronize(tensor: torch.Tensor) -> None:
+    if tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)

@@ -39,7 +39,8 @@ class Tokensieve(lmms):
                        for name in list(model_args) if name.startswith("method_")}
         if keep is not None:
             method_args["keep"] = keep
-        self.sieve = ts.load(method, **method_args)  # a bad method fails before a model is loaded
+        # a bad method fails before a model is loaded; a chain ("fastervlm:128+fastv:0.5") takes no method_ args
+        self.sieve = ts.build(method, keep=keep) if "+" in method else ts.load(method, **method_args)
         if model_args.get("pretrained") == "sieve-mini":
             from tokensieve.mini.build import model_dir
 

@@ -39,19 +39,23 @@ _FIXED_ON_RESUME = ("model", "suite", "split", "data", "device", "dtype", "max_n
 
 
 class SweepSpecError(ValueError):
-    """The sweep asks for something it cannot run: an unknown method or suite, a chain, a bad budget."""
+    """The sweep asks for something it cannot run: an unknown method or suite, a bad chain, a bad budget."""
 
 
 @dataclass(frozen=True)
 class Config:
-    """One configuration: the stock model (`method=None`) or one method at one budget."""
+    """One configuration: the stock model (`method=None`), one method at one budget, or a chain
+    (`"fastervlm:128+fastv"`: `keep` is the budget of each method that states none)."""
 
     method: str | None = None
     keep: int | float | None = None
 
     @property
     def id(self) -> str:
-        return BASELINE if self.method is None else f"{self.method}-k{self.keep}"
+        if self.method is None:
+            return BASELINE
+        method = self.method.replace(":", "-k")
+        return method if self.keep is None else f"{method}-k{self.keep}"
 
 
 @dataclass
@@ -85,20 +89,17 @@ def plan(methods: list[str], keeps: list[int | float]) -> list[Config]:
     names = [info.name for info in ts.list_methods()] if methods == ["all"] else methods
     configs = [Config()]
     for spec in names:
-        if "+" in spec:
-            stages = [stage.partition(":")[::2] for stage in spec.split("+")]
-            described = ", ".join(f"{name} keep={keep or 'default'}" for name, keep in stages)
-            raise SweepSpecError(
-                f"{spec!r} chains {len(stages)} stages ({described}), but tokensieve cannot chain methods yet "
-                f"(there is no ts.Chain, and no in-LLM method such as fastv): give the methods one by one, "
-                f"e.g. --methods {','.join(name for name, _ in stages)}")
-        name, _, keep = spec.partition(":")
-        for budget in [parse_keep(keep)] if keep else keeps:
+        parts = [part.partition(":") for part in spec.split("+")]
+        if len(parts) == 1 and parts[0][2]:  # `name:keep`: recorded as that method at that budget
+            spec, budgets = parts[0][0], [parse_keep(parts[0][2])]
+        else:  # a chain with every budget written runs once; otherwise once per swept budget
+            budgets = [None] if all(budget for _, _, budget in parts) else keeps
+        for budget in budgets:
             try:
-                ts.load(name, keep=budget)
+                ts.build(spec, keep=budget)
             except (TypeError, ValueError) as err:
                 raise SweepSpecError(str(err)) from None
-            configs.append(Config(name, budget))
+            configs.append(Config(spec, budget))
     return list(dict.fromkeys(configs))  # a configuration asked for twice runs once
 
 
@@ -195,7 +196,7 @@ class Worker:
         todo = [sample for sample in self.samples if sample.id not in done]
         if not todo:
             return None
-        sieve = ts.load(config.method, keep=config.keep) if config.method else None
+        sieve = ts.build(config.method, keep=config.keep) if config.method else None
         if sieve is not None and (reason := self.meter.refusal(sieve)):
             report(config.id, "skipped", reason)
             return reason

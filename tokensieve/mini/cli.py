@@ -100,7 +100,7 @@ def run_command(image: Path | None = None, question: str | None = None, method: 
         else:
             import tokensieve as ts
 
-            sieve = ts.load(method, keep=budget) if budget is not None else ts.load(method)
+            sieve = ts.build(method, keep=budget)
             with ts.apply(model, sieve) as run:
                 output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
             record = run.stats.images[0]
