@@ -1,4 +1,5 @@
-"""``apply`` / ``attach``: hook a stock model so a sieve prunes its image tokens before the LLM.
+"""``apply`` / ``attach``: hook a stock model so a sieve prunes its image tokens before the LLM
+(and, for an in-LLM sieve or a chain, hand the tokens to ``layer_pruning.LayerPruning``).
 
 One set of hooks serves every family (the adapter says where things are):
 

@@ -27,7 +27,7 @@ def evaluate_split(model, processor, split: str, count: int, method: str | None 
     if method is not None:
         import tokensieve as ts
 
-        sieve = ts.load(method, keep=keep) if keep is not None else ts.load(method)
+        sieve = ts.build(method, keep=keep)
     records, clock = [], time.time()
     exs = examples(split, count)
     for start in range(0, count, batch):
@@ -55,7 +55,7 @@ def evaluate_split(model, processor, split: str, count: int, method: str | None 
 
 
 def main(split: str = typer.Option("validation"), examples_: int = typer.Option(210, "--examples"),
-         method: str = typer.Option(None, help="a tokensieve method name; none: all tokens"),
+         method: str = typer.Option(None, help="a tokensieve method or chain (fastervlm:128+fastv:0.5); none: all tokens"),
          keep: str = typer.Option(None, help="token count (64) or ratio (0.1) for --method"),
          image_size: int = typer.Option(224), batch: int = typer.Option(8)):
     model, processor = load_sieve_mini(image_size)
