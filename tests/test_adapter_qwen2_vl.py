@@ -14,6 +14,7 @@ from conftest import build_model
 from test_contract import TEXTS, _assert_same, _snapshot, appended, greedy
 from tiny_qwen2_vl import QWEN2_5_VL, QWEN2_VL, VIDEO_TOKEN, VISION_END, VISION_START, flattened_patches
 from tokensieve.adapters import adapter_for
+from tokensieve.compat import CACHE_ARGUMENT, output_cache
 from tokensieve.sieve import Selection, Sieve
 
 QWEN = [pytest.param(family, id=family.name) for family in (QWEN2_VL, QWEN2_5_VL)]
@@ -130,6 +131,6 @@ def test_a_hand_written_cached_decode_loop_needs_no_positions(family, with_mask)
             ids = torch.cat([ids, next_token], dim=1)
             mask = torch.cat([mask, torch.ones_like(next_token)], dim=1)
             step = {"attention_mask": mask} if with_mask else {}
-            out = model(input_ids=next_token, past_key_values=out.past_key_values, **step)
+            out = model(input_ids=next_token, **{CACHE_ARGUMENT: output_cache(out)}, **step)
             expected = model(**appended(model, inputs, ids, mask), use_cache=False).logits[:, -1]
             torch.testing.assert_close(out.logits[:, -1], expected, atol=1e-5, rtol=1e-4)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import tokensieve as ts
+from tokensieve.compat import CACHE_ARGUMENT, output_cache
 from conftest import build_model, family_method_params, method_for
 from tokensieve.adapters import adapter_for
 
@@ -150,7 +151,7 @@ def test_second_turn_reusing_the_pruned_cache_equals_a_fresh_prefill(family, nam
         ids = torch.cat([first.sequences, follow_up], dim=1)
         mask = torch.cat([inputs["attention_mask"], torch.ones(len(texts), 6, dtype=torch.long)], dim=1)
         turn = {"input_ids": ids, "attention_mask": mask}
-        continued = model.generate(**turn, past_key_values=first.past_key_values, max_new_tokens=3, do_sample=False)
+        continued = model.generate(**turn, **{CACHE_ARGUMENT: output_cache(first)}, max_new_tokens=3, do_sample=False)
         fresh = model.generate(**appended(model, inputs, ids, mask), max_new_tokens=3, do_sample=False)
     assert torch.equal(continued, fresh)
 

@@ -28,6 +28,7 @@ from transformers import DynamicCache
 
 from .adapters import VisionCapture, adapter_for
 from .chain import Chain
+from .compat import CACHE_ARGUMENT
 from .flops import decoder_prefill_flops
 from .layer_pruning import LayerPruning, PendingImage, PromptQueries
 from .selection import left_packed
@@ -140,7 +141,7 @@ class Run:
                 "tokensieve finds image tokens by their ids: pass input_ids (not inputs_embeds) together "
                 "with the images inside an apply() block"
             )
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get(CACHE_ARGUMENT)
         state = _CACHE_STATES.get(cache) if cache is not None else None
         if state is not None and kwargs.get("input_ids") is not None:
             self._drop_cached_prefix(kwargs, state)
@@ -189,7 +190,7 @@ class Run:
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             return None
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get(CACHE_ARGUMENT)
         state = _CACHE_STATES.get(cache) if cache is not None else None
         call = self._call
         slots = []
@@ -246,7 +247,7 @@ class Run:
         if cache is not None:
             _CACHE_STATES[cache] = CacheState(past_logical + length, full_mask, pruned_before + removed.cpu())
         self._hand_over(slots, kept_mask, (keep, index), queries, state.mask if state is not None else None)
-        kwargs.update(inputs_embeds=embeds, position_ids=positions, attention_mask=full_mask, past_key_values=cache)
+        kwargs.update(inputs_embeds=embeds, position_ids=positions, attention_mask=full_mask, **{CACHE_ARGUMENT: cache})
         return args, kwargs
 
     def _hand_over(self, slots, own_mask, packing, queries, past_mask) -> None:

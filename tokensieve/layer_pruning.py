@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
 
+from .compat import CACHE_ARGUMENT
 from .flops import decoder_prefill_flops
 from .selection import left_packed
 from .sieve import Sieve, VisualTokens, timed_select
@@ -137,7 +138,7 @@ class LayerPruning:
     def _select(self, module, args, kwargs):
         self._plan = None
         hidden = args[0] if args else kwargs["hidden_states"]
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get(CACHE_ARGUMENT)
         state = self._states.get(cache) if cache is not None else None
         batch, length = hidden.shape[:2]
         keep = torch.ones(batch, length, dtype=torch.bool, device=hidden.device)

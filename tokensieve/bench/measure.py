@@ -33,6 +33,7 @@ from transformers.generation.streamers import BaseStreamer
 from .. import engine
 from ..adapters import VisionCapture, adapter_for
 from ..adapters.base import ImageSlot
+from ..compat import output_cache
 from ..sieve import Sieve
 from ..stats import RunStats
 
@@ -153,7 +154,7 @@ class _Probe:
             self.inner_inputs = {**inspect.signature(module.forward).bind_partial(*args).arguments, **kwargs}
 
     def _measure_cache(self, module, args, kwargs, output) -> None:
-        cache = getattr(output, "past_key_values", None)
+        cache = output_cache(output)
         if self.kv_cache_bytes == 0 and cache is not None:
             self.kv_cache_bytes = sum(t.numel() * t.element_size() for layer in cache.layers
                                       for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor))

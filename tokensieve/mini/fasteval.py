@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..compat import CACHE_ARGUMENT, output_cache
 from ..qa import Example, accuracy_by_skill, is_correct
 from .sequences import Encoder, embed_with_images
 
@@ -45,7 +46,7 @@ def answer(lm, projector, encoder: Encoder, features: torch.Tensor, questions: l
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         positions = positions[:, -1:] + 1
         out = lm(input_ids=tokens[-1][:, None], attention_mask=mask, position_ids=positions,
-                 past_key_values=out.past_key_values, use_cache=True)
+                 use_cache=True, **{CACHE_ARGUMENT: output_cache(out)})
         tokens.append(out.logits[:, -1].argmax(-1))
     answers = []
     for row in torch.stack(tokens, 1).tolist():
