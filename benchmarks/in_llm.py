@@ -13,7 +13,6 @@ machine hits all alike; figures are medians, ratios are against the stock model 
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 import typer
@@ -21,19 +20,10 @@ from rich.console import Console
 from rich.table import Table
 
 import tokensieve as ts
-from tokensieve.demo_model import demo_inputs, demo_llava
+from tokensieve.compat import output_cache
+from llava_shaped import REAL_SIZE_HELP, model_and_inputs, timed
 
 console = Console()
-
-
-def _timed(fn, device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def _cache_bytes(cache) -> int:
@@ -47,16 +37,10 @@ def main(
     repeats: int = typer.Option(7, help="timed runs per configuration (median)"),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("float32"),
-    real_size: bool = typer.Option(False, help="LLaVA-1.5-7B shapes: CLIP-L/336 (24 layers, 1024) + a 4096x32 decoder"),
+    real_size: bool = typer.Option(False, help=REAL_SIZE_HELP),
 ) -> None:
     torch.set_grad_enabled(False)
-    if real_size:
-        model = demo_llava(vision_layers=24, llm_hidden=4096, llm_layers=32, vision_hidden=1024, llm_heads=32)
-    else:
-        model = demo_llava()
-    model = model.to(device=device, dtype=getattr(torch, dtype))
-    inputs = {k: v.to(device) for k, v in demo_inputs().items()}
-    inputs["pixel_values"] = inputs["pixel_values"].to(getattr(torch, dtype))
+    model, inputs = model_and_inputs(real_size, device, dtype)
     text = model.config.text_config
     console.print(
         f"model: LLM {text.num_hidden_layers}x{text.hidden_size}, 576 image + {inputs['input_ids'].shape[1] - 576} text "
@@ -83,11 +67,11 @@ def main(
     cache = {}
     for name, method in configs.items():  # warm-up, and the cache each leaves
         generate(method, 1)()
-        cache[name] = _cache_bytes(generate(method, new_tokens)().past_key_values)
+        cache[name] = _cache_bytes(output_cache(generate(method, new_tokens)()))
     for _ in range(repeats):
         for name, method in configs.items():
-            times[name]["prefill"].append(_timed(generate(method, 1), device))
-            times[name]["long"].append(_timed(generate(method, 1 + new_tokens), device))
+            times[name]["prefill"].append(timed(generate(method, 1), device))
+            times[name]["long"].append(timed(generate(method, 1 + new_tokens), device))
 
     def medians(name):
         prefill = statistics.median(times[name]["prefill"])

@@ -14,7 +14,6 @@ the ratio of medians. The selection's own time comes from ``run.stats``.
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 import typer
@@ -23,19 +22,10 @@ from rich.table import Table
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import tokensieve as ts
-from tokensieve.demo_model import IMAGE_TOKEN, demo_inputs, demo_llava
+from llava_shaped import REAL_SIZE_HELP, model_and_inputs, timed
+from tokensieve.demo_model import IMAGE_TOKEN
 
 console = Console()
-
-
-def _timed(fn, device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def _ideal_inputs(inputs: dict, k: int) -> dict:
@@ -53,16 +43,10 @@ def main(
     repeats: int = typer.Option(7, help="timed runs per configuration (median)"),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("float32"),
-    real_size: bool = typer.Option(False, help="LLaVA-1.5-7B shapes: CLIP-L/336 (24 layers, 1024) + a 4096x32 decoder"),
+    real_size: bool = typer.Option(False, help=REAL_SIZE_HELP),
 ) -> None:
     torch.set_grad_enabled(False)
-    if real_size:
-        model = demo_llava(vision_layers=24, llm_hidden=4096, llm_layers=32, vision_hidden=1024, llm_heads=32)
-    else:
-        model = demo_llava()
-    model = model.to(device=device, dtype=getattr(torch, dtype))
-    inputs = {k: v.to(device) for k, v in demo_inputs().items()}
-    inputs["pixel_values"] = inputs["pixel_values"].to(getattr(torch, dtype))
+    model, inputs = model_and_inputs(real_size, device, dtype)
     config = model.config.text_config
     console.print(
         f"model: vision {model.config.vision_config.num_hidden_layers}x{model.config.vision_config.hidden_size}, "
@@ -80,7 +64,7 @@ def main(
 
         return run
 
-    stock_seconds = statistics.median(_timed(lambda: model(**inputs), device) for _ in range(repeats))
+    stock_seconds = statistics.median(timed(lambda: model(**inputs), device) for _ in range(repeats))
     table = Table(title=f"prefill vs the ideal (stock, all 576 tokens: {stock_seconds * 1e3:.0f} ms)")
     for column in ("method", "keep", "ideal ms", "method ms", "vs ideal", "selection ms", "vs stock"):
         table.add_column(column, justify="right")
@@ -93,9 +77,9 @@ def main(
                 model(**inputs)  # warm-up
             ideal_times, method_times, selection_times = [], [], []
             for _ in range(repeats):
-                ideal_times.append(_timed(ideal_run, device))
+                ideal_times.append(timed(ideal_run, device))
                 with ts.apply(model, sieve) as handle:  # hooks go on and off outside the timed call
-                    method_times.append(_timed(lambda: model(**inputs), device))
+                    method_times.append(timed(lambda: model(**inputs), device))
                 selection_times.append(handle.stats.selection_seconds)
             ideal_ms = statistics.median(ideal_times) * 1e3
             method_ms = statistics.median(method_times) * 1e3
