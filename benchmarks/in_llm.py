@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import statistics
 
-import torch
 import typer
 from rich.console import Console
 from rich.table import Table
 
 import tokensieve as ts
 from tokensieve.compat import output_cache
-from llava_shaped import REAL_SIZE_HELP, model_and_inputs, timed
+from llava_shaped import REAL_SIZE_HELP, describe, model_and_inputs, timed
 
 console = Console()
 
@@ -39,13 +38,8 @@ def main(
     dtype: str = typer.Option("float32"),
     real_size: bool = typer.Option(False, help=REAL_SIZE_HELP),
 ) -> None:
-    torch.set_grad_enabled(False)
     model, inputs = model_and_inputs(real_size, device, dtype)
-    text = model.config.text_config
-    console.print(
-        f"model: LLM {text.num_hidden_layers}x{text.hidden_size}, 576 image + {inputs['input_ids'].shape[1] - 576} text "
-        f"tokens, {device} {dtype}, attention {model.config._attn_implementation}"
-    )
+    console.print(describe(model, inputs, device, dtype))
     configs = {
         "stock": None,
         f"fastv all (K={layer})": ts.FastV(keep=1.0, layer=layer),

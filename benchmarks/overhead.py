@@ -22,7 +22,7 @@ from rich.table import Table
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import tokensieve as ts
-from llava_shaped import REAL_SIZE_HELP, model_and_inputs, timed
+from llava_shaped import REAL_SIZE_HELP, describe, model_and_inputs, timed
 from tokensieve.demo_model import IMAGE_TOKEN
 
 console = Console()
@@ -45,14 +45,8 @@ def main(
     dtype: str = typer.Option("float32"),
     real_size: bool = typer.Option(False, help=REAL_SIZE_HELP),
 ) -> None:
-    torch.set_grad_enabled(False)
     model, inputs = model_and_inputs(real_size, device, dtype)
-    config = model.config.text_config
-    console.print(
-        f"model: vision {model.config.vision_config.num_hidden_layers}x{model.config.vision_config.hidden_size}, "
-        f"LLM {config.num_hidden_layers}x{config.hidden_size}, 576 image + {inputs['input_ids'].shape[1] - 576} text "
-        f"tokens, {device} {dtype}, attention {model.config._attn_implementation}"
-    )
+    console.print(describe(model, inputs, device, dtype))
 
     def ideal(k: int):
         small = _ideal_inputs(inputs, k)
