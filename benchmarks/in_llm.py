@@ -7,7 +7,8 @@ model is the cost of the scoring alone. Runs alternate between configurations so
 machine hits all alike; figures are medians, ratios are against the stock model of the same run.
 
     python benchmarks/in_llm.py                  # LLaVA-shaped, hidden 512, 8 layers, CPU
-    python benchmarks/in_llm.py --device cuda --dtype bfloat16 --real-size   # LLaVA-1.5-7B shapes
+    python benchmarks/in_llm.py --device cuda --dtype bfloat16 --model llava-1.5-7b
+    python benchmarks/in_llm.py --device cuda --dtype bfloat16 --model qwen2.5-vl-7b --keep 144
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from rich.table import Table
 
 import tokensieve as ts
 from tokensieve.compat import output_cache
-from llava_shaped import REAL_SIZE_HELP, describe, model_and_inputs, timed
+from shapes import MODEL_HELP, describe, model_and_inputs, timed
 
 console = Console()
 
@@ -30,15 +31,17 @@ def _cache_bytes(cache) -> int:
 
 
 def main(
-    keep: int = typer.Option(64, help="image tokens kept (of 576)"),
+    keep: int = typer.Option(64, help="image tokens kept per image (of 576; of 1,296 for qwen2.5-vl-7b)"),
     layer: int = typer.Option(2, help="FastV's K"),
     new_tokens: int = typer.Option(16, help="decoded tokens for the per-token decode time"),
     repeats: int = typer.Option(7, help="timed runs per configuration (median)"),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("float32"),
-    real_size: bool = typer.Option(False, help=REAL_SIZE_HELP),
+    model_name: str = typer.Option("demo", "--model", help=MODEL_HELP),
+    batch: int = typer.Option(1, help="prompts per forward, each with its image"),
+    attention: str = typer.Option("sdpa", help="sdpa | eager | flash_attention_2 (where installed)"),
 ) -> None:
-    model, inputs = model_and_inputs(real_size, device, dtype)
+    model, inputs = model_and_inputs(model_name, device, dtype, batch, attention)
     console.print(describe(model, inputs, device, dtype))
     configs = {
         "stock": None,

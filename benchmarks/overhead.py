@@ -8,7 +8,7 @@ method runs through tokensieve on the full 576-placeholder prompt and keeps k. R
 the ratio of medians. The selection's own time comes from ``run.stats``.
 
     python benchmarks/overhead.py                    # LLaVA-shaped, hidden 512, 8 layers, CPU
-    python benchmarks/overhead.py --device cuda --dtype bfloat16 --real-size   # LLaVA-1.5-7B shapes
+    python benchmarks/overhead.py --device cuda --dtype bfloat16 --model llava-1.5-7b
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from rich.table import Table
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import tokensieve as ts
-from llava_shaped import REAL_SIZE_HELP, describe, model_and_inputs, timed
+from shapes import describe, model_and_inputs, timed
 from tokensieve.demo_model import IMAGE_TOKEN
 
 console = Console()
@@ -43,9 +43,13 @@ def main(
     repeats: int = typer.Option(7, help="timed runs per configuration (median)"),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("float32"),
-    real_size: bool = typer.Option(False, help=REAL_SIZE_HELP),
+    model_name: str = typer.Option("demo", "--model", help="demo | llava-1.5-7b (the ideal is built for LLaVA prompts)"),
+    batch: int = typer.Option(1, help="prompts per forward, each with its image"),
 ) -> None:
-    model, inputs = model_and_inputs(real_size, device, dtype)
+    if model_name not in ("demo", "llava-1.5-7b"):
+        raise typer.BadParameter(f"--model {model_name}: the ideal prompt is built for LLaVA; use demo or llava-1.5-7b "
+                                 "(benchmarks/in_llm.py times other models against the stock one)")
+    model, inputs = model_and_inputs(model_name, device, dtype, batch)
     console.print(describe(model, inputs, device, dtype))
 
     def ideal(k: int):

@@ -28,14 +28,15 @@ def farthest_point(features: torch.Tensor, k: int) -> torch.Tensor:
     chosen = torch.empty(k, dtype=torch.long, device=features.device)
     to_set = distance.clone()
     to_set.fill_diagonal_(float("inf"))
-    chosen[0] = to_set.min(dim=1).values.argmax()
-    to_set = distance[chosen[0]].clone()
-    to_set[chosen[0]] = -float("inf")
+    # Picks stay one-element tensors: indexing with a 0-d tensor would read it back to the host and
+    # stall a GPU once per step.
+    pick = to_set.min(dim=1).values.argmax(dim=0, keepdim=True)
+    chosen[:1] = pick
+    to_set = distance.index_select(0, pick).squeeze(0).index_fill(0, pick, -float("inf"))
     for step in range(1, min(k, n)):
-        pick = to_set.argmax()
-        chosen[step] = pick
-        to_set = torch.minimum(to_set, distance[pick])
-        to_set[pick] = -float("inf")
+        pick = to_set.argmax(dim=0, keepdim=True)
+        chosen[step : step + 1] = pick
+        to_set = torch.minimum(to_set, distance.index_select(0, pick).squeeze(0)).index_fill_(0, pick, -float("inf"))
     return chosen.sort().values
 
 

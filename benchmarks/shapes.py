@@ -1,0 +1,111 @@
+"""What the benchmark scripts share: the models they time (random weights, at the demo size or at the
+shapes of real checkpoints), a prompt with one image, and a timer.
+
+- ``demo``: the LLaVA-1.5 token layout (576 image tokens) with a 6x256 tower and an 8x512 decoder.
+- ``llava-1.5-7b``: LLaVA-1.5-7B's shapes: CLIP ViT-L/336 (24x1024) and a 32x4096 Llama decoder.
+- ``qwen2.5-vl-7b``: Qwen2.5-VL-7B-Instruct's shapes (its config.json): a 32x1280 windowed tower and
+  a 28x3584 decoder with 4 key-value heads; a 1008-px square image gives 36x36 = 1,296 tokens.
+
+Real-size models are built directly on the target device in the target dtype: a 7B model in float32
+on a CPU would need 28 GiB before the first cast.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from tokensieve.demo_model import demo_inputs, demo_llava
+
+MODELS = ("demo", "llava-1.5-7b", "qwen2.5-vl-7b")
+MODEL_HELP = "demo (CPU-sized LLaVA) | llava-1.5-7b | qwen2.5-vl-7b (random weights at the real shapes)"
+
+QWEN_IMAGE_SIDE, QWEN_PATCH, QWEN_MERGE, QWEN_TEMPORAL = 1008, 14, 2, 2
+QWEN_TOKENS = {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+               "vision_end_token_id": 151653}
+
+
+def qwen2_5_vl_7b() -> Qwen2_5_VLForConditionalGeneration:
+    text = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
+    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                  patch_size=QWEN_PATCH, spatial_merge_size=QWEN_MERGE, temporal_patch_size=QWEN_TEMPORAL,
+                  window_size=112, fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2)
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **QWEN_TOKENS)
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def qwen_inputs(batch: int, prompt_tokens: int = 40, seed: int = 0) -> dict:
+    """``vision_start, 1,296 x image_pad, vision_end`` after 5 text tokens, as the processor lays them out;
+    the pixel values are random patches already flattened (grid_h * grid_w, 3 * 2 * 14 * 14)."""
+    generator = torch.Generator().manual_seed(seed)
+    grid = QWEN_IMAGE_SIDE // QWEN_PATCH
+    tokens = (grid // QWEN_MERGE) ** 2
+    text = torch.randint(3, 150000, (batch, prompt_tokens), generator=generator)
+    image = torch.tensor([QWEN_TOKENS["vision_start_token_id"]] + [QWEN_TOKENS["image_token_id"]] * tokens
+                         + [QWEN_TOKENS["vision_end_token_id"]]).expand(batch, -1)
+    input_ids = torch.cat([text[:, :5], image, text[:, 5:]], dim=1)
+    return {
+        "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+        "mm_token_type_ids": (input_ids == QWEN_TOKENS["image_token_id"]).int(),
+        "pixel_values": torch.randn(batch * grid * grid, 3 * QWEN_TEMPORAL * QWEN_PATCH**2, generator=generator),
+        "image_grid_thw": torch.tensor([[1, grid, grid]] * batch),
+    }
+
+
+def model_and_inputs(name: str, device: str, dtype: str, batch: int = 1,
+                     attention: str = "sdpa") -> tuple[torch.nn.Module, dict]:
+    """Model ``name`` (one of MODELS) on ``device`` in ``dtype`` with its prompt, gradients off."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    torch.set_grad_enabled(False)
+    torch_dtype = getattr(torch, dtype)
+    if name == "demo":
+        model = demo_llava().to(device=device, dtype=torch_dtype)
+    else:
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch_dtype)
+        try:
+            with torch.device(device):
+                if name == "llava-1.5-7b":
+                    model = demo_llava(vision_layers=24, llm_hidden=4096, llm_layers=32, vision_hidden=1024, llm_heads=32)
+                else:
+                    model = qwen2_5_vl_7b()
+        finally:
+            torch.set_default_dtype(default)
+    model.set_attn_implementation(attention)
+    inputs = qwen_inputs(batch) if name == "qwen2.5-vl-7b" else demo_inputs(batch)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch_dtype)
+    return model, inputs
+
+
+def image_token_count(model: torch.nn.Module, inputs: dict) -> int:
+    """Image placeholders in the first row."""
+    return int((inputs["input_ids"][0] == model.config.image_token_id).sum())
+
+
+def describe(model: torch.nn.Module, inputs: dict, device: str, dtype: str) -> str:
+    """One line saying what is measured: tower and LLM sizes, tokens, batch, device, dtype and attention kernel."""
+    vision, text = model.config.vision_config, model.config.text_config
+    depth = getattr(vision, "num_hidden_layers", None) or vision.depth
+    batch, length = inputs["input_ids"].shape
+    image = image_token_count(model, inputs)
+    name = device if device == "cpu" else torch.cuda.get_device_name()
+    return (f"model: vision {depth}x{vision.hidden_size}, LLM {text.num_hidden_layers}x{text.hidden_size}, "
+            f"{image} image + {length - image} text tokens, batch {batch}, {name} {dtype}, "
+            f"attention {model.config._attn_implementation}, torch {torch.__version__}")
+
+
+def timed(fn, device: str) -> float:
+    """Seconds ``fn()`` takes, the GPU synchronised before and after."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
