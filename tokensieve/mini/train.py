@@ -34,7 +34,6 @@ from .features import SHARD_SIZE, FeatureCache
 from .lora import add_lora, lora_state, quantised
 from .sequences import IGNORE, Encoder, embed_with_images
 
-WORD_PHASE_STREAM = 1  # seeds the word-images-only order apart from the shard order
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -98,8 +97,6 @@ def main(
     val_examples: int = typer.Option(210, help="validation examples per evaluation (30 per skill)"),
     eval_every: int = typer.Option(250),
     checkpoint_every: int = typer.Option(50),
-    word_images_only: bool = typer.Option(False, help="draw training images only from those that show a word (a "
-                                          "reading phase; the same qa-v1 images, a different order)"),
     seed: int = typer.Option(0),
     threads: int = typer.Option(1, help="torch CPU threads; 0: torch's default. On a shared CPU one thread is "
                                 "fastest: OpenMP workers of a niced job wait on each other (5x slower with 2)"),
@@ -153,30 +150,14 @@ def main(
     n_shards = train_images // SHARD_SIZE
     shards_per_epoch_steps = SHARD_SIZE // batch
 
-    def shard_order(step: int) -> list[int]:
+    def batch_at(step: int) -> tuple[list, torch.Tensor]:
         """Step -> images: epochs visit shards in a seeded order, images in a seeded order within each."""
         epoch, within = divmod(step, n_shards * shards_per_epoch_steps)
         shard_slot, offset = divmod(within, shards_per_epoch_steps)
         shard = int(np.random.default_rng((seed, epoch)).permutation(n_shards)[shard_slot])
         order = np.random.default_rng((seed, epoch, shard)).permutation(SHARD_SIZE)[offset * batch:(offset + 1) * batch]
-        return [shard * SHARD_SIZE + int(i) for i in order]
-
-    with_word: list[int] = []
-    if word_images_only:
-        with_word = [i for i, ex in enumerate(examples("train", train_images)) if ex.scene.word is not None]
-        print(f"word images only: {len(with_word)} of {train_images} training images", flush=True)
-
-    def word_order(step: int) -> list[int]:
-        """Step -> images that show a word, each epoch in its own seeded order."""
-        epoch, offset = divmod(step * batch, len(with_word) - len(with_word) % batch)
-        order = np.random.default_rng((seed, WORD_PHASE_STREAM, epoch)).permutation(with_word)
-        return [int(i) for i in order[offset:offset + batch]]
-
-    def batch_at(step: int) -> tuple[list, torch.Tensor]:
-        indices = word_order(step) if word_images_only else shard_order(step)
-        exs = [examples("train", 1, i, questions)[0] for i in indices]
-        features = torch.stack([cache.shard("train", i // SHARD_SIZE)[i % SHARD_SIZE] for i in indices])
-        return exs, pool_grid(features, pool)
+        exs = [examples("train", 1, shard * SHARD_SIZE + int(i), questions)[0] for i in order]
+        return exs, pool_grid(cache.shard("train", shard)[torch.from_numpy(order)], pool)
 
     val = examples("validation", val_examples)
     val_features = torch.cat([cache.shard("validation", s) for s in range(math.ceil(val_examples / SHARD_SIZE))])[:val_examples]
