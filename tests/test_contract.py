@@ -180,12 +180,22 @@ def test_several_images_in_one_prompt_are_each_pruned(family, name, kwargs):
     assert tokens.shape == (2, inputs["input_ids"].shape[1] + 4)
 
 
+def _identity(value):
+    """A plain value as itself, anything else by identity: a patch that swaps an object and puts back a copy shows."""
+    return value if isinstance(value, (int, float, str, bool, type(None))) else id(value)
+
+
+# State the stock model itself rewrites at every prefill (Qwen2-VL's rope offsets for the decode steps).
+PER_CALL_STATE = {"rope_deltas"}
+
+
 def _snapshot(model):
+    """Every module's attributes (a dict's entries one by one: hooks, parameters, submodules), weights and config."""
     modules = {
-        name: (
-            sorted(vars(module)),
-            [len(getattr(module, d)) for d in ("_forward_pre_hooks", "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs")],
-        )
+        name: {
+            attribute: {key: _identity(v) for key, v in value.items()} if isinstance(value, dict) else _identity(value)
+            for attribute, value in vars(module).items() if attribute not in PER_CALL_STATE
+        }
         for name, module in model.named_modules()
     }
     return modules, {k: v.clone() for k, v in model.state_dict().items()}, model.config.to_json_string()
