@@ -7,11 +7,11 @@ import torch
 from transformers import PreTrainedTokenizerFast
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from tokensieve.mini.align import BACKGROUND, WordTargets, fit_projector, patch_labels
+from tokensieve.mini.align import BACKGROUND, WordTargets, fit_projector, patch_labels, refit_words, word_patches
 from tokensieve.mini.train import pool_grid
-from tokensieve.qa import Example
+from tokensieve.qa import Example, examples
 from tokensieve.qa.questions import describe
-from tokensieve.qa.scenes import Scene, Shape, Word
+from tokensieve.qa.scenes import WORDS, Scene, Shape, Word
 
 
 def _example(shapes, word=None) -> Example:
@@ -56,6 +56,31 @@ def test_targets_are_the_word_embeddings_of_what_covers_each_patch():
     assert torch.allclose(got[labels == BACKGROUND], background.expand((labels == BACKGROUND).sum(), 8))
 
 
+class _NumberedFeatures:
+    """A feature cache whose every patch feature is (image index, patch index): shards of 10 images."""
+
+    image_size = 224
+
+    def shard(self, split, shard):
+        image = torch.arange(shard * 10, shard * 10 + 10).view(10, 1, 1).expand(10, 256, 1)
+        patch = torch.arange(256).view(1, 256, 1).expand(10, 256, 1)
+        return torch.cat([image, patch], dim=-1).half()
+
+
+def test_word_patches_are_exactly_the_patches_words_cover_with_their_words_embedding():
+    embeddings = torch.randn(len(WORDS) + 2, 8)
+    targets = WordTargets(embeddings, _word_tokenizer([*WORDS, "background"]))
+    features, wanted = word_patches(_NumberedFeatures(), targets, "train", shards=2)
+    expected = []
+    for example in examples("train", 20):
+        if example.scene.word is not None:
+            covered = np.flatnonzero(patch_labels(example, 16, 224) == len(example.scene.shapes))
+            expected += [(example.index, int(p), WORDS.index(example.scene.word.text) + 1) for p in covered]
+    assert len(expected) > 20  # about half the scenes show a word, over several patches each
+    assert features.tolist() == [[image, patch] for image, patch, _ in expected]
+    assert torch.equal(wanted, embeddings[[word for _, _, word in expected]])
+
+
 def test_fit_projector_learns_a_mapping_it_can_represent():
     torch.manual_seed(0)
     features = torch.randn(4, 64, 6)
@@ -65,6 +90,21 @@ def test_fit_projector_learns_a_mapping_it_can_represent():
     before = torch.nn.functional.mse_loss(projector(features), targets).item() / targets.pow(2).mean().item()
     after = fit_projector(projector, features, targets, steps=400, lr=1e-2, batch=64)
     assert before > 0.5 and after < 0.05
+
+
+def test_refit_words_moves_word_patches_to_their_words_and_keeps_the_other_outputs():
+    torch.manual_seed(0)
+    projector = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.GELU(), torch.nn.Linear(32, 5))
+    others = torch.randn(4, 64, 6)  # patches the language model already reads
+    word = torch.randint(4, (200,))  # four words, each a cluster of patch features with its own embedding
+    word_features = torch.randn(4, 6)[word] * 2 + 0.1 * torch.randn(200, 6)
+    word_wanted = torch.randn(4, 5)[word]
+    before_others, before_words = projector(others).detach(), projector(word_features).detach()
+    start_error = (torch.nn.functional.mse_loss(before_words, word_wanted) / word_wanted.pow(2).mean()).item()
+    word_error, kept_error = refit_words(projector, word_features, word_wanted, others, steps=400, lr=1e-2)
+    assert word_error < 0.2 * start_error and kept_error < 0.05
+    drift = (projector(others) - before_others).pow(2).mean() / before_others.pow(2).mean()
+    assert drift < 0.05
 
 
 def test_pool_grid_averages_two_by_two_blocks():

@@ -26,7 +26,7 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from ..qa import DATA_VERSION, examples, format_table
 from ..qa.questions import describe
-from .align import WordTargets, fit_projector
+from .align import WordTargets, fit_projector, refit_words, word_patches
 from .build import LORA_FILE, PROJECTOR_FILE, VISION_FEATURE_LAYER, language_dir, vision_dir
 from .assemble import llava_config
 from .fasteval import evaluate
@@ -89,6 +89,10 @@ def main(
     lora_rank: int = typer.Option(16, help="LoRA rank on every linear layer of the language model; 0: projector only"),
     align_steps: int = typer.Option(600, help="patch-to-word alignment steps fitting the projector before training "
                                     "through the language model (align.py); 0 starts from random weights"),
+    read_weight: float = typer.Option(0.0, help="weight of the reading loss: the projector keeps mapping every patch "
+                                      "a word covers to that word's embedding (align.word_patches), beside the answers"),
+    read_refit: int = typer.Option(0, help="steps of the reading refit (align.refit_words), run once before training "
+                                   "resumes: word patches are fitted to their words' embeddings, other outputs kept"),
     describe_scene: bool = typer.Option(True, "--describe/--no-describe",
                                         help="end each training sequence with a full description of the scene"),
     pool: int = typer.Option(1, help="train on features average-pooled by this factor per side (2: 64 tokens "
@@ -127,7 +131,7 @@ def main(
     params = list(projector.parameters()) + lora_params
     optimizer = torch.optim.AdamW([{"params": list(projector.parameters()), "peak": lr},
                                    {"params": lora_params, "peak": lora_lr}], lr=lr, weight_decay=0.0)
-    checkpoint, start = out / "checkpoint.pt", 0
+    checkpoint, start, refitted = out / "checkpoint.pt", 0, False
     if checkpoint.is_file():
         state = torch.load(checkpoint, map_location=device, weights_only=True)
         projector.load_state_dict(state["projector"])
@@ -135,7 +139,7 @@ def main(
             w.lora_A.data.copy_(state["lora"][f"{name}.lora_A"])
             w.lora_B.data.copy_(state["lora"][f"{name}.lora_B"])
         optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
+        start, refitted = state["step"], state.get("read_refit", False)
         print(f"resumed from {checkpoint} at step {start}")
     else:
         standardise_first_layer(projector, cache.shard("train", 0))
@@ -148,6 +152,17 @@ def main(
             print(f"patch-to-word alignment: {align_steps} steps, relative error {error:.3f}", flush=True)
 
     n_shards = train_images // SHARD_SIZE
+    if read_weight or read_refit:
+        word_features, word_wanted = word_patches(cache, WordTargets(lm.get_input_embeddings().weight, tokenizer),
+                                                  "train", n_shards)
+        word_scale = word_wanted.pow(2).mean()
+        print(f"reading loss over {len(word_features)} word patches, weight {read_weight}", flush=True)
+    if read_refit and not refitted:
+        kept_images = torch.cat([cache.shard("train", s) for s in range(min(4, n_shards))])
+        errors = refit_words(projector, word_features, word_wanted, kept_images, read_refit, seed=seed)
+        refitted = True
+        print(f"reading refit: {read_refit} steps, relative error {errors[0]:.3f} on word patches, "
+              f"{errors[1]:.3f} from the projector's own outputs elsewhere", flush=True)
     shards_per_epoch_steps = SHARD_SIZE // batch
 
     def batch_at(step: int) -> tuple[list, torch.Tensor]:
@@ -177,7 +192,7 @@ def main(
 
     def export_weights(step: int) -> None:
         meta = {"vision_feature_layer": str(layer), "data_version": DATA_VERSION, "step": str(step),
-                "seed": str(seed)}
+                "seed": str(seed), "read_weight": str(read_weight), "read_refit": str(read_refit)}
         save_file({k: v.detach().float().cpu().contiguous() for k, v in projector.state_dict().items()},
                   str(PROJECTOR_FILE), metadata=meta)
         if wrapped:
@@ -189,11 +204,12 @@ def main(
     def save_checkpoint(step: int) -> None:
         partial = checkpoint.with_suffix(".partial")
         torch.save({"projector": projector.state_dict(), "lora": lora_state(wrapped),
-                    "optimizer": optimizer.state_dict(), "step": step}, partial)
+                    "optimizer": optimizer.state_dict(), "step": step,
+                    "read_refit": refitted}, partial)
         partial.replace(checkpoint)
 
     projector.train()
-    clock, recent = time.time(), []
+    clock, recent, recent_read = time.time(), [], []
     for step in range(start, steps):
         exs, features = batch_at(step)
         packs = [ex.qas + [describe(ex.scene)] if describe_scene else ex.qas for ex in exs]
@@ -208,21 +224,29 @@ def main(
             targets = labels[:, 1:]
             picked = targets != IGNORE
             logits = lm.lm_head(hidden[:, :-1][picked])
-        loss = torch.nn.functional.cross_entropy(logits.float(), targets[picked])
+        loss = answer_loss = torch.nn.functional.cross_entropy(logits.float(), targets[picked])
+        if read_weight:  # word patches drawn by step, so that resuming anywhere draws the same ones
+            index = torch.randint(len(word_features), (256,), generator=torch.Generator().manual_seed(seed * 10**6 + step))
+            projected = projector(word_features[index].to(device, torch.float32))
+            read_loss = torch.nn.functional.mse_loss(projected, word_wanted[index].to(device)) / word_scale
+            loss = answer_loss + read_weight * read_loss
+            recent_read.append(read_loss.item())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        recent.append(loss.item())
+        recent.append(answer_loss.item())
 
         done = step + 1
         if done % 10 == 0:
             elapsed = time.time() - clock
+            reading = {"read_loss": float(np.mean(recent_read))} if recent_read else {}
             print(f"step {done}/{steps} loss {np.mean(recent):.4f} lr {lr_at(step, steps, lr):.2e} "
-                  f"{elapsed / 10:.2f}s/step", flush=True)
-            log.write(json.dumps({"step": done, "loss": float(np.mean(recent)), "s_per_step": elapsed / 10}) + "\n")
+                  + "".join(f"{k} {v:.4f} " for k, v in reading.items()) + f"{elapsed / 10:.2f}s/step", flush=True)
+            log.write(json.dumps({"step": done, "loss": float(np.mean(recent)), **reading,
+                                  "s_per_step": elapsed / 10}) + "\n")
             log.flush()
-            clock, recent = time.time(), []
+            clock, recent, recent_read = time.time(), [], []
         if done % checkpoint_every == 0 or done == steps:
             save_checkpoint(done)
         if done % eval_every == 0 or done == steps:
