@@ -16,11 +16,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image, ImageDraw
 from rich.console import Console
 
 from tokensieve.bench.oracle import NEVER, distribution, oracle
 from tokensieve.bench.outputs import write_outputs
+from tokensieve.bench import plots
 from tokensieve.bench.plots import pareto_front
 from tokensieve.bench.summary import chance_level, per_category, read_runs, summarise
 from tokensieve.qa import CHANCE
@@ -203,6 +205,18 @@ def test_write_outputs_writes_every_file(sweep):
     for name in ["accuracy_vs_tokens", "accuracy_vs_latency", "retention_heatmap", "oracle_cdf"]:
         assert Image.open(sweep / "plots" / f"{name}.png").size[0] > 100
         assert (sweep / "plots" / f"{name}.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_legends_stand_beside_the_plotted_lines(sweep, monkeypatch):
+    figures = []
+    real_save = plots.save
+    monkeypatch.setattr(plots, "save", lambda figure, *args: figures.append(figure) or real_save(figure, *args))
+    write_outputs(sweep, Console(file=io.StringIO()))
+    with_legend = [figure.axes[0] for figure in figures if figure.axes[0].get_legend() is not None]
+    assert len(with_legend) == 3  # accuracy vs tokens, accuracy vs latency, oracle CDF
+    for ax in with_legend:
+        FigureCanvasAgg(ax.figure).draw()
+        assert ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1
 
 
 def test_a_sweep_stopped_after_the_baseline_still_reports(sweep):

@@ -24,8 +24,9 @@ PNG_DPI = 120
 def save(figure: Figure, plots: Path, name: str) -> str:
     plots.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
-    figure.savefig(plots / f"{name}.png", dpi=PNG_DPI)
-    figure.savefig(plots / f"{name}.svg", metadata={"Date": None})  # no timestamp: same sweep, same file
+    # bbox "tight": the canvas grows to hold a legend placed beside the axes
+    figure.savefig(plots / f"{name}.png", dpi=PNG_DPI, bbox_inches="tight")
+    figure.savefig(plots / f"{name}.svg", bbox_inches="tight", metadata={"Date": None})  # no timestamp: same sweep, same file
     return name
 
 
@@ -43,7 +44,7 @@ def accuracy_vs_tokens(summary: pd.DataFrame, plots: Path, chance: float | None)
     ax.set_xlabel("visual tokens kept (mean per sample)")
     ax.set_ylabel("accuracy")
     ax.set_title("Accuracy vs kept tokens")
-    ax.legend(fontsize="small")
+    _legend_beside(ax)
     return save(figure, plots, "accuracy_vs_tokens")
 
 
@@ -65,15 +66,17 @@ def accuracy_vs_latency(summary: pd.DataFrame, plots: Path, chance: float | None
     ax.step(front["prefill_ms"], front["accuracy"], where="post", color="crimson", linewidth=1.5,
             label="Pareto front", zorder=1)
     ax.scatter(front["prefill_ms"], front["accuracy"], s=140, facecolors="none", edgecolors="crimson", zorder=3)
+    middle = (summary["prefill_ms"].min() + summary["prefill_ms"].max()) / 2
     for _, row in front.iterrows():
+        right = row["prefill_ms"] > middle  # labelled leftwards there, so no label runs into the legend
         ax.annotate(row["config"], (row["prefill_ms"], row["accuracy"]), fontsize="x-small",
-                    xytext=(4, 4), textcoords="offset points")
+                    xytext=(-4 if right else 4, 4), textcoords="offset points", ha="right" if right else "left")
     if chance is not None:
         ax.axhline(chance, color="grey", linestyle=":", linewidth=1, label="chance")
     ax.set_xlabel("prefill latency, ms (median after warm-up)")
     ax.set_ylabel("accuracy")
     ax.set_title("Accuracy vs prefill latency")
-    ax.legend(fontsize="small")
+    _legend_beside(ax)
     return save(figure, plots, "accuracy_vs_latency")
 
 
@@ -109,8 +112,13 @@ def oracle_cdf(distribution: pd.DataFrame, plots: Path) -> str:
     ax.set_xlabel("visual tokens kept (mean per sample)")
     ax.set_ylabel("fraction answered as the baseline from here up")
     ax.set_title("Smallest sufficient budget (oracle), cumulative")
-    ax.legend(fontsize="small")
+    _legend_beside(ax)
     return save(figure, plots, "oracle_cdf")
+
+
+def _legend_beside(ax) -> None:
+    """The legend right of the axes: inside, it covered the lines (eight methods and two reference lines)."""
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
 
 
 def _token_axis(ax, tokens: pd.Series) -> None:
