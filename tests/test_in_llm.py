@@ -167,3 +167,12 @@ def test_bad_layers_and_chains_are_refused_before_touching_the_model():
     with pytest.raises(TypeError, match="expected tokensieve methods"):
         ts.Chain("fastv")
     assert sum(len(m._forward_pre_hooks) for m in model.modules()) == hooks
+
+
+def test_in_llm_pruning_also_runs_where_gradients_are_recorded():
+    model, inputs = build_model(LLAVA), LLAVA.make_inputs(TEXTS)
+    with ts.apply(model, ts.FastV(keep=16, layer=1)):
+        expected = model(**inputs).logits
+        with torch.enable_grad():  # a plain forward outside no_grad, as in fine-tuning or a user's script
+            logits = model(**inputs).logits
+    assert logits.requires_grad and torch.equal(logits.detach(), expected)

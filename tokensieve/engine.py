@@ -262,10 +262,9 @@ class Run:
             self._layers.begin(pending, queries, own_mask, past_mask)
             return
         keep, index = packing
-        moved = torch.full(keep.shape, -1, dtype=torch.long, device=keep.device)
-        for row in range(keep.shape[0]):
-            kept = keep[row].nonzero().squeeze(1)
-            moved[row, kept] = torch.arange(index.shape[1] - len(kept), index.shape[1], device=keep.device)
+        # each kept token's slot in the left-padded packing (left_packed), -1 where a token was dropped
+        first_slot = index.shape[1] - keep.sum(1, keepdim=True)
+        moved = torch.where(keep, first_slot + keep.cumsum(1) - 1, -1)
         pending = [PendingImage(r, s.row, moved[s.row, s.positions[r.kept]], r.kept) for r, s in zip(images, slots)]
         queries = moved.gather(1, queries.unsqueeze(1)).squeeze(1) if queries is not None else None
         self._layers.begin(pending, queries, own_mask, past_mask)
@@ -276,15 +275,19 @@ class Run:
         keep = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
         replacements = []
         call_index = self.stats.calls
+        if slots:  # one read back to the host for every image of the call
+            finite = torch.stack([torch.isfinite(embeds[slot.row, slot.positions]).all() for slot in slots]).tolist()
+            for slot, ok in zip(slots, finite):
+                if not ok:
+                    raise ValueError(
+                        f"image {slot.image} has non-finite visual features (NaN or inf): check its pixel_values "
+                        f"and the model's dtype"
+                    )
+        records = []
         for slot in slots:
             features = embeds[slot.row, slot.positions]
-            if not torch.isfinite(features).all():
-                raise ValueError(
-                    f"image {slot.image} has non-finite visual features (NaN or inf): check its pixel_values "
-                    f"and the model's dtype"
-                )
             if self.pre is None:
-                kept, seconds = torch.arange(len(features)), 0.0
+                kept, seconds = torch.arange(len(features), device=features.device), 0.0
             else:
                 signals = self.adapter.image_signals(self.pre.signals, self._capture, slot.image)
                 selection, seconds = timed_select(self.pre, VisualTokens(features, slot.grid, signals, slot.blocks))
@@ -293,16 +296,17 @@ class Run:
                 keep[slot.row, slot.positions[kept]] = True
                 if selection.features is not None:
                     replacements.append((slot.row, slot.positions[kept], selection.features))
-            self.stats.images.append(
-                ImageRecord(call_index, slot.row, len(features), len(kept), kept.cpu(), slot.grid, seconds)
-            )
+            records.append((slot, len(features), kept, seconds))
         if slots:
+            on_host = torch.cat([kept for _, _, kept, _ in records]).cpu().split([len(r[2]) for r in records])
+            for (slot, before, _, seconds), kept in zip(records, on_host):
+                self.stats.images.append(ImageRecord(call_index, slot.row, before, len(kept), kept, slot.grid, seconds))
             self.stats.calls += 1
         return keep, replacements
 
     def _count_flops(self, real_before, real_after, state, pruned_before) -> None:
         past_after = state.mask.sum(1).tolist() if state is not None else [0] * len(real_after)
-        past_before = [p + int(d) for p, d in zip(past_after, pruned_before)]
+        past_before = [p + d for p, d in zip(past_after, pruned_before.tolist())]
         config = self._text_config
         self.stats.prefill_flops += decoder_prefill_flops(config, real_after.tolist(), past_after)
         self.stats.prefill_flops_unreduced += decoder_prefill_flops(config, real_before.tolist(), past_before)

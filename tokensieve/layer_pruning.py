@@ -73,13 +73,15 @@ class PromptQueries:
         self._seen: OrderedDict[int, list[tuple[int, ...]]] = OrderedDict()
 
     def query_positions(self, inputs: dict, embeds: torch.Tensor, slots: list, own_mask: torch.Tensor) -> torch.Tensor:
-        ids = inputs["input_ids"]
+        ids, real_rows = inputs["input_ids"].tolist(), own_mask.bool().tolist()  # two reads back to the host in all
+        sums = [embeds[slot.row, slot.positions].detach().float().sum(-1) for slot in slots]
+        sums = torch.cat(sums).cpu().split([len(slot.positions) for slot in slots]) if slots else []
         queries = []
-        for row in range(ids.shape[0]):
-            real = own_mask[row].bool().nonzero().squeeze(1)
-            tokens = tuple(ids[row, real].tolist())
-            features = [embeds[row, slot.positions].float().sum(-1) for slot in slots if slot.row == row]
-            key = hash(torch.cat(features).cpu().numpy().tobytes()) if features else 0
+        for row, (row_ids, row_real) in enumerate(zip(ids, real_rows)):
+            real = [i for i, is_real in enumerate(row_real) if is_real]
+            tokens = tuple(row_ids[i] for i in real)
+            features = [summed for slot, summed in zip(slots, sums) if slot.row == row]
+            key = hash(torch.cat(features).numpy().tobytes()) if features else 0
             prompts = self._seen.setdefault(key, [])
             prompt = next((p for p in prompts if tokens[: len(p)] == p), None)
             if prompt is None:
@@ -87,7 +89,7 @@ class PromptQueries:
             queries.append(real[len(prompt) - 1])
         while len(self._seen) > self.LIMIT:
             self._seen.popitem(last=False)
-        return torch.stack(queries)
+        return torch.tensor(queries, device=own_mask.device)
 
 
 class LayerPruning:

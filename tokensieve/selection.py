@@ -95,10 +95,12 @@ def left_packed(keep: torch.Tensor, own_mask: torch.Tensor) -> tuple[torch.Tenso
     """Per row, the indices of kept tokens, left-padded to the longest row, and their 2D mask."""
     counts = keep.sum(1)
     width = int(counts.max())
+    rows, columns = keep.nonzero(as_tuple=True)  # row-major: each row's kept tokens in order
+    # a kept token's slot: past its row's left padding, then its rank among the row's kept tokens
+    rank = torch.arange(len(rows), device=keep.device) - (counts.cumsum(0) - counts)[rows]
+    slot = width - counts[rows] + rank
     index = torch.zeros(keep.shape[0], width, dtype=torch.long, device=keep.device)
     mask = torch.zeros(keep.shape[0], width, dtype=own_mask.dtype, device=keep.device)
-    for row in range(keep.shape[0]):
-        kept = keep[row].nonzero().squeeze(1)
-        index[row, width - len(kept) :] = kept
-        mask[row, width - len(kept) :] = own_mask[row, kept]
+    index[rows, slot] = columns
+    mask[rows, slot] = own_mask[rows, columns]
     return index, mask

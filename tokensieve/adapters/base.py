@@ -109,13 +109,13 @@ class Adapter:
                 f"{images} need {sum(counts)} image placeholder tokens, but input_ids has {len(placed)}: build the "
                 f"inputs with the model's processor{hint}"
             )
+        rows = placed[:, 0].tolist()  # one read back to the host, not two per image
         blocks, start = [], 0
         for image, count in enumerate(counts):
-            block = placed[start : start + count]
-            start += count
-            if block[0, 0] != block[-1, 0]:
+            if rows[start] != rows[start + count - 1]:
                 raise ValueError(f"image {image}'s placeholder tokens span two batch rows: one image per row block")
-            blocks.append((int(block[0, 0]), block[:, 1]))
+            blocks.append((rows[start], placed[start : start + count, 1]))
+            start += count
         return blocks
 
     def image_signals(self, wanted: tuple[str, ...], capture: VisionCapture, image: int) -> dict:

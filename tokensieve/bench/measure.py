@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from transformers.generation.streamers import BaseStreamer
 
@@ -46,6 +47,22 @@ def _attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None,
 # torch's counter knows the CUDA attention kernels but not the CPU one that SDPA dispatches to
 _CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops}
 _PROJECTOR_NAMES = ("multi_modal_projector", "connector")  # LLaVA family, Idefics3; Qwen2-VL's is in its tower
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the ops that read a tensor's value back to the host while active: ``.item()``, ``int()``
+    or ``bool()`` on a tensor, and ``nonzero`` (its output size). On a GPU each one waits for the
+    queue to drain. ``.tolist()`` and ``.cpu()`` do not pass through the dispatcher and are not counted."""
+
+    OPS = ("_local_scalar_dense", "nonzero")
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.__name__.split(".")[0] in self.OPS
+        return func(*args, **(kwargs or {}))
 
 
 @dataclass

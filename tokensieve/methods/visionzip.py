@@ -52,12 +52,13 @@ class VisionZip(Sieve):
             return Selection(dominant)
         remaining = torch.ones(n, dtype=torch.bool, device=device)
         remaining[dominant] = False
-        remaining = remaining.nonzero().squeeze(1)
+        # nonzero_static: the counts are known, so no read back to the host (a GPU stall per image)
+        remaining = remaining.nonzero_static(size=n - dominant_count).squeeze(1)
         picks = strided(len(remaining), contextual_count).to(device)
         targets = remaining[picks]
         is_member = torch.ones(len(remaining), dtype=torch.bool, device=device)
         is_member[picks] = False
-        members = remaining[is_member]
+        members = remaining[is_member.nonzero_static(size=len(remaining) - contextual_count).squeeze(1)]
         hidden = tokens["vision_features"]
         merged = merge_into_targets(hidden, tokens["vision_keys"].mean(dim=0), targets, members)
         projected = tokens["project"](merged.unsqueeze(0)).squeeze(0).to(tokens.features.dtype)
