@@ -156,7 +156,7 @@ def main(
         word_features, word_wanted = word_patches(cache, WordTargets(lm.get_input_embeddings().weight, tokenizer),
                                                   "train", n_shards)
         word_scale = word_wanted.pow(2).mean()
-        print(f"reading loss over {len(word_features)} word patches, weight {read_weight}", flush=True)
+        print(f"{len(word_features)} word patches for the reading refit and loss (weight {read_weight})", flush=True)
     if read_refit and not refitted:
         kept_images = torch.cat([cache.shard("train", s) for s in range(min(4, n_shards))])
         errors = refit_words(projector, word_features, word_wanted, kept_images, read_refit, seed=seed)
