@@ -1,22 +1,26 @@
 """report.html in headless Chromium (Debian's `chromium`, driven by playwright): it renders offline,
 every image decodes, nothing is logged as an error, and the summary table has a row per configuration.
 
-.ci/run installs chromium; playwright is pointed at it and never downloads a browser of its own.
+scripts/install.sh installs chromium (or says what to install); playwright is pointed at it and never
+downloads a browser of its own. TOKENSIEVE_CHROMIUM names another Chromium binary.
 """
 
 from __future__ import annotations
 
 import io
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 from playwright.sync_api import sync_playwright
 from rich.console import Console
 
 from test_bench_outputs import CONFIGS, write_fake_sweep
 from tokensieve.bench.outputs import write_outputs
 
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = os.environ.get("TOKENSIEVE_CHROMIUM", "chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 # 4 plots; per gallery sample the baseline and each configuration that answered it (s0 5, s1 5, s2 4).
@@ -33,12 +37,20 @@ class Rendered:
     errors: list[str] = field(default_factory=list)  # console errors, uncaught page errors, failed requests
 
 
+def chromium_path() -> str:
+    path = shutil.which(CHROMIUM)
+    if path is None:
+        pytest.fail(f"no Chromium at {CHROMIUM!r}: run 'bash scripts/install.sh' (as root it installs Debian's "
+                    "chromium), 'sudo apt-get install chromium', or set TOKENSIEVE_CHROMIUM", pytrace=False)
+    return path
+
+
 def render(report: Path, user_data: Path) -> Rendered:
     errors: list[str] = []
     with sync_playwright() as playwright:
         # A fresh profile per launch: nothing cached from an earlier run can hide a broken report.
         browser = playwright.chromium.launch_persistent_context(
-            str(user_data), executable_path=CHROMIUM, args=FLAGS, headless=True)
+            str(user_data), executable_path=chromium_path(), args=FLAGS, headless=True)
         try:
             page = browser.new_page()
             page.on("console", lambda message: message.type == "error" and errors.append(f"console: {message.text}"))

@@ -18,6 +18,7 @@ from loguru import logger
 from transformers import PreTrainedModel
 
 import tokensieve as ts
+from tokensieve.bench.lmms_eval_deps import check_lmms_eval_path
 from tokensieve.stats import RunStats
 
 #: the entry point's payload: lmms-eval resolves ``tokensieve`` to the chat class unless it is run
@@ -35,6 +36,7 @@ class Tokensieve(lmms):
     def __init__(self, model: str = "llava_hf", method: str = "fastervlm", keep: int | float | None = None,
                  **model_args) -> None:
         super().__init__()
+        check_lmms_eval_path()  # a dependency that breaks lmms-eval's late imports fails now, naming its fix
         method_args = {name.removeprefix("method_"): model_args.pop(name)
                        for name in list(model_args) if name.startswith("method_")}
         if keep is not None:
