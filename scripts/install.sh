@@ -21,8 +21,9 @@ fi
 # tests/test_bench_report_browser.py drives chromium through playwright, which cannot download a browser here.
 if ! command -v "${TOKENSIEVE_CHROMIUM:-chromium}" >/dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+        # wait for another apt run (an unattended upgrade, say) instead of failing on its lock
+        apt-get -o DPkg::Lock::Timeout=300 update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends chromium >/dev/null
     else
         echo "tokensieve: the browser tests need Chromium: run 'sudo apt-get install chromium' (Debian/Ubuntu) or set TOKENSIEVE_CHROMIUM to a Chromium binary" >&2
     fi

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
 
 import tokensieve as ts
+from tokensieve.budget import parse_keep
 from conftest import build_model
 from test_contract import _assert_same, _snapshot
 from tiny_models import IMAGE_TOKEN, LLAVA, _llama
@@ -23,11 +25,29 @@ from tiny_models import IMAGE_TOKEN, LLAVA, _llama
         (0.0, ValueError, "ratio in \\(0, 1\\]"),
         ("64", TypeError, "int .* or a float"),
         (True, TypeError, "int .* or a float"),
+        (np.bool_(True), TypeError, "int .* or a float"),
+        (torch.tensor([16, 32]), TypeError, "int .* or a float"),
+        (np.int64(0), ValueError, "at least 1"),
+        (torch.tensor(1.5), ValueError, "ratio in \\(0, 1\\]"),
     ],
 )
 def test_bad_budgets_are_refused_when_the_method_is_built(keep, error, words):
     with pytest.raises(error, match=words):
         ts.load("uniform", keep=keep)
+
+
+@pytest.mark.parametrize("keep, value", [(np.int64(64), 64), (np.int32(8), 8), (torch.tensor(16), 16),
+                                         (np.float32(0.5), 0.5), (torch.tensor(0.25), 0.25)])
+def test_numpy_and_tensor_budgets_are_the_python_numbers_they_hold(keep, value):
+    sieve = ts.load("uniform", keep=keep)
+    assert sieve.budget.value == value and type(sieve.budget.value) is type(value)
+    assert repr(sieve) == f"Uniform(keep={value})"
+
+
+@pytest.mark.parametrize("text, value", [("64", 64), ("1", 1), ("1.0", 1.0), ("0.25", 0.25), ("1.5", 1.5), ("0", 0)])
+def test_a_command_line_budget_reads_as_the_python_literal(text, value):
+    """"1.0" keeps every token as keep=1.0 does in Python (it used to mean one token); "1.5" and "0" are then refused."""
+    assert parse_keep(text) == value and type(parse_keep(text)) is type(value)
 
 
 def test_unknown_method_names_the_choices():
@@ -115,3 +135,30 @@ def test_text_only_calls_pass_through():
         with ts.apply(model, ts.load("divprune", keep=8)) as run:
             assert torch.equal(model(input_ids=ids).logits, expected)
     assert run.stats.images == []
+
+
+def test_an_exited_handle_cannot_be_entered_again():
+    """A second `with` on a removed handle would run the stock model while run.stats showed the first record."""
+    model = build_model(LLAVA)
+    inputs = LLAVA.make_inputs([[5, 6]])
+    pruner = ts.apply(model, ts.load("fastervlm", keep=16))
+    with pruner:
+        model(**inputs)
+    with pytest.raises(RuntimeError, match="fastervlm handle was removed .*apply the method anew"):
+        with pruner:
+            model(**inputs)
+    assert len(pruner.stats.images) == 1
+    with ts.apply(model, ts.load("fastervlm", keep=16)) as again:  # a new handle on the same model works
+        model(**inputs)
+    assert again.stats.images[0].after == 16
+
+
+def test_a_run_and_its_stats_print_one_short_line():
+    model = build_model(LLAVA)
+    with ts.apply(model, ts.load("uniform", keep=16)) as run:
+        assert repr(run) == "<Run Uniform(keep=16) on LlavaForConditionalGeneration, active: 0 call(s), 0 image(s), 0 -> 0 visual tokens>"
+        model(**LLAVA.make_inputs([[5, 6], [7]]))
+    assert repr(run).startswith("<Run Uniform(keep=16) on LlavaForConditionalGeneration, removed: 1 call(s), 2 image(s), "
+                                "128 -> 32 visual tokens, LLM prefill at ")
+    assert repr(run.stats) == f"<RunStats {run.stats.summary()}>" and "tensor" not in repr(run.stats)
+    assert repr(run.stats.images[0]).startswith("ImageRecord(call=0, row=0, grid=8x8, 64 -> 16 tokens, kept=[")

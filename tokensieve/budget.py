@@ -7,17 +7,29 @@ from dataclasses import dataclass
 
 
 def parse_keep(text: str | int | float) -> int | float:
-    """A budget as written on a command line: "64" -> 64 tokens, "0.25" -> a quarter of them.
+    """A budget as written on a command line, read as Python reads the same literal: "64" -> 64 tokens,
+    "0.25" and "1.0" -> ratios (a quarter, all of them), "1e2" -> the ratio 100.0, which is refused.
 
-    Whole numbers become counts, so "0" and "-1" fail as counts (with the count's message), not as ratios.
+    So "0" and "-1" fail as counts (with the count's message) and "1.5" as a ratio, as ``keep=1.5`` does.
     """
-    if isinstance(text, (int, float)):
+    if not isinstance(text, str):
         return text
     try:
-        value = float(text)
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
     except ValueError:
         raise ValueError(f"a budget must be a token count (64) or a ratio (0.25), not {text!r}") from None
-    return int(value) if value.is_integer() else value
+
+
+def plain_number(value):
+    """``value`` as a Python int or float when it is a numpy scalar or a 0-d tensor (``numpy.int64(64)``,
+    ``torch.tensor(0.25)``); anything else unchanged."""
+    if not isinstance(value, (bool, int, float)) and getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        return value.item()
+    return value
 
 
 class BudgetClampedWarning(UserWarning):
@@ -38,7 +50,8 @@ class Budget:
     value: int | float
 
     def __post_init__(self) -> None:
-        value = self.value
+        value = plain_number(self.value)
+        object.__setattr__(self, "value", value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(
                 f"keep must be an int (a token count, e.g. keep=64) or a float ratio in (0, 1] "

@@ -79,6 +79,7 @@ class Run:
                 f"(or call .remove() on its handle) before applying another"
             )
         self.model, self.sieve, self.adapter = model, method, adapter
+        self.removed = False
         self.stats = RunStats()
         self._text_config = model.config.get_text_config()
         self._capture = VisionCapture()
@@ -111,12 +112,23 @@ class Run:
         self._call = None
         self._capture.reset()
         _HOOKED_MODELS.discard(self.model)
+        self.removed = True
 
     def __enter__(self) -> Run:
+        if self.removed:  # its hooks are gone: a second `with` would run the stock model, silently
+            raise RuntimeError(
+                f"this {self.sieve.name} handle was removed (its with-block exited, or .remove() was called), "
+                f"so {type(self.model).__name__} is unpruned again: apply the method anew, "
+                f"`with ts.apply(model, sieve) as run:`, once per block"
+            )
         return self
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+    def __repr__(self) -> str:
+        state = "removed" if self.removed else "active"
+        return f"<Run {self.sieve!r} on {type(self.model).__name__}, {state}: {self.stats.summary()}>"
 
     # hooks
 

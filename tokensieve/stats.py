@@ -19,6 +19,11 @@ class ImageRecord:
     grid: tuple[int, int]
     seconds: float  # time spent in the sieve's select()
 
+    def __repr__(self) -> str:
+        shown = ", ".join(str(i) for i in self.kept[:8].tolist()) + (", ..." if len(self.kept) > 8 else "")
+        return (f"ImageRecord(call={self.call}, row={self.row}, grid={self.grid[0]}x{self.grid[1]}, "
+                f"{self.before} -> {self.after} tokens, kept=[{shown}])")
+
 
 @dataclass
 class RunStats:
@@ -38,6 +43,16 @@ class RunStats:
     @property
     def selection_seconds(self) -> float:
         return sum(r.seconds for r in self.images)
+
+    def summary(self) -> str:
+        """One line: calls, images, visual tokens before -> after and the prefill's share of its FLOPs."""
+        line = f"{self.calls} call(s), {len(self.images)} image(s), {self.tokens_before} -> {self.tokens_after} visual tokens"
+        if self.prefill_flops_unreduced:
+            line += f", LLM prefill at {self.prefill_flops / self.prefill_flops_unreduced:.1%} of its FLOPs"
+        return line
+
+    def __repr__(self) -> str:
+        return f"<RunStats {self.summary()}>"
 
     def __str__(self) -> str:
         lines = [f"{'call':>4} {'row':>3} {'grid':>7} {'before':>6} {'after':>6}"]

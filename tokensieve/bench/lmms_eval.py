@@ -105,12 +105,7 @@ class Tokensieve(lmms):
         with ts.apply(self.hf_model, self.sieve) as run:
             outputs = getattr(self.inner, request_type)(requests)
         self.run_stats.append(run.stats)
-        stats = run.stats
-        flops = stats.prefill_flops / stats.prefill_flops_unreduced if stats.prefill_flops_unreduced else 1.0
-        logger.info(
-            f"tokensieve {self.sieve.name}: {len(requests)} {request_type} requests, {len(stats.images)} images, "
-            f"{stats.tokens_before} -> {stats.tokens_after} visual tokens, LLM prefill at {flops:.1%} of its FLOPs"
-        )
+        logger.info(f"tokensieve {self.sieve.name}: {len(requests)} {request_type} requests; {run.stats.summary()}")
         return outputs
 
 

@@ -7,6 +7,12 @@ GGUF) answers; a projector and LoRA adapters trained here on tokensieve's QA sui
     model, processor = load_sieve_mini()          # builds and caches on first use
 """
 
+from pathlib import Path
+
 from .build import cache_root, load_sieve_mini, model_dir
 
-__all__ = ["cache_root", "load_sieve_mini", "model_dir"]
+#: the bundled sample (a scene of tokensieve's QA suite) and a question it answers ("green")
+SAMPLE_IMAGE = Path(__file__).parent / "sample.jpg"
+SAMPLE_QUESTION = "What colour is the triangle?"
+
+__all__ = ["SAMPLE_IMAGE", "SAMPLE_QUESTION", "cache_root", "load_sieve_mini", "model_dir"]
