@@ -15,7 +15,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "bench"
 
 
 def test_missing_data_says_how_to_get_it(tmp_path):
-    with pytest.raises(BenchmarkDataMissing, match="huggingface-cli download lmms-lab/POPE --repo-type dataset"):
+    with pytest.raises(BenchmarkDataMissing, match="`hf download lmms-lab/POPE --repo-type dataset --local-dir DIR`"):
         pope.load(tmp_path)
     with pytest.raises(BenchmarkDataMissing, match="--data"):
         pope.load(None)

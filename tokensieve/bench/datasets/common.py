@@ -1,6 +1,6 @@
 """The common sample shape, reading a benchmark's Hugging Face parquet files, and the missing-data error.
 
-Every loader reads the parquet layout that `huggingface-cli download <repo> --repo-type dataset`
+Every loader reads the parquet layout that `hf download <repo> --repo-type dataset`
 writes (the one lmms-eval loads): files named `<split>-NNNNN-of-NNNNN.parquet`, images stored as
 `{"bytes", "path"}` structs. Nothing is downloaded here.
 """
@@ -37,8 +37,7 @@ class BenchmarkDataMissing(FileNotFoundError):
         where = f"{data}" if data is not None else "no --data path given"
         super().__init__(
             f"{benchmark} data not found ({where}: {detail}). It cannot be downloaded from here; on a "
-            f"machine with network access run\n"
-            f"  huggingface-cli download {repo} --repo-type dataset --local-dir DIR\n"
+            f"machine with network access run `hf download {repo} --repo-type dataset --local-dir DIR`, "
             f"then pass --data DIR (the folder, or one of its .parquet files).")
 
 
