@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from .adapters import VisionCapture, adapter_for
+from .adapters import ImageSlot, PlaceholderMismatch, VisionCapture, adapter_for
 from .chain import Chain
 from .compat import CACHE_ARGUMENT
 from .flops import decoder_prefill_flops
@@ -56,6 +56,19 @@ class _Call:
 def _has_images(kwargs: dict) -> bool:
     encoded = kwargs.get("mm_encoder_outputs") or {}
     return kwargs.get("pixel_values") is not None or encoded.get("image") is not None
+
+
+def _copy_counts(kwargs: dict, image_token: int) -> list[int]:
+    """How many times generate() may have repeated each prompt's row (beams, return sequences): every
+    e > 1 that splits the batch into groups of e rows with the same image placeholders, largest first.
+    Only when the image features were encoded before the call, since generate() repeats them after
+    encoding. (Copies differ in the tokens each has generated, so only the placeholders are compared.)"""
+    ids = kwargs.get("input_ids")
+    if not (kwargs.get("mm_encoder_outputs") or {}).get("image") or ids is None:
+        return []
+    batch, placeholders = ids.shape[0], ids == image_token
+    return [e for e in range(batch, 1, -1)
+            if batch % e == 0 and bool((placeholders.view(batch // e, e, -1) == placeholders[::e].unsqueeze(1)).all())]
 
 
 class Run:
@@ -139,7 +152,23 @@ class Run:
         """Once both the image inputs and the placeholder tokens are known, check that they agree, so
         a mismatch gets tokensieve's message (what to change) rather than a failure deep inside."""
         if self._call is not None and self._call.images_pending:
-            self.adapter.slots(self._call.inputs, self._capture)
+            self._slots(self._call.inputs)
+
+    def _slots(self, inputs: dict) -> list[ImageSlot]:
+        """Every image of the call. generate() with beams or several return sequences encodes each image
+        once and then repeats each prompt's row and features: the images are then found on each prompt's
+        first row and their slots repeated onto its copies, so that every copy keeps the same tokens."""
+        try:
+            return self.adapter.slots(inputs, self._capture)
+        except PlaceholderMismatch:
+            for copies in _copy_counts(inputs, self.adapter.image_token_id()):
+                try:
+                    firsts = self.adapter.slots({**inputs, "input_ids": inputs["input_ids"][::copies]}, self._capture)
+                except PlaceholderMismatch:
+                    continue
+                return [ImageSlot(slot.row * copies + copy, slot.positions, slot.grid, slot.image, slot.blocks)
+                        for slot in firsts for copy in range(copies)]
+            raise
 
     def _before_inner(self, module, args, kwargs):
         self._call = None
@@ -208,13 +237,13 @@ class Run:
         slots = []
         if call is not None and call.images_pending:
             call.images_pending = False
-            slots = self.adapter.slots(call.inputs, self._capture)
+            slots = self._slots(call.inputs)
         batch, length = embeds.shape[:2]
         mask = kwargs.get("attention_mask")
         flat = mask is None or (isinstance(mask, torch.Tensor) and mask.ndim == 2)
         own_mask = mask[:, -length:] if mask is not None and flat else torch.ones(batch, length, dtype=torch.long, device=embeds.device)
         if not slots and state is None:
-            self._hand_over([], own_mask, None, None, None)
+            self._hand_over([], [], own_mask, None, None, None)
             return None
         if not flat:
             raise ValueError(
@@ -229,7 +258,7 @@ class Run:
         positions = kwargs.get("position_ids")
         if positions is None:
             positions = (torch.arange(length, device=embeds.device) + past_logical).unsqueeze(0)
-        keep, replacements = self._select(slots, embeds)
+        keep, replacements, records = self._select(slots, embeds)
         queries = self._prompts.query_positions(call.inputs, embeds, slots, own_mask) if slots and self._layers else None
         pruned_before = state.pruned if state is not None else torch.zeros(batch, dtype=torch.long)
         if keep.all() and not replacements and state is None:
@@ -237,7 +266,7 @@ class Run:
                 self._count_flops(own_mask.sum(1), own_mask.sum(1), state, pruned_before)
             past = cache.get_seq_length() if cache is not None else 0
             past_mask = mask[:, :past] if mask is not None else own_mask.new_ones(batch, past)
-            self._hand_over(slots, own_mask, None, queries, past_mask)
+            self._hand_over(slots, records, own_mask, None, queries, past_mask)
             return None  # nothing removed before the LLM: the stock decoder input, bit for bit
         if replacements:
             embeds = embeds.clone()
@@ -258,32 +287,31 @@ class Run:
             cache = DynamicCache(config=module.config)
         if cache is not None:
             _CACHE_STATES[cache] = CacheState(past_logical + length, full_mask, pruned_before + removed.cpu())
-        self._hand_over(slots, kept_mask, (keep, index), queries, state.mask if state is not None else None)
+        self._hand_over(slots, records, kept_mask, (keep, index), queries, state.mask if state is not None else None)
         kwargs.update(inputs_embeds=embeds, position_ids=positions, attention_mask=full_mask, **{CACHE_ARGUMENT: cache})
         return args, kwargs
 
-    def _hand_over(self, slots, own_mask, packing, queries, past_mask) -> None:
+    def _hand_over(self, slots, records, own_mask, packing, queries, past_mask) -> None:
         """Tell the in-LLM stage (if any) where this forward's images and query tokens sit at the decoder
         input: their original positions, or where the pre-LLM gather (``packing``: keep mask, index) put
         them; ``own_mask`` and ``past_mask`` are the decoder's 2D masks of this forward and of its cache."""
         if self._layers is None:
             return
-        images = self.stats.images[len(self.stats.images) - len(slots):] if slots else []
         if packing is None:
-            pending = [PendingImage(r, s.row, s.positions[r.kept], r.kept) for r, s in zip(images, slots)]
+            pending = [PendingImage(r, s.row, s.positions[r.kept], r.kept) for r, s in zip(records, slots)]
             self._layers.begin(pending, queries, own_mask, past_mask)
             return
         keep, index = packing
         # each kept token's slot in the left-padded packing (left_packed), -1 where a token was dropped
         first_slot = index.shape[1] - keep.sum(1, keepdim=True)
         moved = torch.where(keep, first_slot + keep.cumsum(1) - 1, -1)
-        pending = [PendingImage(r, s.row, moved[s.row, s.positions[r.kept]], r.kept) for r, s in zip(images, slots)]
+        pending = [PendingImage(r, s.row, moved[s.row, s.positions[r.kept]], r.kept) for r, s in zip(records, slots)]
         queries = moved.gather(1, queries.unsqueeze(1)).squeeze(1) if queries is not None else None
         self._layers.begin(pending, queries, own_mask, past_mask)
 
-    def _select(self, slots, embeds: torch.Tensor) -> tuple[torch.Tensor, list]:
+    def _select(self, slots, embeds: torch.Tensor) -> tuple[torch.Tensor, list, list[ImageRecord]]:
         """Run the pre-LLM sieve on every image (none: keep them all); return the (batch, length) keep
-        mask and merged features."""
+        mask, merged features and each slot's record (one per image: a repeated row's copies share it)."""
         keep = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
         replacements = []
         call_index = self.stats.calls
@@ -295,26 +323,35 @@ class Run:
                         f"image {slot.image} has non-finite visual features (NaN or inf): check its pixel_values "
                         f"and the model's dtype"
                     )
-        records = []
+        selected = {}  # image -> (kept, seconds, merged features): the copies of a repeated row reuse its selection
         for slot in slots:
-            features = embeds[slot.row, slot.positions]
-            if self.pre is None:
-                kept, seconds = torch.arange(len(features), device=features.device), 0.0
-            else:
-                signals = self.adapter.image_signals(self.pre.signals, self._capture, slot.image)
-                selection, seconds = timed_select(self.pre, VisualTokens(features, slot.grid, signals, slot.blocks))
-                kept = selection.kept
+            if slot.image not in selected:
+                selected[slot.image] = self._select_image(slot, embeds[slot.row, slot.positions])
+            kept, _, merged = selected[slot.image]
+            if self.pre is not None:
                 keep[slot.row, slot.positions] = False
                 keep[slot.row, slot.positions[kept]] = True
-                if selection.features is not None:
-                    replacements.append((slot.row, slot.positions[kept], selection.features))
-            records.append((slot, len(features), kept, seconds))
-        if slots:
-            on_host = torch.cat([kept for _, _, kept, _ in records]).cpu().split([len(r[2]) for r in records])
-            for (slot, before, _, seconds), kept in zip(records, on_host):
-                self.stats.images.append(ImageRecord(call_index, slot.row, before, len(kept), kept, slot.grid, seconds))
-            self.stats.calls += 1
-        return keep, replacements
+                if merged is not None:
+                    replacements.append((slot.row, slot.positions[kept], merged))
+        if not slots:
+            return keep, replacements, []
+        first_slots = {slot.image: slot for slot in reversed(slots)}
+        on_host = torch.cat([kept for kept, _, _ in selected.values()]).cpu().split([len(k) for k, _, _ in selected.values()])
+        records = {}
+        for (image, (_, seconds, _)), kept in zip(selected.items(), on_host):
+            slot = first_slots[image]
+            records[image] = ImageRecord(call_index, slot.row, len(slot.positions), len(kept), kept, slot.grid, seconds)
+        self.stats.images.extend(records.values())
+        self.stats.calls += 1
+        return keep, replacements, [records[slot.image] for slot in slots]
+
+    def _select_image(self, slot: ImageSlot, features: torch.Tensor) -> tuple[torch.Tensor, float, torch.Tensor | None]:
+        """The pre-LLM sieve on one image's tokens (none: keep them all): kept indices, seconds, merged features."""
+        if self.pre is None:
+            return torch.arange(len(features), device=features.device), 0.0, None
+        signals = self.adapter.image_signals(self.pre.signals, self._capture, slot.image)
+        selection, seconds = timed_select(self.pre, VisualTokens(features, slot.grid, signals, slot.blocks))
+        return selection.kept, seconds, selection.features
 
     def _count_flops(self, real_before, real_after, state, pruned_before) -> None:
         past_after = state.mask.sum(1).tolist() if state is not None else [0] * len(real_after)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import Adapter, ImageSlot, VisionCapture
+from .base import Adapter, ImageSlot, PlaceholderMismatch, VisionCapture
 from .idefics3 import Idefics3Adapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
@@ -22,4 +22,4 @@ def adapter_for(model: nn.Module) -> Adapter:
     raise TypeError(f"tokensieve does not support {type(model).__name__}: pass one of {supported}")
 
 
-__all__ = ["ADAPTERS", "Adapter", "ImageSlot", "VisionCapture", "adapter_for"]
+__all__ = ["ADAPTERS", "Adapter", "ImageSlot", "PlaceholderMismatch", "VisionCapture", "adapter_for"]

@@ -9,6 +9,10 @@ import torch
 from torch import nn
 
 
+class PlaceholderMismatch(ValueError):
+    """The image placeholder tokens of ``input_ids`` do not match the images of the vision pass."""
+
+
 @dataclass
 class ImageSlot:
     """Where one image's visual tokens sit in the LLM input: batch row, sequence positions
@@ -105,7 +109,7 @@ class Adapter:
         of them in batch-row order. ``images`` describes the images for the error message."""
         placed = (input_ids == self.image_token_id()).nonzero()
         if len(placed) != sum(counts):
-            raise ValueError(
+            raise PlaceholderMismatch(
                 f"{images} need {sum(counts)} image placeholder tokens, but input_ids has {len(placed)}: build the "
                 f"inputs with the model's processor{hint}"
             )
