@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import json
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -20,11 +22,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image, ImageDraw
 from rich.console import Console
 
+from matplotlib.collections import PathCollection
+from matplotlib.text import Text
+from matplotlib.transforms import Bbox
+from scipy.stats import binomtest
+
 from tokensieve.bench.oracle import NEVER, distribution, oracle
 from tokensieve.bench.outputs import write_outputs
 from tokensieve.bench import plots
 from tokensieve.bench.plots import pareto_front
-from tokensieve.bench.summary import chance_level, per_category, read_runs, summarise
+from tokensieve.bench.summary import chance_level, headline, per_category, read_runs, summarise, wilson_interval
 from tokensieve.qa import CHANCE
 
 MIB = 2**20
@@ -78,8 +85,9 @@ def write_fake_sweep(out: Path) -> Path:
     for seed, sample in enumerate(["s0", "s1", "s2"]):
         draw_image(seed).save(out / "images" / f"{sample}.png")
     (out / "sweep.json").write_text(json.dumps({
-        "model": "sieve-mini", "suite": "qa", "device": "cpu", "dtype": "float32",
-        "versions": {"tokensieve": "0.1.0"}, "command": "tokensieve bench --methods fastervlm,pool"}))
+        "model": "sieve-mini", "suite": "qa", "split": "test", "samples": 4, "device": "cpu", "dtype": "float32",
+        "versions": {"tokensieve": "0.1.0"}, "command": "tokensieve bench --methods fastervlm,pool",
+        "data": None, "skipped": {}}))  # as the runner writes them for the builtin suite, nothing refused
     return out
 
 
@@ -104,11 +112,58 @@ def test_accuracy_retention_agreement(summary):
     assert (k4["method"], k4["keep"], k4["tokens_kept"], k4["n"]) == ("fastervlm", "4", 4.0, 4)
 
 
+def test_wilson_interval_by_hand():
+    """z = 1.959964, z^2 = 3.841459; centre (p + z^2/2n) / (1 + z^2/n), half-width z / (1 + z^2/n) * root,
+    root = sqrt(p(1-p)/n + z^2/4n^2). 14 of 20: z^2/n = 0.192073, centre 0.796037 / 1.192073 = 0.667775,
+    half-width 1.644164 * sqrt(0.0105 + 0.002401) = 1.644164 * 0.113582 = 0.186748. 16 of 20: centre
+    0.896037 / 1.192073 = 0.751662, half-width 1.644164 * 0.101985 = 0.167680. 0 of 2: z^2/n = 1.920729,
+    centre 0.960365 / 2.920729 = 0.328810 = the half-width 0.671053 * 0.489991, so [0, 0.657620].
+    n = 20 cannot tell 0.7 from 0.8: each lies inside the other's interval."""
+    assert wilson_interval(0.7, 20) == pytest.approx((0.481027, 0.854523), abs=2e-6)
+    assert wilson_interval(0.8, 20) == pytest.approx((0.583983, 0.919342), abs=2e-6)
+    assert wilson_interval(0.0, 2) == pytest.approx((0.0, 0.657620), abs=2e-6)
+    assert all(math.isnan(bound) for bound in wilson_interval(0.5, 0))
+    for correct, n in [(14, 20), (0, 2), (3, 4), (1, 3), (70, 70), (63, 70)]:  # whole counts: scipy agrees
+        expected = binomtest(correct, n).proportion_ci(0.95, method="wilson")
+        assert wilson_interval(correct / n, n) == pytest.approx((expected.low, expected.high), abs=1e-12)
+
+
+def test_accuracy_intervals_come_from_each_rows_sample_count(sweep, summary):
+    k4, quarter = summary.loc["fastervlm-k4"], summary.loc["pool-k0.25"]
+    assert (k4["accuracy_low"], k4["accuracy_high"]) == pytest.approx((0.300642, 0.954413), abs=2e-6)  # 3 of 4
+    assert (quarter["accuracy_low"], quarter["accuracy_high"]) == pytest.approx((0.061492, 0.792340), abs=2e-6)
+    counting = per_category(read_runs(sweep)).set_index(["config", "category"]).loc[("pool-k0.25", "counting")]
+    assert (counting["n"], counting["accuracy_low"]) == (1, 0.0)  # 0 of 1: the high end is z^2 / (1 + z^2)
+    assert counting["accuracy_high"] == pytest.approx(3.841459 / 4.841459, abs=2e-6)
+
+
+def headline_input(rows: list[tuple]) -> pd.DataFrame:
+    """A summary with what the headline reads: (config, method, keep, tokens kept, accuracy, prefill ms)."""
+    return pd.DataFrame(rows, columns=["config", "method", "keep", "tokens_kept", "accuracy", "prefill_ms"])
+
+
+def test_headline_names_the_most_accurate_configuration_per_budget():
+    table = headline(headline_input([
+        ("baseline", "baseline", "", 16.0, 0.9, 100.0),
+        ("a-k8", "a", "8", 8.0, 0.7, 30.0),
+        ("b-k8", "b", "8", 8.0, 0.8, 40.0),
+        ("c-k8", "c", "8", 8.0, 0.8, 35.0),  # as accurate as b and faster: it leads, b is named
+        ("c-k4", "c", "4", 4.0, 0.5, 20.0),
+        ("a-k4", "a", "4", 4.0, 0.45, 15.0),  # faster but less accurate: accuracy decides
+        ("a-k0.5+b", "a:0.5+b", "", 8.0, 0.75, 50.0),  # a chain, at the 8 tokens it kept
+        ("a-k0.1", "a", "0.1", 1.6, 0.3, 10.0),  # the only configuration at its budget
+    ]))
+    assert list(table["budget"]) == ["all", "8", "4", "0.1"]
+    assert list(table["leader"]) == ["baseline", "c (= b)", "c", "a (alone at this budget)"]
+    assert list(table["config"]) == ["baseline", "c-k8", "c-k4", "a-k0.1"]
+    assert list(table["speedup"]) == [1.0, 100 / 35, 5.0, 10.0]
+
+
 def test_flops_memory_and_kv_cache(summary):
     k4 = summary.loc["fastervlm-k4"]
     assert k4["prefill_gflops"] == 14.0 and k4["prefill_flops_ratio"] == 14 / 26 and k4["vision_gflops"] == 5.0
     assert summary.loc["baseline", "prefill_flops_ratio"] == 1.0
-    assert k4["peak_memory_mib"] == 200.0  # the largest over samples; s3 has none (a CPU-style null)
+    assert k4["peak_memory_added_mib"] == 200.0  # the largest over samples; s3 has none (a null)
     assert k4["kv_cache_mib"] == 14 * 1024 / MIB
 
 
@@ -199,7 +254,7 @@ def test_write_outputs_writes_every_file(sweep):
     assert "fastervlm" in terminal.getvalue() and "75.0%" in terminal.getvalue()  # the k8 agreement
     summary = pd.read_csv(sweep / "summary.csv")
     assert list(summary["config"]) == ["baseline", "fastervlm-k4", "fastervlm-k8", "pool-k0.25", "pool-k0.5"]
-    assert "| pool | 0.25 | 4.0 | 0.333 | 50.0% | 33.3% |" in (sweep / "summary.md").read_text()
+    assert "| pool | 0.25 | 4.0 | 0.333 | 0.061–0.792 | 50.0% | 33.3% |" in (sweep / "summary.md").read_text()
     assert len(pd.read_csv(sweep / "per_category.csv")) == 9  # two categories each; pool-k0.5 has colour only
     assert len(pd.read_csv(sweep / "oracle.csv")) == 6
     for name in ["accuracy_vs_tokens", "accuracy_vs_latency", "retention_heatmap", "oracle_cdf"]:
@@ -217,6 +272,132 @@ def test_legends_stand_beside_the_plotted_lines(sweep, monkeypatch):
     for ax in with_legend:
         FigureCanvasAgg(ax.figure).draw()
         assert ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1
+
+
+def plot_summary(rows: list[tuple]) -> pd.DataFrame:
+    """A summary with what the accuracy plots read: (config, method, tokens kept, accuracy, prefill ms), n = 20."""
+    table = pd.DataFrame(rows, columns=["config", "method", "tokens_kept", "accuracy", "prefill_ms"])
+    bounds = [wilson_interval(accuracy, 20) for accuracy in table["accuracy"]]
+    return table.assign(accuracy_low=[low for low, _ in bounds], accuracy_high=[high for _, high in bounds])
+
+
+@pytest.fixture
+def drawn(monkeypatch) -> list:
+    """The figures the plot functions save, drawn, so that their artists have their final positions."""
+    figures = []
+    real_save = plots.save
+
+    def save_and_keep(figure, *args):
+        name = real_save(figure, *args)
+        FigureCanvasAgg(figure).draw()
+        figures.append(figure)
+        return name
+
+    monkeypatch.setattr(plots, "save", save_and_keep)
+    return figures
+
+
+def test_methods_with_equal_values_both_stay_visible(tmp_path, drawn):
+    twins = [("baseline", "baseline", 16.0, 0.9, 100.0)] + [
+        (f"{method}-k{tokens}", method, float(tokens), accuracy, 10.0 + tokens)
+        for method in ("divprune", "fastervlm") for tokens, accuracy in [(4, 0.6), (8, 0.75)]]
+    summary = plot_summary(twins)
+    plots.accuracy_vs_tokens(summary, tmp_path, None, plots.method_styles(summary))
+    series = {container.get_label(): container.lines[0] for container in drawn[0].axes[0].containers}
+    divprune, fastervlm = series["divprune"], series["fastervlm"]
+    assert list(divprune.get_ydata()) == list(fastervlm.get_ydata()) == [0.6, 0.75]
+    assert all(a != b for a, b in zip(divprune.get_xdata(), fastervlm.get_xdata()))  # drawn side by side
+    assert all(abs(math.log2(x / tokens)) <= 0.2 for x, tokens in zip(divprune.get_xdata(), [4, 8]))  # near their count
+    assert divprune.get_marker() != fastervlm.get_marker() and divprune.get_linestyle() != fastervlm.get_linestyle()
+
+
+def marker_boxes(ax) -> list[Bbox]:
+    """Every scatter marker's square in display pixels: a marker of size s (points^2) is sqrt(s) points wide."""
+    boxes = []
+    for collection in (c for c in ax.collections if isinstance(c, PathCollection)):
+        sizes = collection.get_sizes()
+        for index, (x, y) in enumerate(ax.transData.transform(collection.get_offsets())):
+            half = math.sqrt(sizes[index % len(sizes)]) / 2 * ax.figure.dpi / 72
+            boxes.append(Bbox.from_extents(x - half, y - half, x + half, y + half))
+    return boxes
+
+
+def assert_labels_clear(ax, expected: set[str]) -> None:
+    labels = {text.get_text(): Text.get_window_extent(text) for text in ax.texts}  # the text, not its leader line
+    assert set(labels) == expected
+    markers, inside = marker_boxes(ax), ax.get_window_extent()
+    for name, box in labels.items():
+        assert not any(box.overlaps(marker) for marker in markers), name
+        assert inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1, name
+    for (name, box), (other, other_box) in itertools.combinations(labels.items(), 2):
+        assert not box.overlaps(other_box), (name, other)
+
+
+def test_pareto_labels_stand_clear_of_every_marker_and_of_each_other(tmp_path, drawn):
+    # A staircase of six front configurations 4-8 ms apart, each crowded by two dominated neighbours.
+    crowd = [("baseline", "baseline", 64.0, 0.90, 150.0)]
+    for step, (ms, accuracy) in enumerate([(40, 0.40), (46, 0.52), (52, 0.61), (58, 0.70), (62, 0.78), (70, 0.84)]):
+        crowd += [(f"a-k{step}", "a", 4.0 * (step + 1), accuracy, float(ms)),
+                  (f"b-k{step}", "b", 4.0 * (step + 1), accuracy - 0.03, ms + 2.0),
+                  (f"c-k{step}", "c", 4.0 * (step + 1), accuracy - 0.06, ms + 1.0)]
+    summary = plot_summary(crowd)
+    plots.accuracy_vs_latency(summary, tmp_path, 0.25, plots.method_styles(summary))
+    assert_labels_clear(drawn[0].axes[0], {"baseline"} | {f"a-k{step}" for step in range(6)})
+
+
+def test_the_sweeps_pareto_label_stands_clear(sweep, drawn):
+    write_outputs(sweep, Console(file=io.StringIO()))
+    latency_plot = next(figure for figure in drawn if figure.axes[0].get_title() == "Accuracy vs prefill latency")
+    assert_labels_clear(latency_plot.axes[0], {"fastervlm-k4"})  # 20 ms at 0.75: as accurate as the baseline, faster
+
+
+def break_colour_for_the_baseline(sweep: Path) -> None:
+    """The baseline now answers s0 wrongly too: 0 of 2 colour questions, so colour has no retention."""
+    baseline = sweep / "runs" / "baseline.jsonl"
+    baseline.write_text(baseline.read_text().replace('"prediction": "red", "correct": true',
+                                                     '"prediction": "pink", "correct": false'))
+
+
+def test_undefined_retention_is_explained_and_shows_the_accuracy(sweep, drawn):
+    break_colour_for_the_baseline(sweep)
+    write_outputs(sweep, Console(file=io.StringIO()))
+    categories = pd.read_csv(sweep / "per_category.csv").set_index(["config", "category"])
+    assert categories.loc[("baseline", "colour"), "baseline_correct"] == 0
+    assert categories.xs("colour", level="category")["retention"].isna().all()
+    heatmap = next(figure for figure in drawn if figure.axes[0].get_title().startswith("Retention per category"))
+    cells = [text.get_text() for text in heatmap.axes[0].texts]
+    # rows fastervlm-k4, -k8, pool-k0.25, -k0.5; columns colour, counting (pool-k0.5 answered no counting)
+    assert cells == ["(100%)", "50%", "(50%)", "50%", "(50%)", "0%", "(0%)", ""]
+    page = (sweep / "report.html").read_text()
+    assert "Retention is undefined" in page and "colour (the baseline: 0 of 2 right)" in page
+
+
+def test_report_opens_with_the_headline_and_keeps_only_meaningful_settings(sweep):
+    write_outputs(sweep, Console(file=io.StringIO()))
+    page = (sweep / "report.html").read_text()
+    assert page.index('id="headline"') < page.index('id="summary"') < page.index('id="sweep"')
+    assert "sieve-mini on the qa suite (test split, 4 samples), cpu, float32." in page
+    settings = page[page.index("<details><summary>sweep.json"):]
+    assert ">model<" in settings and ">command<" in settings and ">tokensieve: 0.1.0<" in settings
+    assert ">data<" not in settings and ">skipped<" not in settings and "Not run" not in page
+
+
+def test_refused_configurations_are_named_under_the_headline(sweep):
+    described = json.loads((sweep / "sweep.json").read_text())
+    (sweep / "sweep.json").write_text(json.dumps({**described, "skipped": {"visionzip-k4": "needs keys"}}))
+    write_outputs(sweep, Console(file=io.StringIO()))
+    page = (sweep / "report.html").read_text()
+    assert page.index("Not run (refused by the model): visionzip-k4: needs keys") < page.index('id="summary"')
+
+
+def test_records_without_a_peak_memory_leave_the_column_empty(sweep):
+    """Records from before the meter measured the added peak (docs/results) carry none."""
+    for path in (sweep / "runs").glob("*.jsonl"):
+        path.write_text(re.sub(r'"peak_memory_bytes": [^,]+, ', "", path.read_text()))
+    write_outputs(sweep, Console(file=io.StringIO()))
+    assert pd.read_csv(sweep / "summary.csv")["peak_memory_added_mib"].isna().all()
+    assert "| baseline | - | 16.0 | 0.750 | 0.301–0.954 | 100.0% | 100.0% | 26.00 | 100.0% | 5.00 | 50.0 | 1.00 | - |" in (
+        sweep / "summary.md").read_text()
 
 
 def test_a_sweep_stopped_after_the_baseline_still_reports(sweep):

@@ -16,7 +16,7 @@ from . import plots
 from .gallery import gallery
 from .oracle import distribution, oracle
 from .report import write_report
-from .summary import BASELINE, chance_level, per_category, read_runs, summarise
+from .summary import BASELINE, chance_level, headline, per_category, read_runs, summarise
 from .tables import print_summary, write_tables
 
 
@@ -24,7 +24,8 @@ def write_outputs(out: Path, console: Console | None = None) -> None:
     out = Path(out)
     runs = read_runs(out)
     summary, categories = summarise(runs), per_category(runs)
-    write_tables(out, summary, categories)
+    leaders = headline(summary)
+    write_tables(out, summary, categories, leaders)
     print_summary(summary, console)
 
     oracle_table = oracle(runs)
@@ -32,14 +33,15 @@ def write_outputs(out: Path, console: Console | None = None) -> None:
     oracle_distribution = distribution(oracle_table, summary)
     oracle_distribution.to_csv(out / "oracle_distribution.csv", index=False)
 
-    chance = chance_level(runs)
-    plot_names = [plots.accuracy_vs_tokens(summary, out / "plots", chance),
-                  plots.accuracy_vs_latency(summary, out / "plots", chance)]
+    chance, styles = chance_level(runs), plots.method_styles(summary)
+    plot_names = [plots.accuracy_vs_tokens(summary, out / "plots", chance, styles),
+                  plots.accuracy_vs_latency(summary, out / "plots", chance, styles)]
     if (summary["config"] != BASELINE).any():  # a baseline-only sweep has no retention or oracle to draw
         plot_names.append(plots.retention_heatmap(categories, out / "plots"))
     if not oracle_table.empty:
-        plot_names.append(plots.oracle_cdf(oracle_distribution, out / "plots"))
+        plot_names.append(plots.oracle_cdf(oracle_distribution, out / "plots", styles))
 
     sweep_file = out / "sweep.json"
     sweep = json.loads(sweep_file.read_text()) if sweep_file.is_file() else None
-    write_report(out, sweep, summary, categories, oracle_distribution, plot_names, gallery(out, runs, summary))
+    write_report(out, sweep, leaders, summary, categories, oracle_distribution, plot_names,
+                 gallery(out, runs, summary))

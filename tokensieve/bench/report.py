@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from html import escape
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pandas as pd
 from .gallery import GallerySample, file_data_uri
 from .oracle import NEVER
 from .summary import BASELINE
-from .tables import CATEGORY_COLUMNS, SUMMARY_COLUMNS, formatted
+from .tables import CATEGORY_COLUMNS, HEADLINE_COLUMNS, HEADLINE_NOTE, SUMMARY_COLUMNS, formatted
 
 STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 2em auto; max-width: 1400px; padding: 0 1em; color: #222; }
@@ -20,6 +19,10 @@ table { border-collapse: collapse; margin: .5em 0; font-variant-numeric: tabular
 th, td { border: 1px solid #ddd; padding: .25em .6em; text-align: right; }
 th { background: #f3f3f3; } td.text, th.text { text-align: left; }
 tr.baseline td { background: #fafae6; }
+#headline { font-size: 15px; } #headline td:nth-child(2) { font-weight: 600; }
+.lede { font-size: 16px; margin: 0 0 .4em; } .note { color: #555; max-width: 70em; }
+.warning { color: #8a4b00; }
+details > summary { cursor: pointer; }
 .plots figure { display: inline-block; vertical-align: top; margin: .5em 1em .5em 0; max-width: 100%; }
 .plots img { max-width: 100%; }
 .sample { border: 1px solid #ddd; border-radius: 6px; padding: .5em 1em; margin: 1em 0; }
@@ -32,15 +35,16 @@ figcaption { font-size: 12px; word-wrap: break-word; }
 """
 
 PLOT_CAPTIONS = {
-    "accuracy_vs_tokens": "Accuracy against the mean number of visual tokens kept, one line per method.",
-    "accuracy_vs_latency": "Accuracy against median prefill latency (time to first token, after warm-up); "
-                           "ringed points form the Pareto front.",
+    "accuracy_vs_tokens": "Accuracy against the mean number of visual tokens kept, one line per method, with 95% "
+                          "intervals; at each count the methods stand slightly apart, so that equal values stay visible.",
+    "accuracy_vs_latency": "Accuracy against median prefill latency (time to first token, after warm-up), with 95% "
+                           "intervals; ringed points form the Pareto front.",
     "retention_heatmap": "Retention per category: the configuration's accuracy over the baseline's on the same samples.",
     "oracle_cdf": "Fraction of samples that each method answers as the baseline does from a given budget upwards.",
 }
 
 
-TEXT_COLUMNS = {"method", "keep", "category"}  # left-aligned; numbers align right
+TEXT_COLUMNS = {"method", "keep", "category", "budget", "leader"}  # left-aligned; numbers align right
 
 
 def html_table(table: pd.DataFrame, columns: dict, table_id: str) -> str:
@@ -55,14 +59,52 @@ def html_table(table: pd.DataFrame, columns: dict, table_id: str) -> str:
     return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
-def sweep_section(sweep: dict | None) -> str:
+def sweep_line(sweep: dict | None) -> str:
+    """What was swept, in one sentence: model, suite, split and size, device and precision."""
+    if sweep is None:
+        return "No sweep.json was found beside the runs."
+    extent = [f"{sweep['split']} split" if sweep.get("split") else "",
+              f"{sweep['samples']} samples" if sweep.get("samples") is not None else ""]
+    extent_text = f" ({', '.join(part for part in extent if part)})" if any(extent) else ""
+    where = "".join(f", {sweep[key]}" for key in ("device", "dtype") if sweep.get(key))
+    return escape(f"{sweep.get('model', '?')} on the {sweep.get('suite', '?')} suite{extent_text}{where}.")
+
+
+def skipped_line(sweep: dict | None) -> str:
+    """The configurations the model refused, which the tables lack, named where a reader looks first."""
+    skipped = (sweep or {}).get("skipped") or {}
+    reasons = "; ".join(f"{config}: {reason}" for config, reason in skipped.items())
+    return f'<p class="warning">Not run (refused by the model): {escape(reasons)}</p>' if skipped else ""
+
+
+def _setting(value) -> str:
+    if isinstance(value, dict):
+        return "; ".join(f"{key}: {item}" for key, item in value.items())
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    return str(value)
+
+
+def settings_section(sweep: dict | None) -> str:
+    """sweep.json's fields that say something (no nulls, no empty lists or maps), collapsed."""
     if sweep is None:
         return "<p>No sweep.json was found beside the runs.</p>"
-    rows = "".join(
-        f'<tr><th class="text">{escape(str(key))}</th><td class="text">'
-        f"{escape(value if isinstance(value, str) else json.dumps(value))}</td></tr>"
-        for key, value in sweep.items())
-    return f'<table id="sweep">{rows}</table>'
+    rows = "".join(f'<tr><th class="text">{escape(str(key))}</th><td class="text">{escape(_setting(value))}</td></tr>'
+                   for key, value in sweep.items() if value not in (None, "", [], {}))
+    return f'<details><summary>sweep.json</summary><table id="sweep">{rows}</table></details>'
+
+
+def undefined_retention_note(categories: pd.DataFrame) -> str:
+    """Why retention is '-' (and the heat map shows accuracy in brackets): the baseline got none of those right."""
+    undefined = categories[categories["retention"].isna() & (categories["config"] != BASELINE)]
+    if undefined.empty:
+        return ""
+    base = categories[categories["config"] == BASELINE].set_index("category")
+    where = ", ".join(f"{escape(category)} (the baseline: {base.loc[category, 'baseline_correct']:g} of "
+                      f"{base.loc[category, 'n']} right)" for category in dict.fromkeys(undefined["category"]))
+    return (f'<p class="note">Retention is undefined (&ldquo;-&rdquo; in the table, the accuracy in brackets in '
+            f"the heat map) where the baseline answered none of the same samples right, so there is no accuracy "
+            f"to keep a share of: {where}.</p>")
 
 
 def plot_figure(plots: Path, name: str) -> str:
@@ -108,8 +150,17 @@ def oracle_section(distribution: pd.DataFrame, plots: Path, plot_names: list[str
             f'{html_table(distribution, columns, "oracle")}<div class="plots">{figure}</div>')
 
 
-def write_report(out: Path, sweep: dict | None, summary: pd.DataFrame, categories: pd.DataFrame,
-                 distribution: pd.DataFrame, plot_names: list[str], samples: list[GallerySample]) -> Path:
+SUMMARY_NOTE = """Each configuration counts only the samples the baseline also answered; retention and agreement
+compare with the baseline on those samples. Timings are medians over samples after warm-up; FLOPs are the LLM
+decoder's prefill (vision tower and projector separately); peak added MiB is the most memory a sample's
+<code>generate()</code> held above what the process held before it. A &ldquo;-&rdquo; is a value that does not
+exist: no keep or selection time for the baseline, no decode time per token for one-token answers, no retention
+where the baseline answered none of the samples right. Definitions: <code>docs/bench-outputs.md</code>."""
+
+
+def write_report(out: Path, sweep: dict | None, headline: pd.DataFrame, summary: pd.DataFrame,
+                 categories: pd.DataFrame, distribution: pd.DataFrame, plot_names: list[str],
+                 samples: list[GallerySample]) -> Path:
     plots = out / "plots"
     main_plots = "".join(plot_figure(plots, n) for n in ("accuracy_vs_tokens", "accuracy_vs_latency") if n in plot_names)
     heatmap = plot_figure(plots, "retention_heatmap") if "retention_heatmap" in plot_names else ""
@@ -117,18 +168,20 @@ def write_report(out: Path, sweep: dict | None, summary: pd.DataFrame, categorie
 <html lang="en"><head><meta charset="utf-8"><title>tokensieve bench report</title><style>{STYLE}</style></head>
 <body>
 <h1>tokensieve bench report</h1>
-<h2>Sweep</h2>{sweep_section(sweep)}
+<p class="lede">{sweep_line(sweep)}</p>
+<h2>Most accurate per budget</h2>
+{html_table(headline, HEADLINE_COLUMNS, "headline")}
+<p class="note">{escape(HEADLINE_NOTE)}</p>{skipped_line(sweep)}
 <h2>Summary</h2>
-<p>Each configuration counts only the samples the baseline also answered; retention and agreement compare with
-the baseline on those samples. Timings are medians over samples after warm-up; FLOPs are the LLM decoder's
-prefill (vision tower and projector separately). Definitions: <code>docs/bench-outputs.md</code>.</p>
+<p class="note">{SUMMARY_NOTE}</p>
 {html_table(summary, SUMMARY_COLUMNS, "summary")}
 <div class="plots">{main_plots}</div>
-<h2>Per category</h2><div class="plots">{heatmap}</div>
+<h2>Per category</h2><div class="plots">{heatmap}</div>{undefined_retention_note(categories)}
 <details><summary>Table</summary>{html_table(categories, CATEGORY_COLUMNS, "per-category")}</details>
 <h2>Oracle: how many tokens each question needs</h2>{oracle_section(distribution, plots, plot_names)}
 <h2>Kept patches</h2><p>Greyed patches were dropped before the LLM; each caption gives the budget, the tokens
 kept of the first image, the prediction (&#10003; correct) and whether it is the baseline's answer.</p>{gallery_section(samples)}
+<h2>Sweep settings</h2>{settings_section(sweep)}
 </body></html>
 """
     path = out / "report.html"

@@ -7,6 +7,8 @@ baseline also answered, so a partial or resumed sweep summarises the same way a 
 from __future__ import annotations
 
 import json
+import math
+import statistics
 from pathlib import Path
 
 import pandas as pd
@@ -15,6 +17,21 @@ from tokensieve.qa import CHANCE, SKILLS, normalise
 
 BASELINE = "baseline"
 MIB = 2**20
+CONFIDENCE = 0.95
+_Z = statistics.NormalDist().inv_cdf(0.5 + CONFIDENCE / 2)  # 1.96
+
+
+def wilson_interval(accuracy: float, n: int) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion `accuracy` observed on `n` samples; NaNs for none.
+
+    Unlike the normal approximation it stays inside [0, 1] and is not empty at 0 or 1. Partial credit
+    (TextVQA's scores) goes in as the mean score, where the interval is an approximation."""
+    if n == 0:
+        return float("nan"), float("nan")
+    z2_n = _Z**2 / n
+    centre = (accuracy + z2_n / 2) / (1 + z2_n)
+    half_width = _Z / (1 + z2_n) * math.sqrt(accuracy * (1 - accuracy) / n + z2_n / (4 * n))
+    return max(0.0, centre - half_width), min(1.0, centre + half_width)
 
 
 def read_runs(out: Path) -> pd.DataFrame:
@@ -63,7 +80,9 @@ def _summarise_config(rows: pd.DataFrame) -> dict:
     timed = rows[~rows["warmup"].astype(bool)]  # warm-up samples pay one-off costs: no timings from them
     accuracy = rows["score"].mean()
     base_accuracy = rows["base_score"].mean()
-    peak = rows["peak_memory_bytes"].dropna()
+    low, high = wilson_interval(accuracy, len(rows))
+    # records written before the meter measured the added peak carry none (docs/results/README.md)
+    peak = rows["peak_memory_bytes"].dropna() if "peak_memory_bytes" in rows else pd.Series(dtype=float)
     return {
         "config": rows["config"].iloc[0],
         "method": rows["method"].iloc[0],
@@ -71,6 +90,8 @@ def _summarise_config(rows: pd.DataFrame) -> dict:
         "tokens_kept": rows["tokens_after"].mean(),
         "tokens_before": rows["tokens_before"].mean(),
         "accuracy": accuracy,
+        "accuracy_low": low,
+        "accuracy_high": high,
         "baseline_accuracy": base_accuracy,
         "retention": accuracy / base_accuracy if base_accuracy > 0 else float("nan"),
         "agreement": (rows["answer"] == rows["base_answer"]).mean(),
@@ -79,7 +100,7 @@ def _summarise_config(rows: pd.DataFrame) -> dict:
         "vision_gflops": rows["vision_flops"].mean() / 1e9,
         "prefill_ms": _median_ms(timed["prefill_seconds"]),
         "decode_ms_per_token": _median_ms(timed["decode_seconds_per_token"]),
-        "peak_memory_mib": float(peak.max()) / MIB if len(peak) else float("nan"),
+        "peak_memory_added_mib": float(peak.max()) / MIB if len(peak) else float("nan"),
         "kv_cache_mib": rows["kv_cache_bytes"].mean() / MIB,
         "selection_ms": _median_ms(timed["selection_seconds"]),
         "n": len(rows),
@@ -116,9 +137,11 @@ def per_category(runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (config, category), group in pairs.groupby(["config", "category"]):
         accuracy, base_accuracy = group["score"].mean(), group["base_score"].mean()
+        low, high = wilson_interval(accuracy, len(group))
         rows.append({
             "config": config, "method": group["method"].iloc[0], "keep": group["keep_label"].iloc[0],
-            "category": category, "n": len(group), "accuracy": accuracy, "baseline_accuracy": base_accuracy,
+            "category": category, "n": len(group), "accuracy": accuracy, "accuracy_low": low, "accuracy_high": high,
+            "baseline_accuracy": base_accuracy, "baseline_correct": group["base_score"].sum(),
             "retention": accuracy / base_accuracy if base_accuracy > 0 else float("nan"),
             "chance": chance.get(category, float("nan")),
         })
@@ -136,3 +159,33 @@ def chance_level(runs: pd.DataFrame) -> float | None:
     if not is_qa_suite(runs):
         return None
     return float(runs.loc[runs["config"] == BASELINE, "category"].map(CHANCE).mean())
+
+
+def budget_label(keep: str, tokens_kept: float) -> str:
+    """A configuration's budget: its keep as swept; a chain, whose methods each have one, by the tokens it kept."""
+    return keep or f"{tokens_kept:.0f}"
+
+
+def headline(summary: pd.DataFrame) -> pd.DataFrame:
+    """The baseline, then per budget (largest first) its most accurate configuration, of equals the fastest.
+
+    `leader` names it and any equally accurate method; `speedup` is the baseline's time to first token over its."""
+    base = summary[summary["config"] == BASELINE].iloc[0]
+    reduced = summary[summary["config"] != BASELINE]
+    reduced = reduced.assign(budget=[budget_label(k, t) for k, t in zip(reduced["keep"], reduced["tokens_kept"])])
+    budgets = sorted((group for _, group in reduced.groupby("budget")),
+                     key=lambda group: (-group["tokens_kept"].mean(), group["budget"].iloc[0]))
+    table = pd.DataFrame([{**base, "budget": "all", "leader": BASELINE}, *map(_leader, budgets)])
+    table["speedup"] = base["prefill_ms"] / table["prefill_ms"]
+    return table
+
+
+def _leader(budget: pd.DataFrame) -> dict:
+    """The budget's most accurate configuration (ties: the lower time to first token), naming the other equals."""
+    ranked = budget.sort_values(["accuracy", "prefill_ms", "config"], ascending=[False, True, True],
+                                na_position="last")
+    best = ranked.iloc[0]
+    equals = ranked[(ranked["accuracy"] == best["accuracy"]) & (ranked["config"] != best["config"])]["method"]
+    if len(budget) == 1:  # a budget swept for one method only (random:0.1): no contest to have won
+        return {**best, "leader": f"{best['method']} (alone at this budget)"}
+    return {**best, "leader": best["method"] + (f" (= {', '.join(equals)})" if len(equals) else "")}

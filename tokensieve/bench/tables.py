@@ -10,12 +10,16 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-# Column of the summary -> (heading, format) for the Markdown, terminal and HTML tables.
+# Column of the summary -> (heading, format) for the Markdown, terminal and HTML tables. A tuple of
+# columns is one cell formatted from all of them (the accuracy's interval).
+INTERVAL = ("accuracy_low", "accuracy_high")
+INTERVAL_COLUMN = {INTERVAL: ("95% interval", "{:.3f}–{:.3f}")}
 SUMMARY_COLUMNS = {
     "method": ("method", "{}"),
     "keep": ("keep", "{}"),
     "tokens_kept": ("tokens kept", "{:.1f}"),
     "accuracy": ("accuracy", "{:.3f}"),
+    **INTERVAL_COLUMN,
     "retention": ("retention", "{:.1%}"),
     "agreement": ("agreement", "{:.1%}"),
     "prefill_gflops": ("prefill GFLOPs", "{:.2f}"),
@@ -23,7 +27,7 @@ SUMMARY_COLUMNS = {
     "vision_gflops": ("vision GFLOPs", "{:.2f}"),
     "prefill_ms": ("prefill ms", "{:.1f}"),
     "decode_ms_per_token": ("decode ms/tok", "{:.2f}"),
-    "peak_memory_mib": ("peak MiB", "{:.0f}"),
+    "peak_memory_added_mib": ("peak added MiB", "{:.1f}"),
     "kv_cache_mib": ("KV MiB", "{:.2f}"),
     "selection_ms": ("selection ms", "{:.2f}"),
     "n": ("n", "{}"),
@@ -31,30 +35,50 @@ SUMMARY_COLUMNS = {
 # Two-line headings, one space between columns: twelve columns must fit an 80-column terminal.
 TERMINAL_COLUMNS = {"method": "method", "keep": "keep", "tokens_kept": "tokens\nkept", "accuracy": "acc",
                     "retention": "retain", "agreement": "agree", "prefill_flops_ratio": "FLOPs\nvs base",
-                    "prefill_ms": "prefill\nms", "decode_ms_per_token": "decode\nms/tok", "peak_memory_mib": "peak\nMiB",
-                    "selection_ms": "select\nms", "n": "n"}
+                    "prefill_ms": "prefill\nms", "decode_ms_per_token": "decode\nms/tok",
+                    "peak_memory_added_mib": "peak\n+MiB", "selection_ms": "select\nms", "n": "n"}
 CATEGORY_COLUMNS = {
     "method": ("method", "{}"),
     "keep": ("keep", "{}"),
     "category": ("category", "{}"),
     "n": ("n", "{}"),
     "accuracy": ("accuracy", "{:.3f}"),
+    **INTERVAL_COLUMN,
     "baseline_accuracy": ("baseline", "{:.3f}"),
     "retention": ("retention", "{:.1%}"),
     "chance": ("chance", "{:.3f}"),
 }
+# The report's and summary.md's first table: the most accurate configuration per budget (summary.headline).
+HEADLINE_COLUMNS = {
+    "budget": ("budget (keep)", "{}"),
+    "leader": ("most accurate", "{}"),
+    "tokens_kept": ("tokens kept", "{:.1f}"),
+    "accuracy": ("accuracy", "{:.3f}"),
+    **INTERVAL_COLUMN,
+    "retention": ("retention", "{:.1%}"),
+    "prefill_ms": ("time to first token", "{:.0f} ms"),
+    "speedup": ("speed-up", "{:.2f}×"),
+    "n": ("n", "{}"),
+}
+HEADLINE_NOTE = ("Per budget, the configuration with the highest accuracy (of equals, the fastest; the others named "
+                 "in brackets), against the unpruned baseline on the same samples. Retention is its share of the "
+                 "baseline's accuracy; time to first token is the median after warm-up, and speed-up the baseline's "
+                 "over it. The 95% interval is the Wilson score interval from the n samples: two accuracies inside "
+                 "each other's intervals are not told apart by this sweep.")
 
 
 def cell(value, fmt: str) -> str:
-    """One formatted value; a missing one (no timings, no memory on CPU) as '-'."""
-    if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
+    """One formatted value, or a tuple of them for one cell; a missing one (no timings, no retention) as '-'."""
+    values = value if isinstance(value, tuple) else (value,)
+    if any(v is None or (isinstance(v, float) and math.isnan(v)) or v == "" for v in values):
         return "-"
-    return fmt.format(value)
+    return fmt.format(*values)
 
 
 def formatted(table: pd.DataFrame, columns: dict) -> tuple[list[str], list[list[str]]]:
     """Headings and rows of strings."""
-    rows = [[cell(row[name], fmt) for name, (_, fmt) in columns.items()] for _, row in table.iterrows()]
+    rows = [[cell(tuple(row[n] for n in name) if isinstance(name, tuple) else row[name], fmt)
+             for name, (_, fmt) in columns.items()] for _, row in table.iterrows()]
     return [heading for heading, _ in columns.values()], rows
 
 
@@ -78,9 +102,11 @@ def print_summary(summary: pd.DataFrame, console: Console | None = None) -> None
     (console or Console()).print(table)
 
 
-def write_tables(out: Path, summary: pd.DataFrame, categories: pd.DataFrame) -> None:
+def write_tables(out: Path, summary: pd.DataFrame, categories: pd.DataFrame, headline: pd.DataFrame) -> None:
     """`summary.csv`, `summary.md` and `per_category.csv` in `out`."""
     summary.to_csv(out / "summary.csv", index=False)
-    (out / "summary.md").write_text("## Summary\n\n" + markdown(summary, SUMMARY_COLUMNS)
-                                    + "\n## Per category\n\n" + markdown(categories, CATEGORY_COLUMNS))
+    (out / "summary.md").write_text(
+        "## Most accurate per budget\n\n" + markdown(headline, HEADLINE_COLUMNS)
+        + f"\n{HEADLINE_NOTE}\n\n## Summary\n\n" + markdown(summary, SUMMARY_COLUMNS)
+        + "\n## Per category\n\n" + markdown(categories, CATEGORY_COLUMNS))
     categories.to_csv(out / "per_category.csv", index=False)
