@@ -1,16 +1,48 @@
-"""tokensieve: visual token reduction for stock Hugging Face vision-language models."""
+"""tokensieve: visual token reduction for stock Hugging Face vision-language models.
 
-from .budget import Budget, BudgetClampedWarning
-from .chain import Chain
-from .engine import Run, apply, attach
-from .methods import DivPrune, FasterVLM, FastV, Pool, RandomPrune, Uniform, VisionZip
-from .registry import MethodInfo, build, list_methods, load, register
-from .sieve import ScoringSieve, Selection, Sieve, VisualTokens
+The names below, and the submodules, load on first use (PEP 562), so ``import tokensieve.cli`` or
+``tokensieve.budget`` does not pay for torch and transformers; ``import tokensieve as ts; ts.FasterVLM``
+and ``ts.engine`` work as usual.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Budget", "BudgetClampedWarning", "Chain", "DivPrune", "FasterVLM", "FastV", "MethodInfo", "Pool", "RandomPrune", "Run",
-    "ScoringSieve", "Selection", "Sieve", "Uniform", "VisionZip", "VisualTokens", "apply", "attach", "build",
-    "list_methods", "load", "register",
-]
+# Each public name and the submodule that defines it.
+_HOMES = {
+    "Budget": "budget", "BudgetClampedWarning": "budget",
+    "Chain": "chain",
+    "Run": "engine", "apply": "engine", "attach": "engine",
+    "DivPrune": "methods", "FasterVLM": "methods", "FastV": "methods", "Pool": "methods",
+    "RandomPrune": "methods", "Uniform": "methods", "VisionZip": "methods",
+    "MethodInfo": "registry", "build": "registry", "list_methods": "registry", "load": "registry",
+    "register": "registry",
+    "ScoringSieve": "sieve", "Selection": "sieve", "Sieve": "sieve", "VisualTokens": "sieve",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        value = getattr(_submodule(_HOMES[name]), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return _submodule(name)  # `ts.engine` without `import tokensieve.engine`, as the eager imports allowed
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _submodule(name: str):
+    if name == "registry":
+        # The registry knows a method once its module has run: load every built-in one before it answers.
+        importlib.import_module(".methods", __name__)
+    return importlib.import_module(f".{name}", __name__)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

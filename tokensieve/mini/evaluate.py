@@ -12,22 +12,17 @@ import time
 import torch
 import typer
 
+from ..cli import build_sieve, check_image_size, check_keep_has_method, parse_keep
+from ..engine import apply
 from ..qa import SPLIT_SEEDS, accuracy_by_skill, examples, format_table, is_correct
 from .build import load_sieve_mini
-from .cli import parse_keep
 
 
 @torch.inference_mode()
-def evaluate_split(model, processor, split: str, count: int, method: str | None = None, keep=None,
-                   batch: int = 8, image_size: int = 224, progress: bool = True) -> dict:
-    """Answer each example's own question (one per example, skills balanced) and score per skill."""
-    if split not in SPLIT_SEEDS:
-        raise typer.BadParameter(f"unknown split {split!r}; choose one of {sorted(SPLIT_SEEDS)}")
-    sieve = None
-    if method is not None:
-        import tokensieve as ts
-
-        sieve = ts.build(method, keep=keep)
+def evaluate_split(model, processor, split: str, count: int, sieve=None, batch: int = 8, image_size: int = 224,
+                   progress: bool = True) -> dict:
+    """Answer each example's own question (one per example, skills balanced) and score per skill, pruned by
+    `sieve` when one is given."""
     records, clock = [], time.time()
     exs = examples(split, count)
     for start in range(0, count, batch):
@@ -37,13 +32,7 @@ def evaluate_split(model, processor, split: str, count: int, method: str | None 
             add_generation_prompt=True) for ex in chunk]
         inputs = processor(images=[ex.image(image_size) for ex in chunk], text=prompts, return_tensors="pt",
                            padding=True)
-        if sieve is not None:
-            import tokensieve as ts
-
-            context = ts.apply(model, sieve)
-        else:
-            context = contextlib.nullcontext()
-        with context:
+        with contextlib.nullcontext() if sieve is None else apply(model, sieve):
             output = model.generate(**inputs, max_new_tokens=5, do_sample=False)
         answers = processor.batch_decode(output[:, inputs.input_ids.shape[1]:], skip_special_tokens=True)
         records += [(ex.skill, is_correct(a, ex.qas[0].answer)) for ex, a in zip(chunk, answers)]
@@ -54,12 +43,19 @@ def evaluate_split(model, processor, split: str, count: int, method: str | None 
     return accuracy_by_skill(records)
 
 
-def main(split: str = typer.Option("validation"), examples_: int = typer.Option(210, "--examples"),
+def main(split: str = typer.Option("validation"), examples_: int = typer.Option(210, "--examples", min=1),
          method: str = typer.Option(None, help="a tokensieve method or chain (fastervlm:128+fastv:0.5); none: all tokens"),
-         keep: str = typer.Option(None, help="token count (64) or ratio (0.1) for --method"),
-         image_size: int = typer.Option(224), batch: int = typer.Option(8)):
+         keep: str = typer.Option(None, help="token count (64) or ratio (0.1; 1.0 keeps all) for --method"),
+         image_size: int = typer.Option(224), batch: int = typer.Option(8, min=1)):
+    # Every option is checked before the model loads, as `tokensieve run` does.
+    if split not in SPLIT_SEEDS:
+        raise typer.BadParameter(f"unknown split {split!r}; choose one of {sorted(SPLIT_SEEDS)}", param_hint="--split")
+    keep_value = parse_keep(keep)
+    check_keep_has_method(method, keep_value)
+    check_image_size(image_size)
+    sieve = build_sieve(method, keep_value)
     model, processor = load_sieve_mini(image_size)
-    table = evaluate_split(model, processor, split, examples_, method, parse_keep(keep), batch, image_size)
+    table = evaluate_split(model, processor, split, examples_, sieve, batch, image_size)
     label = f"{method} keep={keep}" if method else "all tokens"
     print(f"\n{split}, {examples_} examples, {label}:\n{format_table(table)}")
 
