@@ -103,8 +103,10 @@ class Run:
             adapter.vision_tower.register_forward_pre_hook(self._open_capture, with_kwargs=True),
             adapter.vision_tower.register_forward_hook(self._check_placeholders),
             adapter.inner.register_forward_pre_hook(self._before_inner, with_kwargs=True),
-            adapter.inner.register_forward_hook(self._after_inner, with_kwargs=True),
+            # always_call: a forward that raised (a refused input) still ends its call, so the next one starts clean
+            adapter.inner.register_forward_hook(self._after_inner, with_kwargs=True, always_call=True),
             adapter.decoder.register_forward_pre_hook(self._before_decoder, with_kwargs=True),
+            model.register_forward_pre_hook(self._refuse_labels_with_images, with_kwargs=True),
         ]
         try:
             self._handles += adapter.install_signal_hooks(self.pre.signals if self.pre is not None else (), self._capture)
@@ -139,11 +141,26 @@ class Run:
     def __exit__(self, *exc) -> None:
         self.remove()
 
+    def __deepcopy__(self, memo):
+        # reached through the hooks when a hooked model is deep-copied: the copy would stay pruned after
+        # the block, escape the one-method-per-model check, and keep its hooks after .remove()
+        raise RuntimeError(
+            f"copy.deepcopy of a {type(self.model).__name__} while a tokensieve method is applied would copy its "
+            f"hooks: copy the model before ts.apply() or after the with-block (or .remove())"
+        )
+
     def __repr__(self) -> str:
         state = "removed" if self.removed else "active"
         return f"<Run {self.sieve!r} on {type(self.model).__name__}, {state}: {self.stats.summary()}>"
 
     # hooks
+
+    def _refuse_labels_with_images(self, module, args, kwargs) -> None:
+        if kwargs.get("labels") is not None and _has_images(kwargs):
+            raise ValueError(
+                f"labels with images inside apply(): {self.sieve.name} drops visual tokens, so the logits no longer "
+                f"line up with the labels. Compute the loss outside the with-block, or without labels here"
+            )
 
     def _open_capture(self, module, args, kwargs) -> None:
         self.adapter.open_capture(self._capture, args, kwargs)
@@ -197,6 +214,11 @@ class Run:
 
     def _after_inner(self, module, args, kwargs, output) -> None:
         call, self._call = self._call, None
+        if output is None:  # the forward raised: forget its half-done state, and let its error through
+            self._capture.reset()
+            if self._layers is not None:
+                self._layers.clear()
+            return
         if call is not None and call.images_pending:
             raise RuntimeError(
                 f"a forward carried images but {self.sieve.name} never ran: the {self.adapter.family} adapter's "

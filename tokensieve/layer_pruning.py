@@ -230,10 +230,15 @@ class LayerPruning:
         kept = decoder_prefill_flops(self.config, packed_mask.sum(1).tolist(), kept_past, layers=layers)
         self.stats.prefill_flops += kept - full
 
+    def clear(self) -> None:
+        """Forget the current forward's images and plan (it ended, or raised)."""
+        self._images, self._plan, self._forward, self._attention = [], None, {}, None
+
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
-        self.handles, self._images, self._plan, self._forward = [], [], None, {}
+        self.handles = []
+        self.clear()
 
 
 def _attention_module(layer: nn.Module) -> nn.Module:
