@@ -16,7 +16,8 @@ STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 2em auto; max-width: 1400px; padding: 0 1em; color: #222; }
 h1, h2, h3 { font-weight: 600; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
 table { border-collapse: collapse; margin: .5em 0; font-variant-numeric: tabular-nums; }
-th, td { border: 1px solid #ddd; padding: .25em .6em; text-align: right; }
+th, td { border: 1px solid #ddd; padding: .25em .45em; text-align: right; }
+.wide { overflow-x: auto; }  /* a table wider than the window scrolls by itself, not the page */
 th { background: #f3f3f3; } td.text, th.text { text-align: left; }
 tr.baseline td { background: #fafae6; }
 #headline { font-size: 15px; } #headline td:nth-child(2) { font-weight: 600; }
@@ -155,7 +156,8 @@ compare with the baseline on those samples. Timings are medians over samples aft
 decoder's prefill (vision tower and projector separately); peak added MiB is the most memory a sample's
 <code>generate()</code> held above what the process held before it. A &ldquo;-&rdquo; is a value that does not
 exist: no keep or selection time for the baseline, no decode time per token for one-token answers, no retention
-where the baseline answered none of the samples right. Definitions: <code>docs/bench-outputs.md</code>."""
+where the baseline answered none of the samples right, no peak where none was measured. Definitions:
+<code>docs/bench-outputs.md</code>."""
 
 
 def write_report(out: Path, sweep: dict | None, headline: pd.DataFrame, summary: pd.DataFrame,
@@ -174,10 +176,10 @@ def write_report(out: Path, sweep: dict | None, headline: pd.DataFrame, summary:
 <p class="note">{escape(HEADLINE_NOTE)}</p>{skipped_line(sweep)}
 <h2>Summary</h2>
 <p class="note">{SUMMARY_NOTE}</p>
-{html_table(summary, SUMMARY_COLUMNS, "summary")}
+<div class="wide">{html_table(summary, SUMMARY_COLUMNS, "summary")}</div>
 <div class="plots">{main_plots}</div>
 <h2>Per category</h2><div class="plots">{heatmap}</div>{undefined_retention_note(categories)}
-<details><summary>Table</summary>{html_table(categories, CATEGORY_COLUMNS, "per-category")}</details>
+<details><summary>Table</summary><div class="wide">{html_table(categories, CATEGORY_COLUMNS, "per-category")}</div></details>
 <h2>Oracle: how many tokens each question needs</h2>{oracle_section(distribution, plots, plot_names)}
 <h2>Kept patches</h2><p>Greyed patches were dropped before the LLM; each caption gives the budget, the tokens
 kept of the first image, the prediction (&#10003; correct) and whether it is the baseline's answer.</p>{gallery_section(samples)}
