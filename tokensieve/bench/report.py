@@ -79,6 +79,7 @@ def skipped_line(sweep: dict | None) -> str:
 
 
 def _setting(value) -> str:
+    """A sweep.json value as text: a map as 'key: value; ...', a list comma-separated."""
     if isinstance(value, dict):
         return "; ".join(f"{key}: {item}" for key, item in value.items())
     if isinstance(value, list):

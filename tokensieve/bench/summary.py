@@ -185,7 +185,7 @@ def _leader(budget: pd.DataFrame) -> dict:
     ranked = budget.sort_values(["accuracy", "prefill_ms", "config"], ascending=[False, True, True],
                                 na_position="last")
     best = ranked.iloc[0]
-    equals = ranked[(ranked["accuracy"] == best["accuracy"]) & (ranked["config"] != best["config"])]["method"]
     if len(budget) == 1:  # a budget swept for one method only (random:0.1): no contest to have won
         return {**best, "leader": f"{best['method']} (alone at this budget)"}
+    equals = ranked[(ranked["accuracy"] == best["accuracy"]) & (ranked["config"] != best["config"])]["method"]
     return {**best, "leader": best["method"] + (f" (= {', '.join(equals)})" if len(equals) else "")}
