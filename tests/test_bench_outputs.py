@@ -262,6 +262,14 @@ def test_write_outputs_writes_every_file(sweep):
         assert (sweep / "plots" / f"{name}.svg").read_text().lstrip().startswith("<?xml")
 
 
+def test_rewriting_the_outputs_gives_the_same_plot_files(sweep):
+    """Re-rendering a sweep (docs/results) changes no plot file that its records did not change."""
+    write_outputs(sweep, Console(file=io.StringIO()))
+    first = {path.name: path.read_bytes() for path in (sweep / "plots").iterdir()}
+    write_outputs(sweep, Console(file=io.StringIO()))
+    assert {path.name: path.read_bytes() for path in (sweep / "plots").iterdir()} == first
+
+
 def test_legends_stand_beside_the_plotted_lines(sweep, monkeypatch):
     figures = []
     real_save = plots.save

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib import rc_context
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import PathCollection
 from matplotlib.colors import TwoSlopeNorm
@@ -29,7 +30,8 @@ def save(figure: Figure, plots: Path, name: str) -> str:
     figure.tight_layout()
     # bbox "tight": the canvas grows to hold a legend placed beside the axes
     figure.savefig(plots / f"{name}.png", dpi=PNG_DPI, bbox_inches="tight")
-    figure.savefig(plots / f"{name}.svg", bbox_inches="tight", metadata={"Date": None})  # no timestamp: same sweep, same file
+    with rc_context({"svg.hashsalt": name}):  # with no timestamp and fixed clip-path ids: same sweep, same file
+        figure.savefig(plots / f"{name}.svg", bbox_inches="tight", metadata={"Date": None})
     return name
 
 
