@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -122,6 +124,7 @@ def test_prefill_flops_match_torch_flop_counter_on_a_real_decoder():
 
 
 def test_registering_a_method_with_an_unknown_signal_fails():
+    @dataclass
     class Misspelled(Sieve):
         name = "misspelled"
         paper = "none"

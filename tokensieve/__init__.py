@@ -2,7 +2,7 @@
 
 The names below, and the submodules, load on first use (PEP 562), so ``import tokensieve.cli`` or
 ``tokensieve.budget`` does not pay for torch and transformers; ``import tokensieve as ts; ts.FasterVLM``
-and ``ts.engine`` work as usual.
+and ``ts.engine`` work as usual. Every registered method is exported under its class name.
 """
 
 from __future__ import annotations
@@ -17,21 +17,23 @@ _HOMES = {
     "Budget": "budget", "BudgetClampedWarning": "budget",
     "Chain": "chain",
     "Run": "engine", "apply": "engine", "attach": "engine",
-    "DivPrune": "methods", "FasterVLM": "methods", "FastV": "methods", "Pool": "methods",
-    "RandomPrune": "methods", "Uniform": "methods", "VisionZip": "methods",
     "MethodInfo": "registry", "build": "registry", "list_methods": "registry", "load": "registry",
-    "register": "registry",
+    "parse_spec": "registry", "register": "registry", "split_specs": "registry",
     "ScoringSieve": "sieve", "Selection": "sieve", "Sieve": "sieve", "VisualTokens": "sieve",
 }
 
-__all__ = sorted(_HOMES)
 
 
 def __getattr__(name: str):
+    if name == "__all__":  # the methods' class names come from the registry
+        return sorted(_HOMES) + [info.class_name for info in _submodule("registry").list_methods()]
     if name in _HOMES:
         value = getattr(_submodule(_HOMES[name]), name)
         globals()[name] = value  # later look-ups skip this function
         return value
+    if name[:1].isupper() and (method := _submodule("registry").method_class(name)) is not None:
+        globals()[name] = method
+        return method
     if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
         return _submodule(name)  # `ts.engine` without `import tokensieve.engine`, as the eager imports allowed
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -45,4 +47,4 @@ def _submodule(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return sorted(set(globals()) | set(__getattr__("__all__")))

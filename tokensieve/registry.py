@@ -1,25 +1,40 @@
-"""The method registry: ``load(name, **kwargs)`` and ``list_methods()``."""
+"""The method registry: ``register`` (all a method needs), ``load``, ``build`` and ``list_methods``.
+
+A registered method is loadable by name, spelt on the command line (``build``), listed with its
+paper, stage, signals and defaults, exported as ``ts.<ClassName>``, and run by the contract tests,
+whose case list is read from here.
+"""
 
 from __future__ import annotations
 
-import inspect
+import ast
+import dataclasses
 from dataclasses import dataclass
 
 from .budget import parse_keep
-from .sieve import SIGNALS, Sieve
+from .sieve import SIGNALS, STAGES, Sieve
 
 _METHODS: dict[str, type[Sieve]] = {}
 
 
 def register(cls: type[Sieve]) -> type[Sieve]:
-    """Class decorator that makes a sieve loadable by its ``name``."""
+    """Class decorator that makes a sieve loadable by its ``name`` (put it above ``@dataclass``)."""
+    if not dataclasses.is_dataclass(cls) or "__dataclass_fields__" not in cls.__dict__:
+        raise TypeError(f"{cls.__name__} must be a dataclass: decorate it @register above @dataclass")
     if cls.name in _METHODS:
         raise ValueError(f"a method named {cls.name!r} is already registered")
+    if cls.stage not in STAGES:
+        raise ValueError(f"{cls.__name__}.stage={cls.stage!r}: choose from {', '.join(STAGES)}")
     unknown = set(cls.signals) - set(SIGNALS)
     if unknown:
         raise ValueError(f"{cls.__name__} asks for unknown signals {sorted(unknown)}: choose from {sorted(SIGNALS)}")
     _METHODS[cls.name] = cls
     return cls
+
+
+def method_class(class_name: str) -> type[Sieve] | None:
+    """The registered method whose class is called ``class_name`` (``"VisionZip"``), if any."""
+    return next((cls for cls in _METHODS.values() if cls.__name__ == class_name), None)
 
 
 def load(name: str, **kwargs) -> Sieve:
@@ -28,37 +43,93 @@ def load(name: str, **kwargs) -> Sieve:
         cls = _METHODS[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r}: choose one of {', '.join(sorted(_METHODS))}") from None
+    arguments = [f.name for f in dataclasses.fields(cls)]
+    unknown = [key for key in kwargs if key not in arguments]
+    if unknown:
+        raise ValueError(f"{name} takes {', '.join(arguments)}; not {', '.join(unknown)}")
     return cls(**kwargs)
 
 
-def build(spec: str, keep: int | float | None = None):
-    """A method from its command-line spelling: ``"fastv"``, ``"fastv:0.5"``, or a chain
-    ``"fastervlm:128+fastv:0.5"`` (a :class:`~tokensieve.Chain`). ``keep`` is the budget of every method
-    whose spelling gives none; None leaves those at their defaults."""
+def build(spec: str, keep: int | float | None = None, **arguments):
+    """A method from its command-line spelling: ``"fastv"``, ``"fastv:0.5"``, ``"fastv:keep=0.5,layer=3"``
+    (a bare first value is the budget: ``"fastv:0.5,layer=3"``), or a chain of them joined by ``+``,
+    ``"fastervlm:128+fastv:0.5"`` (a :class:`~tokensieve.Chain`). Values read as Python literals
+    (``64``, ``0.25``, ``None``, ``True``), anything else as text. ``keep`` is the budget of every
+    method whose spelling gives none; None leaves those at their defaults. ``arguments`` go to a single
+    method (``build("random", seed=7)``), over what its spelling says."""
     from .chain import Chain  # chain.py needs the sieve module only; importing it here avoids a cycle
 
+    parts = parse_spec(spec)
+    if arguments and len(parts) > 1:
+        raise ValueError(f"{spec} is a chain: give its methods' arguments in the spelling, e.g. fastv:0.5,layer=3")
     sieves = []
-    for part in spec.split("+"):
-        name, _, budget = part.partition(":")
-        value = parse_keep(budget) if budget else keep
-        sieves.append(load(name.strip()) if value is None else load(name.strip(), keep=value))
+    for name, kwargs in parts:
+        if keep is not None:
+            kwargs.setdefault("keep", keep)
+        sieves.append(load(name, **kwargs, **arguments))
     return sieves[0] if len(sieves) == 1 else Chain(*sieves)
+
+
+def parse_spec(spec: str) -> list[tuple[str, dict]]:
+    """``"fastervlm:128+fastv:0.5,layer=3"`` -> ``[("fastervlm", {"keep": 128}), ("fastv", {"keep": 0.5, "layer": 3})]``."""
+    parsed = []
+    for part in spec.split("+"):
+        name, _, arguments = part.partition(":")
+        parsed.append((name.strip(), _arguments(name.strip(), arguments)))
+    return parsed
+
+
+def split_specs(text: str) -> list[str]:
+    """A comma-separated list of specs, where a ``key=value`` item belongs to the spec before it:
+    ``"divprune,fastv:0.5,layer=3"`` -> ``["divprune", "fastv:0.5,layer=3"]``."""
+    specs: list[str] = []
+    for item in filter(None, (item.strip() for item in text.split(","))):
+        if "=" in item.split(":")[0] and specs:
+            specs[-1] += f",{item}"
+        else:
+            specs.append(item)
+    return specs
+
+
+def _arguments(name: str, text: str) -> dict:
+    """``"0.5,layer=3"`` -> ``{"keep": 0.5, "layer": 3}``."""
+    kwargs = {}
+    for position, item in enumerate(filter(None, (item.strip() for item in text.split(",")))):
+        key, equals, value = item.partition("=")
+        if not equals:
+            if position > 0:
+                raise ValueError(f"{name}:{text}: only the first value may stand alone (the budget); name the others, e.g. layer=3")
+            kwargs["keep"] = parse_keep(item)
+        else:
+            kwargs[key.strip()] = _literal(value.strip())
+    return kwargs
+
+
+def _literal(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 @dataclass(frozen=True)
 class MethodInfo:
     name: str
+    class_name: str
     paper: str
     stage: str
     signals: tuple[str, ...]
     defaults: dict
 
 
-def list_methods() -> list[MethodInfo]:
-    """Every registered method with its paper, stage, required signals and default arguments."""
-    infos = []
-    for name, cls in sorted(_METHODS.items()):
-        params = inspect.signature(cls.__init__).parameters.values()
-        defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
-        infos.append(MethodInfo(name, cls.paper, cls.stage, cls.signals, defaults))
-    return infos
+def list_methods(stage: str | None = None, needs: str | tuple[str, ...] = ()) -> list[MethodInfo]:
+    """Every registered method with its paper, stage, required signals and default arguments; ``stage``
+    keeps those of one stage, ``needs`` those that need every signal named (``needs="cls_attention"``)."""
+    if stage is not None and stage not in STAGES:
+        raise ValueError(f"stage={stage!r}: choose from {', '.join(STAGES)}")
+    wanted = {needs} if isinstance(needs, str) else set(needs)
+    return [
+        MethodInfo(name, cls.__name__, cls.paper, cls.stage, cls.signals, {f.name: f.default for f in dataclasses.fields(cls)})
+        for name, cls in sorted(_METHODS.items())
+        if (stage is None or cls.stage == stage) and wanted <= set(cls.signals)
+    ]

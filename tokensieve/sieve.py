@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 import time
@@ -64,14 +64,18 @@ class Selection:
     features: torch.Tensor | None = None
 
 
+@dataclass
 class Sieve:
-    """Base class of every method.
+    """Base class of every method: a dataclass whose fields are the method's arguments.
 
-    Subclasses set ``name``, ``paper``, ``stage`` and ``signals`` and implement :meth:`select`
-    (or, through :class:`ScoringSieve`, only :meth:`ScoringSieve.score`). A sieve is pure tensor
-    code: it never sees a model class. An ``in_llm`` sieve also sets ``self.layer``: it sees the
-    image tokens' hidden states at the input of that decoder layer, and the layers from it on keep
-    only what it selects.
+    A method is ``@register @dataclass class Name(Sieve)`` with class attributes ``name``, ``paper``,
+    ``stage`` and ``signals``, its arguments as fields (``keep`` first, with the method's default
+    budget), and :meth:`select` (or, through :class:`ScoringSieve`, only :meth:`ScoringSieve.score`).
+    Its repr, :meth:`defaults` and the registry's listing come from the fields; checks of its own
+    arguments go in ``__post_init__`` after ``super().__post_init__()``. A sieve is pure tensor code:
+    it never sees a model class. An ``in_llm`` sieve also has a ``layer`` field: it sees the image
+    tokens' hidden states at the input of that decoder layer, and the layers from it on keep only
+    what it selects.
     """
 
     name: ClassVar[str]
@@ -79,21 +83,21 @@ class Sieve:
     stage: ClassVar[str] = "pre_llm"
     signals: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, keep: int | float = 64):
-        self.budget = Budget(keep)
+    keep: int | float = 64
+
+    def __post_init__(self) -> None:
+        self.budget = Budget(self.keep)
+        self.keep = self.budget.value  # a numpy scalar or 0-d tensor becomes the number it holds
 
     def select(self, tokens: VisualTokens) -> Selection:
         raise NotImplementedError
 
     def defaults(self) -> dict:
-        """The constructor arguments of this instance, for display and for the benchmark log."""
-        return {"keep": self.budget.value}
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.defaults().items())
-        return f"{type(self).__name__}({args})"
+        """The arguments of this instance (its fields), for display and for the benchmark log."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+@dataclass
 class ScoringSieve(Sieve):
     """A sieve that scores every token and keeps the top ``keep`` in raster order."""
 
@@ -104,7 +108,6 @@ class ScoringSieve(Sieve):
     def select(self, tokens: VisualTokens) -> Selection:
         k = self.budget.resolve(len(tokens))
         return Selection(top_k_in_order(self.score(tokens), k))
-
 
 
 def timed_select(sieve: Sieve, tokens: VisualTokens) -> tuple[Selection, float]:

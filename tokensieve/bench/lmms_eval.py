@@ -39,10 +39,8 @@ class Tokensieve(lmms):
         check_lmms_eval_path()  # a dependency that breaks lmms-eval's late imports fails now, naming its fix
         method_args = {name.removeprefix("method_"): model_args.pop(name)
                        for name in list(model_args) if name.startswith("method_")}
-        if keep is not None:
-            method_args["keep"] = keep
         # a bad method fails before a model is loaded; a chain ("fastervlm:128+fastv:0.5") takes no method_ args
-        self.sieve = ts.build(method, keep=keep) if "+" in method else ts.load(method, **method_args)
+        self.sieve = ts.build(method, keep=keep, **method_args)
         if model_args.get("pretrained") == "sieve-mini":
             from tokensieve.mini.build import model_dir
 

@@ -82,18 +82,22 @@ def parse_keep(text: str | int | float) -> int | float:
 
 
 def plan(methods: list[str], keeps: list[int | float]) -> list[Config]:
-    """The baseline, then each method at each budget (`name:keep` gives one method its own budget).
+    """The baseline, then each method at each budget (`name:keep` gives one method its own budget;
+    `name:keep,arg=value` passes it arguments too).
 
     Every method is built here once, so an unknown name or a bad budget fails before a model loads.
     """
     names = [info.name for info in ts.list_methods()] if methods == ["all"] else methods
     configs = [Config()]
     for spec in names:
-        parts = [part.partition(":") for part in spec.split("+")]
-        if len(parts) == 1 and parts[0][2]:  # `name:keep`: recorded as that method at that budget
-            spec, budgets = parts[0][0], [parse_keep(parts[0][2])]
-        else:  # a chain with every budget written runs once; otherwise once per swept budget
-            budgets = [None] if all(budget for _, _, budget in parts) else keeps
+        try:
+            parts = ts.parse_spec(spec)
+        except ValueError as err:
+            raise SweepSpecError(str(err)) from None
+        if len(parts) == 1 and list(parts[0][1]) == ["keep"]:  # `name:keep`: recorded as that method at that budget
+            spec, budgets = parts[0][0], [parts[0][1]["keep"]]
+        else:  # a spec with every budget written runs once; otherwise once per swept budget
+            budgets = [None] if all("keep" in kwargs for _, kwargs in parts) else keeps
         for budget in budgets:
             try:
                 ts.build(spec, keep=budget)
@@ -121,7 +125,7 @@ def sweep(model: str = "sieve-mini", suite: str = BUILTIN, methods: list[str] | 
                         limit=limit, device=device, dtype=dtype, show=show, out=str(out),
                         max_new_tokens=max_new_tokens or (5 if suite == BUILTIN else 16))
     try:
-        methods = [m for m in (methods.split(",") if isinstance(methods, str) else methods) if m]
+        methods = ts.split_specs(methods) if isinstance(methods, str) else [m for m in methods if m]
         configs = plan(methods, [parse_keep(k) for k in (keeps.split(",") if isinstance(keeps, str) else keeps)])
         check_model(model, settings.dtype)
         if workers < 1 or (limit is not None and limit < 1):
@@ -232,7 +236,7 @@ class Worker:
             "prefill_flops": prefill_flops, "prefill_flops_unreduced": prefill_flops_unreduced,
             "vision_flops": measured.vision_flops, "prefill_seconds": measured.prefill_seconds,
             "decode_seconds_per_token": measured.decode_seconds_per_token, "new_tokens": len(measured.new_tokens),
-            "peak_memory_bytes": measured.peak_memory_bytes, "kv_cache_bytes": measured.kv_cache_bytes,
+            "peak_memory_added_bytes": measured.peak_memory_added_bytes, "kv_cache_bytes": measured.kv_cache_bytes,
             "selection_seconds": stats.selection_seconds if stats is not None else None, "warmup": False,
         }
 

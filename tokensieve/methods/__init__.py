@@ -1,11 +1,11 @@
-"""One file per method; importing this package registers them all."""
+"""One file per method; importing this package imports every module in it, which registers them all.
 
-from .divprune import DivPrune
-from .fastervlm import FasterVLM
-from .fastv import FastV
-from .pool import Pool
-from .random_prune import RandomPrune
-from .uniform import Uniform
-from .visionzip import VisionZip
+The classes are exported as ``ts.<ClassName>`` from the registry (tokensieve/__init__.py), so a new
+method needs only its own file here (and its row in docs/methods.md).
+"""
 
-__all__ = ["DivPrune", "FasterVLM", "FastV", "Pool", "RandomPrune", "Uniform", "VisionZip"]
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

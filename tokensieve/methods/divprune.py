@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from ..registry import register
 from ..selection import farthest_point
 from ..sieve import Selection, Sieve, VisualTokens
 
 
 @register
+@dataclass
 class DivPrune(Sieve):
     """Greedy max-min diversity on cosine distance between the projected tokens (the LLM inputs).
 
@@ -22,8 +24,7 @@ class DivPrune(Sieve):
     name = "divprune"
     paper = "DivPrune (arXiv 2503.02175)"
 
-    def __init__(self, keep: int | float = 0.098):
-        super().__init__(keep)
+    keep: int | float = 0.098
 
     def select(self, tokens: VisualTokens) -> Selection:
         k = self.budget.resolve(len(tokens))

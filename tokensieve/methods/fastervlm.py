@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import torch
 
 from ..registry import register
@@ -9,6 +10,7 @@ from ..sieve import ScoringSieve, VisualTokens
 
 
 @register
+@dataclass
 class FasterVLM(ScoringSieve):
     """Score each patch by the [CLS] query's attention to it at the vision feature layer, averaged
     over heads; keep the top ``keep`` in raster order (no merging).

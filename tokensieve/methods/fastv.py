@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import torch
 
 from ..registry import register
@@ -9,6 +10,7 @@ from ..sieve import ScoringSieve, VisualTokens
 
 
 @register
+@dataclass
 class FastV(ScoringSieve):
     """After decoder layer ``layer - 1``, score each image token by the attention the prompt's last token
     pays it in that layer, averaged over heads; layers ``layer``.. keep the top ``keep`` in order.
@@ -27,14 +29,13 @@ class FastV(ScoringSieve):
     stage = "in_llm"
     signals = ("llm_attention",)
 
-    def __init__(self, keep: int | float = 0.5, layer: int = 2):
-        super().__init__(keep)
-        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
-            raise ValueError(f"layer={layer!r}: pass the decoder layer to prune before, an int >= 1 (FastV's K, e.g. 2)")
-        self.layer = layer
+    keep: int | float = 0.5
+    layer: int = 2
 
-    def defaults(self) -> dict:
-        return {"keep": self.budget.value, "layer": self.layer}
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
+            raise ValueError(f"layer={self.layer!r}: pass the decoder layer to prune before, an int >= 1 (FastV's K, e.g. 2)")
 
     def score(self, tokens: VisualTokens) -> torch.Tensor:
         return tokens["llm_attention"].mean(dim=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
@@ -27,6 +28,7 @@ def _cell_bounds(size: int, cells: int) -> list[tuple[int, int]]:
 
 
 @register
+@dataclass
 class Pool(Sieve):
     """Average-pool the projected tokens to the largest grid of at most ``keep`` cells.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import torch
 
 from ..registry import register
@@ -9,6 +10,7 @@ from ..sieve import Selection, Sieve, VisualTokens
 
 
 @register
+@dataclass
 class RandomPrune(Sieve):
     """Keep ``keep`` tokens drawn uniformly without replacement, in raster order.
 
@@ -19,9 +21,7 @@ class RandomPrune(Sieve):
     name = "random"
     paper = "baseline"
 
-    def __init__(self, keep: int | float = 64, seed: int = 0):
-        super().__init__(keep)
-        self.seed = seed
+    seed: int = 0
 
     def select(self, tokens: VisualTokens) -> Selection:
         k = self.budget.resolve(len(tokens))
@@ -29,5 +29,3 @@ class RandomPrune(Sieve):
         kept = torch.randperm(len(tokens), generator=generator)[:k].sort().values
         return Selection(kept.to(tokens.features.device))
 
-    def defaults(self) -> dict:
-        return {"keep": self.budget.value, "seed": self.seed}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import torch
 
 from ..registry import register
@@ -10,6 +11,7 @@ from ..sieve import Selection, Sieve, VisualTokens
 
 
 @register
+@dataclass
 class Uniform(Sieve):
     """Spatially even subsample: the cell centres of a rows×cols lattice spread over the grid,
     trimmed evenly to exactly ``keep`` tokens. Default ``keep=64`` (an 8×8 lattice on 24×24).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import torch
 
 from ..registry import register
@@ -10,6 +11,7 @@ from ..sieve import Selection, Sieve, VisualTokens
 
 
 @register
+@dataclass
 class VisionZip(Sieve):
     """Keep ``dominant`` patches by head-summed [CLS] attention at the vision feature layer; merge
     the rest into ``contextual`` tokens: targets taken at a uniform stride over the remaining
@@ -29,11 +31,13 @@ class VisionZip(Sieve):
     paper = "VisionZip (arXiv 2412.04467)"
     signals = ("cls_attention", "vision_keys", "vision_features", "project")
 
-    def __init__(self, keep: int | float = 64, contextual: int | None = None):
-        super().__init__(keep)
+    contextual: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        contextual = self.contextual
         if contextual is not None and (isinstance(contextual, bool) or not isinstance(contextual, int) or contextual < 0):
             raise ValueError(f"contextual must be a count >= 0 (or None for the paper's ratio), not {contextual!r}")
-        self.contextual = contextual
 
     def split(self, k: int) -> tuple[int, int]:
         """(dominant, contextual) counts for a budget of ``k`` tokens."""
