@@ -61,7 +61,7 @@ def record(config: str, sample: str, prediction: str) -> dict:
         "tokens_before": 16, "tokens_after": kept, "kept": list(range(kept)), "grid": [4, 4],
         "prefill_flops": (kept + 10) * 10**9, "prefill_flops_unreduced": 26 * 10**9, "vision_flops": 5 * 10**9,
         "prefill_seconds": prefill, "decode_seconds_per_token": decode, "new_tokens": 2,
-        "peak_memory_bytes": {"s2": 200 * MIB, "s3": None}.get(sample, (100 + kept) * MIB),
+        "peak_memory_added_bytes": {"s2": 200 * MIB, "s3": None}.get(sample, (100 + kept) * MIB),
         "kv_cache_bytes": (kept + 10) * 1024, "selection_seconds": selection, "warmup": sample == "s0",
     }
 
@@ -401,7 +401,7 @@ def test_refused_configurations_are_named_under_the_headline(sweep):
 def test_records_without_a_peak_memory_leave_the_column_empty(sweep):
     """Records from before the meter measured the added peak (docs/results) carry none."""
     for path in (sweep / "runs").glob("*.jsonl"):
-        path.write_text(re.sub(r'"peak_memory_bytes": [^,]+, ', "", path.read_text()))
+        path.write_text(re.sub(r'"peak_memory_added_bytes": [^,]+, ', "", path.read_text()))
     write_outputs(sweep, Console(file=io.StringIO()))
     assert pd.read_csv(sweep / "summary.csv")["peak_memory_added_mib"].isna().all()
     assert "| baseline | - | 16.0 | 0.750 | 0.301–0.954 | 100.0% | 100.0% | 26.00 | 100.0% | 5.00 | 50.0 | 1.00 | - |" in (

@@ -20,7 +20,7 @@ from tokensieve.selection import grid_subsample
 FIXTURES = Path(__file__).parent / "fixtures" / "bench"
 FIELDS = {"config", "method", "keep", "sample", "category", "question", "target", "prediction", "correct", "score",
           "tokens_before", "tokens_after", "kept", "grid", "prefill_flops", "prefill_flops_unreduced", "vision_flops",
-          "prefill_seconds", "decode_seconds_per_token", "new_tokens", "peak_memory_bytes", "kv_cache_bytes",
+          "prefill_seconds", "decode_seconds_per_token", "new_tokens", "peak_memory_added_bytes", "kv_cache_bytes",
           "selection_seconds", "warmup"}
 SMALL = dict(methods="random,fastervlm", keeps="64,16", max_new_tokens=3, progress=False)
 
@@ -49,7 +49,7 @@ def test_every_configuration_records_every_sample_with_sane_measurements(small_s
             assert record["prefill_flops_unreduced"] == base["prefill_flops"] == base["prefill_flops_unreduced"]
             assert record["vision_flops"] == base["vision_flops"]  # the tower runs on every token either way
             assert record["prefill_seconds"] > 0 and 1 <= record["new_tokens"] <= 3
-            assert record["peak_memory_bytes"] > 0 and record["warmup"] is False
+            assert record["peak_memory_added_bytes"] > 0 and record["warmup"] is False
             assert record["correct"] == (record["score"] == 1.0)
             if config == "baseline":
                 assert record["method"] is record["keep"] is record["selection_seconds"] is None

@@ -74,7 +74,7 @@ class Measurement:
     new_tokens: torch.Tensor  # the generated token ids
     prefill_seconds: float
     decode_seconds_per_token: float | None
-    peak_memory_bytes: int | None  # the most the call held above what was held before it
+    peak_memory_added_bytes: int | None  # the most the call held above what was held before it
     kv_cache_bytes: int
     vision_flops: int
     images: list[ImageSlot]  # where each image's tokens sat in the unpruned prompt, with its grid
@@ -133,7 +133,7 @@ class Meter:
             new_tokens=output[0, inputs["input_ids"].shape[1]:],
             prefill_seconds=clock.times[0] - start,
             decode_seconds_per_token=statistics.median(gaps) if gaps else None,
-            peak_memory_bytes=peak_added, kv_cache_bytes=probe.kv_cache_bytes,
+            peak_memory_added_bytes=peak_added, kv_cache_bytes=probe.kv_cache_bytes,
             vision_flops=sum(self._flops(module, *probe.first_inputs[module]) for module in probe.first_inputs),
             images=probe.image_slots(), stats=run.stats if sieve is not None else None)
 

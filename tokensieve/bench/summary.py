@@ -82,7 +82,7 @@ def _summarise_config(rows: pd.DataFrame) -> dict:
     base_accuracy = rows["base_score"].mean()
     low, high = wilson_interval(accuracy, len(rows))
     # records written before the meter measured the added peak carry none (docs/results/README.md)
-    peak = rows["peak_memory_bytes"].dropna() if "peak_memory_bytes" in rows else pd.Series(dtype=float)
+    peak = rows["peak_memory_added_bytes"].dropna() if "peak_memory_added_bytes" in rows else pd.Series(dtype=float)
     return {
         "config": rows["config"].iloc[0],
         "method": rows["method"].iloc[0],
