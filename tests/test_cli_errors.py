@@ -144,3 +144,13 @@ def test_the_package_names_load_on_first_use():
     assert set(tokensieve.__all__) <= set(namespace)
     with pytest.raises(AttributeError, match="no attribute 'FasterVlm'"):
         tokensieve.FasterVlm
+
+
+def test_a_missing_extra_ends_the_command_in_one_line_naming_the_install(monkeypatch, tmp_path):
+    """`pip install tokensieve` alone has no onnx/gguf: building sieve-mini says which extra brings them."""
+    monkeypatch.setenv("TOKENSIEVE_CACHE", str(tmp_path))  # nothing cached: the build must start
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as if the package were not installed
+    result = runner.invoke(app, ["model", "build"])
+    assert result.exit_code == 1
+    assert result.output.strip() == ("Error: building sieve-mini from its ONNX and GGUF parts needs gguf: pip install "
+                                     "'tokensieve[mini]' (from a checkout: pip install -e '.[mini]')")

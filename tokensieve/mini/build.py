@@ -26,6 +26,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
+from ..extras import require
 from . import wheels
 from .chat import IMAGE_TOKEN
 
@@ -120,6 +121,7 @@ def model_dir(progress: Progress | None = None, rebuild: bool = False) -> Path:
         shutil.rmtree(target, ignore_errors=True)
     if (target / "config.json").is_file():
         return target
+    require("mini", "onnx", "gguf", purpose="building sieve-mini from its ONNX and GGUF parts")
     if not PROJECTOR_FILE.is_file():
         raise FileNotFoundError(f"trained projector missing: {PROJECTOR_FILE} (train it with "
                                 "`python -m tokensieve.mini.train`, or reinstall tokensieve)")

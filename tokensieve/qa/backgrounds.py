@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..extras import require
+
 # Sample images that ship inside the scikit-image wheel (no download needed).
 SKIMAGE_NAMES = (
     "astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins", "colorwheel",
@@ -28,6 +30,7 @@ def _to_rgb(array: np.ndarray) -> Image.Image:
 @lru_cache(maxsize=1)
 def photos() -> tuple[Image.Image, ...]:
     """All background photos, in a fixed order (so a seed always picks the same one)."""
+    require("bench", "skimage", purpose="the built-in QA suite's background photos (scikit-image's samples)")
     import skimage.data
 
     images = [_to_rgb(getattr(skimage.data, name)()) for name in SKIMAGE_NAMES]
