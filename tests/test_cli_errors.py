@@ -10,13 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 import typer
 from typer.testing import CliRunner
 
 import tokensieve
 from tokensieve.cli import app
 from tokensieve.mini import SAMPLE_IMAGE, build, evaluate
-from tokensieve.mini.cli import run_command
+from tokensieve.mini import answer_question
 
 runner = CliRunner()
 
@@ -90,9 +91,9 @@ def test_evaluate_refuses_a_mistake_as_the_cli_does(args, option, message, model
     assert message in error_line(result.output, option)
 
 
-def test_run_command_refuses_an_empty_question_from_python_too(models_refuse_to_load):
-    with pytest.raises(typer.BadParameter, match="is empty"):
-        run_command(question="")
+def test_the_library_refuses_an_empty_question_too(models_refuse_to_load):
+    with pytest.raises(ValueError, match="the question is empty"):
+        answer_question(None, None, Image.new("RGB", (224, 224)), "")
 
 
 def run_python(code: str) -> str:

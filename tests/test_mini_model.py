@@ -13,9 +13,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, Dinov2Config, Dinov2Model, LlamaForCausalLM, LlavaForConditionalGeneration
 
-from tokensieve.mini import build
+from typer.testing import CliRunner
+
+import tokensieve as ts
+from tokensieve.cli import app, parse_keep
+from tokensieve.draw import grey_out
+from tokensieve.mini import SAMPLE_IMAGE, SAMPLE_QUESTION, answer_question, build
 from tokensieve.mini.lora import dequantised
-from tokensieve.mini.cli import SAMPLE_IMAGE, SAMPLE_QUESTION, grey_out, parse_keep, run_command
 from tokensieve.mini.convert import DINOV2_SMALL, ONNX_FINAL_LAYERNORM, dinov2_state_dict_from_onnx, onnx_layer_output
 from tokensieve.mini.sequences import Encoder
 
@@ -136,16 +140,26 @@ def test_build_is_cached_and_bad_sizes_are_refused(sieve_mini):
         build.load_sieve_mini(image_size=200)
 
 
-def test_demo_runs_on_the_bundled_image(sieve_mini, capsys):
-    answer = run_command()
-    printed = capsys.readouterr().out
-    assert answer and f"answer: {answer}" in " ".join(printed.split())
-    assert "256 of 256 kept" in printed
+def test_demo_runs_on_the_bundled_image(sieve_mini):
+    result = CliRunner().invoke(app, ["run"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "answer: green" in " ".join(result.output.split())
+    assert "256 of 256 kept" in result.output
+
+
+def test_the_library_answers_as_the_command_does(sieve_mini):
+    model, processor = build.load_sieve_mini()
+    reply = answer_question(model, processor, Image.open(SAMPLE_IMAGE), SAMPLE_QUESTION, ts.load("fastervlm", keep=64))
+    assert (reply.text, reply.before, reply.after, reply.grid) == ("green", 256, 64, (16, 16)) and len(reply.kept) == 64
+    with pytest.raises(ValueError, match="the question is empty"):
+        answer_question(model, processor, Image.open(SAMPLE_IMAGE), "  ")
 
 
 def test_run_with_a_method_greys_out_what_it_dropped(sieve_mini, tmp_path):
     show = tmp_path / "kept.png"
-    run_command(SAMPLE_IMAGE, SAMPLE_QUESTION, method="random", keep="0.25", show=show)
+    result = CliRunner().invoke(app, ["run", "--image", str(SAMPLE_IMAGE), "--question", SAMPLE_QUESTION,
+                                      "--method", "random", "--keep", "0.25", "--show", str(show)])
+    assert result.exit_code == 0, result.output
     picture = np.asarray(Image.open(show)).astype(int)
     original = np.asarray(Image.open(SAMPLE_IMAGE).convert("RGB").resize((224, 224))).astype(int)
     # Patch centres: unchanged where kept, pulled towards grey where dropped; 64 of 256 kept.
@@ -164,5 +178,3 @@ def test_grey_out_and_keep_parsing():
 
     with pytest.raises(typer.BadParameter, match="count"):
         parse_keep("lots")
-    with pytest.raises(typer.BadParameter, match="no such file"):
-        run_command(image=SAMPLE_IMAGE.with_name("missing.jpg"), question="What?")

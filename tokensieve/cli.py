@@ -121,12 +121,43 @@ def run(
     image_size: int = typer.Option(224, help="224 (16x16 = 256 tokens) or 448 (32x32 = 1,024 tokens)"),
 ) -> None:
     """Answer a question about an image with the embedded sieve-mini model, optionally pruned."""
+    from rich.markup import escape
+
     keep_value = parse_keep(keep)
     check_run_options(image, question, method, keep_value, show, image_size)
-    from .mini.cli import run_command  # torch and transformers: only for options that passed
+    sieve = build_sieve(method, keep_value)
+    from PIL import Image
 
+    from .mini import SAMPLE_IMAGE, SAMPLE_QUESTION
+
+    if image is None:
+        image, question = SAMPLE_IMAGE, question or SAMPLE_QUESTION
+    picture = Image.open(image).convert("RGB")
     with missing_extra_as_one_line():
-        run_command(image=image, question=question, method=method, keep=keep_value, show=show, image_size=image_size)
+        answer = answer_with_progress(picture, question, sieve, method, image_size)
+
+    console.print(f"[dim]image[/] {escape(str(image))}  [dim]question[/] {escape(question)}")
+    console.print(f"[dim]visual tokens[/] {answer.after} of {answer.before} kept"
+                  + (f" by {escape(method)}" if method else "") + f"  [dim]time[/] {answer.seconds:.2f} s")
+    console.print(f"[bold]answer:[/] {escape(answer.text)}")
+    if show is not None:
+        from .draw import grey_out
+
+        grey_out(picture.resize((image_size, image_size)), answer.grid, answer.kept).save(show)
+        console.print(f"[dim]kept patches drawn in[/] {escape(str(show))}")
+
+
+def answer_with_progress(picture, question: str, sieve, method: str | None, image_size: int):
+    """sieve-mini's answer, showing each step (building on first use, loading, answering) while it works."""
+    from .mini.answer import answer_question
+    from .mini.build import _step, load_sieve_mini, model_dir, progress_display
+
+    with progress_display() as progress:
+        model_dir(progress)  # shows each build step the first time; cached afterwards
+        with _step(progress, f"Loading sieve-mini ({image_size}x{image_size} images)"):
+            model, processor = load_sieve_mini(image_size)
+        with _step(progress, "Answering" + (f" with {method}" if method else " with all tokens")):
+            return answer_question(model, processor, picture, question, sieve)
 
 
 @contextmanager

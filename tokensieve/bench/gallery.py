@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from tokensieve.mini.cli import grey_out
+from tokensieve.draw import grey_out
 
 from .summary import BASELINE
 

@@ -5,14 +5,16 @@ GGUF) answers; a projector and LoRA adapters trained here on tokensieve's QA sui
 
     from tokensieve.mini import load_sieve_mini
     model, processor = load_sieve_mini()          # builds and caches on first use
+    answer_question(model, processor, image, "What colour is the triangle?", ts.FasterVLM(keep=64))
 """
 
 from pathlib import Path
 
+from .answer import Answer, answer_question
 from .build import cache_root, load_sieve_mini, model_dir
 
 #: the bundled sample (a scene of tokensieve's QA suite) and a question it answers ("green")
 SAMPLE_IMAGE = Path(__file__).parent / "sample.jpg"
 SAMPLE_QUESTION = "What colour is the triangle?"
 
-__all__ = ["SAMPLE_IMAGE", "SAMPLE_QUESTION", "cache_root", "load_sieve_mini", "model_dir"]
+__all__ = ["Answer", "SAMPLE_IMAGE", "SAMPLE_QUESTION", "answer_question", "cache_root", "load_sieve_mini", "model_dir"]
