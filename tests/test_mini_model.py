@@ -148,7 +148,7 @@ def test_demo_runs_on_the_bundled_image(sieve_mini):
 
 
 def test_the_library_answers_as_the_command_does(sieve_mini):
-    model, processor = build.load_sieve_mini()
+    model, processor = sieve_mini
     reply = answer_question(model, processor, Image.open(SAMPLE_IMAGE), SAMPLE_QUESTION, ts.load("fastervlm", keep=64))
     assert (reply.text, reply.before, reply.after, reply.grid) == ("green", 256, 64, (16, 16)) and len(reply.kept) == 64
     with pytest.raises(ValueError, match="the question is empty"):
