@@ -4,8 +4,10 @@ no selection at all.
 The ideal at budget k runs the same vision tower and projector, then the stock model on a prompt
 with only k image placeholders and the first k projected features (no hooks, no scoring). Each
 method runs through tokensieve on the full 576-placeholder prompt and keeps k. Runs alternate
-(ideal, method, ideal, method, ...) so drift on a shared machine hits both alike; the figure is
-the ratio of medians. The selection's own time comes from ``run.stats``.
+(ideal, method, ideal, method, ...) and each pair gives one ratio, so drift on a shared machine
+cancels within the pair; the figure is the median paired ratio with a distribution-free 95%
+interval for it (a method is within 3% of its ideal when the interval's upper end is). The
+selection's own time comes from ``run.stats``.
 
     python benchmarks/overhead.py                    # LLaVA-shaped, hidden 512, 8 layers, CPU
     python benchmarks/overhead.py --device cuda --dtype bfloat16 --model llava-1.5-7b
@@ -22,7 +24,7 @@ from rich.table import Table
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import tokensieve as ts
-from shapes import describe, model_and_inputs, timed
+from shapes import describe, model_and_inputs, paired_ratios, timed
 from tokensieve.demo_model import IMAGE_TOKEN
 
 console = Console()
@@ -38,9 +40,9 @@ def _ideal_inputs(inputs: dict, k: int) -> dict:
 
 
 def main(
-    methods: str = typer.Option("random,uniform,pool,fastervlm,visionzip,divprune", help="comma-separated"),
-    keeps: str = typer.Option("64,128,192"),
-    repeats: int = typer.Option(7, help="timed runs per configuration (median)"),
+    methods: str = typer.Option(None, help="comma-separated; default: every pre-LLM method in the registry"),
+    keeps: str = typer.Option("64,192"),
+    repeats: int = typer.Option(9, help="timed (ideal, method) pairs per configuration"),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("float32"),
     model_name: str = typer.Option("demo", "--model", help="demo | llava-1.5-7b (the ideal is built for LLaVA prompts)"),
@@ -49,6 +51,7 @@ def main(
     if model_name not in ("demo", "llava-1.5-7b"):
         raise typer.BadParameter(f"--model {model_name}: the ideal prompt is built for LLaVA; use demo or llava-1.5-7b "
                                  "(benchmarks/in_llm.py times other models against the stock one)")
+    methods = methods or ",".join(info.name for info in ts.list_methods(stage="pre_llm"))
     model, inputs = model_and_inputs(model_name, device, dtype, batch)
     console.print(describe(model, inputs, device, dtype))
 
@@ -64,7 +67,7 @@ def main(
 
     stock_seconds = statistics.median(timed(lambda: model(**inputs), device) for _ in range(repeats))
     table = Table(title=f"prefill vs the ideal (stock, all 576 tokens: {stock_seconds * 1e3:.0f} ms)")
-    for column in ("method", "keep", "ideal ms", "method ms", "vs ideal", "selection ms", "vs stock"):
+    for column in ("method", "keep", "ideal ms", "method ms", "vs ideal (95% interval)", "selection ms", "vs stock"):
         table.add_column(column, justify="right")
     for k in map(int, keeps.split(",")):
         for name in methods.split(","):
@@ -82,8 +85,9 @@ def main(
             ideal_ms = statistics.median(ideal_times) * 1e3
             method_ms = statistics.median(method_times) * 1e3
             selection_ms = statistics.median(selection_times) * 1e3
+            ratio, low, high = paired_ratios(method_times, ideal_times)
             table.add_row(
-                name, str(k), f"{ideal_ms:.1f}", f"{method_ms:.1f}", f"{method_ms / ideal_ms - 1:+.1%}",
+                name, str(k), f"{ideal_ms:.1f}", f"{method_ms:.1f}", f"{ratio - 1:+.1%} ({low - 1:+.1%} to {high - 1:+.1%})",
                 f"{selection_ms:.2f}", f"{stock_seconds * 1e3 / method_ms:.2f}x",
             )
     console.print(table)

@@ -12,6 +12,8 @@ on a CPU would need 28 GiB before the first cast.
 
 from __future__ import annotations
 
+import math
+import statistics
 import time
 
 import torch
@@ -109,3 +111,20 @@ def timed(fn, device: str) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """The median of ``values`` and a distribution-free interval for it: the order statistics x(j) and
+    x(n+1-j) with the largest j whose binomial coverage still reaches ``confidence`` (n=9: x(2)..x(8),
+    96%). With too few values for any such j, the interval is the whole range."""
+    ordered, n = sorted(values), len(values)
+    j = 0
+    while j + 1 <= n // 2 and 1 - 2 * sum(math.comb(n, i) for i in range(j + 1)) / 2**n >= confidence:
+        j += 1
+    return statistics.median(ordered), ordered[max(j - 1, 0)], ordered[n - max(j, 1)]
+
+
+def paired_ratios(numerators: list[float], denominators: list[float]) -> tuple[float, float, float]:
+    """Median and 95% interval of the per-pair ratios of interleaved runs (run i of each timed back to
+    back), so drift on a shared machine cancels within a pair instead of widening both medians."""
+    return median_interval([a / b for a, b in zip(numerators, denominators)])
