@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from tokensieve import Budget, Sieve, register
 from tokensieve.flops import decoder_prefill_flops
 from tokensieve.methods.pool import _target_grid
-from tokensieve.selection import farthest_point, grid_subsample, left_packed, merge_into_targets, top_k_in_order
+from tokensieve.selection import bipartite_merge, farthest_point, grid_subsample, left_packed, merge_into_targets, top_k_in_order
 
 
 def reference_divprune(features: torch.Tensor, k: int) -> torch.Tensor:
@@ -132,3 +132,40 @@ def test_registering_a_method_with_an_unknown_signal_fails():
 
     with pytest.raises(ValueError, match="unknown signals \\['cls_atention'\\]"):
         register(Misspelled)
+
+
+def _one_round_by_loops(x: torch.Tensor, r: int) -> tuple[list[int], torch.Tensor]:
+    """ToMe's bipartite soft matching as plain loops: A = even positions, B = odd; each A token's best B by
+    cosine (first on ties), the r A tokens with the best matches (earlier on ties) merged into theirs."""
+    a, b = list(range(0, len(x), 2)), list(range(1, len(x), 2))
+    unit = F.normalize(x, dim=-1)
+    best = {i: max(b, key=lambda j: (float(unit[i] @ unit[j]), -j)) for i in a}
+    ranked = sorted(a, key=lambda i: (-float(unit[i] @ unit[best[i]]), i))
+    merged = set(ranked[:r])
+    kept = [i for i in range(len(x)) if i not in merged]
+    groups = {j: [j] + [i for i in merged if best[i] == j] for j in kept}
+    return kept, torch.stack([x[groups[j]].mean(0) for j in kept])
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 30), fraction=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
+def test_one_round_of_bipartite_merge_matches_the_loop(n, fraction, seed):
+    r = round(fraction * ((n + 1) // 2))
+    x = torch.randn(n, 6, generator=torch.Generator().manual_seed(seed))
+    merge = bipartite_merge(x, x, n - r)
+    kept, features = _one_round_by_loops(x, r)
+    assert merge.kept.tolist() == kept
+    torch.testing.assert_close(merge.features, features, atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 60), k=st.integers(1, 60), seed=st.integers(0, 2**16))
+def test_bipartite_merge_leaves_k_tokens_each_the_mean_of_what_it_holds(n, k, seed):
+    k = min(k, n)
+    x = torch.randn(n, 4, generator=torch.Generator().manual_seed(seed))
+    merge = bipartite_merge(x, x, k)
+    assert len(merge.kept) == k and merge.kept.tolist() == sorted(set(merge.kept.tolist()))
+    assert merge.sizes.sum() == n and merge.sizes.tolist() == torch.bincount(merge.assignment, minlength=k).tolist()
+    assert all(merge.assignment[token] == j for j, token in enumerate(merge.kept.tolist()))  # a kept token holds itself
+    for j in range(k):
+        torch.testing.assert_close(merge.features[j], x[merge.assignment == j].mean(0), atol=1e-5, rtol=1e-5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -89,6 +91,55 @@ def merge_into_targets(
     sums.index_add_(0, assignment, hidden[members].float())
     counts = torch.bincount(assignment, minlength=len(targets)).clamp(min=1).unsqueeze(1)
     return (hidden[targets].float() + sums / counts).to(hidden.dtype)
+
+
+@dataclass
+class Merge:
+    """What merging left of one image's N tokens: the kept tokens (ascending original indices, each
+    standing at its representative's position), their features, how many originals each holds, and
+    for every original token the kept token it went into (an index into ``kept``)."""
+
+    kept: torch.Tensor  # (k,)
+    features: torch.Tensor  # (k, d)
+    sizes: torch.Tensor  # (k,) originals per kept token, summing to N
+    assignment: torch.Tensor  # (N,) position in ``kept`` of the token each original joined
+
+
+def bipartite_merge(features: torch.Tensor, metric: torch.Tensor, k: int) -> Merge:
+    """ToMe's bipartite soft matching, repeated until exactly ``k`` tokens are left.
+
+    Each round splits the current tokens alternately into sets A and B (in order), joins each A token to
+    its most cosine-similar B token by ``metric``, and merges the ``r`` A tokens with the most similar
+    partners into them (``r`` = as many as the round can take without going below ``k``); merged features
+    and metrics are size-weighted means, so a kept token's features are the mean of every original
+    token it holds. Ties in similarity go to the earlier A token.
+    """
+    n = features.shape[0]
+    device = features.device
+    values, keys = features.float(), metric.float()
+    sizes = torch.ones(n, device=device)
+    positions = torch.arange(n, device=device)  # each current token's representative (a B token's own index)
+    owner = torch.arange(n, device=device)  # each original token's current token
+    while len(positions) > k:
+        m = len(positions)
+        r = min(m - k, (m + 1) // 2)
+        a, b = torch.arange(0, m, 2, device=device), torch.arange(1, m, 2, device=device)
+        unit = F.normalize(keys, dim=-1)
+        best, partner = (unit[a] @ unit[b].T).max(dim=1)
+        ranked = torch.sort(best, descending=True, stable=True).indices
+        src, dst = a[ranked[:r]], b[partner[ranked[:r]]]
+        target = torch.arange(m, device=device)  # each current token's token after this round
+        target[src] = dst
+        survivors = torch.ones(m, dtype=torch.bool, device=device)
+        survivors[src] = False
+        renumber = survivors.cumsum(0) - 1
+        weights = sizes.unsqueeze(1)
+        new_sizes = torch.zeros(m, device=device).index_add_(0, target, sizes)
+        values = torch.zeros_like(values).index_add_(0, target, values * weights)[survivors] / new_sizes[survivors, None]
+        keys = torch.zeros_like(keys).index_add_(0, target, keys * weights)[survivors] / new_sizes[survivors, None]
+        sizes, positions = new_sizes[survivors], positions[survivors]
+        owner = renumber[target[owner]]
+    return Merge(positions, values.to(features.dtype), sizes, owner)
 
 
 def left_packed(keep: torch.Tensor, own_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 from ..registry import register
 from ..selection import farthest_point
 from ..sieve import Selection, Sieve, VisualTokens
