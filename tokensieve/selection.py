@@ -110,7 +110,7 @@ def bipartite_merge(features: torch.Tensor, metric: torch.Tensor, k: int) -> Mer
 
     Each round splits the current tokens alternately into sets A and B (in order), joins each A token to
     its most cosine-similar B token by ``metric``, and merges the ``r`` A tokens with the most similar
-    partners into them (``r`` = as many as the round can take without going below ``k``); merged features
+    partners into them (``r``: at most half the tokens, as ToMe, and never below ``k``); merged features
     and metrics are size-weighted means, so a kept token's features are the mean of every original
     token it holds. Ties in similarity go to the earlier A token.
     """
@@ -122,7 +122,7 @@ def bipartite_merge(features: torch.Tensor, metric: torch.Tensor, k: int) -> Mer
     owner = torch.arange(n, device=device)  # each original token's current token
     while len(positions) > k:
         m = len(positions)
-        r = min(m - k, (m + 1) // 2)
+        r = min(m - k, m // 2)  # at most half the tokens a round, as ToMe
         a, b = torch.arange(0, m, 2, device=device), torch.arange(1, m, 2, device=device)
         unit = F.normalize(keys, dim=-1)
         best, partner = (unit[a] @ unit[b].T).max(dim=1)
