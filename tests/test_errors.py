@@ -99,12 +99,15 @@ def test_images_and_placeholders_that_disagree_are_refused():
         model(**LLAVA.make_inputs([[5, 6]]))  # the block still works after the error
 
 
-def test_inputs_embeds_with_images_are_refused_instead_of_running_unpruned():
+def test_inputs_embeds_whose_placeholders_are_not_the_image_tokens_embedding_are_refused():
+    """Image tokens in inputs_embeds are found as the model finds them, by the image token's embedding:
+    placeholders changed after embedding match nothing, and the call is refused instead of running unpruned."""
     model = build_model(LLAVA)
     inputs = LLAVA.make_inputs([[5, 6]])
-    embeds = model.get_input_embeddings()(inputs.pop("input_ids"))
+    embeds = model.get_input_embeddings()(inputs.pop("input_ids")) + 1e-3
     with ts.apply(model, ts.load("divprune", keep=8)):
-        with pytest.raises(ValueError, match="pass input_ids \\(not inputs_embeds\\)"):
+        with pytest.raises(ValueError, match="need 64 image placeholder tokens, but inputs_embeds has rows equal to "
+                                             "the image token's embedding at 0"):
             model(inputs_embeds=embeds, **inputs)
 
 

@@ -57,3 +57,60 @@ def test_every_copy_of_a_prompt_keeps_the_same_tokens_and_cache_equals_no_cache(
     first = [r.kept for r in uncached_run.stats.images[: sum(N_IMAGES)]]
     assert all(torch.equal(r.kept, first[i % sum(N_IMAGES)]) for i, r in enumerate(uncached_run.stats.images))
     assert all(torch.equal(a.kept, b) for a, b in zip(prompts, first))
+
+
+# Assisted decoding verifies candidate tokens (from a draft model, or from n-grams of the prompt) in one forward
+# and crops the cache after the rejected ones; greedy, it gives exactly the tokens of plain greedy decoding.
+ASSISTED_MODES = ["assisted", "prompt_lookup"]
+ASSISTED_PROMPT = [[5, 6, 5, 6, 5]]  # a repeated n-gram, so prompt lookup proposes candidates
+_ASSISTANTS = {}
+
+
+def assisted_options(family, mode: str) -> dict:
+    if mode == "prompt_lookup":
+        return dict(prompt_lookup_num_tokens=2)
+    if family.name not in _ASSISTANTS:  # a stock draft model of the same family, never hooked
+        _ASSISTANTS[family.name] = family.build()
+    return dict(assistant_model=_ASSISTANTS[family.name])
+
+
+def greedy(model, inputs, family, **options):
+    return model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                          suppress_tokens=[family.image_token], **options)
+
+
+@pytest.mark.parametrize("mode", ASSISTED_MODES)
+@pytest.mark.parametrize("family, name, kwargs", CONTRACT)
+def test_keep_all_assisted_decoding_generates_as_the_stock_model(family, name, kwargs, mode):
+    model = build_model(family)
+    inputs = family.make_inputs(ASSISTED_PROMPT)
+    expected = greedy(model, inputs, family, **assisted_options(family, mode))
+    with ts.apply(model, method_for(name, kwargs, keep=1.0, pre_keep=1.0)):
+        tokens = greedy(model, inputs, family, **assisted_options(family, mode))
+    assert torch.equal(tokens, expected)
+
+
+@pytest.mark.parametrize("mode", ASSISTED_MODES)
+@pytest.mark.parametrize("family, name, kwargs", CONTRACT)
+def test_assisted_decoding_under_pruning_gives_the_tokens_of_plain_greedy_decoding(family, name, kwargs, mode):
+    model = build_model(family)
+    inputs = family.make_inputs(ASSISTED_PROMPT)
+    with ts.apply(model, method_for(name, kwargs)) as plain_run:
+        plain = greedy(model, inputs, family)
+    with ts.apply(model, method_for(name, kwargs)) as assisted_run:
+        assisted = greedy(model, inputs, family, **assisted_options(family, mode))
+    assert torch.equal(assisted, plain)
+    # the verification forwards saw the image pruned as plain decoding prunes it
+    assert [(r.after, r.kept.tolist()) for r in assisted_run.stats.images] == [(16, r.kept.tolist()) for r in plain_run.stats.images]
+
+
+@pytest.mark.parametrize("family, name, kwargs", CONTRACT)
+def test_a_static_cache_is_refused_before_the_prefill_and_the_handle_recovers(family, name, kwargs):
+    model = build_model(family)
+    inputs = family.make_inputs(TEXTS)
+    with ts.apply(model, method_for(name, kwargs)) as run:
+        with pytest.raises(ValueError, match="needs the default dynamic cache: a static cache"):
+            model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0, cache_implementation="static")
+        assert run.stats.images == []  # refused before any image was pruned
+        tokens = model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert tokens.shape == (2, inputs["input_ids"].shape[1] + 2)

@@ -4,8 +4,11 @@
 One set of hooks serves every family (the adapter says where things are):
 
 - a pre-hook on the vision tower opens a capture of the signals the sieve asked for;
-- a pre-hook on the inner model reads ``input_ids`` (to find the image tokens) and, when a
-  pruned cache is continued, drops the prompt tokens the cache already holds;
+- a pre-hook on the model reads how many trailing tokens the call asks logits for (assisted
+  decoding's drafts follow the prompt);
+- a pre-hook on the inner model reads ``input_ids`` or ``inputs_embeds`` (to find the image tokens)
+  and, when a pruned cache is continued, drops the prompt tokens the cache already holds (after
+  following any crop of the cache, as assisted decoding makes after rejected drafts);
 - a pre-hook on the text decoder runs the sieve on each image's tokens, then gathers the kept
   tokens' embeddings, original positions and mask (rows of a batch may keep different counts:
   shorter rows are left-padded and masked), and at later steps maps the caller's mask, which
@@ -47,10 +50,25 @@ class CacheState:
     pruned: torch.Tensor  # (batch,) real tokens removed so far, per row
 
 
+def _cache_state(cache) -> CacheState | None:
+    """What a pruned cache holds now. Assisted and prompt-lookup decoding crop the cache after rejected
+    candidates (``cache.crop(-n)`` takes the last n tokens off every layer, which are never pruned ones):
+    the state follows by dropping as many of its last tokens."""
+    state = _CACHE_STATES.get(cache) if cache is not None else None
+    if state is None:
+        return None
+    cropped = state.mask.shape[1] - cache.get_seq_length()
+    if cropped > 0:
+        state = CacheState(state.logical_length - cropped, state.mask[:, :-cropped], state.pruned)
+        _CACHE_STATES[cache] = state
+    return state
+
+
 @dataclass
 class _Call:
     inputs: dict  # the inner model's keyword inputs
     images_pending: bool
+    candidates: int = 0  # tokens at the end of each row that follow the prompt (assisted decoding's drafts)
 
 
 def _has_images(kwargs: dict) -> bool:
@@ -58,15 +76,14 @@ def _has_images(kwargs: dict) -> bool:
     return kwargs.get("pixel_values") is not None or encoded.get("image") is not None
 
 
-def _copy_counts(kwargs: dict, image_token: int) -> list[int]:
+def _copy_counts(kwargs: dict, placeholders: torch.Tensor) -> list[int]:
     """How many times generate() may have repeated each prompt's row (beams, return sequences): every
-    e > 1 that splits the batch into groups of e rows with the same image placeholders, largest first.
-    Only when the image features were encoded before the call, since generate() repeats them after
-    encoding. (Copies differ in the tokens each has generated, so only the placeholders are compared.)"""
-    ids = kwargs.get("input_ids")
-    if not (kwargs.get("mm_encoder_outputs") or {}).get("image") or ids is None:
+    e > 1 that splits the batch into groups of e rows with the same image ``placeholders`` (batch, length),
+    largest first. Only when the image features were encoded before the call, since generate() repeats them
+    after encoding. (Copies differ in the tokens each has generated, so only the placeholders are compared.)"""
+    if not (kwargs.get("mm_encoder_outputs") or {}).get("image"):
         return []
-    batch, placeholders = ids.shape[0], ids == image_token
+    batch = placeholders.shape[0]
     return [e for e in range(batch, 1, -1)
             if batch % e == 0 and bool((placeholders.view(batch // e, e, -1) == placeholders[::e].unsqueeze(1)).all())]
 
@@ -97,6 +114,7 @@ class Run:
         self._text_config = model.config.get_text_config()
         self._capture = VisionCapture()
         self._call: _Call | None = None
+        self._candidates = 0
         self._prompts = PromptQueries()
         self._layers: LayerPruning | None = None
         self._handles = [
@@ -106,7 +124,7 @@ class Run:
             # always_call: a forward that raised (a refused input) still ends its call, so the next one starts clean
             adapter.inner.register_forward_hook(self._after_inner, with_kwargs=True, always_call=True),
             adapter.decoder.register_forward_pre_hook(self._before_decoder, with_kwargs=True),
-            model.register_forward_pre_hook(self._refuse_labels_with_images, with_kwargs=True),
+            model.register_forward_pre_hook(self._before_model, with_kwargs=True),
         ]
         try:
             self._handles += adapter.install_signal_hooks(self.pre.signals if self.pre is not None else (), self._capture)
@@ -155,7 +173,14 @@ class Run:
 
     # hooks
 
-    def _refuse_labels_with_images(self, module, args, kwargs) -> None:
+    def _before_model(self, module, args, kwargs) -> None:
+        self._refuse_labels_with_images(kwargs)
+        # the prompt ends where the caller starts reading predictions: assisted decoding's prefill asks for the
+        # logits of its draft tokens too (logits_to_keep = drafts + 1), and plain generate() for the last token's
+        wanted = kwargs.get("logits_to_keep")
+        self._candidates = wanted - 1 if isinstance(wanted, int) and wanted > 1 else 0
+
+    def _refuse_labels_with_images(self, kwargs: dict) -> None:
         if kwargs.get("labels") is not None and _has_images(kwargs):
             raise ValueError(
                 f"labels with images inside apply(): {self.sieve.name} drops visual tokens, so the logits no longer "
@@ -178,9 +203,10 @@ class Run:
         try:
             return self.adapter.slots(inputs, self._capture)
         except PlaceholderMismatch:
-            for copies in _copy_counts(inputs, self.adapter.image_token_id()):
+            for copies in _copy_counts(inputs, self.adapter.placeholder_mask(inputs)):
+                first_rows = {name: inputs[name][::copies] for name in ("input_ids", "inputs_embeds") if inputs.get(name) is not None}
                 try:
-                    firsts = self.adapter.slots({**inputs, "input_ids": inputs["input_ids"][::copies]}, self._capture)
+                    firsts = self.adapter.slots({**inputs, **first_rows}, self._capture)
                 except PlaceholderMismatch:
                     continue
                 return [ImageSlot(slot.row * copies + copy, slot.positions, slot.grid, slot.image, slot.blocks)
@@ -192,22 +218,31 @@ class Run:
         if args:  # some wrappers pass input_ids by position (LLaVA-NeXT): name every input
             kwargs = {**inspect.signature(module.forward).bind_partial(*args).arguments, **kwargs}
             args = ()
+        self.adapter.complete_aligned_inputs(kwargs)
         self.adapter.check_inputs(kwargs)
         has_images = _has_images(kwargs)
-        if has_images and kwargs.get("input_ids") is None:
+        if has_images and kwargs.get("input_ids") is None and self._layers is not None:
             raise ValueError(
-                "tokensieve finds image tokens by their ids: pass input_ids (not inputs_embeds) together "
-                "with the images inside an apply() block"
+                f"{self.inside.name} scores images with the attention of the prompt's last token and recognises a "
+                f"prompt by its token ids: pass input_ids (not inputs_embeds) together with the images, or use a "
+                f"pre-LLM method, which finds image tokens in inputs_embeds as the model does"
             )
-        cache = kwargs.get(CACHE_ARGUMENT)
-        state = _CACHE_STATES.get(cache) if cache is not None else None
+        if has_images and getattr(kwargs.get(CACHE_ARGUMENT), "is_compileable", False):
+            # its layers have one preallocated length, written where the unpruned sequence would be
+            raise ValueError(
+                f"{self.sieve.name} needs the default dynamic cache: a static cache (cache_implementation='static', "
+                f"or a compiled generation's) holds the unpruned length at fixed positions, while a pruned prefill "
+                f"writes fewer tokens. Generate without cache_implementation inside the apply() block"
+            )
+        state = _cache_state(kwargs.get(CACHE_ARGUMENT))
         if state is not None and kwargs.get("input_ids") is not None:
             self._drop_cached_prefix(kwargs, state)
         if state is not None and kwargs.get("position_ids") is None:
             positions = self.adapter.continued_positions(kwargs, state.logical_length)
             if positions is not None:
                 kwargs["position_ids"] = positions
-        self._call = _Call(kwargs, has_images)
+        self._call = _Call(kwargs, has_images, self._candidates)
+        self._candidates = 0  # read once: a direct call of the inner model has no logits_to_keep
         if has_images and kwargs.get("pixel_values") is None:  # features were encoded before this call
             self._check_placeholders()
         return args, kwargs
@@ -254,7 +289,7 @@ class Run:
         if embeds is None:
             return None
         cache = kwargs.get(CACHE_ARGUMENT)
-        state = _CACHE_STATES.get(cache) if cache is not None else None
+        state = _cache_state(cache)
         call = self._call
         slots = []
         if call is not None and call.images_pending:
@@ -281,7 +316,7 @@ class Run:
         if positions is None:
             positions = (torch.arange(length, device=embeds.device) + past_logical).unsqueeze(0)
         keep, replacements, records = self._select(slots, embeds)
-        queries = self._prompts.query_positions(call.inputs, embeds, slots, own_mask) if slots and self._layers else None
+        queries = self._prompts.query_positions(call.inputs, embeds, slots, own_mask, call.candidates) if slots and self._layers else None
         pruned_before = state.pruned if state is not None else torch.zeros(batch, dtype=torch.long)
         if keep.all() and not replacements and state is None:
             if slots:

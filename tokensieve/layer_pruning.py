@@ -72,13 +72,17 @@ class PromptQueries:
     def __init__(self):
         self._seen: OrderedDict[int, list[tuple[int, ...]]] = OrderedDict()
 
-    def query_positions(self, inputs: dict, embeds: torch.Tensor, slots: list, own_mask: torch.Tensor) -> torch.Tensor:
+    def query_positions(self, inputs: dict, embeds: torch.Tensor, slots: list, own_mask: torch.Tensor,
+                        candidates: int = 0) -> torch.Tensor:
+        """Each row's query position; the last ``candidates`` tokens of every row follow its prompt (drafts that
+        assisted decoding verifies in the prefill) and are no part of it."""
         ids, real_rows = inputs["input_ids"].tolist(), own_mask.bool().tolist()  # two reads back to the host in all
         sums = [embeds[slot.row, slot.positions].detach().float().sum(-1) for slot in slots]
         sums = torch.cat(sums).cpu().split([len(slot.positions) for slot in slots]) if slots else []
         queries = []
         for row, (row_ids, row_real) in enumerate(zip(ids, real_rows)):
             real = [i for i, is_real in enumerate(row_real) if is_real]
+            real = real[: max(len(real) - candidates, 1)]
             tokens = tuple(row_ids[i] for i in real)
             features = [summed for slot, summed in zip(slots, sums) if slot.row == row]
             key = hash(torch.cat(features).numpy().tobytes()) if features else 0
@@ -141,7 +145,7 @@ class LayerPruning:
         self._plan = None
         hidden = args[0] if args else kwargs["hidden_states"]
         cache = kwargs.get(CACHE_ARGUMENT)
-        state = self._states.get(cache) if cache is not None else None
+        state = self._cache_state(cache)
         batch, length = hidden.shape[:2]
         keep = torch.ones(batch, length, dtype=torch.bool, device=hidden.device)
         images, self._images = self._images, []
@@ -190,6 +194,18 @@ class LayerPruning:
         return args, kwargs
 
     # helpers
+
+    def _cache_state(self, cache) -> LayerState | None:
+        """What layers K.. of ``cache`` hold before this forward. Assisted and prompt-lookup decoding crop the
+        cache after rejected candidates (the last n tokens of every layer, never pruned ones): drop as many slots."""
+        state = self._states.get(cache) if cache is not None else None
+        if state is None:
+            return None
+        held = cache.get_seq_length(self.layer)  # layer K, not yet updated by this forward
+        if held < state.columns.shape[1]:
+            state = LayerState(state.columns[:, :held])
+            self._states[cache] = state
+        return state
 
     def _run_sieve(self, image: PendingImage, hidden: torch.Tensor):
         features = hidden[image.row, image.positions]

@@ -10,7 +10,7 @@ from torch import nn
 
 
 class PlaceholderMismatch(ValueError):
-    """The image placeholder tokens of ``input_ids`` do not match the images of the vision pass."""
+    """The image placeholder tokens of the input do not match the images of the vision pass."""
 
 
 @dataclass
@@ -75,6 +75,21 @@ class Adapter:
         """Signals this model cannot give, each with the reason (empty if all are available)."""
         raise NotImplementedError
 
+    def complete_aligned_inputs(self, kwargs: dict) -> None:
+        """Extend ``aligned_inputs`` shorter than the input sequence with zeros (text), in place, when the call
+        brings position ids. Assisted and prompt-lookup decoding append their candidate tokens to ``input_ids``
+        alone, with positions; the stock model, given positions, never reads what is missing, and the
+        candidates are text. Without positions the stock model reads both together, and fails: so does the check."""
+        tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        if kwargs.get("position_ids") is None:
+            return
+        for name in self.aligned_inputs:
+            aligned = kwargs.get(name)
+            if tokens is None or aligned is None or aligned.shape[-1] >= tokens.shape[1]:
+                continue
+            missing = aligned.new_zeros(*aligned.shape[:-1], tokens.shape[1] - aligned.shape[-1])
+            kwargs[name] = torch.cat([aligned, missing], dim=-1)
+
     def check_inputs(self, kwargs: dict) -> None:
         """Raise a clear error for inputs a pre-LLM image method cannot handle (e.g. video)."""
 
@@ -104,13 +119,23 @@ class Adapter:
         keyword inputs of the inner model's forward (``input_ids``, ``image_sizes``, ...)."""
         raise NotImplementedError
 
-    def placeholder_blocks(self, input_ids: torch.Tensor, counts: list[int], images: str, hint: str = "") -> list[tuple[int, torch.Tensor]]:
-        """(row, positions) of each image's placeholder tokens: image i takes the next ``counts[i]``
-        of them in batch-row order. ``images`` describes the images for the error message."""
-        placed = (input_ids == self.image_token_id()).nonzero()
+    def placeholder_mask(self, inputs: dict) -> torch.Tensor:
+        """(batch, length) True at the image placeholder tokens, found as the model finds them: by their id in
+        ``input_ids`` or, for a call with ``inputs_embeds`` only, as the rows equal to the image token's embedding."""
+        if inputs.get("input_ids") is not None:
+            return inputs["input_ids"] == self.image_token_id()
+        embeds = inputs["inputs_embeds"]
+        token = torch.tensor(self.image_token_id(), device=embeds.device)
+        return (embeds == self.model.get_input_embeddings()(token).to(embeds.dtype)).all(-1)
+
+    def placeholder_blocks(self, inputs: dict, counts: list[int], images: str, hint: str = "") -> list[tuple[int, torch.Tensor]]:
+        """(row, positions) of each image's placeholder tokens in the inner model's ``inputs``: image i takes
+        the next ``counts[i]`` of them in batch-row order. ``images`` describes the images for the error message."""
+        placed = self.placeholder_mask(inputs).nonzero()
         if len(placed) != sum(counts):
+            found = "input_ids has" if inputs.get("input_ids") is not None else "inputs_embeds has rows equal to the image token's embedding at"
             raise PlaceholderMismatch(
-                f"{images} need {sum(counts)} image placeholder tokens, but input_ids has {len(placed)}: build the "
+                f"{images} need {sum(counts)} image placeholder tokens, but {found} {len(placed)}: build the "
                 f"inputs with the model's processor{hint}"
             )
         rows = placed[:, 0].tolist()  # one read back to the host, not two per image

@@ -68,7 +68,7 @@ class Idefics3Adapter(Adapter):
         cell = self.config.vision_config.patch_size * self.config.scale_factor
         grid = (height // cell, width // cell)
         blocks = self.placeholder_blocks(
-            inputs["input_ids"], [grid[0] * grid[1]] * n_images,
+            inputs, [grid[0] * grid[1]] * n_images,
             f"{n_images} (sub-)image(s) of {grid[0]}x{grid[1]} tokens after pixel shuffle",
             " (all-zero images count as padding and are dropped)",
         )

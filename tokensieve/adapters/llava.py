@@ -112,7 +112,7 @@ class LlavaAdapter(Adapter):
         patch = self.vision_config.patch_size
         grid = (pixel_shape[-2] // patch, pixel_shape[-1] // patch)
         blocks = self.placeholder_blocks(
-            inputs["input_ids"], [grid[0] * grid[1]] * n_images, f"{n_images} image(s) of {grid[0]}x{grid[1]} patches"
+            inputs, [grid[0] * grid[1]] * n_images, f"{n_images} image(s) of {grid[0]}x{grid[1]} patches"
         )
         return [ImageSlot(row, positions, grid, image) for image, (row, positions) in enumerate(blocks)]
 

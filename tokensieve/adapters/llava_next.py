@@ -157,7 +157,7 @@ class LlavaNextAdapter(LlavaAdapter):
             )
         lengths = [len(image.sources) for image in images]
         blocks = self.placeholder_blocks(
-            inputs["input_ids"], lengths, f"{len(images)} image(s) of {lengths} tokens (from image_sizes)"
+            inputs, lengths, f"{len(images)} image(s) of {lengths} tokens (from image_sizes)"
         )
         return [
             ImageSlot(row, positions, (1, length), index, image.blocks)

@@ -64,7 +64,7 @@ class Qwen2VLAdapter(Adapter):
                 "tokensieve methods act on images, not videos: run video inputs (pixel_values_videos) outside the "
                 "apply() block"
             )
-        input_ids, types = kwargs.get("input_ids"), kwargs.get("mm_token_type_ids")
+        types = kwargs.get("mm_token_type_ids")
         if kwargs.get("pixel_values") is None and encoded.get("image") is None:
             return
         if types is None:
@@ -72,12 +72,19 @@ class Qwen2VLAdapter(Adapter):
                 "images need mm_token_type_ids (the processor returns it with input_ids): without it Qwen2-VL "
                 "cannot give image tokens their 3D positions, and Qwen2.5-VL silently uses 1D ones"
             )
-        if input_ids is not None and types.shape != input_ids.shape:
+        if kwargs.get("input_ids") is None and kwargs.get("position_ids") is None:
             raise ValueError(
-                f"mm_token_type_ids has shape {tuple(types.shape)} but input_ids {tuple(input_ids.shape)}: when "
-                f"appending tokens to input_ids, append zeros (text) to mm_token_type_ids, as generate() does"
+                "with inputs_embeds (no input_ids) the model computes no 3D positions for the images (Qwen2-VL and "
+                "Qwen2.5-VL build them from input_ids) and silently falls back to 1D ones: pass position_ids, "
+                "model.model.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw, attention_mask=...)[0]"
             )
-        if input_ids is not None and not torch.equal(types == 1, input_ids == self.image_token_id()):
+        placeholders = self.placeholder_mask(kwargs)
+        if types.shape != placeholders.shape:
+            raise ValueError(
+                f"mm_token_type_ids has shape {tuple(types.shape)} but the input sequence {tuple(placeholders.shape)}: "
+                f"when appending tokens to input_ids, append zeros (text) to mm_token_type_ids, as generate() does"
+            )
+        if not torch.equal(types == 1, placeholders):
             raise ValueError(
                 "mm_token_type_ids must be 1 exactly at the image_pad tokens of input_ids: build both with the processor"
             )
@@ -155,7 +162,7 @@ class Qwen2VLAdapter(Adapter):
         if bool((grid_thw[:, 0] != 1).any()):
             raise ValueError(f"image_grid_thw {grid_thw.tolist()} has images of several frames (t > 1): pass still images")
         counts = self._token_counts(grid_thw)
-        blocks = self.placeholder_blocks(inputs["input_ids"], counts, f"images of image_grid_thw {grid_thw.tolist()}")
+        blocks = self.placeholder_blocks(inputs, counts, f"images of image_grid_thw {grid_thw.tolist()}")
         return [
             ImageSlot(row, positions, (h // self.merge, w // self.merge), image)
             for image, ((row, positions), (_, h, w)) in enumerate(zip(blocks, grid_thw.tolist()))
