@@ -1,9 +1,12 @@
 """Selection overhead: prefill time of each method against feeding the same number of tokens with
 no selection at all.
 
-The ideal at budget k runs the same vision tower and projector, then the stock model on a prompt
-with only k image placeholders and the first k projected features (no hooks, no scoring). Each
-method runs through tokensieve on the full 576-placeholder prompt and keeps k. Runs alternate
+The ideal of a pre-LLM method at budget k runs the same vision tower and projector, then the stock
+model on a prompt with only k image placeholders and the first k projected features (no hooks, no
+scoring). The ideal of an in-LLM method (FastV, PyramidDrop, a chain) is staged: the same tower,
+projector and embeddings, then the decoder's own layers called one by one, each fed the tokens the
+method kept for it (fixed gathers read from a run of the method, no scoring), so every layer runs at
+its own length. Each method runs through tokensieve on the full 576-placeholder prompt. Runs alternate
 (ideal, method, ideal, method, ...) and each pair gives one ratio, so drift on a shared machine
 cancels within the pair; the figure is the median paired ratio with a distribution-free 95%
 interval for it (a method is within 3% of its ideal when the interval's upper end is). The
@@ -21,10 +24,12 @@ import torch
 import typer
 from rich.console import Console
 from rich.table import Table
+from transformers import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import tokensieve as ts
 from shapes import describe, model_and_inputs, paired_ratios, timed
+from tokensieve.compat import CACHE_ARGUMENT
 from tokensieve.demo_model import IMAGE_TOKEN
 
 console = Console()
@@ -39,8 +44,41 @@ def _ideal_inputs(inputs: dict, k: int) -> dict:
     return {"input_ids": kept, "attention_mask": torch.ones_like(kept)}
 
 
+def _staged_ideal(model, inputs: dict, record):
+    """The stock layers each fed what ``record``'s stages kept for them (batch of identical rows)."""
+    inner = model.model
+    decoder = inner.language_model
+    ids = inputs["input_ids"]
+    image = ids[0] == IMAGE_TOKEN
+    first, length = int(image.nonzero()[0]), ids.shape[1]
+    text = (~image).nonzero().squeeze(1)
+    gathers, seen = {}, torch.arange(length, device=ids.device)
+    for stage in record.stages:  # each stage's decoder-input positions, as an index into the previous stage's
+        kept = torch.cat([text, first + stage.kept.to(ids.device)]).sort().values
+        gathers[stage.layer or 0] = torch.searchsorted(seen, kept)
+        seen = kept
+
+    def run():
+        features = inner.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+        embeds = inner.get_input_embeddings()(ids)
+        embeds = embeds.masked_scatter((ids == IMAGE_TOKEN).unsqueeze(-1), torch.cat(list(features)).to(embeds.dtype))
+        positions = torch.arange(length, device=ids.device).unsqueeze(0)
+        embeddings, hidden = decoder.rotary_emb(embeds, positions), embeds
+        cache = DynamicCache(config=decoder.config)
+        for j, layer in enumerate(decoder.layers):
+            if j in gathers:
+                index = gathers[j]
+                hidden, positions = hidden[:, index], positions[:, index]
+                embeddings = tuple(t[:, index] for t in embeddings)
+            hidden = layer(hidden, attention_mask=None, position_embeddings=embeddings, position_ids=positions,
+                           use_cache=True, **{CACHE_ARGUMENT: cache})
+        model.lm_head(decoder.norm(hidden))
+
+    return run
+
+
 def main(
-    methods: str = typer.Option(None, help="comma-separated; default: every pre-LLM method in the registry"),
+    methods: str = typer.Option(None, help="comma-separated specs; default: every method in the registry"),
     keeps: str = typer.Option("64,192"),
     repeats: int = typer.Option(9, help="timed (ideal, method) pairs per configuration"),
     device: str = typer.Option("cpu"),
@@ -51,7 +89,7 @@ def main(
     if model_name not in ("demo", "llava-1.5-7b"):
         raise typer.BadParameter(f"--model {model_name}: the ideal prompt is built for LLaVA; use demo or llava-1.5-7b "
                                  "(benchmarks/in_llm.py times other models against the stock one)")
-    methods = methods or ",".join(info.name for info in ts.list_methods(stage="pre_llm"))
+    methods = methods or ",".join(info.name for info in ts.list_methods())
     model, inputs = model_and_inputs(model_name, device, dtype, batch)
     console.print(describe(model, inputs, device, dtype))
 
@@ -70,12 +108,13 @@ def main(
     for column in ("method", "keep", "ideal ms", "method ms", "vs ideal (95% interval)", "selection ms", "vs stock"):
         table.add_column(column, justify="right")
     for k in map(int, keeps.split(",")):
-        for name in methods.split(","):
-            sieve = ts.load(name, keep=k)
-            ideal_run = ideal(k)
+        for name in ts.split_specs(methods):
+            sieve = ts.build(name, keep=k)
+            with ts.apply(model, sieve) as warm_up:
+                model(**inputs)
+            staged = isinstance(sieve, ts.Chain) or sieve.stage == "in_llm"
+            ideal_run = _staged_ideal(model, inputs, warm_up.stats.images[0]) if staged else ideal(k)
             ideal_run()  # warm-up
-            with ts.apply(model, sieve):
-                model(**inputs)  # warm-up
             ideal_times, method_times, selection_times = [], [], []
             for _ in range(repeats):
                 ideal_times.append(timed(ideal_run, device))

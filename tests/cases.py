@@ -1,15 +1,27 @@
 """The one list that drives the contract tests, read from the registry: every registered method, with the
 arguments it is tested with, plus the chains.
 
-Adding a method needs no line here (docs/methods.md has the checklist). A name "a+b" is a chain
-(conftest.method_for); kwargs go to its last method.
+Adding a method needs no line here (docs/methods.md has the checklist). A name "a+b+..." is a chain of
+command-line spellings (conftest.method_for): every method but the last gets the case's early budget,
+the last the case's budget and kwargs.
 """
 
 import tokensieve as ts
 
-#: in-LLM methods prune after layer 1: the tiny models have two decoder layers
-TINY_MODEL_ARGS = {"in_llm": {"layer": 1}}
-#: a chain: its first method keeps half, the last one the budget
-CHAINS = [("uniform+fastv", {"layer": 1})]
+#: in-LLM methods with one stage prune before layer 1 of the tiny models' four decoder layers; PyramidDrop
+#: places its three stages by the depth (layers 1, 2, 3); HiPrune's object layer is the first of the tiny
+#: towers' two or three vision layers
+TINY_MODEL_ARGS = {"layer": 1, "object_layer": 1}
+CHAINS = [
+    ("uniform+fastv", {"layer": 1}),
+    ("uniform+pyramiddrop", {}),  # one method before the LLM, three stages inside it
+    ("fastv:layer=1+pyramiddrop", {"layers": (2, 3)}),  # two in-LLM methods, three stages
+    ("tome_vit+divprune+fastv", {"layer": 1}),  # merged inside the vision tower, then pruned before and in the LLM
+]
 
-METHOD_CASES = [(info.name, TINY_MODEL_ARGS.get(info.stage, {})) for info in ts.list_methods()] + CHAINS
+
+def _tiny_arguments(info) -> dict:
+    return {name: value for name, value in TINY_MODEL_ARGS.items() if name in info.defaults}
+
+
+METHOD_CASES = [(info.name, _tiny_arguments(info)) for info in ts.list_methods()] + CHAINS

@@ -11,6 +11,7 @@ from families import FAMILIES  # noqa: E402
 
 import tokensieve as ts  # noqa: E402
 from tokensieve.adapters import adapter_for  # noqa: E402
+from tokensieve.signals import requests_of  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -35,11 +36,12 @@ def build_model(family):
 
 
 def method_for(name, kwargs, keep=16, pre_keep=0.5):
-    """The method a case names; a chain "a+b" gives its first method ``pre_keep`` and its last ``keep``."""
+    """The method a case names; a chain "a+b+..." gives every method but its last ``pre_keep`` and its last
+    ``keep`` and ``kwargs``."""
     if "+" not in name:
         return ts.load(name, keep=keep, **kwargs)
-    first, last = name.split("+")
-    return ts.Chain(ts.load(first, keep=pre_keep), ts.load(last, keep=keep, **kwargs))
+    *early, last = name.split("+")
+    return ts.Chain(*(ts.build(spec, keep=pre_keep) for spec in early), ts.build(last, keep=keep, **kwargs))
 
 
 def pre_llm_sieve(method):
@@ -48,13 +50,16 @@ def pre_llm_sieve(method):
 
 
 def supported(family, name, kwargs) -> bool:
-    pre = pre_llm_sieve(method_for(name, kwargs))
-    return pre is None or not adapter_for(build_model(family)).missing_signals(pre.signals)
+    """Whether the family gives every signal the case's in_vision and pre-LLM methods ask for."""
+    method = method_for(name, kwargs)
+    sieves = method.sieves if isinstance(method, ts.Chain) else (method,)
+    adapter = adapter_for(build_model(family))
+    return not any(adapter.missing_signals(requests_of(s)) for s in sieves if s.stage in ("in_vision", "pre_llm"))
 
 
-def family_method_params(want_supported: bool = True, stages=("pre_llm", "in_llm", "chain")):
+def family_method_params(want_supported: bool = True, stages=("in_vision", "pre_llm", "in_llm", "chain", "vision_chain")):
     """(family, method, kwargs) for every pair the family supports (or, with False, refuses), for cases
-    of the given stages ("chain" for chains)."""
+    of the given stages ("chain" for chains, "vision_chain" for chains that merge inside the vision tower)."""
     return [
         pytest.param(family, name, kwargs, id=f"{family.name}-{name}")
         for family in FAMILIES
@@ -65,4 +70,6 @@ def family_method_params(want_supported: bool = True, stages=("pre_llm", "in_llm
 
 def _stage(name, kwargs) -> str:
     method = method_for(name, kwargs)
-    return "chain" if isinstance(method, ts.Chain) else method.stage
+    if isinstance(method, ts.Chain):
+        return "vision_chain" if method.vision is not None else "chain"
+    return method.stage

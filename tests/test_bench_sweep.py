@@ -125,7 +125,7 @@ def test_an_in_llm_method_and_a_chain_run_with_the_budgets_they_are_given(tmp_pa
 
 
 @pytest.mark.parametrize("methods, message", [
-    ("fastv:0.5+fastervlm:128", "at most one method per stage, in the order pre_llm then in_llm"),
+    ("fastv:0.5+fastervlm:128", "at most one pre_llm method; then in_llm methods at increasing layers"),
     ("nope", "unknown method 'nope'"),
     ("random:0", "keeps no token"),
 ])

@@ -14,6 +14,7 @@ from families import FAMILIES
 from tiny_models import LLAVA
 from tiny_qwen2_vl import QWEN2_VL
 from tokensieve.adapters import adapter_for
+from tokensieve.compat import CACHE_ARGUMENT, output_cache
 from tokensieve.flops import decoder_prefill_flops
 
 IN_LLM = family_method_params(stages=("in_llm", "chain"))
@@ -39,55 +40,73 @@ def _dropped(shape, blocks, kept_per_image):
     return dropped
 
 
-@pytest.mark.parametrize("family, name, kwargs", IN_LLM)
-def test_layers_from_k_equal_the_stock_model_with_the_dropped_keys_masked_there(family, name, kwargs):
-    """Each kept token's final hidden state equals the stock decoder's when layers < K mask the keys the
-    pre-LLM stage dropped and layers >= K also mask those the in-LLM stage dropped (left-padded batch)."""
-    model = build_model(family)
+def _dropped_at(layer, shape, blocks, records):
+    """(batch, length) True at the image tokens decoder layer ``layer`` does not see: those dropped by the last
+    stage at or before it (a pre-LLM stage acts before layer 0)."""
+    kept = []
+    for record in records:
+        stages = [stage for stage in record.stages if (stage.layer or 0) <= layer]
+        kept.append(stages[-1].kept if stages else torch.arange(record.before))
+    return _dropped(shape, blocks, kept)
+
+
+def _masked_stock_hidden(model, inputs, records, family, hook_layer=None, before_stage_at=None):
+    """The stock decoder's last hidden states when every layer masks the keys the schedule dropped before it
+    (``hook_layer(index, kwargs)`` may change each layer's other inputs too); layer ``before_stage_at`` masks
+    only what was dropped before the stage there, as that stage's score sees it."""
     decoder = adapter_for(model).decoder
-    inputs = family.make_inputs(TEXTS)
-    method = method_for(name, kwargs)
-    inside = method.inside if isinstance(method, ts.Chain) else method
+    blocks = _image_blocks(inputs, family, records)
+    shape = inputs["input_ids"].shape
+    real = inputs["attention_mask"].bool()
+    causal = torch.ones(shape[1], shape[1], dtype=torch.bool).tril()
+
+    def masked(dropped):
+        allowed = causal & real[:, None, :] & ~dropped[:, None, :]
+        return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
+
+    def set_mask(index):
+        dropped = _dropped_at(index - (index == before_stage_at), shape, blocks, records)
+        return lambda m, args, kw: (args, (hook_layer or (lambda i, k: k))(index, {**kw, "attention_mask": masked(dropped)}))
+
     outputs = []
-    capture = decoder.register_forward_hook(lambda m, a, out: outputs.append(out.last_hidden_state))
+    hooks = [layer.register_forward_pre_hook(set_mask(i), with_kwargs=True) for i, layer in enumerate(decoder.layers)]
+    hooks.append(decoder.register_forward_hook(lambda m, a, out: outputs.append(out.last_hidden_state)))
+    try:
+        model(**inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return outputs[-1], _dropped_at(len(decoder.layers), shape, blocks, records), real
+
+
+def _pruned_hidden(model, inputs, method):
+    outputs = []
+    capture = adapter_for(model).decoder.register_forward_hook(lambda m, a, out: outputs.append(out.last_hidden_state))
     try:
         with ts.apply(model, method) as run:
             model(**inputs)
-        pruned = outputs[-1]
-        pre = pre_llm_sieve(method)
-        pre_kept = None
-        if pre is not None:
-            with ts.apply(model, pre) as pre_run:
-                model(**inputs)
-            pre_kept = [r.kept for r in pre_run.stats.images]
-        blocks = _image_blocks(inputs, family, run.stats.images)
-        shape = inputs["input_ids"].shape
-        final = _dropped(shape, blocks, [r.kept for r in run.stats.images])
-        early = _dropped(shape, blocks, pre_kept) if pre_kept else torch.zeros(shape, dtype=torch.bool)
-        real = inputs["attention_mask"].bool()
-        causal = torch.ones(shape[1], shape[1], dtype=torch.bool).tril()
-
-        def masked(dropped):
-            allowed = causal & real[:, None, :] & ~dropped[:, None, :]
-            return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
-
-        def set_mask(index):
-            dropped = final if index >= inside.layer else early
-            return lambda m, args, kw: (args, {**kw, "attention_mask": masked(dropped)})
-
-        hooks = [layer.register_forward_pre_hook(set_mask(i), with_kwargs=True) for i, layer in enumerate(decoder.layers)]
-        try:
-            model(**inputs)
-        finally:
-            for hook in hooks:
-                hook.remove()
     finally:
         capture.remove()
-    stock = outputs[-1]
-    for row in range(shape[0]):
+    return outputs[-1], run.stats.images
+
+
+def _assert_kept_rows_equal(pruned, stock, final, real):
+    for row in range(final.shape[0]):
         kept = (~final[row]).nonzero().squeeze(1)
         compared = real[row, kept]
         torch.testing.assert_close(pruned[row, -len(kept) :][compared], stock[row, kept][compared], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family, name, kwargs", IN_LLM)
+def test_layers_from_k_equal_the_stock_model_with_the_dropped_keys_masked_there(family, name, kwargs):
+    """Each kept token's final hidden state equals the stock decoder's when every layer masks the keys the stages
+    up to it dropped (a pre-LLM stage from layer 0, each in-LLM stage from its layer on; left-padded batch)."""
+    model = build_model(family)
+    inputs = family.make_inputs(TEXTS)
+    pruned, records = _pruned_hidden(model, inputs, method_for(name, kwargs))
+    assert all(len(record.stages) >= 1 for record in records)
+    stock, final, real = _masked_stock_hidden(model, inputs, records, family)
+    _assert_kept_rows_equal(pruned, stock, final, real)
 
 
 class _Recorder(ts.Sieve):
@@ -156,16 +175,30 @@ def test_a_chain_prunes_inside_the_llm_among_the_tokens_kept_before_it(family):
 def test_bad_layers_and_chains_are_refused_before_touching_the_model():
     model = build_model(LLAVA)
     hooks = sum(len(m._forward_pre_hooks) for m in model.modules())
-    with pytest.raises(ValueError, match="has 2 layers: pass a layer from 1 to 1"):
-        ts.apply(model, ts.FastV(layer=2))
+    with pytest.raises(ValueError, match="has 4 layers: pass a layer from 1 to 3"):
+        ts.apply(model, ts.FastV(layer=4))
+    with pytest.raises(ValueError, match="pyramiddrop prunes after layer=5, but this language model has 4 layers"):
+        ts.apply(model, ts.PyramidDrop(layers=(2, 5)))
+    with pytest.raises(ValueError, match="strictly increasing decoder layers, in chain order; got fastv at layer 1, pyramiddrop at layer 1"):
+        ts.apply(model, ts.Chain(ts.FastV(layer=1), ts.PyramidDrop()))  # PyramidDrop places its stages at 1, 2, 3
     with pytest.raises(ValueError, match="an int >= 1"):
         ts.FastV(layer=0)
-    with pytest.raises(ValueError, match="at most one method per stage, in the order pre_llm then in_llm"):
+    with pytest.raises(ValueError, match="strictly increasing ints >= 1"):
+        ts.PyramidDrop(layers=(3, 2))
+    with pytest.raises(ValueError, match="choose 'original'"):
+        ts.PyramidDrop(positions="packed")
+    with pytest.raises(ValueError, match="at most one pre_llm method; then in_llm"):
         ts.Chain(ts.FastV(), ts.Uniform())
-    with pytest.raises(ValueError, match="at most one method per stage"):
+    with pytest.raises(ValueError, match="at most one pre_llm method; then in_llm"):
         ts.Chain(ts.Uniform(), ts.DivPrune())
+    with pytest.raises(ValueError, match="fastv at layer 3 comes before fastv at layer 2"):
+        ts.Chain(ts.FastV(layer=3), ts.FastV(layer=2))
+    with pytest.raises(ValueError, match="fastv at layer 2 comes before pyramiddrop at layer 2"):
+        ts.Chain(ts.FastV(layer=2), ts.PyramidDrop(layers=(2, 3)))
     with pytest.raises(TypeError, match="expected tokensieve methods"):
         ts.Chain("fastv")
+    with pytest.raises(ValueError, match="uses multi-row \\(mrope\\) positions: use positions='original'"):
+        ts.apply(build_model(QWEN2_VL), ts.PyramidDrop(positions="repack"))
     assert sum(len(m._forward_pre_hooks) for m in model.modules()) == hooks
 
 
@@ -176,3 +209,130 @@ def test_in_llm_pruning_also_runs_where_gradients_are_recorded():
         with torch.enable_grad():  # a plain forward outside no_grad, as in fine-tuning or a user's script
             logits = model(**inputs).logits
     assert logits.requires_grad and torch.equal(logits.detach(), expected)
+
+
+def test_pyramiddrop_follows_the_reference_schedule():
+    from tokensieve.methods.pyramiddrop import default_layers, stage_count
+
+    assert [stage_count(576, 72, s, 3) for s in (1, 2, 3)] == [288, 144, 72]  # the reference's ratios 0.5, 0.25, 0.125
+    assert [stage_count(64, 16, s, 3) for s in (1, 2, 3)] == [40, 25, 16]
+    assert default_layers(32) == (8, 16, 24) and default_layers(30) == (7, 15, 22)
+    assert default_layers(4) == (1, 2, 3) and default_layers(2) == (1,)
+    stages = ts.PyramidDrop().schedule(32)
+    assert [(stage.layer, stage.index, stage.stages) for stage in stages] == [(8, 1, 3), (16, 2, 3), (24, 3, 3)]
+
+
+class _RecordingPyramid(ts.PyramidDrop):
+    """PyramidDrop whose stages record the attention rows they are given."""
+
+    def schedule(self, n_layers):
+        from tokensieve.methods.pyramiddrop import PyramidStage
+
+        class Recording(PyramidStage):
+            def select(stage, tokens):
+                self.rows.append((stage.layer, tokens["llm_attention"]))
+                return super().select(tokens)
+
+        self.rows = []
+        return tuple(Recording(s.keep, s.layer, s.index, s.stages) for s in super().schedule(n_layers))
+
+
+@pytest.mark.parametrize("family", [LLAVA, QWEN2_VL], ids=lambda f: f.name)
+def test_each_pyramiddrop_stage_scores_with_layer_k_eager_attention_on_what_is_left(family):
+    """Stage s's row equals eager attention of the last token in layer K_s of the stock model in which every layer
+    masks what the stages before it dropped; and each stage keeps the top of that row among what is left."""
+    model = family.build()
+    model.set_attn_implementation("eager")
+    inputs = family.make_inputs(TEXTS)
+    method = _RecordingPyramid(keep=16)
+    with ts.apply(model, method) as run:
+        model(**inputs)
+    records = run.stats.images
+    blocks = _image_blocks(inputs, family, records)
+    rows = iter(method.rows)
+    for stage_index in range(3):
+        attentions = []
+        hook = model.register_forward_hook(lambda m, a, out: attentions.append(out.attentions))
+        try:
+            layer = records[0].stages[stage_index].layer
+            _masked_stock_hidden(model, {**inputs, "output_attentions": True}, records, family, before_stage_at=layer)
+        finally:
+            hook.remove()
+        for record, (row, positions) in zip(records, blocks):
+            layer, got = next(rows)
+            left = record.stages[stage_index - 1].kept if stage_index else torch.arange(record.before)
+            expected = attentions[-1][layer][row, :, -1, positions[left]].float()
+            torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
+            top = got.mean(0).topk(record.stages[stage_index].after).indices.sort().values
+            assert torch.equal(record.stages[stage_index].kept, left[top])
+
+
+def test_pyramiddrop_counts_each_layer_at_its_own_length():
+    model = build_model(LLAVA)
+    inputs = LLAVA.make_inputs(TEXTS[:1])
+    with ts.apply(model, ts.PyramidDrop(keep=16)) as run:
+        model(**inputs)
+    (record,) = run.stats.images
+    assert [(stage.layer, stage.after) for stage in record.stages] == [(1, 40), (2, 25), (3, 16)]
+    config, length = model.config.get_text_config(), inputs["input_ids"].shape[1]
+    text = length - record.before
+    expected = decoder_prefill_flops(config, [length], layers=1) + sum(
+        decoder_prefill_flops(config, [text + stage.after], layers=1) for stage in record.stages)
+    assert run.stats.prefill_flops == expected
+
+
+def _repacked_positions(positions, dropped, real):
+    """Each token's position less the real tokens dropped before it in its row."""
+    dropped_real = (dropped & real).long()
+    return positions - (dropped_real.cumsum(1) - dropped_real)
+
+
+def test_repacked_positions_equal_the_stock_model_renumbered_without_the_dropped_tokens():
+    """positions='repack' (the reference's policy): each kept token's final hidden state equals the stock decoder's
+    when every layer masks what was dropped before it and renumbers positions without those tokens."""
+    model = build_model(LLAVA)
+    decoder = adapter_for(model).decoder
+    inputs = LLAVA.make_inputs(TEXTS)
+    pruned, records = _pruned_hidden(model, inputs, ts.PyramidDrop(keep=16, positions="repack"))
+    blocks = _image_blocks(inputs, LLAVA, records)
+    shape, real = inputs["input_ids"].shape, inputs["attention_mask"].bool()
+    positions = (inputs["attention_mask"].cumsum(1) - 1).clamp(min=0)
+
+    def renumbered(index, kwargs):
+        moved = _repacked_positions(positions, _dropped_at(index, shape, blocks, records), real)
+        return {**kwargs, "position_ids": moved, "position_embeddings": decoder.rotary_emb(kwargs["hidden_states"] if "hidden_states" in kwargs else torch.zeros(1), moved)}
+
+    stock, final, real = _masked_stock_hidden(model, inputs, records, LLAVA, hook_layer=renumbered)
+    _assert_kept_rows_equal(pruned, stock, final, real)
+
+
+ONE_D_ROPE = [family for family in FAMILIES if not family.name.startswith("qwen")]
+
+
+@pytest.mark.parametrize("family", ONE_D_ROPE, ids=lambda f: f.name)
+def test_repacked_positions_keep_cache_batch_and_turns_consistent(family):
+    """positions='repack' on every family with 1D positions: generate() with a cache equals a no-cache loop, a
+    padded batch equals its rows alone, and a second turn equals a fresh prefill of the whole conversation."""
+    model = build_model(family)
+    method = ts.PyramidDrop(keep=16, positions="repack")
+    batch = family.make_inputs(TEXTS, seed=3)
+    with ts.apply(model, method):
+        cached = model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        for _ in range(4):
+            step = {**batch, "input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
+            next_token = model(**step, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            ids, mask = torch.cat([ids, next_token], 1), torch.cat([mask, torch.ones_like(next_token)], 1)
+        assert torch.equal(cached, ids)
+        for row, text in enumerate(TEXTS):
+            alone = model.generate(**family.make_inputs([text], seed=3, image_offset=row), max_new_tokens=4,
+                                   do_sample=False, pad_token_id=0)
+            assert torch.equal(cached[row, -4:], alone[0, -4:])
+        inputs = family.make_inputs(TEXTS)
+        first = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
+        ids = torch.cat([first.sequences, torch.tensor([[11, 12, 13]] * len(TEXTS))], dim=1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones(len(TEXTS), 6, dtype=torch.long)], dim=1)
+        continued = model.generate(input_ids=ids, attention_mask=mask, **{CACHE_ARGUMENT: output_cache(first)},
+                                   max_new_tokens=3, do_sample=False, pad_token_id=0)
+        fresh = model.generate(**{**inputs, "input_ids": ids, "attention_mask": mask}, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(continued, fresh)

@@ -10,8 +10,11 @@ import pytest
 from lmms_eval.evaluator import simple_evaluate
 from lmms_eval.models import get_model
 from lmms_eval.tasks import TaskManager
+from PIL import Image
+from transformers import AutoProcessor
 
 from tokensieve.bench.lmms_eval import Tokensieve, TokensieveChat
+from tokensieve.mini import SAMPLE_IMAGE, SAMPLE_QUESTION
 from tokensieve.mini.build import model_dir
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lmms_eval"
@@ -57,6 +60,35 @@ def test_keeping_every_token_answers_as_the_stock_model(sieve_mini_path):
     assert type(lm) is Tokensieve and lm.is_simple
     assert [(image.before, image.after) for image in lm.run_stats[0].images] == [(SIEVE_MINI_TOKENS,) * 2] * QUESTIONS
     assert kept_all == stock and any(answer.strip() for answer in stock)
+
+
+def test_method_none_observes_the_stock_model_and_records_it(sieve_mini_path):
+    # the baseline of a task through the bridge: ts.observe, so run_stats has what a method's run has
+    lm, _, observed = evaluate("tokensieve", f"pretrained=sieve-mini,method=none,{ON_CPU}", force_simple=True)
+    _, _, stock = evaluate("llava_hf", f"pretrained={sieve_mini_path},{ON_CPU}", force_simple=True)
+
+    assert lm.sieve is None and observed == stock
+    [stats] = lm.run_stats
+    assert [(image.before, image.after) for image in stats.images] == [(SIEVE_MINI_TOKENS,) * 2] * QUESTIONS
+    assert stats.prefill_flops == stats.prefill_flops_unreduced > 0 and stats.kv_bytes > 0
+    # nothing is dropped, so loglikelihood requests (scored against labels that cover every token) go to the
+    # wrapped model too. (llava_hf's own loglikelihood cannot tokenize sieve-mini's context without its image,
+    # so a stand-in scores the way it does: one forward with labels.) A new model: the evaluator let go of the first.
+    lm = get_model("tokensieve").create_from_arg_string(f"pretrained={sieve_mini_path},method=none,{ON_CPU}")
+    processor = AutoProcessor.from_pretrained(sieve_mini_path)
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": SAMPLE_QUESTION}]}],
+                                           add_generation_prompt=True) + "green"
+    inputs = processor(images=Image.open(SAMPLE_IMAGE), text=prompt, return_tensors="pt")
+
+    def score(requests):
+        return [float(lm.hf_model(**inputs, labels=inputs["input_ids"]).loss) for _ in requests]
+
+    lm.inner.loglikelihood = score
+    assert lm.loglikelihood(["a request"]) == score(["a request"])
+    [stats] = lm.run_stats
+    assert stats.calls == 1 and stats.tokens_before == stats.tokens_after == SIEVE_MINI_TOKENS
+    with pytest.raises(ValueError, match="applies no method, so it takes no keep="):
+        get_model("tokensieve").create_from_arg_string(f"pretrained=sieve-mini,method=none,keep=16,{ON_CPU}")
 
 
 def test_method_options_reach_the_method_and_loglikelihood_is_refused(sieve_mini_path):

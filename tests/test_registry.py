@@ -24,8 +24,9 @@ def test_a_sieve_prints_and_lists_the_arguments_it_was_given():
     assert repr(ts.VisionZip(contextual=5)) == "VisionZip(keep=64, contextual=5)"
     assert repr(ts.FastV(keep=0.25, layer=3)) == "FastV(keep=0.25, layer=3)"
     assert ts.load("random", keep=8, seed=3).defaults() == {"keep": 8, "seed": 3}
-    [fastv] = ts.list_methods(stage="in_llm")
+    fastv, pyramiddrop = ts.list_methods(stage="in_llm")
     assert (fastv.name, fastv.defaults) == ("fastv", {"keep": 0.5, "layer": 2})
+    assert (pyramiddrop.name, pyramiddrop.defaults) == ("pyramiddrop", {"keep": 0.125, "layers": None, "positions": "original"})
     [divprune] = [info for info in ts.list_methods() if info.name == "divprune"]
     assert divprune.defaults == {"keep": 0.098}
 
@@ -34,7 +35,7 @@ def test_list_methods_filters_by_stage_and_signal():
     assert [info.name for info in ts.list_methods(needs="cls_attention")] == ["fastervlm", "visionzip", "vispruner"]
     assert [info.name for info in ts.list_methods(needs=("cls_attention", "vision_keys"))] == ["visionzip"]
     assert {info.stage for info in ts.list_methods(stage="pre_llm")} == {"pre_llm"}
-    with pytest.raises(ValueError, match="stage='vision': choose from pre_llm, in_llm"):
+    with pytest.raises(ValueError, match="stage='vision': choose from in_vision, pre_llm, in_llm"):
         ts.list_methods(stage="vision")
 
 

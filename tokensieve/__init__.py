@@ -14,12 +14,14 @@ __version__ = "0.1.0"
 
 # Each public name and the submodule that defines it.
 _HOMES = {
-    "Budget": "budget", "BudgetClampedWarning": "budget",
+    "Budget": "budget", "BudgetClampedWarning": "budget", "parse_keep": "budget",
     "Chain": "chain",
-    "Run": "engine", "apply": "engine", "attach": "engine",
+    "Run": "engine", "apply": "engine", "attach": "engine", "observe": "engine",
+    "ImageRecord": "stats", "RunStats": "stats",
     "MethodInfo": "registry", "build": "registry", "list_methods": "registry", "load": "registry",
     "parse_spec": "registry", "register": "registry", "split_specs": "registry",
     "ScoringSieve": "sieve", "Selection": "sieve", "Sieve": "sieve", "VisualTokens": "sieve",
+    "Signal": "signals",
 }
 
 

@@ -1,19 +1,26 @@
-"""In-LLM pruning: a sieve at stage ``in_llm`` drops image tokens between decoder layers K-1 and K.
+"""In-LLM pruning: a schedule of stages, each dropping image tokens before one decoder layer.
 
-The hooks sit on the adapter's decoder layers; attention kernels (SDPA, FlashAttention) stay on:
+A method at stage ``in_llm`` runs one stage (FastV: before layer K) or several (PyramidDrop: before
+layers 8, 16 and 24 of 32); a chain may hold several such methods. Stages sit at strictly increasing
+layers, and each sees the tokens the stages before it kept. The hooks sit on the decoder's layers;
+attention kernels (SDPA, FlashAttention) stay on:
 
-- a pre-hook on layer K-1's attention recomputes, for sieves that ask for ``llm_attention``, the
-  attention row of each row's query token (the prompt's last token) over the forward's tokens from
-  that layer's own q/k projections and rotary embedding (one query, ~10% of one layer);
-- a pre-hook on layer K runs the sieve on each image's tokens and gathers the kept hidden states;
-  pre-hooks on layers K.. gather the rotary cos/sin, position ids and the attention mask that the
-  decoder built for the whole sequence, so those layers see only the kept tokens.
+- a pre-hook on every layer from the first stage's on applies the current stage's plan: the rotary
+  cos/sin, position ids and attention mask that the decoder built for the whole sequence, gathered
+  to the tokens that stage's layers see;
+- at a stage's layer the same hook first runs the stage's sieve on each image's tokens and gathers
+  the kept hidden states;
+- for sieves that ask for ``llm_attention``, the attention row of each row's query token (the prompt's
+  last token) is recomputed from one layer's own q/k projections and rotary embedding: the attention
+  inside layer K-1 (FastV, ``llm_attention_at = "previous"``) or the one layer K computes on its input
+  (PyramidDrop, ``"input"``), one query row in either case.
 
-Layers before K keep every token and layers K.. cache only the kept ones (a DynamicCache holds a
-length per layer). At later forwards on that cache (decode steps, a second turn) the decoder builds
-its mask over the full sequence of layer 0; its columns are mapped onto what layers K.. hold. Rows
-of a batch may keep different counts: shorter rows are left-padded, and a padding slot attends to
-itself only, so no attention row is empty.
+Each stage's view of a forward is a packing of the decoder input: per batch row, the decoder-input
+positions its layers see, left-padded to the longest row (a padding slot attends to itself only, so
+no attention row is empty). What each stage's layers cache is recorded as the decoder-input (layer 0)
+column of every slot, so at later forwards on that cache (decode steps, a second turn) the decoder's
+mask over layer 0's keys is mapped onto what each stage holds. Kept tokens keep their original
+positions, or (``positions = "repack"``, 1D rotary models) are renumbered without gaps.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ from __future__ import annotations
 import sys
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
@@ -31,34 +39,62 @@ from .compat import CACHE_ARGUMENT
 from .flops import decoder_prefill_flops
 from .selection import left_packed
 from .sieve import Sieve, VisualTokens, timed_select
-from .stats import ImageRecord, RunStats
+from .stats import ImageRecord, RunStats, StageRecord
 
 
 @dataclass
 class PendingImage:
-    """One image's tokens at the decoder input, as the in-LLM sieve will see them."""
+    """One image's tokens as the next stage will see them."""
 
-    record: ImageRecord  # updated with the final count and kept raster indices
+    record: ImageRecord  # updated with each stage's count and kept raster indices
     row: int
-    positions: torch.Tensor  # sequence positions at the decoder input
+    positions: torch.Tensor  # slots in the stage's view of the sequence
     raster: torch.Tensor  # the raster index (over record.grid) of each of those tokens
+    entered: int = 0  # tokens the image had when the current method's first stage began
 
 
 @dataclass
 class LayerState:
-    """What layers K.. of a cache hold: per slot, the decoder-input position it stands for (-1: padding)."""
+    """What one stage's layers hold of a cache: per slot, the decoder-input column it stands for (-1:
+    padding), and per row the real tokens dropped before it so far (for re-packed positions)."""
 
     columns: torch.Tensor  # (batch, slots)
+    dropped: torch.Tensor  # (batch,)
 
 
 @dataclass
 class _Plan:
-    """The gathers every layer from K on applies within one forward."""
+    """The gathers every layer of one stage applies within one forward."""
 
-    index: torch.Tensor | None  # (batch, width) kept positions of this forward, None: all kept
+    index: torch.Tensor | None  # (batch, width) decoder-input positions the stage's layers see, None: all
     position_embeddings: tuple | None
     position_ids: torch.Tensor | None
     attention_mask: torch.Tensor | None
+
+
+@dataclass
+class _View:
+    """This forward's tokens as the layers of one stage see them."""
+
+    index: torch.Tensor | None  # (batch, width) decoder-input position of each slot, None: the decoder input itself
+    filled: torch.Tensor | None  # (batch, width) False at the padding slots packing added, None: none
+    own_mask: torch.Tensor  # (batch, width) the 2D mask of the slots (0: padding)
+    query: torch.Tensor | None  # (batch,) the slot of each row's query token
+    images: list[PendingImage] = field(default_factory=list)
+    plan: _Plan | None = None
+    dropped: torch.Tensor | None = None  # (batch,) real tokens of this forward dropped before these layers
+
+
+@dataclass
+class Stage:
+    """One in-LLM stage of the schedule: the sieve that selects, and the method it belongs to."""
+
+    sieve: Sieve
+    method: Sieve
+
+    @property
+    def layer(self) -> int:
+        return self.sieve.layer
 
 
 class PromptQueries:
@@ -96,165 +132,306 @@ class PromptQueries:
         return torch.tensor(queries, device=own_mask.device)
 
 
-class LayerPruning:
-    """Hooks of one ``in_llm`` sieve on one decoder; fed by the engine at every decoder forward."""
+def schedule(methods: tuple[Sieve, ...], n_layers: int) -> list[Stage]:
+    """The stages of ``methods`` (in-LLM sieves, in chain order) on a decoder of ``n_layers`` layers, checked:
+    every stage prunes before a layer from 1 to ``n_layers - 1``, at strictly increasing layers."""
+    stages = [Stage(sieve, method) for method in methods for sieve in method.schedule(n_layers)]
+    for stage in stages:
+        if not 1 <= stage.layer < n_layers:
+            raise ValueError(
+                f"{stage.method.name} prunes after layer={stage.layer}, but this language model has {n_layers} layers: "
+                f"pass a layer from 1 to {n_layers - 1}"
+            )
+    layers = [stage.layer for stage in stages]
+    if layers != sorted(set(layers)):
+        described = ", ".join(f"{stage.method.name} at layer {stage.layer}" for stage in stages)
+        raise ValueError(
+            f"in-LLM stages must prune before strictly increasing decoder layers, in chain order; got {described}: "
+            f"give each method its own layers"
+        )
+    return stages
 
-    def __init__(self, sieve: Sieve, decoder: nn.Module, stats: RunStats):
+
+class LayerPruning:
+    """Hooks of the in-LLM stages on one decoder; fed by the engine at every decoder forward."""
+
+    def __init__(self, methods: tuple[Sieve, ...], decoder: nn.Module, stats: RunStats):
         layers = getattr(decoder, "layers", None)
         if not isinstance(layers, nn.ModuleList):
             raise TypeError(f"{type(decoder).__name__} has no .layers list: this transformers version changed its layout")
-        if not 1 <= sieve.layer < len(layers):
-            raise ValueError(
-                f"{sieve.name} prunes after layer={sieve.layer}, but this language model has {len(layers)} layers: "
-                f"pass a layer from 1 to {len(layers) - 1}"
-            )
-        self.sieve, self.stats, self.config = sieve, stats, decoder.config
-        self.layer, self.n_layers = sieve.layer, len(layers)
-        self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._images: list[PendingImage] = []
-        self._plan: _Plan | None = None
-        self._forward: dict = {}
-        self._attention: torch.Tensor | None = None
-        self.handles = [layers[self.layer].register_forward_pre_hook(self._select, with_kwargs=True)]
-        self.handles += [layer.register_forward_pre_hook(self._apply_plan, with_kwargs=True) for layer in layers[self.layer:]]
-        if "llm_attention" in sieve.signals:
-            attention = _attention_module(layers[self.layer - 1])
-            self._rotary = _rotary_function(attention)
-            self.handles.append(attention.register_forward_pre_hook(self._score, with_kwargs=True))
+        self.stages = schedule(methods, len(layers))
+        self.stats, self.config, self.decoder, self.n_layers = stats, decoder.config, decoder, len(layers)
+        self._layers = layers
+        self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> [LayerState | None] per stage
+        self._view: _View | None = None
+        self._held: list[LayerState | None] = []
+        self._past, self._length, self._past_mask, self._input_mask = 0, 0, None, None
+        self.stages_run, self._expected = 0, 0
+        self._attention: dict[int, torch.Tensor] = {}
+        self._rotary = _rotary_function(_attention_module(layers[0]))
+        at_layer = {stage.layer: index for index, stage in enumerate(self.stages)}
+        self.handles = [
+            layers[j].register_forward_pre_hook(partial(self._layer_input, at_layer.get(j)), with_kwargs=True)
+            for j in range(self.stages[0].layer, len(layers))
+        ]
+        for index, stage in enumerate(self.stages):
+            if "llm_attention" in stage.sieve.signals and _scored_at(stage.sieve) == "previous":
+                attention = _attention_module(layers[stage.layer - 1])
+                self.handles.append(attention.register_forward_pre_hook(partial(self._score, index), with_kwargs=True))
+        if any(_positions(stage.method) == "repack" for stage in self.stages):
+            _check_repackable(decoder)
 
     @property
     def pending(self) -> bool:
-        return bool(self._images)
+        """Whether a forward's images have not yet passed every stage (a hook did not fire)."""
+        return self.stages_run < self._expected
 
-    def begin(self, images: list[PendingImage], query: torch.Tensor, own_mask: torch.Tensor, past_mask: torch.Tensor | None) -> None:
+    def begin(self, images: list[PendingImage], query: torch.Tensor, own_mask: torch.Tensor,
+              past_mask: torch.Tensor | None, cache) -> None:
         """Called at the decoder input of every forward: this forward's images (at decoder positions), each row's
-        query position, and the 2D masks of this forward's tokens and of what layer 0's cache already holds."""
-        self._images, self._plan, self._attention = images, None, None
-        self._forward = {"query": query, "own_mask": own_mask, "past_mask": past_mask}
+        query position, the 2D masks of this forward's tokens and of what layer 0's cache already holds, and the cache."""
+        self._view = _View(None, None, own_mask, query, images)
+        self._attention = {}
+        self.stages_run, self._expected = 0, len(self.stages) if images else 0
+        self._past = cache.get_seq_length() if cache is not None else 0
+        self._length, self._past_mask, self._input_mask = own_mask.shape[1], past_mask, own_mask
+        self._held = self._cache_states(cache)
 
     # hooks
 
-    def _score(self, module, args, kwargs) -> None:
-        if not self._images:
+    def _layer_input(self, stage: int | None, module, args, kwargs):
+        if self._view is None:
+            return None
+        if stage is not None:
+            args, kwargs = self._run_stage(stage, args, kwargs)
+        plan = self._view.plan
+        if plan is None:
+            return args, kwargs
+        kwargs = dict(kwargs)
+        kwargs["attention_mask"] = plan.attention_mask
+        if plan.position_embeddings is not None:
+            kwargs["position_embeddings"] = plan.position_embeddings
+        if kwargs.get("position_ids") is not None and plan.position_ids is not None:
+            kwargs["position_ids"] = plan.position_ids
+        return args, kwargs
+
+    def _score(self, stage: int, module, args, kwargs) -> None:
+        view = self._view
+        if view is None or not view.images:
             return
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        self._attention = _query_attention(module, self._rotary, hidden, kwargs["position_embeddings"],
-                                           self._forward["query"], self._forward["own_mask"])
+        self._attention[stage] = _query_attention(module, self._rotary, hidden, kwargs["position_embeddings"],
+                                                  view.query, view.own_mask)
 
-    def _select(self, module, args, kwargs):
-        self._plan = None
+    # one stage
+
+    def _run_stage(self, index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Select among the current view's image tokens, pack the kept ones, and make the stage's plan."""
+        stage, view = self.stages[index], self._view
         hidden = args[0] if args else kwargs["hidden_states"]
-        cache = kwargs.get(CACHE_ARGUMENT)
-        state = self._cache_state(cache)
-        batch, length = hidden.shape[:2]
-        keep = torch.ones(batch, length, dtype=torch.bool, device=hidden.device)
-        images, self._images = self._images, []
+        batch, width = hidden.shape[:2]
+        keep = view.filled.clone() if view.filled is not None else torch.ones(batch, width, dtype=torch.bool, device=hidden.device)
+        images = self._starting(index, view.images)
+        if images and _scored_at(stage.sieve) == "input" and "llm_attention" in stage.sieve.signals:
+            self._attention[index] = self._input_attention(stage, hidden, view, kwargs)
+        kept_per_image = []
         for image in images:
-            kept, features = self._run_sieve(image, hidden)
+            kept, features = self._run_sieve(index, image, hidden)
+            kept_per_image.append(kept)
             keep[image.row, image.positions] = False
             keep[image.row, image.positions[kept]] = True
             if features is not None:
                 hidden = hidden.clone()
                 hidden[image.row, image.positions[kept]] = features.to(hidden.dtype)
-        if keep.all() and state is None:
-            return None  # nothing removed, now or before: the stock forward, bit for bit
-        own_mask = self._forward["own_mask"]
-        index, packed_mask = left_packed(keep, own_mask)
-        width = index.shape[1]
-        filled = torch.arange(width, device=index.device) >= (width - keep.sum(1))[:, None]
-        past = cache.get_seq_length() - length if cache is not None else 0  # layer 0 already holds this forward
-        columns = torch.where(filled, index + past, -1)
-        if state is not None:
-            columns = torch.cat([state.columns.to(columns.device), columns], dim=1)
-        elif past:
-            columns = torch.cat([torch.arange(past, device=columns.device).expand(batch, -1), columns], dim=1)
         if images:
-            self._count_flops(own_mask, packed_mask, state)
+            self.stages_run += 1
+        held = self._held[index]
+        if keep.all() and held is None and view.index is None:
+            view.images = images
+            return _with_hidden(args, kwargs, hidden)  # nothing removed, now or before: the stock forward, bit for bit
+        packing, packed_mask = left_packed(keep, view.own_mask)
+        new_width = packing.shape[1]
+        filled = torch.arange(new_width, device=packing.device) >= (new_width - keep.sum(1))[:, None]
+        index_now = view.index if keep.all() else (packing if view.index is None else view.index.gather(1, packing))
+        dropped = self._dropped(view, keep)
+        columns, state = self._columns(index, index_now, filled, dropped)
+        past_dropped = state.dropped - dropped
+        if images:
+            self._count_flops(index, view.own_mask, packed_mask)
+        cache = kwargs.get(CACHE_ARGUMENT)
         if cache is not None:
-            self._states[cache] = LayerState(columns)
-        index = None if keep.all() else index
-        self._plan = self._gathered(kwargs, index, columns, length, past + length)
-        if index is None:
-            return args, kwargs
-        hidden = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        if args:
-            return (hidden, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": hidden}
+            self._states.setdefault(cache, [None] * len(self.stages))[index] = state
+        plan = self._plan(stage, kwargs, index_now, columns, packed_mask, filled, past_dropped)
+        moved = torch.where(keep, (new_width - keep.sum(1, keepdim=True)) + keep.cumsum(1) - 1, -1)
+        query = moved.gather(1, view.query.unsqueeze(1)).squeeze(1) if view.query is not None else None
+        images = [PendingImage(image.record, image.row, moved[image.row, image.positions[kept]], image.raster[kept.cpu()], image.entered)
+                  for image, kept in zip(images, kept_per_image)]
+        self._view = _View(index_now, None if keep.all() else filled, packed_mask, query, images, plan, dropped)
+        if keep.all():
+            return _with_hidden(args, kwargs, hidden)
+        return _with_hidden(args, kwargs, hidden.gather(1, packing.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])))
 
-    def _apply_plan(self, module, args, kwargs):
-        plan = self._plan
-        if plan is None:
-            return None
-        kwargs = dict(kwargs)
-        kwargs["attention_mask"] = plan.attention_mask
-        if plan.index is not None:
-            kwargs["position_embeddings"] = plan.position_embeddings
-            if kwargs.get("position_ids") is not None:
-                kwargs["position_ids"] = plan.position_ids
-        return args, kwargs
+    def _starting(self, index: int, images: list[PendingImage]) -> list[PendingImage]:
+        """The view's images; at the first stage of a method, each records how many tokens it has then."""
+        if index > 0 and self.stages[index - 1].method is self.stages[index].method:
+            return images
+        for image in images:
+            image.entered = len(image.positions)
+        return images
 
-    # helpers
-
-    def _cache_state(self, cache) -> LayerState | None:
-        """What layers K.. of ``cache`` hold before this forward. Assisted and prompt-lookup decoding crop the
-        cache after rejected candidates (the last n tokens of every layer, never pruned ones): drop as many slots."""
-        state = self._states.get(cache) if cache is not None else None
-        if state is None:
-            return None
-        held = cache.get_seq_length(self.layer)  # layer K, not yet updated by this forward
-        if held < state.columns.shape[1]:
-            state = LayerState(state.columns[:, :held])
-            self._states[cache] = state
-        return state
-
-    def _run_sieve(self, image: PendingImage, hidden: torch.Tensor):
+    def _run_sieve(self, index: int, image: PendingImage, hidden: torch.Tensor):
+        stage = self.stages[index]
         features = hidden[image.row, image.positions]
         signals = {}
-        if "llm_attention" in self.sieve.signals:
-            signals["llm_attention"] = self._attention[image.row][:, image.positions]
-        grid = image.record.grid if len(image.positions) == image.record.grid[0] * image.record.grid[1] else (1, len(features))
-        selection, seconds = timed_select(self.sieve, VisualTokens(features, grid, signals))
-        image.record.after = len(selection.kept)
-        image.record.kept = image.raster[selection.kept.cpu()]
-        image.record.seconds += seconds
-        return selection.kept, selection.features
+        if "llm_attention" in stage.sieve.signals:
+            signals["llm_attention"] = self._attention[index][image.row][:, image.positions]
+        record = image.record
+        grid = record.grid if len(image.positions) == record.grid[0] * record.grid[1] else (1, len(features))
+        selection, seconds = timed_select(stage.sieve, VisualTokens(features, grid, signals, entered=image.entered))
+        record.after = len(selection.kept)
+        record.kept = image.raster[selection.kept.cpu()]
+        record.seconds += seconds
+        sizes = selection.sizes()
+        assignment = selection.assignment.cpu() if selection.assignment is not None else None
+        record.stages.append(StageRecord(stage.method.name, "in_llm", stage.layer, record.after, record.kept, seconds,
+                                         sizes.cpu() if sizes is not None else None, assignment))
+        return selection.kept, selection.merged(features)
 
-    def _gathered(self, kwargs: dict, index, columns: torch.Tensor, length: int, keys: int) -> _Plan:
-        """What layers K.. get: cos/sin and position ids of the kept tokens, and the decoder's mask (over this
-        forward's ``length`` queries and layer 0's ``keys``) mapped onto the slots they cache."""
+    def _input_attention(self, stage: Stage, hidden: torch.Tensor, view: _View, kwargs: dict) -> torch.Tensor:
+        """The query rows layer K computes on its input: its own input norm, q/k projections and rotation."""
+        layer = self._layers[stage.layer]
+        norm = getattr(layer, "input_layernorm", None)
+        if norm is None:
+            raise TypeError(f"{type(layer).__name__} has no input_layernorm: this transformers version renamed it")
+        embeddings = view.plan.position_embeddings if view.plan is not None else kwargs["position_embeddings"]
+        return _query_attention(_attention_module(layer), self._rotary, norm(hidden), embeddings, view.query, view.own_mask)
+
+    def _dropped(self, view: _View, keep: torch.Tensor) -> torch.Tensor:
+        """(batch,) real tokens of this forward dropped before this stage's layers (earlier stages included)."""
+        before = view.dropped if view.dropped is not None else torch.zeros(keep.shape[0], dtype=torch.long, device=keep.device)
+        return before + ((~keep) & view.own_mask.bool()).sum(1)
+
+    def _columns(self, index: int, index_now, filled: torch.Tensor, dropped: torch.Tensor) -> tuple[torch.Tensor, LayerState]:
+        """The decoder-input columns this stage's layers hold after this forward, and its new cache state."""
+        batch = filled.shape[0]
+        if index_now is None:
+            index_now = torch.arange(filled.shape[1], device=filled.device).expand(batch, -1)
+        columns = torch.where(filled, index_now + self._past, -1)
+        held = self._held_columns(index)
+        if held is not None:
+            columns = torch.cat([held.columns.to(columns.device), columns], dim=1)
+            dropped = dropped + held.dropped.to(dropped.device)
+        elif self._past:
+            columns = torch.cat([torch.arange(self._past, device=columns.device).expand(batch, -1), columns], dim=1)
+        return columns, LayerState(columns, dropped)
+
+    def _held_columns(self, index: int) -> LayerState | None:
+        """What stage ``index``'s layers held before this forward: its own state or, if it has never pruned, the
+        state of the nearest stage before it that has (None: every earlier token, in order)."""
+        return next((state for state in reversed(self._held[: index + 1]) if state is not None), None)
+
+    def _plan(self, stage: Stage, kwargs: dict, index, columns: torch.Tensor, packed_mask: torch.Tensor, filled: torch.Tensor,
+              past_dropped: torch.Tensor) -> _Plan:
+        """What layers of this stage get: cos/sin and position ids of the kept tokens, and the decoder's mask (over
+        this forward's tokens and layer 0's keys) mapped onto the slots they cache."""
         embeddings, positions = kwargs.get("position_embeddings"), kwargs.get("position_ids")
-        if index is not None:
+        if _positions(stage.method) == "repack":
+            positions, embeddings = self._repacked(kwargs, index, packed_mask, filled, past_dropped)
+        elif index is not None:
             embeddings = tuple(_gather_sequence(t, index, dim=-2) for t in embeddings)
             positions = _gather_sequence(positions, index, dim=-1) if positions is not None else None
         mask = kwargs.get("attention_mask")
+        keys = self._past + self._length
         if mask is None and bool((columns >= 0).all()):
             return _Plan(index, embeddings, positions, None)  # causal over the kept tokens, which stay in order
         if mask is None:
-            mask = _full_causal_mask(self.config, columns.shape[0], length, keys, columns.device, embeddings[0].dtype)
+            mask = _full_causal_mask(self.config, columns.shape[0], self._length, keys, columns.device, embeddings[0].dtype)
         return _Plan(index, embeddings, positions, _mapped_mask(mask, index, columns, keys))
 
-    def _count_flops(self, own_mask: torch.Tensor, packed_mask: torch.Tensor, state: LayerState | None) -> None:
-        """Layers K.. see the kept tokens: replace their share of the engine's count."""
-        past_mask = self._forward["past_mask"]
-        layers = self.n_layers - self.layer
-        full_past = past_mask.sum(1).tolist() if past_mask is not None else [0] * own_mask.shape[0]
-        kept_past = full_past
-        if state is not None and past_mask is not None:
-            real = (state.columns >= 0) & past_mask.to(state.columns.device).gather(1, state.columns.clamp(min=0)).bool()
-            kept_past = real.sum(1).tolist()
-        full = decoder_prefill_flops(self.config, own_mask.sum(1).tolist(), full_past, layers=layers)
-        kept = decoder_prefill_flops(self.config, packed_mask.sum(1).tolist(), kept_past, layers=layers)
+    def _repacked(self, kwargs: dict, index, packed_mask: torch.Tensor, filled: torch.Tensor, past_dropped: torch.Tensor):
+        """Positions without gaps (PyramidDrop's policy): each kept token's original position less the real tokens
+        dropped before it in its row (in earlier forwards too), and the rotary cos/sin of those positions."""
+        positions = kwargs.get("position_ids")
+        if positions is None or positions.ndim != 2:
+            raise ValueError("positions='repack' needs 1D position ids; this model's are multi-row (mrope): use positions='original'")
+        if index is None:
+            index = torch.arange(filled.shape[1], device=filled.device).expand(filled.shape[0], -1)
+        real_input = self._input_mask.to(index.device).long()
+        real_before = (real_input.cumsum(1) - real_input).gather(1, index)  # real decoder-input tokens before each slot
+        kept = (packed_mask.bool() & filled).long()
+        kept_before = kept.cumsum(1) - kept
+        shifted = _gather_sequence(positions, index, dim=-1) - (real_before - kept_before) - past_dropped.to(index.device)[:, None]
+        dtype = kwargs["position_embeddings"][0].dtype
+        return shifted, self.decoder.rotary_emb(torch.zeros(1, device=shifted.device, dtype=dtype), position_ids=shifted)
+
+    def _count_flops(self, index: int, before_mask: torch.Tensor, after_mask: torch.Tensor) -> None:
+        """Layers from this stage's on see the kept tokens: replace their share of the count so far."""
+        layers = self.n_layers - self.stages[index].layer
+        before_past = self._real_held(self._held_columns(index - 1) if index > 0 else None, before_mask.shape[0])
+        after_past = self._real_held(self._held_columns(index), before_mask.shape[0])
+        full = decoder_prefill_flops(self.config, before_mask.sum(1).tolist(), before_past, layers=layers)
+        kept = decoder_prefill_flops(self.config, after_mask.sum(1).tolist(), after_past, layers=layers)
         self.stats.prefill_flops += kept - full
 
+    def _real_held(self, state: LayerState | None, batch: int) -> list[int]:
+        """Real (unpadded) past tokens a stage's layers hold, per row."""
+        past_mask = self._past_mask
+        if past_mask is None:
+            return [0] * batch
+        if state is None:
+            return past_mask.sum(1).tolist()
+        columns = state.columns
+        real = (columns >= 0) & past_mask.to(columns.device).gather(1, columns.clamp(min=0)).bool()
+        return real.sum(1).tolist()
+
+    def _cache_states(self, cache) -> list[LayerState | None]:
+        """What each stage's layers hold of ``cache`` before this forward. Assisted and prompt-lookup decoding crop
+        the cache after rejected candidates (the last n tokens of every layer, never pruned ones): drop as many slots."""
+        states = self._states.get(cache) if cache is not None else None
+        if states is None:
+            return [None] * len(self.stages)
+        for index, state in enumerate(states):
+            held = cache.get_seq_length(self.stages[index].layer)
+            if state is not None and held < state.columns.shape[1]:
+                states[index] = LayerState(state.columns[:, :held], state.dropped)
+        return list(states)
+
     def clear(self) -> None:
-        """Forget the current forward's images and plan (it ended, or raised)."""
-        self._images, self._plan, self._forward, self._attention = [], None, {}, None
+        """Forget the current forward's images and plans (it ended, or raised)."""
+        self._view, self._attention, self._held = None, {}, [None] * len(self.stages)
+        self.stages_run = self._expected = 0
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles = []
         self.clear()
+
+
+def _check_repackable(decoder: nn.Module) -> None:
+    """positions='repack' renumbers 1D rotary positions with the decoder's own rotary embedding."""
+    rope = getattr(decoder.config, "rope_parameters", None) or getattr(decoder.config, "rope_scaling", None) or {}
+    if "mrope_section" in rope:
+        raise ValueError(
+            f"positions='repack' renumbers 1D positions, but {type(decoder).__name__} uses multi-row (mrope) positions: "
+            f"use positions='original'"
+        )
+    if not hasattr(decoder, "rotary_emb"):
+        raise TypeError(f"{type(decoder).__name__} has no rotary_emb to renumber positions with: use positions='original'")
+
+
+def _scored_at(sieve: Sieve) -> str:
+    return getattr(sieve, "llm_attention_at", "previous")
+
+
+def _positions(method: Sieve) -> str:
+    return getattr(method, "positions", "original")
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
 
 
 def _attention_module(layer: nn.Module) -> nn.Module:
@@ -321,7 +498,7 @@ def _full_causal_mask(config, batch: int, queries: int, keys: int, device, dtype
 
 def _mapped_mask(mask: torch.Tensor, index: torch.Tensor | None, columns: torch.Tensor, keys: int) -> torch.Tensor:
     """The decoder's mask (over layer 0's ``keys``) with rows at the kept queries (``index``) and columns at
-    the slots layers K.. cache (``columns``, -1 for a padding slot, which nothing attends to)."""
+    the slots the stage's layers cache (``columns``, -1 for a padding slot, which nothing attends to)."""
     if mask.shape[-1] != keys:
         raise RuntimeError(
             f"the decoder's attention mask covers {mask.shape[-1]} keys but layer 0 holds {keys}: this transformers "

@@ -83,7 +83,7 @@ def split_specs(text: str) -> list[str]:
     """A comma-separated list of specs, where a ``key=value`` item belongs to the spec before it:
     ``"divprune,fastv:0.5,layer=3"`` -> ``["divprune", "fastv:0.5,layer=3"]``."""
     specs: list[str] = []
-    for item in filter(None, (item.strip() for item in text.split(","))):
+    for item in filter(None, (item.strip() for item in _top_level_split(text))):
         if "=" in item.split(":")[0] and specs:
             specs[-1] += f",{item}"
         else:
@@ -94,7 +94,7 @@ def split_specs(text: str) -> list[str]:
 def _arguments(name: str, text: str) -> dict:
     """``"0.5,layer=3"`` -> ``{"keep": 0.5, "layer": 3}``."""
     kwargs = {}
-    for position, item in enumerate(filter(None, (item.strip() for item in text.split(",")))):
+    for position, item in enumerate(filter(None, (item.strip() for item in _top_level_split(text)))):
         key, equals, value = item.partition("=")
         if not equals:
             if position > 0:
@@ -103,6 +103,17 @@ def _arguments(name: str, text: str) -> dict:
         else:
             kwargs[key.strip()] = _literal(value.strip())
     return kwargs
+
+
+def _top_level_split(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets: ``"0.5,layers=(8,16)"`` -> ``["0.5", "layers=(8,16)"]``."""
+    items, depth, start = [], 0, 0
+    for position, char in enumerate(text):
+        depth += (char in "([{") - (char in ")]}")
+        if char == "," and depth == 0:
+            items.append(text[start:position])
+            start = position + 1
+    return items + [text[start:]]
 
 
 def _literal(text: str):
@@ -120,6 +131,24 @@ class MethodInfo:
     stage: str
     signals: tuple[str, ...]
     defaults: dict
+
+
+def servable_methods(adapter, stage: str = "pre_llm") -> list[str]:
+    """Names of the registered methods of ``stage`` whose default signal requests ``adapter`` can give, e.g.
+    to suggest them when a method is refused."""
+    from .signals import requests_of  # signals.py imports the sieve module at call time only
+
+    servable = []
+    for name, cls in sorted(_METHODS.items()):
+        if cls.stage != stage:
+            continue
+        try:
+            requests = requests_of(cls())
+        except (TypeError, ValueError):  # a method without defaults for every argument
+            continue
+        if not adapter.missing_signals(requests):
+            servable.append(name)
+    return servable
 
 
 def list_methods(stage: str | None = None, needs: str | tuple[str, ...] = ()) -> list[MethodInfo]:

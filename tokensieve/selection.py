@@ -105,41 +105,60 @@ class Merge:
     assignment: torch.Tensor  # (N,) position in ``kept`` of the token each original joined
 
 
-def bipartite_merge(features: torch.Tensor, metric: torch.Tensor, k: int) -> Merge:
-    """ToMe's bipartite soft matching, repeated until exactly ``k`` tokens are left.
+def bipartite_round(metric: torch.Tensor, r: int, protect_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One round of ToMe's bipartite soft matching on each row of ``metric`` (batch, T, d).
 
-    Each round splits the current tokens alternately into sets A and B (in order), joins each A token to
-    its most cosine-similar B token by ``metric``, and merges the ``r`` A tokens with the most similar
-    partners into them (``r``: at most half the tokens, as ToMe, and never below ``k``); merged features
-    and metrics are size-weighted means, so a kept token's features are the mean of every original
-    token it holds. Ties in similarity go to the earlier A token.
+    The tokens split alternately into sets A (even positions) and B (odd), each A token finds its most
+    cosine-similar B token, and the ``r`` A tokens with the most similar partners go into them (ties to the
+    earlier A token); ``protect_first`` keeps token 0 (a [CLS] token) out, as ToMe's ``class_token``.
+    Returns ``target`` (batch, T), the token each token goes into (itself unless merged), and ``survivors``
+    (batch, T), False at the ``r`` merged ones.
+    """
+    batch, t = metric.shape[:2]
+    unit = F.normalize(metric.float(), dim=-1)
+    scores = unit[:, ::2] @ unit[:, 1::2].transpose(1, 2)
+    if protect_first:
+        scores[:, 0] = -float("inf")
+    best, partner = scores.max(dim=-1)
+    ranked = torch.sort(best, dim=-1, descending=True, stable=True).indices[:, :r]
+    src, dst = ranked * 2, partner.gather(1, ranked) * 2 + 1
+    target = torch.arange(t, device=metric.device).expand(batch, t).scatter(1, src, dst)
+    survivors = torch.ones(batch, t, dtype=torch.bool, device=metric.device).scatter(1, src, False)
+    return target, survivors
+
+
+def merge_into(values: torch.Tensor, sizes: torch.Tensor, target: torch.Tensor, survivors: torch.Tensor) -> torch.Tensor:
+    """(batch, survivors, d) the size-weighted mean of the tokens of ``values`` (batch, T, d) going into each
+    survivor (``bipartite_round``'s ``target``); ``sizes`` (batch, T) counts the originals each token holds."""
+    batch, t, d = values.shape
+    totals = torch.zeros(batch, t, device=values.device).scatter_add(1, target, sizes)
+    summed = torch.zeros(batch, t, d, device=values.device).scatter_add(1, target.unsqueeze(-1).expand(-1, -1, d),
+                                                                        values.float() * sizes.unsqueeze(-1))
+    kept = survivors.sum(1)[0]
+    return (summed[survivors] / totals[survivors].unsqueeze(-1)).view(batch, int(kept), d).to(values.dtype)
+
+
+def bipartite_merge(features: torch.Tensor, metric: torch.Tensor, k: int) -> Merge:
+    """ToMe's bipartite soft matching (``bipartite_round``), repeated until exactly ``k`` tokens are left.
+
+    Each round merges ``r`` tokens (at most half of them, as ToMe, and never below ``k``); merged features
+    and metrics are size-weighted means, so a kept token's features are the mean of every original token
+    it holds, and it stands at its B token's position.
     """
     n = features.shape[0]
     device = features.device
-    values, keys = features.float(), metric.float()
-    sizes = torch.ones(n, device=device)
+    values, keys = features.float().unsqueeze(0), metric.float().unsqueeze(0)
+    sizes = torch.ones(1, n, device=device)
     positions = torch.arange(n, device=device)  # each current token's representative (a B token's own index)
     owner = torch.arange(n, device=device)  # each original token's current token
     while len(positions) > k:
         m = len(positions)
-        r = min(m - k, m // 2)  # at most half the tokens a round, as ToMe
-        a, b = torch.arange(0, m, 2, device=device), torch.arange(1, m, 2, device=device)
-        unit = F.normalize(keys, dim=-1)
-        best, partner = (unit[a] @ unit[b].T).max(dim=1)
-        ranked = torch.sort(best, descending=True, stable=True).indices
-        src, dst = a[ranked[:r]], b[partner[ranked[:r]]]
-        target = torch.arange(m, device=device)  # each current token's token after this round
-        target[src] = dst
-        survivors = torch.ones(m, dtype=torch.bool, device=device)
-        survivors[src] = False
-        renumber = survivors.cumsum(0) - 1
-        weights = sizes.unsqueeze(1)
-        new_sizes = torch.zeros(m, device=device).index_add_(0, target, sizes)
-        values = torch.zeros_like(values).index_add_(0, target, values * weights)[survivors] / new_sizes[survivors, None]
-        keys = torch.zeros_like(keys).index_add_(0, target, keys * weights)[survivors] / new_sizes[survivors, None]
-        sizes, positions = new_sizes[survivors], positions[survivors]
-        owner = renumber[target[owner]]
-    return Merge(positions, values.to(features.dtype), sizes, owner)
+        target, survivors = bipartite_round(keys, min(m - k, m // 2))
+        values, keys = merge_into(values, sizes, target, survivors), merge_into(keys, sizes, target, survivors)
+        sizes = torch.zeros(1, m, device=device).scatter_add(1, target, sizes)[survivors].unsqueeze(0)
+        owner = (survivors[0].cumsum(0) - 1)[target[0, owner]]
+        positions = positions[survivors[0]]
+    return Merge(positions, values[0].to(features.dtype), sizes[0], owner)
 
 
 def left_packed(keep: torch.Tensor, own_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,3 +174,42 @@ def left_packed(keep: torch.Tensor, own_mask: torch.Tensor) -> tuple[torch.Tenso
     index[rows, slot] = columns
     mask[rows, slot] = own_mask[rows, columns]
     return index, mask
+
+
+def dpp_map(kernel: torch.Tensor, k: int, eps: float = 1e-10) -> torch.Tensor:
+    """Greedy MAP inference of a determinantal point process: ``k`` indices of the (N, N) positive
+    semi-definite ``kernel``, in the order chosen.
+
+    The fast greedy algorithm of Chen et al. (NeurIPS 2018), an incremental Cholesky factorisation: each
+    step adds the item with the largest gain in log-determinant, ``d_i² = L_ii - |c_i|²`` (ties to the lower
+    index), and updates every item's ``c_i`` and ``d_i²`` with the new factor row, so a step costs O(k·N)
+    after the kernel. When the kernel's rank is below ``k`` the gains reach zero; the division is then
+    floored at ``eps`` so the remaining picks stay finite and distinct.
+    """
+    kernel = kernel.float()
+    n = kernel.shape[0]
+    k = min(k, n)
+    gains = kernel.diagonal().clone()
+    factors = kernel.new_zeros(k, n)  # row t: the t-th Cholesky row over every item
+    chosen = torch.empty(k, dtype=torch.long, device=kernel.device)
+    for step in range(k):
+        # picks stay one-element tensors: indexing with a 0-d tensor would stall a GPU once per step
+        pick = gains.argmax(dim=0, keepdim=True)
+        chosen[step : step + 1] = pick
+        projected = (factors[:step].index_select(1, pick) * factors[:step]).sum(0)
+        row = (kernel.index_select(0, pick).squeeze(0) - projected) / gains.index_select(0, pick).clamp(min=eps).sqrt()
+        factors[step] = row
+        gains = (gains - row.square()).index_fill_(0, pick, float("-inf"))
+    return chosen
+
+
+def grid_neighbours(layout: tuple[torch.Tensor, ...], n: int) -> torch.Tensor:
+    """(n, 4) the token above, below, left and right of each of ``n`` tokens within its 2D piece of
+    ``layout`` (maps of token indices, as ``VisualTokens.layout()``), -1 where there is none."""
+    table = torch.full((n, 4), -1, dtype=torch.long)
+    for piece in layout:
+        padded = torch.full((piece.shape[0] + 2, piece.shape[1] + 2), -1, dtype=torch.long)
+        padded[1:-1, 1:-1] = piece
+        around = [padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]]
+        table[piece.flatten()] = torch.stack(around, dim=-1).view(-1, 4)
+    return table

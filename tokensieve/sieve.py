@@ -11,17 +11,26 @@ import torch
 
 from .budget import Budget
 from .selection import top_k_in_order
+from .signals import Signal, as_signal
 
 #: Signals a sieve may ask for; an adapter computes only those asked for.
 SIGNALS = {
-    "cls_attention": "(heads, N) softmax attention of the vision [CLS] query to each patch, at the feature layer",
+    "cls_attention": "(heads, N) softmax attention of the vision [CLS] query to each patch, at the feature layer; "
+    "with layers=(...), (len(layers), heads, N)",
+    "vision_attention": "(heads, N) attention at vision layer `layer` (default: the feature layer): the [CLS] row "
+    "(queries='cls') or the mean over every query row, the attention each token receives (queries='mean')",
+    "text_embeddings": "(T, d_llm) LLM input embeddings of the prompt's instruction tokens for this image (the tokens "
+    "after the image up to the prompt's end, see signals.instruction_positions)",
     "vision_features": "(N, d_vision) features of the vision feature layer, before the projector",
+    "vision_tower": "(in_vision only) the vision tower's layers, to merge tokens between them (tokensieve/vision_stage.py)",
     "vision_keys": "(heads, N, d_head) key vectors of the feature layer's attention, [CLS] excluded",
     "project": "callable mapping (M, d_vision) vision features to (M, d_llm) LLM input embeddings",
-    "llm_attention": "(heads, N) softmax attention of the prompt's last token to each image token at LLM layer K-1 (in_llm only)",
+    "llm_attention": "(heads, N) softmax attention of the prompt's last token to each image token, in LLM layer K-1 or "
+    "as layer K computes it on its input (in_llm only, see Sieve.llm_attention_at)",
 }
-#: where a sieve acts: on the image tokens before the LLM, or between LLM layers ``layer - 1`` and ``layer``
-STAGES = ("pre_llm", "in_llm")
+#: where a sieve acts: between vision-tower layers, on the image tokens before the LLM, or between LLM
+#: layers ``layer - 1`` and ``layer``; a chain runs them in this order
+STAGES = ("in_vision", "pre_llm", "in_llm")
 
 
 @dataclass
@@ -29,7 +38,9 @@ class VisualTokens:
     """What a sieve sees of one image.
 
     ``features`` are the projected tokens as they enter the LLM, in raster order over ``grid``;
-    ``signals`` holds exactly the signals the sieve declared (see :data:`SIGNALS`). An image made of
+    ``signals`` holds exactly the signals the sieve requested (see :data:`SIGNALS`), keyed by
+    :class:`~tokensieve.signals.Signal`: ``tokens[Signal("vision_attention", layer=9)]``, or
+    ``tokens["cls_attention"]`` for a signal with its default parameters. An image made of
     several 2D pieces (LLaVA-NeXT: a base view, a high-res grid and a column of row-end newline
     tokens) has ``grid == (1, N)`` and lists the pieces in ``blocks``; methods that need 2D
     structure read :meth:`layout`.
@@ -39,6 +50,12 @@ class VisualTokens:
     grid: tuple[int, int]
     signals: dict = field(default_factory=dict)
     blocks: tuple[torch.Tensor, ...] = ()
+    #: in-LLM stages: how many tokens the image had when the method's first stage began (a multi-stage
+    #: method's budget is over that count); None before the LLM, where it is ``len(features)``
+    entered: int | None = None
+
+    def __post_init__(self) -> None:
+        self.signals = {as_signal(request): value for request, value in self.signals.items()}
 
     def __len__(self) -> int:
         return self.features.shape[0]
@@ -51,17 +68,44 @@ class VisualTokens:
         h, w = self.grid
         return (torch.arange(h * w).view(h, w),)
 
-    def __getitem__(self, signal: str):
-        return self.signals[signal]
+    def __getitem__(self, signal: str | Signal):
+        return self.signals[as_signal(signal)]
 
 
 @dataclass
 class Selection:
-    """Kept token indices (ascending, into ``range(N)``) and, for merging methods, the features that
-    replace the kept tokens' own (one row per kept index)."""
+    """Kept token indices (ascending, into ``range(N)``) and, for merging methods, what replaces the kept
+    tokens' own features: either the ``features`` themselves (one row per kept index), or a merge map the
+    engine applies. ``assignment`` (N,) gives every token the kept token it went into (an index into
+    ``kept``; -1: dropped without merging), each kept token in its own group; with no ``features`` the
+    engine gives each kept token the mean of its group, weighted by ``weights`` (N,) if given, in every
+    per-token tensor it carries, and records the group sizes (``StageRecord.sizes``)."""
 
     kept: torch.Tensor
     features: torch.Tensor | None = None
+    assignment: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+
+    def sizes(self) -> torch.Tensor | None:
+        """Tokens in each kept token's group (None without a merge map)."""
+        if self.assignment is None:
+            return None
+        grouped = self.assignment[self.assignment >= 0]
+        return torch.bincount(grouped, minlength=len(self.kept))
+
+    def merged(self, values: torch.Tensor) -> torch.Tensor | None:
+        """What replaces the kept tokens' rows of ``values`` (N, d): ``features``, or the group means the merge
+        map gives (None: the kept tokens keep their own)."""
+        if self.features is not None or self.assignment is None:
+            return self.features
+        members = self.assignment >= 0
+        weights = self.weights if self.weights is not None else torch.ones(len(values), device=values.device)
+        weights = weights.float() * members
+        groups = self.assignment.clamp(min=0)
+        summed = torch.zeros(len(self.kept), values.shape[-1], device=values.device).index_add_(
+            0, groups, values.float() * weights[:, None])
+        totals = torch.zeros(len(self.kept), device=values.device).index_add_(0, groups, weights)
+        return (summed / totals[:, None]).to(values.dtype)
 
 
 @dataclass
@@ -72,16 +116,20 @@ class Sieve:
     ``stage`` and ``signals``, its arguments as fields (``keep`` first, with the method's default
     budget), and :meth:`select` (or, through :class:`ScoringSieve`, only :meth:`ScoringSieve.score`).
     Its repr, :meth:`defaults` and the registry's listing come from the fields; checks of its own
-    arguments go in ``__post_init__`` after ``super().__post_init__()``. A sieve is pure tensor code:
+    arguments go in ``__post_init__`` after ``super().__post_init__()``. ``signals`` names the signals
+    it may need; :meth:`requests` asks for them with parameters (tokensieve/signals.py). A sieve is pure tensor code:
     it never sees a model class. An ``in_llm`` sieve also has a ``layer`` field: it sees the image
     tokens' hidden states at the input of that decoder layer, and the layers from it on keep only
-    what it selects.
+    what it selects (a multi-stage method returns its stages from :meth:`schedule`). Its
+    ``llm_attention`` is the attention inside layer ``layer - 1`` (``llm_attention_at = "previous"``,
+    FastV) or the one layer ``layer`` computes on its input (``"input"``, PyramidDrop).
     """
 
     name: ClassVar[str]
     paper: ClassVar[str]
     stage: ClassVar[str] = "pre_llm"
     signals: ClassVar[tuple[str, ...]] = ()
+    llm_attention_at: ClassVar[str] = "previous"
 
     keep: int | float = 64
 
@@ -91,6 +139,17 @@ class Sieve:
 
     def select(self, tokens: VisualTokens) -> Selection:
         raise NotImplementedError
+
+    def requests(self) -> tuple[Signal | str, ...]:
+        """The signals this instance asks for, with their parameters (default: each name in ``signals`` with
+        its default parameters). Override to ask with parameters that depend on the fields, e.g.
+        ``Signal("vision_attention", layer=self.object_layer)``; every name must be in ``signals``."""
+        return self.signals
+
+    def schedule(self, n_layers: int) -> tuple[Sieve, ...]:
+        """In-LLM methods: the stages this method runs on a decoder of ``n_layers`` layers, each a sieve with its
+        ``layer``: the method itself (one stage) or several at increasing layers (PyramidDrop)."""
+        return (self,)
 
     def defaults(self) -> dict:
         """The arguments of this instance (its fields), for display and for the benchmark log."""
@@ -128,7 +187,24 @@ def timed_select(sieve: Sieve, tokens: VisualTokens) -> tuple[Selection, float]:
         raise RuntimeError(f"{sieve.name} returned kept indices that are not strictly ascending")
     if selection.features is not None and selection.features.shape[0] != len(kept):
         raise RuntimeError(f"{sieve.name} returned {selection.features.shape[0]} features for {len(kept)} kept tokens")
+    if selection.assignment is not None:
+        _check_merge_map(sieve, selection, n)
     return selection, seconds
+
+
+def _check_merge_map(sieve: Sieve, selection: Selection, n: int) -> None:
+    """A merge map gives each of the ``n`` tokens a group among the kept ones (or -1), each kept token its own."""
+    assignment, k = selection.assignment, len(selection.kept)
+    if assignment.shape != (n,) or (selection.weights is not None and selection.weights.shape != (n,)):
+        raise RuntimeError(f"{sieve.name} returned a merge map of shape {tuple(assignment.shape)} for {n} tokens: one entry per token")
+    outside, misplaced = torch.stack([
+        (assignment.min() < -1) | (assignment.max() >= k),
+        (assignment[selection.kept] != torch.arange(k, device=assignment.device)).any(),
+    ]).tolist()
+    if outside:
+        raise RuntimeError(f"{sieve.name} returned a merge map with groups outside -1..{k - 1}")
+    if misplaced:
+        raise RuntimeError(f"{sieve.name} returned a merge map that puts a kept token in another token's group")
 
 
 def _synchronize(tensor: torch.Tensor) -> None:

@@ -8,8 +8,31 @@ import torch
 
 
 @dataclass
+class StageRecord:
+    """What one stage of a method left of one image: the method, where it acted (``in_vision``,
+    ``pre_llm``, or ``in_llm`` before decoder ``layer``), the tokens left after it and their raster
+    indices; a stage that merged also says which original tokens each kept one holds."""
+
+    method: str
+    stage: str
+    layer: int | None  # the decoder layer the stage prunes before (in_llm), None before the LLM
+    after: int
+    kept: torch.Tensor  # raster indices over the image's grid
+    seconds: float  # time spent in the stage's select() (or, inside the vision tower, in its merges)
+    sizes: torch.Tensor | None = None  # merging stages: the original tokens each kept token holds
+    # merging stages: for every token the stage received (in the raster order of what the stage before it kept),
+    # its group (an index into kept; -1: dropped without merging)
+    assignment: torch.Tensor | None = None
+
+    def __repr__(self) -> str:
+        where = f"layer {self.layer}" if self.layer is not None else self.stage
+        return f"StageRecord({self.method} at {where}: {self.after} tokens)"
+
+
+@dataclass
 class ImageRecord:
-    """One image of one forward call."""
+    """One image of one forward call; ``after`` and ``kept`` are what its last stage left, and ``stages``
+    holds one record per stage that ran (each keeps a subset of what the one before it kept)."""
 
     call: int  # index of the forward call within the run
     row: int  # batch row
@@ -17,12 +40,30 @@ class ImageRecord:
     after: int  # visual tokens that entered the LLM
     kept: torch.Tensor  # kept token indices, raster order over grid
     grid: tuple[int, int]
-    seconds: float  # time spent in the sieve's select()
+    seconds: float  # time spent in every stage's select()
+    stages: list[StageRecord] = field(default_factory=list)
+
+    def groups(self) -> torch.Tensor:
+        """(before,) for every token of the image, the raster index of the kept token it ended in, through every
+        stage's merge map (itself if kept as it was; -1 if dropped without merging)."""
+        into = torch.arange(self.before)
+        for stage in self.stages:
+            received = torch.unique(into[into >= 0])  # what the stage was given, in raster order
+            rank = torch.full((self.before,), -1, dtype=torch.long)
+            rank[received] = torch.arange(len(received))
+            if stage.assignment is not None:
+                group = torch.where(into >= 0, stage.assignment[rank[into.clamp(min=0)]], -1)
+                into = torch.where(group >= 0, stage.kept[group.clamp(min=0)], -1)
+            else:
+                survives = torch.zeros(self.before, dtype=torch.bool)
+                survives[stage.kept] = True
+                into = torch.where((into >= 0) & survives[into.clamp(min=0)], into, -1)
+        return into
 
     def __repr__(self) -> str:
         shown = ", ".join(str(i) for i in self.kept[:8].tolist()) + (", ..." if len(self.kept) > 8 else "")
         return (f"ImageRecord(call={self.call}, row={self.row}, grid={self.grid[0]}x{self.grid[1]}, "
-                f"{self.before} -> {self.after} tokens, kept=[{shown}])")
+                f"{self.before} -> {' -> '.join(str(stage.after) for stage in self.stages) or self.after} tokens, kept=[{shown}])")
 
 
 @dataclass
@@ -31,6 +72,10 @@ class RunStats:
     prefill_flops: int = 0  # LLM decoder prefill FLOPs with the reduction
     prefill_flops_unreduced: int = 0  # the same prefill without it
     calls: int = 0  # forward calls that carried images
+    # bytes those calls (the prefills) added to the KV cache, read from its key and value tensors: every
+    # decoder layer at the length it holds (in-LLM pruning shortens layers K..), every batch row and padding
+    kv_bytes: int = 0
+    vision_flops: int | None = None  # vision tower + projector FLOPs; counted with apply(..., vision_flops=True)
 
     @property
     def tokens_before(self) -> int:

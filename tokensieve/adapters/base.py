@@ -8,6 +8,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..signals import Signal, as_signal
+
+#: signals the engine computes itself, for every family (from the decoder's input)
+ENGINE_SIGNALS = frozenset({"text_embeddings"})
+
 
 class PlaceholderMismatch(ValueError):
     """The image placeholder tokens of the input do not match the images of the vision pass."""
@@ -71,9 +76,51 @@ class Adapter:
     def image_token_id(self) -> int:
         raise NotImplementedError
 
-    def missing_signals(self, wanted: tuple[str, ...]) -> dict[str, str]:
-        """Signals this model cannot give, each with the reason (empty if all are available)."""
+    def missing_signals(self, wanted) -> dict[str, str]:
+        """Requested signals (names or :class:`~tokensieve.signals.Signal`) this model cannot give, each as
+        written (``"cls_attention"``, ``"vision_attention(layer=30, queries='mean')"``) with the reason; empty
+        if all are available. Checked before the model is touched."""
+        missing = {}
+        for request in map(as_signal, wanted):
+            if request.name in ENGINE_SIGNALS:
+                continue
+            if request.name not in self.signals:
+                missing[str(request)] = f"the {self.family} adapter does not compute it"
+            elif (why := self.why_not(request)) is not None:
+                missing[str(request)] = why
+        return missing
+
+    def why_not(self, request: Signal) -> str | None:
+        """Why this model cannot give ``request``, a signal in ``signals`` (None: it can)."""
+        return None
+
+    def merge_layout(self) -> tuple[nn.ModuleList, int, bool, int]:
+        """For an ``in_vision`` stage (the ``vision_tower`` signal): the tower's blocks, the index of the block
+        whose output the model projects, whether token 0 is a [CLS] token, and the attention heads."""
         raise NotImplementedError
+
+    def vision_layer_count(self) -> int:
+        """Transformer blocks in the vision tower."""
+        raise NotImplementedError
+
+    def feature_block(self) -> int | None:
+        """0-based index of the block whose output the model projects (None: not a single block)."""
+        return self.vision_layer_count() - 1
+
+    def block_index(self, layer: int | None) -> int:
+        """0-based block index of a vision ``layer`` as signals number it (see tokensieve/signals.py)."""
+        if layer is None:
+            return self.feature_block()
+        return layer - 1 if layer > 0 else self.vision_layer_count() + layer
+
+    def layer_problem(self, layer: int | None) -> str | None:
+        """Why ``layer`` names no block of this tower (None: it does)."""
+        n = self.vision_layer_count()
+        if layer is None:
+            return None if self.feature_block() is not None else "the model's feature layer is not a single block: pass layer="
+        if not -n <= layer <= n:
+            return f"the vision tower has {n} layers: pass a layer from 1 to {n} (or -1 to -{n} from the last)"
+        return None
 
     def complete_aligned_inputs(self, kwargs: dict) -> None:
         """Extend ``aligned_inputs`` shorter than the input sequence with zeros (text), in place, when the call
@@ -110,8 +157,8 @@ class Adapter:
         pixels = args[0] if args else kwargs.get("pixel_values")
         capture.reset(pixel_shape=tuple(pixels.shape))
 
-    def install_signal_hooks(self, wanted: tuple[str, ...], capture: VisionCapture) -> list:
-        """Register hooks that fill ``capture`` with what ``wanted`` needs; return their handles."""
+    def install_signal_hooks(self, wanted: tuple[Signal, ...], capture: VisionCapture) -> list:
+        """Register hooks that fill ``capture`` with what the ``wanted`` requests need; return their handles."""
         return []
 
     def slots(self, inputs: dict, capture: VisionCapture) -> list[ImageSlot]:
@@ -147,6 +194,6 @@ class Adapter:
             start += count
         return blocks
 
-    def image_signals(self, wanted: tuple[str, ...], capture: VisionCapture, image: int) -> dict:
-        """The per-image values of ``wanted`` signals."""
+    def image_signals(self, wanted: tuple[Signal, ...], capture: VisionCapture, image: int) -> dict:
+        """The per-image values of the ``wanted`` requests, keyed by request (engine signals excluded)."""
         return {}

@@ -14,14 +14,21 @@ so the images counted here are those the tower actually encodes, in batch-row or
 Signals: the tower has no [CLS] token, so ``cls_attention`` and ``vision_keys`` are refused.
 ``vision_features`` is the connector's projection input per LLM token (the s² patch features of the
 token's block, concatenated: width ``s²·d_vision``) and ``project`` is that projection, so
-``project(vision_features)`` gives exactly the tokens the LLM sees.
+``project(vision_features)`` gives exactly the tokens the LLM sees. ``vision_attention(queries="mean")``
+is the attention each patch receives (from hooked q/k, with the mask the block is given), averaged over
+the s² patches that pixel shuffle folds into each token (found by running the model's own
+``pixel_shuffle`` on patch indices), as the HiPrune reference averages Qwen's 2x2 merged patches.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
+from ..signals import Signal
+from .attention import block_attention, tap_blocks
 from .base import Adapter, ImageSlot, VisionCapture
+from .llava import attention_with_qk
 
 
 class Idefics3Adapter(Adapter):
@@ -29,7 +36,7 @@ class Idefics3Adapter(Adapter):
     model_classes = (
         "Idefics3ForConditionalGeneration", "Idefics3Model", "SmolVLMForConditionalGeneration", "SmolVLMModel",
     )
-    signals = frozenset({"vision_features", "project"})
+    signals = frozenset({"cls_attention", "vision_keys", "vision_attention", "vision_features", "project", "vision_tower"})
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -42,21 +49,35 @@ class Idefics3Adapter(Adapter):
     def image_token_id(self) -> int:
         return self.config.image_token_id
 
-    def missing_signals(self, wanted: tuple[str, ...]) -> dict[str, str]:
-        missing = {name: f"the {self.family} adapter does not compute it" for name in wanted if name not in self.signals}
-        for name in {"cls_attention", "vision_keys"} & set(wanted):
-            missing[name] = f"the vision tower ({self.config.vision_config.model_type}, SigLIP-like) has no [CLS] token"
-        return missing
+    def vision_layer_count(self) -> int:
+        return len(self.vision_tower.encoder.layers)
 
-    def install_signal_hooks(self, wanted: tuple[str, ...], capture: VisionCapture) -> list:
-        if "vision_features" not in wanted:
-            return []
+    def why_not(self, request: Signal) -> str | None:
+        if request.name == "vision_tower":
+            return "its connector folds each square of patches into one token by pixel shuffle, which needs every patch"
+        if request.name in ("cls_attention", "vision_keys") or (request.name == "vision_attention" and request.queries == "cls"):
+            return f"the vision tower ({self.config.vision_config.model_type}, SigLIP-like) has no [CLS] token"
+        if request.name == "vision_attention":
+            return self.layer_problem(request.layer)
+        return None
 
-        def keep_projection_input(module, args):
-            # the first projection after a vision pass; a sieve's own `project` calls come later
-            capture.tensors.setdefault("vision_features", args[0].detach())
+    def install_signal_hooks(self, wanted, capture: VisionCapture) -> list:
+        layers = self.vision_tower.encoder.layers
+        blocks = {self.block_index(r.layer) for r in wanted if r.name == "vision_attention"}
+        handles = tap_blocks({block: attention_with_qk(layers[block]) for block in blocks}, blocks, capture)
+        if any(r.name == "vision_features" for r in wanted):
 
-        return [self.projection.register_forward_pre_hook(keep_projection_input)]
+            def keep_projection_input(module, args):
+                # the first projection after a vision pass; a sieve's own `project` calls come later
+                capture.tensors.setdefault("vision_features", args[0].detach())
+
+            handles.append(self.projection.register_forward_pre_hook(keep_projection_input))
+        return handles
+
+    def _token_patches(self, patches: int, device) -> torch.Tensor:
+        """(tokens, s²) the patch indices pixel shuffle folds into each token, by the model's own function."""
+        index = torch.arange(patches, dtype=torch.float64, device=device).view(1, patches, 1)
+        return self.inner.connector.pixel_shuffle(index, self.config.scale_factor)[0].long()
 
     def slots(self, inputs: dict, capture: VisionCapture) -> list[ImageSlot]:
         if not capture.seen:
@@ -74,10 +95,15 @@ class Idefics3Adapter(Adapter):
         )
         return [ImageSlot(row, positions, grid, image) for image, (row, positions) in enumerate(blocks)]
 
-    def image_signals(self, wanted: tuple[str, ...], capture: VisionCapture, image: int) -> dict:
+    def image_signals(self, wanted, capture: VisionCapture, image: int) -> dict:
         signals = {}
-        if "vision_features" in wanted:
-            signals["vision_features"] = capture.tensors["vision_features"][image]
-        if "project" in wanted:
-            signals["project"] = self.projection
+        heads = self.config.vision_config.num_attention_heads
+        for request in wanted:
+            if request.name == "vision_features":
+                signals[request] = capture.tensors["vision_features"][image]
+            elif request.name == "vision_attention":
+                received = block_attention(capture, self.block_index(request.layer), image, heads, request.queries)
+                signals[request] = received[:, self._token_patches(received.shape[1], received.device)].mean(-1)
+            elif request.name == "project":
+                signals[request] = self.projection
         return signals

@@ -21,11 +21,12 @@ features, so it follows the model's unpadding exactly. That needs ``image_sizes`
 adapter wraps that method on the model instance (no module hook sees its arguments) and unwraps it
 with the hooks.
 
-Signals: ``cls_attention`` is each crop's [CLS] attention, packed like the features; newline tokens
-get 0 (they are not patches), so [CLS] methods drop them first. The budget stays per image: one top-k
-over the per-crop scores together (the FasterVLM reference budgets each crop on its own).
-``vision_keys`` and ``vision_features`` are refused: newline tokens have neither, so a method that
-merges in vision space (visionzip) cannot place them.
+Signals: ``cls_attention`` and ``vision_attention`` are computed per crop (each crop's own [CLS] row, or
+the attention each patch receives within its crop) and packed by the model's own ``pack_image_features``,
+as the features are; newline tokens get 0 (they are not patches), so attention methods drop them first.
+The budget stays per image: one top-k over the per-crop scores together (the FasterVLM and HiPrune
+references budget each crop on its own). ``vision_keys`` and ``vision_features`` are refused: newline
+tokens have neither, so a method that merges in vision space (visionzip) cannot place them.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class PackedImage:
     #: Exact when packing only moves features (NeXT); OneVision's anyres_max may interpolate them.
     sources: torch.Tensor
     blocks: tuple[torch.Tensor, ...]
+    size: object = None  # its image_sizes entry
+    arguments: dict | None = None  # the packing options of its get_image_features call
 
 
 class _BeforeCall:
@@ -84,17 +87,18 @@ class _BeforeCall:
 class LlavaNextAdapter(LlavaAdapter):
     family = "llava_next"
     model_classes = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
-    signals = frozenset({"cls_attention", "project"})
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
         self._next_images: list[PackedImage] | None = None  # laid out by get_image_features, for its tower pass
 
-    def missing_signals(self, wanted: tuple[str, ...]) -> dict[str, str]:
-        missing = super().missing_signals(wanted)
-        for name in {"vision_keys", "vision_features"} & set(wanted):
-            missing[name] = "its image_newline tokens (one per row) have no vision-tower key or feature"
-        return missing
+    def why_not(self, request) -> str | None:
+        if request.name == "vision_tower":
+            return ("its anyres images reach the LLM as crops cut, unpadded and joined by newline tokens after the "
+                    "tower; merging inside the tower is served for single-view LLaVA models only")
+        if request.name in ("vision_keys", "vision_features"):
+            return "its image_newline tokens (one per row) have no vision-tower key or feature"
+        return super().why_not(request)
 
     def install_signal_hooks(self, wanted: tuple[str, ...], capture: VisionCapture) -> list:
         handles = super().install_signal_hooks(wanted, capture)
@@ -138,7 +142,8 @@ class LlavaNextAdapter(LlavaAdapter):
                 )
             pieces = (torch.arange(base).view(side, side), grid[:, :-1], grid[:, -1:])
             blocks = tuple(piece for piece in pieces if piece.numel())
-            images.append(PackedImage(first_crop, n_crops, sources.long(), blocks))
+            options = {key: arguments.get(key) for key in ("vision_feature_select_strategy", "vision_aspect_ratio")}
+            images.append(PackedImage(first_crop, n_crops, sources.long(), blocks, size, options))
             first_crop += n_crops
         return images
 
@@ -164,15 +169,16 @@ class LlavaNextAdapter(LlavaAdapter):
             for index, ((row, positions), image, length) in enumerate(zip(blocks, images, lengths))
         ]
 
-    def image_signals(self, wanted: tuple[str, ...], capture: VisionCapture, image: int) -> dict:
-        signals = super().image_signals(tuple(name for name in wanted if name != "cls_attention"), capture, image)
-        if "cls_attention" in wanted:
-            packed = capture.inputs["images"][image]
+    def image_signals(self, wanted, capture: VisionCapture, image: int) -> dict:
+        packed = capture.inputs["images"][image]
+        attention = [request for request in wanted if request.name in ("cls_attention", "vision_attention")]
+        signals = super().image_signals([request for request in wanted if request not in attention], capture, image)
+        for request in attention:
             crops = range(packed.first_crop, packed.first_crop + packed.n_crops)
-            crop_signals = super().image_signals  # LLaVA's: one tower image, here one crop
-            # (heads, crops × g²): each crop's own [CLS] row, crops side by side as the indices count them
-            per_crop = torch.cat([crop_signals(("cls_attention",), capture, crop)["cls_attention"] for crop in crops], dim=1)
-            sources = packed.sources.to(per_crop.device)
-            newline = (sources < 0).unsqueeze(0)
-            signals["cls_attention"] = per_crop[:, sources.clamp(min=0)].masked_fill(newline, 0.0)
+            # (crops, g², channels): each crop's values (LLaVA's, one tower image per crop), channels last
+            per_crop = torch.stack([self.tower_attention(request, capture, crop) for crop in crops])
+            shape = per_crop.shape[1:-1]
+            values = per_crop.flatten(1, -2).transpose(1, 2)
+            tokens = self._pack(values, values.new_zeros(values.shape[-1]), packed.size, packed.arguments)
+            signals[request] = tokens.T.reshape(*shape, -1)
         return signals

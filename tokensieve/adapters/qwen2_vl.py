@@ -15,15 +15,22 @@ continue it without positions get them from the unpruned length here.
 
 Signals: the tower has no [CLS] token. ``vision_features`` is the merger's input with each LLM
 token's 2x2 patches concatenated, (N, 4*d_patch), in raster order; ``project`` is the merger, so
-``project(vision_features)`` gives exactly the image's tokens.
+``project(vision_features)`` gives exactly the image's tokens. ``vision_attention(queries="mean")`` is
+the attention each patch receives at that block, recomputed from the block's hooked ``qkv`` output and
+the rotary embedding it was given, within the same segments the block attends over (the image, or
+Qwen2.5-VL's windows), averaged over the image's query rows; then, as the HiPrune reference for
+Qwen2.5-VL does, averaged over the 4 patches of each merged token and put in raster order.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 from torch import nn
 from transformers.vision_utils import get_vision_window_index
 
+from ..signals import Signal, attention_received
 from .base import Adapter, ImageSlot, VisionCapture
 
 _NO_CLS = "the Qwen2-VL vision tower has no [CLS] token (its merger pools 2x2 patches; no token stands for the image)"
@@ -34,7 +41,7 @@ class Qwen2VLAdapter(Adapter):
     model_classes = (
         "Qwen2VLForConditionalGeneration", "Qwen2VLModel", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel",
     )
-    signals = frozenset({"vision_features", "project"})
+    signals = frozenset({"cls_attention", "vision_keys", "vision_attention", "vision_features", "project", "vision_tower"})
     aligned_inputs = ("mm_token_type_ids",)
 
     def __init__(self, model: nn.Module):
@@ -50,11 +57,18 @@ class Qwen2VLAdapter(Adapter):
     def image_token_id(self) -> int:
         return self.config.image_token_id
 
-    def missing_signals(self, wanted: tuple[str, ...]) -> dict[str, str]:
-        missing = {name: f"the {self.family} adapter does not compute it" for name in wanted if name not in self.signals}
-        for name in {"cls_attention", "vision_keys"} & set(wanted):
-            missing[name] = _NO_CLS
-        return missing
+    def vision_layer_count(self) -> int:
+        return len(self.vision_tower.blocks)
+
+    def why_not(self, request: Signal) -> str | None:
+        if request.name == "vision_tower":
+            return ("its tower rotates each patch by its 2D position and attends within windows and images it lays out "
+                    "from the grid, and its merger folds every 2x2 patches into one token: merging inside it is not served")
+        if request.name in ("cls_attention", "vision_keys") or (request.name == "vision_attention" and request.queries == "cls"):
+            return _NO_CLS
+        if request.name == "vision_attention":
+            return self.layer_problem(request.layer)
+        return None
 
     def check_inputs(self, kwargs: dict) -> None:
         encoded = kwargs.get("mm_encoder_outputs") or {}
@@ -127,25 +141,64 @@ class Qwen2VLAdapter(Adapter):
     def _token_counts(self, grid_thw: torch.Tensor) -> list[int]:
         return (grid_thw.prod(-1) // self.merge**2).tolist()
 
-    def install_signal_hooks(self, wanted: tuple[str, ...], capture: VisionCapture) -> list:
-        if "vision_features" not in wanted:
-            return []
+    def install_signal_hooks(self, wanted, capture: VisionCapture) -> list:
+        handles = []
+        for block in {self.block_index(r.layer) for r in wanted if r.name == "vision_attention"}:
+            attention = self.vision_tower.blocks[block].attn
 
-        def keep_merger_input(module, args):
-            # the first merger call after a vision pass; a sieve's own `project` calls come later
-            if "vision_features" not in capture.tensors:
-                capture.tensors["vision_features"] = self._per_token(args[0].detach(), capture.inputs["grid_thw"])
+            def keep_segments(module, args, kwargs, block=block):
+                capture.tensors[f"cu{block}"] = kwargs["cu_seqlens"]
+                capture.tensors[f"rope{block}"] = kwargs["position_embeddings"]
 
-        return [self.merger.register_forward_pre_hook(keep_merger_input)]
+            def keep_qkv(module, args, output, block=block):
+                capture.tensors[f"qkv{block}"] = output.detach()
+
+            handles.append(attention.register_forward_pre_hook(keep_segments, with_kwargs=True))
+            handles.append(attention.qkv.register_forward_hook(keep_qkv))
+        if any(r.name == "vision_features" for r in wanted):
+
+            def keep_merger_input(module, args):
+                # the first merger call after a vision pass; a sieve's own `project` calls come later
+                if "vision_features" not in capture.tensors:
+                    capture.tensors["vision_features"] = self._per_token(args[0].detach(), capture.inputs["grid_thw"])
+
+            handles.append(self.merger.register_forward_pre_hook(keep_merger_input))
+        return handles
+
+    def _received(self, capture: VisionCapture, block: int) -> torch.Tensor:
+        """(heads, tokens) attention received at ``block`` by every merged token of the pass, in raster order
+        (images one after another); computed once per vision pass."""
+        cached = capture.tensors.get(f"received{block}")
+        if cached is not None:
+            return cached
+        attention = self.vision_tower.blocks[block].attn
+        qkv, (cos, sin) = capture.tensors[f"qkv{block}"], capture.tensors[f"rope{block}"]
+        length, heads = qkv.shape[0], attention.num_heads
+        query, key, _ = qkv.reshape(length, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
+        rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb_vision  # the model's own
+        query, key = (x.float().transpose(0, 1) for x in rotary(query, key, cos, sin))  # (heads, S, d)
+        bounds = capture.tensors[f"cu{block}"].tolist()
+        received = query.new_zeros(heads, length)
+        for start, end in zip(bounds[:-1], bounds[1:]):  # column sums within each segment it attends over
+            received[:, start:end] = attention_received(query[:, start:end], key[:, start:end], attention.scaling) * (end - start)
+        patches = capture.inputs["grid_thw"].prod(-1).tolist()  # images are consecutive in the sequence
+        received = torch.cat([part / count for part, count in zip(received.split(patches, dim=1), patches)], dim=1)
+        merged = received.view(heads, -1, self.merge**2).mean(-1)  # the patches of each merged token
+        raster = self._raster_order(merged.T, capture.inputs["grid_thw"]).T
+        capture.tensors[f"received{block}"] = raster
+        return raster
 
     def _per_token(self, patches: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """The merger's input as one row per LLM token (its 2x2 patches concatenated), in raster order."""
-        blocks = patches.reshape(-1, self.merger.hidden_size)
+        return self._raster_order(patches.reshape(-1, self.merger.hidden_size), grid_thw)
+
+    def _raster_order(self, rows: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Rows of one merged token each, from the tower's order (Qwen2.5-VL: window order) to raster order."""
         window_size = getattr(self.vision_config, "window_size", None)
         if window_size is None:
-            return blocks
+            return rows
         window_index, _ = get_vision_window_index(grid_thw, self.merge, window_size, self.vision_config.patch_size)
-        return blocks[window_index.argsort().to(blocks.device)]
+        return rows[window_index.argsort().to(rows.device)]
 
     def _project(self, features: torch.Tensor) -> torch.Tensor:
         """The merger on (..., 4*d_patch) rows of concatenated patches: (..., d_llm)."""
@@ -168,12 +221,15 @@ class Qwen2VLAdapter(Adapter):
             for image, ((row, positions), (_, h, w)) in enumerate(zip(blocks, grid_thw.tolist()))
         ]
 
-    def image_signals(self, wanted: tuple[str, ...], capture: VisionCapture, image: int) -> dict:
+    def image_signals(self, wanted, capture: VisionCapture, image: int) -> dict:
         signals = {}
-        if "vision_features" in wanted:
-            counts = self._token_counts(capture.inputs["grid_thw"])
-            start = sum(counts[:image])
-            signals["vision_features"] = capture.tensors["vision_features"][start : start + counts[image]]
-        if "project" in wanted:
-            signals["project"] = self._project
+        counts = self._token_counts(capture.inputs["grid_thw"])
+        start = sum(counts[:image])
+        for request in wanted:
+            if request.name == "vision_features":
+                signals[request] = capture.tensors["vision_features"][start : start + counts[image]]
+            elif request.name == "vision_attention":
+                signals[request] = self._received(capture, self.block_index(request.layer))[:, start : start + counts[image]]
+            elif request.name == "project":
+                signals[request] = self._project
         return signals

@@ -1,4 +1,5 @@
-"""The report's gallery: for a few samples, each method's kept patches at each budget, side by side."""
+"""The report's gallery: for a few samples, each method's kept patches (merging methods: its merge groups,
+each painted its mean colour) at each budget, side by side."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from tokensieve.draw import grey_out
+from tokensieve.draw import grey_out, merge_groups
 
 from .summary import BASELINE
 
@@ -57,7 +58,13 @@ class GallerySample:
 
 
 def _cell(record: pd.Series, baseline_answer: str, image: Image.Image) -> Cell:
-    shown = image if record["config"] == BASELINE else grey_out(image, tuple(record["grid"]), record["kept"])
+    groups = record.get("groups")
+    if record["config"] == BASELINE:
+        shown = image
+    elif isinstance(groups, list):  # a merging method: each group painted its mean colour
+        shown = merge_groups(image, tuple(record["grid"]), groups)
+    else:
+        shown = grey_out(image, tuple(record["grid"]), record["kept"])
     return Cell(config=record["config"], keep=record["keep_label"], tokens_after=int(record["tokens_after"]),
                 tokens_before=int(record["tokens_before"]), prediction=str(record["prediction"]),
                 correct=bool(record["correct"]), agrees=record["answer"] == baseline_answer,

@@ -5,7 +5,9 @@
 
 ``model`` names the lmms-eval model that loads and prompts the checkpoint (default ``llava_hf``);
 ``method`` and ``keep`` pick the tokensieve method, ``method_<name>=value`` passes its other
-options (``method_seed=1``); every other argument goes to that model unchanged.
+options (``method_seed=1``); every other argument goes to that model unchanged. ``method=none``
+applies nothing: the wrapped model runs untouched under ``ts.observe``, and ``run_stats`` records
+its tokens, FLOPs and KV-cache bytes as a method's run does (the baseline of the same task).
 ``pretrained=sieve-mini`` means tokensieve's embedded model. lmms-eval finds this class through
 the ``lmms_eval.models`` entry point in tokensieve's pyproject.toml (see docs/lmms-eval.md).
 """
@@ -19,7 +21,9 @@ from transformers import PreTrainedModel
 
 import tokensieve as ts
 from tokensieve.bench.lmms_eval_deps import check_lmms_eval_path
-from tokensieve.stats import RunStats
+
+#: ``method=`` values that apply no method: the stock model, observed
+NO_METHOD = ("none", "")
 
 #: the entry point's payload: lmms-eval resolves ``tokensieve`` to the chat class unless it is run
 #: with --force_simple, and the chosen class asks for the wrapped model of the same kind
@@ -40,7 +44,12 @@ class Tokensieve(lmms):
         method_args = {name.removeprefix("method_"): model_args.pop(name)
                        for name in list(model_args) if name.startswith("method_")}
         # a bad method fails before a model is loaded; a chain ("fastervlm:128+fastv:0.5") takes no method_ args
-        self.sieve = ts.build(method, keep=keep, **method_args)
+        if str(method).strip().lower() in NO_METHOD:
+            if keep is not None or method_args:
+                raise ValueError(f"method={method} applies no method, so it takes no keep= or method_ arguments")
+            self.sieve = None  # ts.apply without a method observes
+        else:
+            self.sieve = ts.build(method, keep=keep, **method_args)
         if model_args.get("pretrained") == "sieve-mini":
             from tokensieve.mini.build import model_dir
 
@@ -51,7 +60,7 @@ class Tokensieve(lmms):
         self.inner = get_model(model, force_simple=type(self).is_simple)(**model_args)
         self.is_simple = self.inner.is_simple  # tasks build their requests for the wrapped model's kind
         self.task_dict = self.inner.task_dict  # the evaluator fills this dict, the wrapped model reads it
-        self.run_stats: list[RunStats] = []  # one per request batch: what the method kept
+        self.run_stats: list[ts.RunStats] = []  # one per request batch: what the method kept
         ts.attach(self.hf_model, self.sieve).remove()  # an unsupported family or signal fails now, not mid-run
 
     @property
@@ -92,6 +101,8 @@ class Tokensieve(lmms):
         return self._with_method("generate_until_multi_round", requests)
 
     def loglikelihood(self, requests):
+        if self.sieve is None:  # observed: the stock forward, whose logits line up with the labels
+            return self._with_method("loglikelihood", requests)
         # A pruned forward returns logits for the kept tokens only, while the wrapped model scores
         # them against labels that cover every token: refuse rather than fail inside its loss.
         raise NotImplementedError(
@@ -103,7 +114,7 @@ class Tokensieve(lmms):
         with ts.apply(self.hf_model, self.sieve) as run:
             outputs = getattr(self.inner, request_type)(requests)
         self.run_stats.append(run.stats)
-        logger.info(f"tokensieve {self.sieve.name}: {len(requests)} {request_type} requests; {run.stats.summary()}")
+        logger.info(f"tokensieve {run.sieve.name}: {len(requests)} {request_type} requests; {run.stats.summary()}")
         return outputs
 
 

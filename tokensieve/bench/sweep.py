@@ -25,9 +25,7 @@ import transformers
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 import tokensieve as ts
-from tokensieve import budget
 
-from ..flops import decoder_prefill_flops
 from .measure import Meter
 from .suites import BUILTIN, check_model, load_model, load_suite, model_inputs, model_view
 
@@ -76,7 +74,7 @@ class Settings:
 
 def parse_keep(text: str | int | float) -> int | float:
     try:
-        return budget.parse_keep(text)
+        return ts.parse_keep(text)
     except ValueError as err:
         raise SweepSpecError(str(err)) from None
 
@@ -218,26 +216,22 @@ class Worker:
         measured = self.meter.generate(inputs, self.settings.max_new_tokens, sieve)
         prediction = self.processor.decode(measured.new_tokens, skip_special_tokens=True).strip()
         score = sample.score(prediction)
-        stats, first_image = measured.stats, measured.images[0]
-        if stats is None:  # the baseline: every token, the stock prefill
-            prompt_flops = decoder_prefill_flops(self.model.config.get_text_config(),
-                                                 [int(inputs["attention_mask"].sum())])
-            tokens = sum(len(image.positions) for image in measured.images)
-            kept, flops = list(range(len(first_image.positions))), (tokens, tokens, prompt_flops, prompt_flops)
-        else:
-            kept = stats.images[0].kept.tolist()
-            flops = (stats.tokens_before, stats.tokens_after, stats.prefill_flops, stats.prefill_flops_unreduced)
-        tokens_before, tokens_after, prefill_flops, prefill_flops_unreduced = flops
+        stats = measured.stats  # the baseline's is ts.observe's: every token kept, the stock prefill
+        first_image = stats.images[0]
         return {
             "config": config.id, "method": config.method, "keep": config.keep, "sample": sample.id,
             "category": sample.category, "question": sample.question, "target": sample.target,
             "prediction": prediction, "correct": score >= 1.0, "score": score,
-            "tokens_before": tokens_before, "tokens_after": tokens_after, "kept": kept, "grid": list(first_image.grid),
-            "prefill_flops": prefill_flops, "prefill_flops_unreduced": prefill_flops_unreduced,
-            "vision_flops": measured.vision_flops, "prefill_seconds": measured.prefill_seconds,
+            "tokens_before": stats.tokens_before, "tokens_after": stats.tokens_after,
+            "kept": first_image.kept.tolist(), "grid": list(first_image.grid),
+            # where a stage merged: every patch's group, as the raster index of the token it ended in
+            "groups": first_image.groups().tolist() if any(s.assignment is not None for s in first_image.stages) else None,
+            "prefill_flops": stats.prefill_flops, "prefill_flops_unreduced": stats.prefill_flops_unreduced,
+            "vision_flops": stats.vision_flops, "prefill_seconds": measured.prefill_seconds,
             "decode_seconds_per_token": measured.decode_seconds_per_token, "new_tokens": len(measured.new_tokens),
-            "peak_memory_added_bytes": measured.peak_memory_added_bytes, "kv_cache_bytes": measured.kv_cache_bytes,
-            "selection_seconds": stats.selection_seconds if stats is not None else None, "warmup": False,
+            "peak_memory_added_bytes": measured.peak_memory_added_bytes, "kv_cache_bytes": stats.kv_bytes,
+            # the baseline selects nothing: null, not the observer's 0.0
+            "selection_seconds": stats.selection_seconds if sieve is not None else None, "warmup": False,
         }
 
     def _save_images(self, folder: Path) -> None:

@@ -23,7 +23,8 @@ class ToMe(Sieve):
     layer, with the layer's attention keys as the similarity and proportional attention (log token size
     added to the attention logits); here it runs once on the projected tokens, with the tokens
     themselves as the similarity, as many rounds as the budget needs, and the LLM attends to merged
-    tokens without size weighting. ToMe's [CLS] protection does not arise: HF LLaVA drops [CLS].
+    tokens without size weighting (``tome_vit`` is ToMe inside the tower, with it). ToMe's [CLS] protection
+    does not arise: HF LLaVA drops [CLS]. The method returns its merge map; the engine averages each group.
     """
 
     name = "tome"
@@ -31,4 +32,4 @@ class ToMe(Sieve):
 
     def select(self, tokens: VisualTokens) -> Selection:
         merge = bipartite_merge(tokens.features, tokens.features, self.budget.resolve(len(tokens)))
-        return Selection(merge.kept, merge.features)
+        return Selection(merge.kept, assignment=merge.assignment)  # the engine gives each kept token its group's mean

@@ -1,0 +1,158 @@
+"""Parameterised signals: what a sieve asks the model for, with its parameters.
+
+A sieve declares the *names* of the signals it needs in its class attribute ``signals`` (that drives
+``ts.list_methods(needs=...)``); an instance asks for them with parameters through
+:meth:`~tokensieve.sieve.Sieve.requests`, as :class:`Signal` values (``Signal("vision_attention",
+layer=9)``). A bare name is the signal with its default parameters. Requests are validated against the
+model's adapter before the model is touched, each is computed once per forward, and a sieve reads
+each one from ``VisualTokens`` by the same request (``tokens[Signal("vision_attention", layer=9)]``,
+or ``tokens["cls_attention"]`` for the defaults).
+
+**Vision layer numbering** (``layer``, ``layers``): as Hugging Face's ``hidden_states`` and LLaVA's
+``vision_feature_layer``: layer ``L`` is the transformer block whose *output* is ``hidden_states[L]``,
+so ``1..n`` count blocks from the first and ``-1..-n`` from the last (``-2`` is the penultimate block,
+LLaVA's default feature layer); ``0`` (the embeddings) has no attention. ``None`` is the block whose
+output the model feeds to its projector (its feature layer; the last block for Qwen2-VL and Idefics3).
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: each parameterised signal's parameters and their defaults (the others take none)
+PARAMETERS: dict[str, dict] = {
+    "cls_attention": {"layers": None},
+    "vision_attention": {"layer": None, "queries": "mean"},
+}
+QUERIES = ("cls", "mean")
+
+
+def _check_layer(value, what: str):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value == 0:
+        raise ValueError(f"{what} must be a vision layer number (1..n, or -1..-n from the last; 0 is the embeddings), not {value!r}")
+    return value
+
+
+class Signal:
+    """One signal with its parameters, e.g. ``Signal("vision_attention", layer=9, queries="mean")``.
+
+    Frozen and hashable; equal requests are computed once. Parameters left out take their defaults, so
+    ``Signal("cls_attention") == Signal("cls_attention", layers=None)``.
+    """
+
+    __slots__ = ("name", "params")
+
+    def __init__(self, name: str, **params):
+        from .sieve import SIGNALS  # sieve.py imports this module
+
+        if name not in SIGNALS:
+            raise ValueError(f"unknown signal {name!r}: choose from {', '.join(sorted(SIGNALS))}")
+        defaults = PARAMETERS.get(name, {})
+        unknown = sorted(set(params) - set(defaults))
+        if unknown:
+            takes = ", ".join(defaults) or "no parameters"
+            raise ValueError(f"signal {name} takes {takes}; not {', '.join(unknown)}")
+        values = {**defaults, **params}
+        if "layer" in values:
+            values["layer"] = _check_layer(values["layer"], f"{name}(layer=...)")
+        if values.get("layers") is not None:
+            layers = values["layers"]
+            layers = (layers,) if isinstance(layers, int) else tuple(layers)
+            if not layers:
+                raise ValueError(f"{name}(layers=...) needs at least one layer (or None for the feature layer)")
+            values["layers"] = tuple(_check_layer(layer, f"{name}(layers=...)") for layer in layers)
+        if "queries" in values and values["queries"] not in QUERIES:
+            raise ValueError(f"{name}(queries=...) must be one of {QUERIES}, not {values['queries']!r}")
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "params", tuple(values.items()))
+
+    def __setattr__(self, key, value):
+        raise AttributeError("a Signal is frozen")
+
+    def __getattr__(self, key):
+        for param, value in object.__getattribute__(self, "params"):
+            if param == key:
+                return value
+        raise AttributeError(f"signal {self.name} has no parameter {key!r}")
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Signal) and (self.name, self.params) == (other.name, other.params)
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.params))
+
+    def __repr__(self) -> str:
+        if self.params == tuple(PARAMETERS.get(self.name, {}).items()):
+            return self.name
+        return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in self.params)})"
+
+    __str__ = __repr__
+
+
+def as_signal(request: str | Signal) -> Signal:
+    """A request as a :class:`Signal` (a bare name: its default parameters)."""
+    return request if isinstance(request, Signal) else Signal(request)
+
+
+def requests_of(sieve) -> tuple[Signal, ...]:
+    """The sieve's requests, each once; each must be one of the names its class declares in ``signals``."""
+    requests = tuple(dict.fromkeys(as_signal(r) for r in sieve.requests()))
+    undeclared = sorted({r.name for r in requests} - set(sieve.signals))
+    if undeclared:
+        raise ValueError(
+            f"{type(sieve).__name__} asks for {', '.join(undeclared)} but does not declare it in its class "
+            f"attribute signals = {tuple(sieve.signals)!r}"
+        )
+    return requests
+
+
+# computations shared by the adapters
+
+
+def attention_received(query: torch.Tensor, key: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
+                       chunk_elements: int = 1 << 24) -> torch.Tensor:
+    """(heads, S) mean over the S query rows of ``softmax(q k^T * scale + mask)``: the attention each token
+    receives. ``query``/``key``: (heads, S, d); ``mask``: None, or (S, S) / (heads, S, S), boolean (True:
+    attend) or additive. Rows are computed in chunks of queries, so heads x S x S is never held."""
+    heads, length, _ = query.shape
+    step = max(1, chunk_elements // max(1, heads * length))
+    received = query.new_zeros(heads, length, dtype=torch.float32)
+    key_t = key.float().transpose(1, 2)
+    for start in range(0, length, step):
+        logits = (query[:, start : start + step].float() @ key_t) * scale
+        if mask is not None:
+            logits = _masked(logits, mask[..., start : start + step, :])
+        received += logits.softmax(dim=-1).sum(dim=1)
+    return received / length
+
+
+def attention_row(query: torch.Tensor, key: torch.Tensor, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(heads, S) softmax attention of one query row: ``query`` (heads, 1, d), ``key`` (heads, S, d);
+    ``mask`` as for :func:`attention_received`, its first row used."""
+    logits = (query.float() @ key.float().transpose(1, 2)) * scale
+    if mask is not None:
+        logits = _masked(logits, mask[..., :1, :])
+    return logits.softmax(dim=-1).squeeze(1)
+
+
+def _masked(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        return logits.masked_fill(~mask, float("-inf"))
+    return logits + mask.float()
+
+
+def instruction_positions(real: torch.Tensor, placeholders: torch.Tensor, image_end: int, prompt_end: int) -> torch.Tensor:
+    """Positions in one row of the instruction that conditions an image (the ``text_embeddings`` rule).
+
+    The instruction is the prompt's tokens after the image: every real (unmasked) token of the row after
+    the image's last placeholder up to the prompt's last token (``prompt_end``, inclusive), that is no
+    image placeholder (of any image). If there is none (the image ends the prompt), it is every real
+    non-placeholder token of the prompt. ``real``/``placeholders``: (length,) booleans of the row.
+    """
+    index = torch.arange(len(real), device=real.device)
+    text = real.bool() & ~placeholders & (index <= prompt_end)
+    after = text & (index > image_end)
+    chosen = after if bool(after.any()) else text
+    return chosen.nonzero().squeeze(1)
