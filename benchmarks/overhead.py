@@ -78,7 +78,7 @@ def _staged_ideal(model, inputs: dict, record):
 
 
 def main(
-    methods: str = typer.Option(None, help="comma-separated specs; default: every method in the registry"),
+    methods: str = typer.Option(None, help="comma-separated specs; default: every pre-LLM and in-LLM method in the registry"),
     keeps: str = typer.Option("64,192"),
     repeats: int = typer.Option(9, help="timed (ideal, method) pairs per configuration"),
     device: str = typer.Option("cpu"),
@@ -89,7 +89,8 @@ def main(
     if model_name not in ("demo", "llava-1.5-7b"):
         raise typer.BadParameter(f"--model {model_name}: the ideal prompt is built for LLaVA; use demo or llava-1.5-7b "
                                  "(benchmarks/in_llm.py times other models against the stock one)")
-    methods = methods or ",".join(info.name for info in ts.list_methods())
+    # in_vision methods shorten the tower itself, which both ideals run in full: benchmarks/vision_merge.py times them
+    methods = methods or ",".join(info.name for info in ts.list_methods() if info.stage != "in_vision")
     model, inputs = model_and_inputs(model_name, device, dtype, batch)
     console.print(describe(model, inputs, device, dtype))
 

@@ -120,6 +120,16 @@ def test_methods_loads_no_transformers_and_no_adapter():
     assert run_python(code).splitlines()[-1] == "[]"
 
 
+def test_listing_and_building_methods_leave_torch_unimported_until_a_method_runs():
+    """The method modules take torch from tokensieve._lazy: `tokensieve methods` answers without importing it
+    (torch._C is its compiled core), and the first tensor operation imports the one real torch."""
+    code = ("import sys\nfrom tokensieve.cli import app\ntry:\n    app(['methods'])\nexcept SystemExit:\n    pass\n"
+            "import tokensieve as ts\nsieve = ts.build('fastervlm:64+pyramiddrop:16')\nprint('torch._C' in sys.modules)\n"
+            "from tokensieve.selection import top_k_in_order\nimport torch\n"
+            "print(top_k_in_order(torch.tensor([0.1, 0.9, 0.5]), 2).tolist(), sys.modules['torch'] is torch)")
+    assert run_python(code).splitlines()[-2:] == ["False", "[1, 2] True"]
+
+
 def test_the_console_script_answers_a_mistake_in_one_line_without_a_traceback():
     script = shutil.which("tokensieve", path=str(Path(sys.executable).parent))
     assert script, f"no tokensieve console script next to {sys.executable}"

@@ -262,14 +262,19 @@ class LayerPruning:
         if cache is not None:
             self._states.setdefault(cache, [None] * len(self.stages))[index] = state
         plan = self._plan(stage, kwargs, index_now, columns, packed_mask, filled, past_dropped)
-        moved = torch.where(keep, (new_width - keep.sum(1, keepdim=True)) + keep.cumsum(1) - 1, -1)
-        query = moved.gather(1, view.query.unsqueeze(1)).squeeze(1) if view.query is not None else None
-        images = [PendingImage(image.record, image.row, moved[image.row, image.positions[kept]], image.raster[kept.cpu()], image.entered)
-                  for image, kept in zip(images, kept_per_image)]
+        query, images = self._moved(keep, new_width, view.query, images, kept_per_image) if index + 1 < len(self.stages) else (None, [])
         self._view = _View(index_now, None if keep.all() else filled, packed_mask, query, images, plan, dropped)
         if keep.all():
             return _with_hidden(args, kwargs, hidden)
         return _with_hidden(args, kwargs, hidden.gather(1, packing.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])))
+
+    def _moved(self, keep: torch.Tensor, width: int, query, images: list[PendingImage], kept_per_image: list) -> tuple:
+        """Where the query and each image's kept tokens sit in the packing (``width`` slots), for the next stage."""
+        moved = torch.where(keep, (width - keep.sum(1, keepdim=True)) + keep.cumsum(1) - 1, -1)
+        query = moved.gather(1, query.unsqueeze(1)).squeeze(1) if query is not None else None
+        images = [PendingImage(image.record, image.row, moved[image.row, image.positions[kept]], image.record.kept, image.entered)
+                  for image, kept in zip(images, kept_per_image)]  # record.kept: this stage's raster indices
+        return query, images
 
     def _starting(self, index: int, images: list[PendingImage]) -> list[PendingImage]:
         """The view's images; at the first stage of a method, each records how many tokens it has then."""

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
+from ._lazy import F, torch
 
 
 def top_k_in_order(scores: torch.Tensor, k: int) -> torch.Tensor:

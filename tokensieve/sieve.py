@@ -7,8 +7,7 @@ from typing import ClassVar
 
 import time
 
-import torch
-
+from ._lazy import torch
 from .budget import Budget
 from .selection import top_k_in_order
 from .signals import Signal, as_signal

@@ -17,7 +17,9 @@ output the model feeds to its projector (its feature layer; the last block for Q
 
 from __future__ import annotations
 
-import torch
+import functools
+
+from ._lazy import torch
 
 #: each parameterised signal's parameters and their defaults (the others take none)
 PARAMETERS: dict[str, dict] = {
@@ -93,7 +95,13 @@ class Signal:
 
 def as_signal(request: str | Signal) -> Signal:
     """A request as a :class:`Signal` (a bare name: its default parameters)."""
-    return request if isinstance(request, Signal) else Signal(request)
+    return request if isinstance(request, Signal) else _by_name(request)
+
+
+@functools.cache
+def _by_name(name: str) -> Signal:
+    # a bare name is looked up for every image of every forward: build its Signal once
+    return Signal(name)
 
 
 def requests_of(sieve) -> tuple[Signal, ...]:

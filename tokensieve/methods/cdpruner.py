@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-
+from .._lazy import F, torch
 from ..registry import register
 from ..selection import dpp_map
 from ..sieve import Selection, Sieve, VisualTokens

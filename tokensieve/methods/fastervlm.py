@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
+from .._lazy import torch
 from ..registry import register
 from ..sieve import ScoringSieve, VisualTokens
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
+from .._lazy import torch
 from ..registry import register
 from ..selection import top_k_in_order
 from ..sieve import Selection, Sieve, VisualTokens

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-
+from .._lazy import F, torch
 from ..registry import register
 from ..sieve import Selection, Sieve, VisualTokens
 
