@@ -168,18 +168,19 @@ class LayerPruning:
         self._past, self._length, self._past_mask, self._input_mask = 0, 0, None, None
         self.stages_run, self._expected = 0, 0
         self._attention: dict[int, torch.Tensor] = {}
+        # everything that can refuse comes before the first hook, so a refusal leaves the model untouched
         self._rotary = _rotary_function(_attention_module(layers[0]))
+        scored = {index: _attention_module(layers[stage.layer - 1]) for index, stage in enumerate(self.stages)
+                  if "llm_attention" in stage.sieve.signals and _scored_at(stage.sieve) == "previous"}
+        if any(_positions(stage.method) == "repack" for stage in self.stages):
+            _check_repackable(decoder)
         at_layer = {stage.layer: index for index, stage in enumerate(self.stages)}
         self.handles = [
             layers[j].register_forward_pre_hook(partial(self._layer_input, at_layer.get(j)), with_kwargs=True)
             for j in range(self.stages[0].layer, len(layers))
         ]
-        for index, stage in enumerate(self.stages):
-            if "llm_attention" in stage.sieve.signals and _scored_at(stage.sieve) == "previous":
-                attention = _attention_module(layers[stage.layer - 1])
-                self.handles.append(attention.register_forward_pre_hook(partial(self._score, index), with_kwargs=True))
-        if any(_positions(stage.method) == "repack" for stage in self.stages):
-            _check_repackable(decoder)
+        self.handles += [attention.register_forward_pre_hook(partial(self._score, index), with_kwargs=True)
+                         for index, attention in scored.items()]
 
     @property
     def pending(self) -> bool:

@@ -55,11 +55,10 @@ class VisionMerging:
         self.images: list[MergedImage] = []
         self.groups: dict[int, torch.Tensor] = {}  # vision layer -> (images, patches) token of each original after its merges
         self._reset()
+        keys = [_attention(layers[index - 1]).k_proj for index in self.merging]  # may refuse: before any hook
         self.handles = [tower.register_forward_pre_hook(lambda *_: self._reset()),
                         tower.register_forward_hook(self._restore_lengths)]
-        for index in self.merging:
-            keys = _attention(layers[index - 1]).k_proj
-            self.handles.append(keys.register_forward_hook(self._keep_keys))
+        self.handles += [projection.register_forward_hook(self._keep_keys) for projection in keys]
         for index in range(first, len(layers)):
             self.handles.append(layers[index].register_forward_pre_hook(self._layer_input(index), with_kwargs=True))
 
