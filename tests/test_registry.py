@@ -32,7 +32,7 @@ def test_a_sieve_prints_and_lists_the_arguments_it_was_given():
 
 
 def test_list_methods_filters_by_stage_and_signal():
-    assert [info.name for info in ts.list_methods(needs="cls_attention")] == ["fastervlm", "visionzip", "vispruner"]
+    assert [info.name for info in ts.list_methods(needs="cls_attention")] == ["fastervlm", "visionzip", "vispruner", "vtc_cls"]
     assert [info.name for info in ts.list_methods(needs=("cls_attention", "vision_keys"))] == ["visionzip"]
     assert {info.stage for info in ts.list_methods(stage="pre_llm")} == {"pre_llm"}
     with pytest.raises(ValueError, match="stage='vision': choose from in_vision, pre_llm, in_llm"):

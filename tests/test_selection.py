@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from tokensieve import Budget, Sieve, register
 from tokensieve.flops import decoder_prefill_flops
-from tokensieve.methods.pool import _target_grid
+from tokensieve.selection import target_grid
 from tokensieve.selection import bipartite_merge, farthest_point, grid_subsample, left_packed, merge_into_targets, top_k_in_order
 
 
@@ -70,10 +70,10 @@ def test_grid_subsample_is_an_even_lattice():
 
 
 def test_pool_target_grids():
-    assert _target_grid((24, 24), 64) == (8, 8)
-    assert _target_grid((24, 24), 128) == (11, 11)
-    assert _target_grid((24, 24), 192) == (13, 14)
-    assert _target_grid((16, 32), 32) == (4, 8)
+    assert target_grid((24, 24), 64) == (8, 8)
+    assert target_grid((24, 24), 128) == (11, 11)
+    assert target_grid((24, 24), 192) == (13, 14)
+    assert target_grid((16, 32), 32) == (4, 8)
 
 
 def test_merge_into_targets_adds_the_mean_of_members():

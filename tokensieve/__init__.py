@@ -20,7 +20,7 @@ _HOMES = {
     "ImageRecord": "stats", "RunStats": "stats",
     "MethodInfo": "registry", "build": "registry", "list_methods": "registry", "load": "registry",
     "parse_spec": "registry", "register": "registry", "split_specs": "registry",
-    "ScoringSieve": "sieve", "Selection": "sieve", "Sieve": "sieve", "VisualTokens": "sieve",
+    "GridSieve": "sieve", "ScoringSieve": "sieve", "Selection": "sieve", "Sieve": "sieve", "VisualTokens": "sieve",
     "Signal": "signals",
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ._lazy import F, torch
@@ -202,6 +203,30 @@ def dpp_map(kernel: torch.Tensor, k: int, eps: float = 1e-10) -> torch.Tensor:
     return chosen
 
 
+def coverage_greedy(coverage: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy maximum coverage (facility location): ``k`` column indices of the (R, N) non-negative
+    ``coverage`` matrix, in the order chosen, maximising ``f(S) = sum_r max_{j in S} coverage[r, j]``.
+
+    Each step adds the column with the largest gain ``sum_r max(0, coverage[r, j] - best_r)`` (ties to the
+    lower index), ``best_r`` the row's cover by the columns chosen so far (0 at the start). ``f`` is monotone
+    submodular, so the greedy set is within ``1 - 1/e`` of the best ``k`` columns (Nemhauser, Wolsey and
+    Fisher, 1978). A step costs O(R·N); chosen columns are never picked again, also when every gain is 0.
+    """
+    coverage = coverage.float()
+    n = coverage.shape[1]
+    k = min(k, n)
+    best = coverage.new_zeros(coverage.shape[0])
+    taken = coverage.new_zeros(n)  # -inf at the chosen columns
+    chosen = torch.empty(k, dtype=torch.long, device=coverage.device)
+    for step in range(k):
+        gains = (coverage - best[:, None]).clamp_(min=0).sum(dim=0) + taken
+        # picks stay one-element tensors: indexing with a 0-d tensor would stall a GPU once per step
+        pick = gains.argmax(dim=0, keepdim=True)
+        chosen[step : step + 1] = pick
+        best = torch.maximum(best, coverage.index_select(1, pick).squeeze(1))
+        taken.index_fill_(0, pick, float("-inf"))
+    return chosen
+
 def grid_neighbours(layout: tuple[torch.Tensor, ...], n: int) -> torch.Tensor:
     """(n, 4) the token above, below, left and right of each of ``n`` tokens within its 2D piece of
     ``layout`` (maps of token indices, as ``VisualTokens.layout()``), -1 where there is none."""
@@ -212,3 +237,69 @@ def grid_neighbours(layout: tuple[torch.Tensor, ...], n: int) -> torch.Tensor:
         around = [padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]]
         table[piece.flatten()] = torch.stack(around, dim=-1).view(-1, 4)
     return table
+
+
+def target_grid(grid: tuple[int, int], k: int) -> tuple[int, int]:
+    """The largest rows×cols <= k with cols within one of rows·w/h (64 -> 8×8, 192 -> 13×14 on 24×24)."""
+    h, w = grid
+    best = (1, 1)
+    for rows in range(1, h + 1):
+        for cols in {min(w, max(1, round(rows * w / h) + extra)) for extra in (0, 1)}:
+            if rows * cols <= k and rows * cols > best[0] * best[1]:
+                best = (rows, cols)
+    return best
+
+
+def cell_bounds(size: int, cells: int) -> list[tuple[int, int]]:
+    """The [start, end) spans adaptive average pooling uses for each of ``cells`` cells over ``size``."""
+    return [((i * size) // cells, -(-((i + 1) * size) // cells)) for i in range(cells)]
+
+
+def cell_centres(grid: tuple[int, int], cells: tuple[int, int]) -> torch.Tensor:
+    """Raster index in an h×w ``grid`` of the centre token of each cell of a rows×cols split (``cell_bounds``)."""
+    (h, w), (rows, cols) = grid, cells
+    return torch.tensor([((top + bottom - 1) // 2) * w + (left + right - 1) // 2
+                         for top, bottom in cell_bounds(h, rows) for left, right in cell_bounds(w, cols)])
+
+
+def dct(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Orthonormal DCT-II of ``x`` along ``dim`` (scipy's ``dct(type=2, norm="ortho")``), by one FFT of
+    length N (Makhoul 1980): the even-indexed samples in order, then the odd ones reversed, transformed and
+    turned by ``exp(-iπk/2N)``. Floating inputs keep their dtype (float64 stays float64); others go to float32."""
+    x = x.transpose(dim, -1)
+    n = x.shape[-1]
+    real = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    v = torch.cat([real[..., ::2], real[..., 1::2].flip(-1)], dim=-1)
+    k = torch.arange(n, device=x.device, dtype=real.dtype)
+    turned = torch.fft.fft(v, dim=-1) * torch.polar(torch.ones_like(k), -math.pi * k / (2 * n))
+    scale = torch.full((n,), math.sqrt(2 / n), device=x.device, dtype=real.dtype)
+    scale[0] = math.sqrt(1 / n)
+    return (turned.real * scale).transpose(dim, -1)
+
+
+def idct(coefficients: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Inverse of :func:`dct` (the orthonormal DCT-III) along ``dim``, by one inverse FFT of length N."""
+    c = coefficients.transpose(dim, -1)
+    c = c if c.dtype in (torch.float32, torch.float64) else c.float()
+    n = c.shape[-1]
+    scale = torch.full((n,), math.sqrt(n / 2), device=c.device, dtype=c.dtype)
+    scale[0] = math.sqrt(n)
+    plain = c * scale  # the unnormalised sums C[k] = Σ x[j] cos(πk(2j+1)/2N)
+    mirrored = torch.cat([torch.zeros_like(plain[..., :1]), plain[..., 1:].flip(-1)], dim=-1)  # C[N-k], C[N] = 0
+    k = torch.arange(n, device=c.device, dtype=c.dtype)
+    spectrum = torch.complex(plain, -mirrored) * torch.polar(torch.ones_like(k), math.pi * k / (2 * n))
+    v = torch.fft.ifft(spectrum, dim=-1).real
+    x = torch.empty_like(v)
+    x[..., ::2] = v[..., : (n + 1) // 2]
+    x[..., 1::2] = v[..., (n + 1) // 2 :].flip(-1)
+    return x.transpose(dim, -1)
+
+
+def dct_lowpass(values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resample an (h, w, d) grid to ``size`` = (h', w') <= (h, w) in the frequency domain, per channel: the
+    2D orthonormal DCT-II, its low-frequency h'×w' block, the inverse DCT at h'×w', scaled by ``sqrt(h'w'/hw)``
+    so a constant grid stays that constant (the mean is kept, and so is any per-token affine map of the
+    channels). Float32 (float64 stays float64)."""
+    (h, w), (rows, cols) = values.shape[:2], size
+    low = dct(dct(values, dim=0)[:rows], dim=1)[:, :cols]
+    return idct(idct(low, dim=0), dim=1) * math.sqrt(rows * cols / (h * w))

@@ -9,7 +9,7 @@ import time
 
 from ._lazy import torch
 from .budget import Budget
-from .selection import top_k_in_order
+from .selection import split_budget, top_k_in_order
 from .signals import Signal, as_signal
 
 #: Signals a sieve may ask for; an adapter computes only those asked for.
@@ -166,6 +166,35 @@ class ScoringSieve(Sieve):
     def select(self, tokens: VisualTokens) -> Selection:
         k = self.budget.resolve(len(tokens))
         return Selection(top_k_in_order(self.score(tokens), k))
+
+
+@dataclass
+class GridSieve(Sieve):
+    """A sieve that replaces each 2D piece of the image by a smaller grid of new tokens (pooling, a low-pass
+    filter): the budget is shared among the pieces in proportion to their sizes (``VisualTokens.layout``),
+    and each new token stands at the position of one token of its piece."""
+
+    def resample(self, features: torch.Tensor, grid: tuple[int, int], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One h×w piece (its features in raster order) as at most ``k`` tokens: the raster index within the
+        piece where each stands, and its features."""
+        raise NotImplementedError
+
+    def select(self, tokens: VisualTokens) -> Selection:
+        k = self.budget.resolve(len(tokens))
+        device = tokens.features.device
+        if k >= len(tokens):
+            return Selection(torch.arange(len(tokens), device=device))
+        layout = tokens.layout()
+        kept, features = [], []
+        for block, share in zip(layout, split_budget([block.numel() for block in layout], k)):
+            if share:
+                index = block.flatten().to(device)
+                where, values = self.resample(tokens.features[index], tuple(block.shape), share)
+                kept.append(index[where.to(device)])
+                features.append(values)
+        kept = torch.cat(kept)
+        order = kept.argsort()
+        return Selection(kept[order], torch.cat(features)[order].to(tokens.features.dtype))
 
 
 def timed_select(sieve: Sieve, tokens: VisualTokens) -> tuple[Selection, float]:

@@ -6,29 +6,13 @@ from dataclasses import dataclass
 
 from .._lazy import F, torch
 from ..registry import register
-from ..selection import split_budget
-from ..sieve import Selection, Sieve, VisualTokens
-
-
-def _target_grid(grid: tuple[int, int], k: int) -> tuple[int, int]:
-    """The largest rows×cols <= k with cols within one of rows·w/h (64 -> 8×8, 192 -> 13×14 on 24×24)."""
-    h, w = grid
-    best = (1, 1)
-    for rows in range(1, h + 1):
-        for cols in {min(w, max(1, round(rows * w / h) + extra)) for extra in (0, 1)}:
-            if rows * cols <= k and rows * cols > best[0] * best[1]:
-                best = (rows, cols)
-    return best
-
-
-def _cell_bounds(size: int, cells: int) -> list[tuple[int, int]]:
-    """The [start, end) spans adaptive average pooling uses for each output cell."""
-    return [((i * size) // cells, -(-((i + 1) * size) // cells)) for i in range(cells)]
+from ..selection import cell_centres, target_grid
+from ..sieve import GridSieve
 
 
 @register
 @dataclass
-class Pool(Sieve):
+class Pool(GridSieve):
     """Average-pool the projected tokens to the largest grid of at most ``keep`` cells.
 
     Paper: LLaVolta / Visual Context Compressor (Chen et al., arXiv 2406.20092), which pools visual
@@ -43,34 +27,10 @@ class Pool(Sieve):
     name = "pool"
     paper = "LLaVolta (arXiv 2406.20092)"
 
-    def select(self, tokens: VisualTokens) -> Selection:
-        k = self.budget.resolve(len(tokens))
-        device = tokens.features.device
-        if k >= len(tokens):
-            return Selection(torch.arange(len(tokens), device=device))
-        layout = tokens.layout()
-        kept, pooled = [], []
-        for block, share in zip(layout, split_budget([block.numel() for block in layout], k)):
-            if share:
-                index = block.flatten().to(device)
-                centres, features = _pool_block(tokens.features[index], tuple(block.shape), share)
-                kept.append(index[centres])
-                pooled.append(features)
-        kept = torch.cat(kept)
-        order = kept.argsort()
-        return Selection(kept[order], torch.cat(pooled)[order].to(tokens.features.dtype))
-
-
-def _pool_block(features: torch.Tensor, grid: tuple[int, int], k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pool one h×w piece (its features in raster order) to at most ``k`` cells: the raster index of
-    each cell's centre token within the piece, and the cell means in float32."""
-    h, w = grid
-    rows, cols = _target_grid((h, w), k)
-    image = features.T.reshape(1, -1, h, w).float()
-    pooled = F.adaptive_avg_pool2d(image, (rows, cols)).reshape(-1, rows * cols).T
-    centres = [
-        ((top + bottom - 1) // 2) * w + (left + right - 1) // 2
-        for top, bottom in _cell_bounds(h, rows)
-        for left, right in _cell_bounds(w, cols)
-    ]
-    return torch.tensor(centres, device=features.device), pooled
+    def resample(self, features: torch.Tensor, grid: tuple[int, int], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The piece pooled to at most ``k`` cells: each cell's centre token and the cell means in float32."""
+        h, w = grid
+        rows, cols = target_grid((h, w), k)
+        image = features.T.reshape(1, -1, h, w).float()
+        pooled = F.adaptive_avg_pool2d(image, (rows, cols)).reshape(-1, rows * cols).T
+        return cell_centres(grid, (rows, cols)), pooled
