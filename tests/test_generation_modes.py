@@ -103,14 +103,3 @@ def test_assisted_decoding_under_pruning_gives_the_tokens_of_plain_greedy_decodi
     # the verification forwards saw the image pruned as plain decoding prunes it
     assert [(r.after, r.kept.tolist()) for r in assisted_run.stats.images] == [(16, r.kept.tolist()) for r in plain_run.stats.images]
 
-
-@pytest.mark.parametrize("family, name, kwargs", CONTRACT)
-def test_a_static_cache_is_refused_before_the_prefill_and_the_handle_recovers(family, name, kwargs):
-    model = build_model(family)
-    inputs = family.make_inputs(TEXTS)
-    with ts.apply(model, method_for(name, kwargs)) as run:
-        with pytest.raises(ValueError, match="needs the default dynamic cache: a static cache"):
-            model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0, cache_implementation="static")
-        assert run.stats.images == []  # refused before any image was pruned
-        tokens = model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0)
-    assert tokens.shape == (2, inputs["input_ids"].shape[1] + 2)

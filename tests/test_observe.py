@@ -1,7 +1,7 @@
 """``ts.observe(model)`` (``ts.apply``/``ts.attach`` without a method): the stock forward, untouched and recorded.
 
 Every family: logits, greedy and beam tokens, a second turn on the cache and labels give the unhooked
-model's results bit for bit (a static cache is refused, as under a method); ``run.stats`` counts every image's tokens (before == after), the LLM
+model's results bit for bit (a static cache too: tests/test_static_cache.py); ``run.stats`` counts every image's tokens (before == after), the LLM
 prefill FLOPs (reduced == unreduced == tokensieve.flops on the real lengths), the KV-cache bytes the prefill
 left (== the real cache's tensors, layer by layer, also when in-LLM pruning makes later layers shorter) and,
 asked for, the vision side's FLOPs. And the bench reaches the engine through the public API only.
@@ -119,17 +119,14 @@ def test_a_later_image_on_an_observed_cache_is_passed_on_untouched_and_counted_w
     assert added > 0
 
 
-def test_labels_with_images_run_as_the_stock_model_and_a_static_cache_is_refused_before_the_prefill():
+def test_labels_with_images_run_as_the_stock_model():
     model = build_model(LLAVA)
     inputs = LLAVA.make_inputs(TEXTS)
     labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
     stock_loss = model(**inputs, labels=labels).loss
     with ts.observe(model) as run:
         loss = model(**inputs, labels=labels).loss  # a method refuses labels: it drops what they cover
-        # a static cache's prebuilt 4D mask hides which tokens are padding, which the FLOPs count needs
-        with pytest.raises(ValueError, match="observe needs the default dynamic cache: a static cache .* prebuilt 4D mask"):
-            model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0, cache_implementation="static")
-        tokens = greedy(model, inputs)  # the handle recovers
+        tokens = greedy(model, inputs)
     assert torch.equal(loss, stock_loss) and torch.equal(tokens, greedy(model, inputs))
     assert run.stats.calls == 2
 

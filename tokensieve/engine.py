@@ -18,7 +18,8 @@ One set of hooks serves every family (the adapter says where things are):
 - a post-hook on the inner model refuses a forward that carried images the sieve never saw.
 
 Kept tokens keep their original positions, so decode positions stay those of the unpruned
-sequence. The model's weights, modules and attention implementation are never changed.
+sequence. The model's weights, modules and attention implementation are never changed. A static cache
+(pre-LLM stages only) and compiled forwards (refused): tokensieve/static_cache.py.
 """
 
 from __future__ import annotations
@@ -34,13 +35,14 @@ from transformers import DynamicCache
 from .adapters import ImageSlot, PlaceholderMismatch, VisionCapture, adapter_for
 from .adapters.base import ENGINE_SIGNALS
 from .chain import Chain
-from .compat import CACHE_ARGUMENT, output_cache
+from .compat import CACHE_ARGUMENT, cache_length, output_cache
 from .flops import decoder_prefill_flops
 from .layer_pruning import LayerPruning, PendingImage, PromptQueries
 from .registry import servable_methods
 from .selection import left_packed
 from .sieve import Sieve, VisualTokens, timed_select
 from .signals import Signal, instruction_positions, requests_of
+from .static_cache import flat_mask_for_static_cache, refuse_compiled_model, refuse_static_cache_with_in_llm, refuse_tracing
 from .stats import ImageRecord, RunStats, StageRecord
 from .vision_stage import MergedImage, VisionMerging
 from .vision_flops import VisionPasses, vision_modules
@@ -64,7 +66,11 @@ def _cache_state(cache) -> CacheState | None:
     state = _CACHE_STATES.get(cache) if cache is not None else None
     if state is None:
         return None
-    cropped = state.mask.shape[1] - cache.get_seq_length()
+    held = cache_length(cache)
+    if held == 0:  # emptied (a StaticCache's reset() before it is passed in again): it stands for nothing now
+        del _CACHE_STATES[cache]
+        return None
+    cropped = state.mask.shape[1] - held
     if cropped > 0:
         state = CacheState(state.logical_length - cropped, state.mask[:, :-cropped], state.pruned)
         _CACHE_STATES[cache] = state
@@ -155,6 +161,8 @@ class Run:
                 f"({', '.join(map(str, self._requests))}) of the unmerged tower: chain {self.vision.name} with a "
                 f"pre-LLM method that needs no signals (divprune, uniform, tome, random) or with in-LLM methods"
             )
+        refuse_compiled_model(model, {"inner": adapter.inner, "decoder": adapter.decoder, "vision_tower": adapter.vision_tower},
+                              (method if method is not None else OBSERVER).name)
         if model in _HOOKED_MODELS:
             raise RuntimeError(
                 f"{type(model).__name__} already has a tokensieve method applied: exit that apply() block "
@@ -246,6 +254,7 @@ class Run:
     # hooks
 
     def _before_model(self, module, args, kwargs) -> None:
+        refuse_tracing(self.sieve.name)  # torch.compile(model), generate()'s compiled decode steps
         self._refuse_labels_with_images(kwargs)
         # the prompt ends where the caller starts reading predictions: assisted decoding's prefill asks for the
         # logits of its draft tokens too (logits_to_keep = drafts + 1), and plain generate() for the last token's
@@ -286,6 +295,7 @@ class Run:
             raise
 
     def _before_inner(self, module, args, kwargs):
+        refuse_tracing(self.sieve.name)  # torch.compile(model.forward)
         self._call = None
         if args:  # some wrappers pass input_ids by position (LLaVA-NeXT): name every input
             kwargs = {**inspect.signature(module.forward).bind_partial(*args).arguments, **kwargs}
@@ -299,15 +309,8 @@ class Run:
                 f"prompt by its token ids: pass input_ids (not inputs_embeds) together with the images, or use a "
                 f"pre-LLM method, which finds image tokens in inputs_embeds as the model does"
             )
-        if has_images and getattr(kwargs.get(CACHE_ARGUMENT), "is_compileable", False):
-            # its layers have one preallocated length, written where the unpruned sequence would be
-            why = ("comes with a prebuilt 4D mask, which does not say which tokens are padding (the FLOPs count "
-                   "reads that)" if self._observing else "holds the unpruned length at fixed positions, while a "
-                   "pruned prefill writes fewer tokens")
-            raise ValueError(
-                f"{self.sieve.name} needs the default dynamic cache: a static cache (cache_implementation='static', "
-                f"or a compiled generation's) {why}. Generate without cache_implementation inside the apply() block"
-            )
+        # a static cache serves pre-LLM methods and observing (tokensieve/static_cache.py), not in-LLM stages
+        refuse_static_cache_with_in_llm(kwargs.get(CACHE_ARGUMENT), self._layers.stages if self._layers is not None else (), has_images)
         state = _cache_state(kwargs.get(CACHE_ARGUMENT))
         if state is not None and kwargs.get("input_ids") is not None:
             self._drop_cached_prefix(kwargs, state)
@@ -345,12 +348,13 @@ class Run:
         length, so the new input starts with tokens the cache already holds: drop them."""
         n_new = kwargs["input_ids"].shape[1]
         mask = kwargs.get("attention_mask")
-        if mask is not None and mask.ndim == 2:
+        if isinstance(mask, torch.Tensor) and mask.ndim == 2:
             overlap = state.logical_length + n_new - mask.shape[1]
-        elif kwargs.get("position_ids") is not None:
+        elif kwargs.get("position_ids") is not None:  # no 2D mask: none, or generate()'s prebuilt static-cache masks
             positions = kwargs["position_ids"]
             text_positions = self.adapter.text_positions(positions)
-            overlap = state.logical_length - int(text_positions[0, 0])
+            # the row without left padding counts every column (a padded row's positions start lower)
+            overlap = state.logical_length - int(text_positions[:, 0].max())
         else:
             overlap = 0
         if overlap <= 0:
@@ -377,13 +381,11 @@ class Run:
         if not slots and state is None:
             self._hand_over([], [], own_mask, None, None, None, cache)
             return None
-        if not flat:
-            raise ValueError(
-                "tokensieve needs the 2D attention mask the processor returns; this call carries a prebuilt "
-                "4D mask (a static or compiled cache?): use the default dynamic cache"
-            )
-        if state is None and cache is not None and cache.get_seq_length() > 0:
-            past = cache.get_seq_length()
+        if not flat:  # generate() built the masks ahead for a static cache: read the 2D mask back from them
+            mask = flat_mask_for_static_cache(mask, cache, state is not None, batch, length, embeds.device)
+            own_mask = mask[:, -length:]
+        if state is None and cache is not None and cache_length(cache) > 0:
+            past = cache_length(cache)
             past_mask = mask[:, :past] if mask is not None else embeds.new_ones(batch, past, dtype=torch.long)
             state = CacheState(past, past_mask, torch.zeros(batch, dtype=torch.long))
         past_logical = state.logical_length if state is not None else 0
@@ -397,7 +399,7 @@ class Run:
         if keep.all() and not replacements and (state is None or self._observing):
             if slots:
                 self._count_flops(own_mask.sum(1), own_mask.sum(1), state, pruned_before)
-            past = cache.get_seq_length() if cache is not None else 0
+            past = cache_length(cache)
             past_mask = mask[:, :past] if mask is not None else own_mask.new_ones(batch, past)
             self._hand_over(slots, records, own_mask, None, queries, past_mask, cache)
             return None  # nothing removed before the LLM: the stock decoder input, bit for bit
