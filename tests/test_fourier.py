@@ -94,7 +94,7 @@ def test_pieces_share_the_budget_by_size_and_are_filtered_alone():
     kept, want = torch.cat(kept), torch.cat(want)
     order = kept.argsort()
     assert selection.kept.tolist() == kept[order].tolist() == [0, 2, 8, 10, 16, 18, 20, 28, 30, 32, 41]
-    torch.testing.assert_close(selection.features, want[order])
+    torch.testing.assert_close(selection.features, want[order], atol=1e-6, rtol=1e-5)  # float32 FFTs
 
 
 def test_a_full_budget_keeps_everything_and_a_whole_piece_is_unchanged():
