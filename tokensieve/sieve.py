@@ -168,6 +168,12 @@ class ScoringSieve(Sieve):
         return Selection(top_k_in_order(self.score(tokens), k))
 
 
+def check_fraction(name: str, value, meaning: str) -> None:
+    """Refuse an argument that must be a number in [0, 1] (a bool is not one): ``{name} must be {meaning}, ...``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"{name} must be {meaning}, in [0, 1], not {value!r}")
+
+
 @dataclass
 class GridSieve(Sieve):
     """A sieve that replaces each 2D piece of the image by a smaller grid of new tokens (pooling, a low-pass

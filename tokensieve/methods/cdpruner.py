@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from .._lazy import F, torch
 from ..registry import register
 from ..selection import dpp_map
-from ..sieve import Selection, Sieve, VisualTokens
+from ..sieve import Selection, Sieve, VisualTokens, check_fraction
 
 
 @register
@@ -48,9 +48,7 @@ class CDPruner(Sieve):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        theta = self.theta
-        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 <= theta <= 1:
-            raise ValueError(f"theta must weigh relevance against diversity, in [0, 1], not {theta!r}")
+        check_fraction("theta", self.theta, "the weight of relevance against diversity")
 
     def relevance(self, tokens: VisualTokens) -> torch.Tensor:
         """(N,) each token's weight ``q_i`` in the kernel."""

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from .._lazy import torch
 from ..registry import register
 from ..selection import grid_neighbours
-from ..sieve import Selection, Sieve, VisualTokens
+from ..sieve import Selection, Sieve, VisualTokens, check_fraction
 from ..signals import Signal
 
 
@@ -51,9 +51,7 @@ class HiPrune(Sieve):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        alpha = self.alpha
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-            raise ValueError(f"alpha must be the share of the budget for anchors and buffers, in [0, 1], not {alpha!r}")
+        check_fraction("alpha", self.alpha, "the share of the budget for anchors and buffers")
         if self.object_layer is None:
             raise ValueError("object_layer must be a vision layer number (HiPrune's object layer; the paper's 9 for CLIP)")
         self.requests()  # checks both layer numbers

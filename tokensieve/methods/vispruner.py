@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from .._lazy import F, torch
 from ..registry import register
-from ..sieve import Selection, Sieve, VisualTokens
+from ..sieve import Selection, Sieve, VisualTokens, check_fraction
 
 
 @register
@@ -50,9 +50,7 @@ class VisPruner(Sieve):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        ratio = self.important_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
-            raise ValueError(f"important_ratio must be a fraction of the budget in [0, 1], not {ratio!r}")
+        check_fraction("important_ratio", self.important_ratio, "a fraction of the budget")
         per_round = self.removed_per_round
         if isinstance(per_round, bool) or not isinstance(per_round, int) or per_round < 1:
             raise ValueError(f"removed_per_round must be a count >= 1, not {per_round!r}")
