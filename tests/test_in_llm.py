@@ -66,7 +66,11 @@ def _masked_stock_hidden(model, inputs, records, family, hook_layer=None, before
 
     def set_mask(index):
         dropped = _dropped_at(index - (index == before_stage_at), shape, blocks, records)
-        return lambda m, args, kw: (args, (hook_layer or (lambda i, k: k))(index, {**kw, "attention_mask": masked(dropped)}))
+
+        def hook(m, args, kw):
+            args, kw = _merged_at(index, args, kw, blocks, records)
+            return args, (hook_layer or (lambda i, k: k))(index, {**kw, "attention_mask": masked(dropped)})
+        return hook
 
     outputs = []
     hooks = [layer.register_forward_pre_hook(set_mask(i), with_kwargs=True) for i, layer in enumerate(decoder.layers)]
@@ -77,6 +81,25 @@ def _masked_stock_hidden(model, inputs, records, family, hook_layer=None, before
         for hook in hooks:
             hook.remove()
     return outputs[-1], _dropped_at(len(decoder.layers), shape, blocks, records), real
+
+
+def _merged_at(layer, args, kwargs, blocks, records):
+    """A stage at ``layer`` that returned a merge map: each kept token's hidden state becomes its group's mean (over the
+    tokens the stage received, those the stage before it kept)."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    for (row, positions), record in zip(blocks, records):
+        received = torch.arange(record.before)
+        for stage in record.stages:
+            if stage.layer == layer and stage.assignment is not None:
+                hidden = hidden.clone()
+                values = hidden[row, positions[received]]
+                members = stage.assignment >= 0
+                sums = torch.zeros(stage.after, values.shape[-1]).index_add_(0, stage.assignment[members], values[members])
+                hidden[row, positions[stage.kept]] = sums / torch.bincount(stage.assignment[members], minlength=stage.after)[:, None]
+            received = stage.kept
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
 
 
 def _pruned_hidden(model, inputs, method):

@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 # Each public name and the submodule that defines it.
 _HOMES = {
-    "Budget": "budget", "BudgetClampedWarning": "budget", "parse_keep": "budget",
+    "Adaptive": "budget", "Budget": "budget", "BudgetClampedWarning": "budget", "parse_keep": "budget",
     "Chain": "chain",
     "Run": "engine", "apply": "engine", "attach": "engine", "observe": "engine",
     "ImageRecord": "stats", "RunStats": "stats",

@@ -34,7 +34,7 @@ def parse_keep(keep: str | int | float | None) -> int | float | None:
         return None
     try:
         value = budget.parse_keep(keep)
-        budget.Budget(value)
+        budget.as_budget(value)
     except (TypeError, ValueError) as err:
         raise typer.BadParameter(str(err), param_hint="--keep") from None
     return value
@@ -244,7 +244,7 @@ def bench(
     report: bool = typer.Option(True, help="write tables, plots and report.html when the sweep ends"),
 ) -> None:
     """Sweep model x method x budget over a suite; one JSON line per sample in OUT/runs, resumable."""
-    for budget_text in keep.split(","):
+    for budget_text in budget.split_top_level(keep):
         parse_keep(budget_text)  # the sweep checks them too, after importing torch: refuse a typo at once
     from .bench.datasets import BenchmarkDataMissing
     from .bench.sweep import SweepSpecError, sweep

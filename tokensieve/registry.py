@@ -11,7 +11,7 @@ import ast
 import dataclasses
 from dataclasses import dataclass
 
-from .budget import parse_keep
+from .budget import parse_keep, split_top_level
 from .sieve import SIGNALS, STAGES, Sieve
 
 _METHODS: dict[str, type[Sieve]] = {}
@@ -83,7 +83,7 @@ def split_specs(text: str) -> list[str]:
     """A comma-separated list of specs, where a ``key=value`` item belongs to the spec before it:
     ``"divprune,fastv:0.5,layer=3"`` -> ``["divprune", "fastv:0.5,layer=3"]``."""
     specs: list[str] = []
-    for item in filter(None, (item.strip() for item in _top_level_split(text))):
+    for item in split_top_level(text):
         if "=" in item.split(":")[0] and specs:
             specs[-1] += f",{item}"
         else:
@@ -94,26 +94,15 @@ def split_specs(text: str) -> list[str]:
 def _arguments(name: str, text: str) -> dict:
     """``"0.5,layer=3"`` -> ``{"keep": 0.5, "layer": 3}``."""
     kwargs = {}
-    for position, item in enumerate(filter(None, (item.strip() for item in _top_level_split(text)))):
+    for position, item in enumerate(split_top_level(text)):
         key, equals, value = item.partition("=")
-        if not equals:
+        if not equals or not key.strip().isidentifier():  # `adaptive(0.9,min=8)` is a budget, not an argument
             if position > 0:
                 raise ValueError(f"{name}:{text}: only the first value may stand alone (the budget); name the others, e.g. layer=3")
             kwargs["keep"] = parse_keep(item)
         else:
             kwargs[key.strip()] = _literal(value.strip())
     return kwargs
-
-
-def _top_level_split(text: str) -> list[str]:
-    """``text`` split at the commas outside brackets: ``"0.5,layers=(8,16)"`` -> ``["0.5", "layers=(8,16)"]``."""
-    items, depth, start = [], 0, 0
-    for position, char in enumerate(text):
-        depth += (char in "([{") - (char in ")]}")
-        if char == "," and depth == 0:
-            items.append(text[start:position])
-            start = position + 1
-    return items + [text[start:]]
 
 
 def _literal(text: str):

@@ -19,27 +19,13 @@ def top_k_in_order(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def farthest_point(features: torch.Tensor, k: int) -> torch.Tensor:
-    """Greedy max-min diversity (Gonzalez k-center) on cosine distance, in raster order.
-
-    Seeds with the token farthest from its nearest neighbour, then repeatedly adds the token whose
-    distance to the chosen set is largest. A running minimum keeps it O(k·N) after the N×N matrix.
-    """
+    """Greedy max-min diversity (Gonzalez k-center) on cosine distance, in raster order: :func:`k_center_greedy`
+    seeded with the token farthest from its nearest neighbour. A running minimum keeps it O(k·N) after the N×N
+    matrix."""
     unit = F.normalize(features.float(), dim=-1)
     distance = 1.0 - unit @ unit.T
-    n = distance.shape[0]
-    chosen = torch.empty(k, dtype=torch.long, device=features.device)
-    to_set = distance.clone()
-    to_set.fill_diagonal_(float("inf"))
-    # Picks stay one-element tensors: indexing with a 0-d tensor would read it back to the host and
-    # stall a GPU once per step.
-    pick = to_set.min(dim=1).values.argmax(dim=0, keepdim=True)
-    chosen[:1] = pick
-    to_set = distance.index_select(0, pick).squeeze(0).index_fill(0, pick, -float("inf"))
-    for step in range(1, min(k, n)):
-        pick = to_set.argmax(dim=0, keepdim=True)
-        chosen[step : step + 1] = pick
-        to_set = torch.minimum(to_set, distance.index_select(0, pick).squeeze(0)).index_fill_(0, pick, -float("inf"))
-    return chosen.sort().values
+    isolated = distance.clone().fill_diagonal_(float("inf")).min(dim=1).values.argmax(dim=0, keepdim=True)
+    return k_center_greedy(distance, k, isolated).sort().values
 
 
 def strided(n: int, k: int) -> torch.Tensor:
@@ -203,7 +189,11 @@ def dpp_map(kernel: torch.Tensor, k: int, eps: float = 1e-10) -> torch.Tensor:
     return chosen
 
 
-def coverage_greedy(coverage: torch.Tensor, k: int) -> torch.Tensor:
+#: an adaptive coverage_greedy reads its progress back to the host once every this many steps
+COVERAGE_CHECK_EVERY = 16
+
+
+def coverage_greedy(coverage: torch.Tensor, k: int, fraction: float | None = None, at_least: int = 1) -> torch.Tensor:
     """Greedy maximum coverage (facility location): ``k`` column indices of the (R, N) non-negative
     ``coverage`` matrix, in the order chosen, maximising ``f(S) = sum_r max_{j in S} coverage[r, j]``.
 
@@ -211,6 +201,12 @@ def coverage_greedy(coverage: torch.Tensor, k: int) -> torch.Tensor:
     lower index), ``best_r`` the row's cover by the columns chosen so far (0 at the start). ``f`` is monotone
     submodular, so the greedy set is within ``1 - 1/e`` of the best ``k`` columns (Nemhauser, Wolsey and
     Fisher, 1978). A step costs O(R·N); chosen columns are never picked again, also when every gain is 0.
+
+    With ``fraction`` (an adaptive budget, ``ts.Adaptive(coverage=...)``): the fewest greedy columns, at
+    least ``at_least`` and at most ``k``, whose ``f`` reaches ``fraction`` of ``f`` of every column (up to a
+    relative 1e-6 for float rounding). The greedy order does not depend on ``k``, so this is the prefix of
+    the plain greedy's choice; the loop reads ``f`` back once every :data:`COVERAGE_CHECK_EVERY` steps and
+    trims the few steps past the threshold.
     """
     coverage = coverage.float()
     n = coverage.shape[1]
@@ -218,6 +214,9 @@ def coverage_greedy(coverage: torch.Tensor, k: int) -> torch.Tensor:
     best = coverage.new_zeros(coverage.shape[0])
     taken = coverage.new_zeros(n)  # -inf at the chosen columns
     chosen = torch.empty(k, dtype=torch.long, device=coverage.device)
+    if fraction is not None:
+        reach = (fraction - 1e-6) * coverage.max(dim=1).values.clamp(min=0).sum()
+        covered = coverage.new_zeros(k)  # f after each step
     for step in range(k):
         gains = (coverage - best[:, None]).clamp_(min=0).sum(dim=0) + taken
         # picks stay one-element tensors: indexing with a 0-d tensor would stall a GPU once per step
@@ -225,6 +224,12 @@ def coverage_greedy(coverage: torch.Tensor, k: int) -> torch.Tensor:
         chosen[step : step + 1] = pick
         best = torch.maximum(best, coverage.index_select(1, pick).squeeze(1))
         taken.index_fill_(0, pick, float("-inf"))
+        if fraction is not None:
+            covered[step] = best.sum()
+            if step + 1 >= at_least and ((step + 1) % COVERAGE_CHECK_EVERY == 0 or step + 1 == k):
+                short = int((covered[: step + 1] < reach).sum())  # steps before f reached the threshold
+                if short < step + 1:
+                    return chosen[: max(short + 1, at_least)]
     return chosen
 
 def grid_neighbours(layout: tuple[torch.Tensor, ...], n: int) -> torch.Tensor:
@@ -303,3 +308,87 @@ def dct_lowpass(values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     (h, w), (rows, cols) = values.shape[:2], size
     low = dct(dct(values, dim=0)[:rows], dim=1)[:, :cols]
     return idct(idct(low, dim=0), dim=1) * math.sqrt(rows * cols / (h * w))
+
+
+def _one(index, device) -> torch.Tensor:
+    """A first pick as a one-element long tensor on ``device`` (an int or a tensor of one element)."""
+    return torch.as_tensor(index, dtype=torch.long, device=device).reshape(1)
+
+
+def k_center_greedy(distance: torch.Tensor, k: int, first) -> torch.Tensor:
+    """Greedy k-center (Gonzalez; max-min diversity) from a given first pick: ``k`` indices of the (N, N)
+    ``distance`` matrix, in the order chosen, each step adding the item whose distance to its nearest chosen
+    item is largest (ties to the lower index). :func:`farthest_point` is this on cosine distance with its own
+    first pick (the token farthest from its nearest neighbour), sorted. A running minimum: O(k·N)."""
+    distance = distance.float()
+    k = min(k, distance.shape[0])
+    pick = _one(first, distance.device)
+    chosen = torch.empty(k, dtype=torch.long, device=distance.device)
+    chosen[:1] = pick
+    to_set = distance.index_select(0, pick).squeeze(0).index_fill(0, pick, -float("inf"))
+    for step in range(1, k):
+        # picks stay one-element tensors: indexing with a 0-d tensor would stall a GPU once per step
+        pick = to_set.argmax(dim=0, keepdim=True)
+        chosen[step : step + 1] = pick
+        to_set = torch.minimum(to_set, distance.index_select(0, pick).squeeze(0)).index_fill_(0, pick, -float("inf"))
+    return chosen
+
+
+def max_sum_greedy(similarity: torch.Tensor, k: int, first) -> torch.Tensor:
+    """Greedy max-sum diversification from a given first pick: ``k`` indices of the (N, N) symmetric
+    ``similarity`` matrix, in the order chosen, each step adding the item whose summed similarity to the
+    items chosen so far is smallest (ties to the lower index). On cosine similarity this maximises, step by
+    step, the sum of cosine distances to the chosen set (``|S| - sum cos``). A running sum: O(k·N)."""
+    similarity = similarity.float()
+    k = min(k, similarity.shape[0])
+    pick = _one(first, similarity.device)
+    chosen = torch.empty(k, dtype=torch.long, device=similarity.device)
+    chosen[:1] = pick
+    sums = similarity.index_select(0, pick).squeeze(0).index_fill(0, pick, float("inf"))
+    for step in range(1, k):
+        pick = sums.argmin(dim=0, keepdim=True)
+        chosen[step : step + 1] = pick
+        sums = (sums + similarity.index_select(0, pick).squeeze(0)).index_fill_(0, pick, float("inf"))
+    return chosen
+
+
+def mmr_greedy(importance: torch.Tensor, similarity: torch.Tensor, k: int, trade_off: float,
+               per_step: int = 1) -> torch.Tensor:
+    """Maximal marginal relevance (Carbonell and Goldstein, 1998): ``k`` indices, in the order chosen, of
+    items with ``importance`` (N,) and pairwise ``similarity`` (N, N, symmetric).
+
+    The first ``per_step`` picks are the most important items; each later step adds the ``per_step`` items
+    with the highest ``trade_off * importance - (1 - trade_off) * max_{j chosen} similarity[i, j]`` (the
+    maximum over every item chosen before the step; ties to the lower index, the last step may add fewer).
+    A running maximum: O(k·N) with ``per_step=1``.
+    """
+    importance, similarity = importance.float(), similarity.float()
+    n = importance.shape[0]
+    k = min(k, n)
+    chosen = torch.empty(k, dtype=torch.long, device=importance.device)
+    taken = importance.new_zeros(n)  # -inf at the chosen items
+    closest = None  # each item's largest similarity to a chosen one
+    filled = 0
+    while filled < k:
+        step = min(per_step, k - filled)
+        score = importance if closest is None else (trade_off * importance) - ((1 - trade_off) * closest)
+        score = score + taken
+        if step == 1:
+            # picks stay one-element tensors: indexing with a 0-d tensor would stall a GPU once per step
+            picks = score.argmax(dim=0, keepdim=True)
+        else:
+            picks = torch.sort(score, descending=True, stable=True).indices[:step]
+        chosen[filled : filled + step] = picks
+        taken.index_fill_(0, picks, float("-inf"))
+        nearest = similarity.index_select(1, picks).max(dim=1).values
+        closest = nearest if closest is None else torch.maximum(closest, nearest)
+        filled += step
+    return chosen
+
+
+def single_head_attention(rows: torch.Tensor) -> torch.Tensor:
+    """(N,) the code's one-head [CLS] attention ``softmax(q·k / sqrt(d_model))`` over the patches, from the
+    per-head rows ``p_h`` (heads, N): the per-head logits are ``log p_h`` up to a constant per head, and
+    ``q·k / sqrt(d_model)`` is their sum over heads divided by ``sqrt(heads)``."""
+    logs = rows.float().clamp_min(torch.finfo(torch.float32).tiny).log()
+    return (logs.sum(dim=0) / rows.shape[0] ** 0.5).softmax(dim=0)

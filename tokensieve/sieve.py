@@ -8,7 +8,7 @@ from typing import ClassVar
 import time
 
 from ._lazy import torch
-from .budget import Budget
+from .budget import Budget, as_budget
 from .selection import split_budget, top_k_in_order
 from .signals import Signal, as_signal
 
@@ -130,11 +130,21 @@ class Sieve:
     signals: ClassVar[tuple[str, ...]] = ()
     llm_attention_at: ClassVar[str] = "previous"
 
+    #: the adaptive budgets (``ts.Adaptive``) the method honours: "mass" (it ranks by score) and/or
+    #: "coverage"; a budget's ``per_crop=True`` needs ``crop_split``. Both count only where declared in the
+    #: class that defines ``select`` or below it: a subclass that overrides ``select`` declares them again
+    adaptive_rules: ClassVar[tuple[str, ...]] = ()
+    crop_split: ClassVar[bool] = False
+
     keep: int | float = 64
 
     def __post_init__(self) -> None:
-        self.budget = Budget(self.keep)
-        self.keep = self.budget.value  # a numpy scalar or 0-d tensor becomes the number it holds
+        self.budget = as_budget(self.keep)
+        if type(self.budget) is Budget and not self.budget.per_crop:
+            self.keep = self.budget.value  # a numpy scalar or 0-d tensor becomes the number it holds
+        else:
+            self.keep = self.budget  # an adaptive or per-crop budget stays the object (its repr spells it)
+        check_budget(self)
 
     def select(self, tokens: VisualTokens) -> Selection:
         raise NotImplementedError
@@ -157,15 +167,62 @@ class Sieve:
 
 @dataclass
 class ScoringSieve(Sieve):
-    """A sieve that scores every token and keeps the top ``keep`` in raster order."""
+    """A sieve that scores every token and keeps the top ``keep`` in raster order.
+
+    It takes every budget: a count or ratio, an adaptive one (``ts.Adaptive(mass=0.9)``: the fewest top
+    tokens holding that share of the score mass, see :class:`~tokensieve.budget.Adaptive`), and
+    ``per_crop=True``, which shares the count among the image's 2D pieces by size (``split_budget``) and
+    keeps each piece's own top tokens."""
+
+    adaptive_rules = ("mass",)
+    crop_split = True
 
     def score(self, tokens: VisualTokens) -> torch.Tensor:
         """One score per token, shape (N,); higher is kept first."""
         raise NotImplementedError
 
     def select(self, tokens: VisualTokens) -> Selection:
-        k = self.budget.resolve(len(tokens))
-        return Selection(top_k_in_order(self.score(tokens), k))
+        scores = self.score(tokens)
+        k = self.budget.count(scores)
+        layout = tokens.layout() if self.budget.per_crop and k < len(tokens) else ()
+        if len(layout) < 2:
+            return Selection(top_k_in_order(scores, k))
+        kept = []
+        for block, share in zip(layout, split_budget([block.numel() for block in layout], k)):
+            if share:
+                index = block.flatten().to(scores.device)
+                kept.append(index[top_k_in_order(scores[index], share)])
+        return Selection(torch.cat(kept).sort().values)
+
+
+def check_budget(sieve: Sieve) -> None:
+    """Refuse, when a method is built, a budget it cannot honour: an adaptive rule it does not declare
+    (``adaptive_rules``), or ``per_crop=True`` without ``crop_split``."""
+    name, budget = getattr(sieve, "name", type(sieve).__name__), sieve.budget
+    rules = _declared(type(sieve), "adaptive_rules", ())
+    if budget.adaptive is not None and budget.adaptive not in rules:
+        if rules:
+            fix = f"{name} takes " + " or ".join(f"Adaptive({rule}=...)" for rule in rules)
+        elif isinstance(sieve, ScoringSieve):
+            fix = (f"{name} overrides ScoringSieve.select without declaring adaptive_rules; pass a count (keep=64) "
+                   f"or a ratio (keep=0.25)")
+        else:
+            fix = (f"{name} does not rank tokens by one score (it is no ScoringSieve), so no threshold decides its "
+                   f"count; pass a count (keep=64) or a ratio (keep=0.25)")
+        raise ValueError(f"{name} cannot take an adaptive budget keep={budget!r}: {fix}")
+    if budget.per_crop and not _declared(type(sieve), "crop_split", False):
+        raise ValueError(f"{name} cannot split its budget per crop (keep={budget!r}): only scoring and grid methods "
+                         f"do; pass per_crop=False, one budget over the whole image")
+
+
+def _declared(cls: type, attribute: str, default):
+    """``cls``'s ``attribute`` where a class at or below the one that defines ``select`` declares it, else ``default``."""
+    for klass in cls.__mro__:
+        if attribute in vars(klass):
+            return vars(klass)[attribute]
+        if "select" in vars(klass):
+            return default
+    return default
 
 
 def check_fraction(name: str, value, meaning: str) -> None:
@@ -178,7 +235,10 @@ def check_fraction(name: str, value, meaning: str) -> None:
 class GridSieve(Sieve):
     """A sieve that replaces each 2D piece of the image by a smaller grid of new tokens (pooling, a low-pass
     filter): the budget is shared among the pieces in proportion to their sizes (``VisualTokens.layout``),
-    and each new token stands at the position of one token of its piece."""
+    and each new token stands at the position of one token of its piece (so a budget's ``per_crop=True``
+    changes nothing here)."""
+
+    crop_split = True
 
     def resample(self, features: torch.Tensor, grid: tuple[int, int], k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One h×w piece (its features in raster order) as at most ``k`` tokens: the raster index within the

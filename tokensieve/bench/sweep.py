@@ -124,7 +124,7 @@ def sweep(model: str = "sieve-mini", suite: str = BUILTIN, methods: list[str] | 
                         max_new_tokens=max_new_tokens or (5 if suite == BUILTIN else 16))
     try:
         methods = ts.split_specs(methods) if isinstance(methods, str) else [m for m in methods if m]
-        configs = plan(methods, [parse_keep(k) for k in (keeps.split(",") if isinstance(keeps, str) else keeps)])
+        configs = plan(methods, [parse_keep(k) for k in (ts.budget.split_top_level(keeps) if isinstance(keeps, str) else keeps)])
         check_model(model, settings.dtype)
         if workers < 1 or (limit is not None and limit < 1):
             raise ValueError(f"workers and limit must be at least 1, not {workers} and {limit}")
@@ -219,7 +219,7 @@ class Worker:
         stats = measured.stats  # the baseline's is ts.observe's: every token kept, the stock prefill
         first_image = stats.images[0]
         return {
-            "config": config.id, "method": config.method, "keep": config.keep, "sample": sample.id,
+            "config": config.id, "method": config.method, "keep": config.keep if isinstance(config.keep, (int, float, type(None))) else str(config.keep), "sample": sample.id,
             "category": sample.category, "question": sample.question, "target": sample.target,
             "prediction": prediction, "correct": score >= 1.0, "score": score,
             "tokens_before": stats.tokens_before, "tokens_after": stats.tokens_after,

@@ -47,11 +47,15 @@ class MMTok(Sieve):
     and in batches (the code: batch size 1). LLaVA-NeXT/OneVision (``vision_space="projected"``): one
     budget per image over every crop and newline token; the code's LLaVA-NeXT path selects in each crop
     on its own (``encode_images_mmtok_multi``, the budget per crop).
+
+    Adaptive budget (not in the paper): ``keep=ts.Adaptive(coverage=0.9, min=16, max=None)`` keeps the fewest
+    greedy tokens whose ``f(S)`` reaches 90% of ``f`` of every token, clamped to [min, max].
     """
 
     name = "mmtok"
     paper = "MMTok (arXiv 2508.18264)"
     signals = ("text_embeddings", "vision_features")
+    adaptive_rules = ("coverage",)  # keep=ts.Adaptive(coverage=0.9): the fewest greedy tokens reaching 90% of f(all)
 
     alpha: float = 0.5
     tv_temperature: float = 0.02
@@ -85,7 +89,11 @@ class MMTok(Sieve):
 
     def select(self, tokens: VisualTokens) -> Selection:
         n = len(tokens)
-        k = self.budget.resolve(n)
-        if k >= n:
+        if self.budget.adaptive == "coverage":  # coverage 1.0 keeps all (up to max), as keep=1.0
+            low, k = self.budget.bounds(n)
+            fraction = self.budget.coverage if self.budget.coverage < 1.0 else None
+        else:
+            low, k, fraction = 1, self.budget.resolve(n), None
+        if k >= n and fraction is None:
             return Selection(torch.arange(n, device=tokens.features.device))
-        return Selection(coverage_greedy(self.coverage(tokens), k).sort().values)
+        return Selection(coverage_greedy(self.coverage(tokens), k, fraction, low).sort().values)
