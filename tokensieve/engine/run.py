@@ -85,7 +85,7 @@ class Run:
         adapter = adapter_for(model)
         self.vision, self.pre, self.in_llm = (chain.vision, chain.pre, chain.in_llm) if chain is not None else (None, None, ())
         self._observing = chain is None  # nothing to remove: every hook only records
-        self._requests = requests_of(self.pre) if self.pre is not None else ()
+        self._requests = requests_of(self.pre, adapter) if self.pre is not None else ()
         _refuse_before_hooking(model, adapter, method, self.vision, self.pre, self._requests)
         self.model, self.sieve, self.adapter = model, method if method is not None else OBSERVER, adapter
         self.removed = False
@@ -370,7 +370,7 @@ def _refuse_before_hooking(model: nn.Module, adapter, method, vision: Sieve | No
     """Everything that can refuse a method on a model, checked before the first hook, so a refusal leaves the
     model untouched (in-LLM schedules are checked by LayerPruning, before its own first hook)."""
     for sieve in (vision, pre):
-        missing = adapter.missing_signals(requests_of(sieve)) if sieve is not None else {}
+        missing = adapter.missing_signals(requests_of(sieve, adapter)) if sieve is not None else {}
         if missing:
             reasons = "; ".join(f"{name}: {why}" for name, why in missing.items())
             raise ValueError(
