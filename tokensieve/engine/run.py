@@ -208,9 +208,9 @@ class Run:
         with_images = has_images(kwargs)
         if with_images and kwargs.get("input_ids") is None and self._layers is not None:
             raise ValueError(
-                f"{'+'.join(s.name for s in self.in_llm)} scores images with the attention of the prompt's last token and recognises a "
-                f"prompt by its token ids: pass input_ids (not inputs_embeds) together with the images, or use a "
-                f"pre-LLM method, which finds image tokens in inputs_embeds as the model does"
+                f"{'+'.join(s.name for s in self.in_llm)} works inside the LLM, where the engine follows each image's tokens and "
+                f"recognises a prompt by its token ids: pass input_ids (not inputs_embeds) together with the images, or use "
+                f"a pre-LLM method, which finds image tokens in inputs_embeds as the model does"
             )
         # a static cache serves pre-LLM methods and observing (tokensieve/static_cache.py), not in-LLM stages
         refuse_static_cache_with_in_llm(kwargs.get(CACHE_ARGUMENT), self._layers.stages if self._layers is not None else (), with_images)
