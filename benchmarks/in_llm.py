@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 import tokensieve as ts
-from tokensieve.compat import output_cache
+from tokensieve.engine.compat import output_cache
 from shapes import MODEL_HELP, describe, model_and_inputs, timed
 
 console = Console()

@@ -29,7 +29,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import tokensieve as ts
 from shapes import describe, model_and_inputs, paired_ratios, timed
-from tokensieve.compat import CACHE_ARGUMENT
+from tokensieve.engine.compat import CACHE_ARGUMENT
 from tokensieve.demo_model import IMAGE_TOKEN
 
 console = Console()

@@ -54,7 +54,7 @@ def supported(family, name, kwargs) -> bool:
     method = method_for(name, kwargs)
     sieves = method.sieves if isinstance(method, ts.Chain) else (method,)
     adapter = adapter_for(build_model(family))
-    return not any(adapter.missing_signals(requests_of(s)) for s in sieves if s.stage in ("in_vision", "pre_llm"))
+    return not any(adapter.missing_signals(requests_of(s, adapter)) for s in sieves if s.stage in ("in_vision", "pre_llm"))
 
 
 def family_method_params(want_supported: bool = True, stages=("in_vision", "pre_llm", "in_llm", "chain", "vision_chain")):

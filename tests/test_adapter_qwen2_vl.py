@@ -14,7 +14,7 @@ from conftest import build_model
 from test_contract import TEXTS, _assert_same, _snapshot, appended, greedy
 from tiny_qwen2_vl import QWEN2_5_VL, QWEN2_VL, VIDEO_TOKEN, VISION_END, VISION_START, flattened_patches
 from tokensieve.adapters import adapter_for
-from tokensieve.compat import CACHE_ARGUMENT, output_cache
+from tokensieve.engine.compat import CACHE_ARGUMENT, output_cache
 from tokensieve.sieve import Selection, Sieve
 
 QWEN = [pytest.param(family, id=family.name) for family in (QWEN2_VL, QWEN2_5_VL)]

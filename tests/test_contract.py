@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tokensieve as ts
-from tokensieve.compat import CACHE_ARGUMENT, output_cache
+from tokensieve.engine.compat import CACHE_ARGUMENT, output_cache
 from conftest import build_model, family_method_params, method_for
 from tokensieve.adapters import adapter_for
 

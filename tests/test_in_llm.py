@@ -14,8 +14,8 @@ from families import FAMILIES
 from tiny_models import LLAVA
 from tiny_qwen2_vl import QWEN2_VL
 from tokensieve.adapters import adapter_for
-from tokensieve.compat import CACHE_ARGUMENT, output_cache
-from tokensieve.flops import decoder_prefill_flops
+from tokensieve.engine.compat import CACHE_ARGUMENT, output_cache
+from tokensieve.engine.flops import decoder_prefill_flops
 
 IN_LLM = family_method_params(stages=("in_llm", "chain"))
 TEXTS = [[5, 6, 7, 8], [9, 10]]

@@ -21,8 +21,8 @@ from families import FAMILIES
 from test_contract import TEXTS, appended, greedy
 from tiny_models import LLAVA
 from tokensieve.adapters import adapter_for
-from tokensieve.compat import CACHE_ARGUMENT, output_cache
-from tokensieve.flops import decoder_prefill_flops
+from tokensieve.engine.compat import CACHE_ARGUMENT, output_cache
+from tokensieve.engine.flops import decoder_prefill_flops
 
 BY_FAMILY = [pytest.param(family, id=family.name) for family in FAMILIES]
 
@@ -161,7 +161,7 @@ def test_vision_flops_are_counted_when_asked_and_the_same_under_every_method():
         with ts.observe(model, vision_flops=True) as failed:
             greedy(model, single)
             raise KeyError("boom")
-    assert failed.stats.vision_flops is None and model not in ts.engine._HOOKED_MODELS
+    assert failed.stats.vision_flops is None and model not in ts.engine.run._HOOKED_MODELS
 
 
 def test_the_observer_is_a_run_like_any_other():

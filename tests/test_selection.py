@@ -11,9 +11,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from tokensieve import Budget, Sieve, register
-from tokensieve.flops import decoder_prefill_flops
+from tokensieve.engine.flops import decoder_prefill_flops
 from tokensieve.selection import target_grid
-from tokensieve.selection import bipartite_merge, farthest_point, grid_subsample, left_packed, merge_into_targets, top_k_in_order
+from tokensieve.selection import bipartite_merge, farthest_point, grid_subsample, merge_into_targets, top_k_in_order
 
 
 def reference_divprune(features: torch.Tensor, k: int) -> torch.Tensor:
@@ -81,22 +81,6 @@ def test_merge_into_targets_adds_the_mean_of_members():
     metric = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [1.0, -0.1], [0.1, 1.0]])
     merged = merge_into_targets(hidden, metric, torch.tensor([0, 1]), torch.tensor([2, 3, 4]))
     assert torch.equal(merged, torch.tensor([[1.0 + 4.0, 0.0], [0.0, 1.0 + 7.0]]))
-
-
-@given(st.integers(1, 5), st.integers(1, 12), st.integers(0, 10**6))
-def test_left_packed_right_aligns_each_rows_kept_tokens(rows, length, seed):
-    generator = torch.Generator().manual_seed(seed)
-    keep = torch.rand(rows, length, generator=generator) < 0.5
-    keep[torch.arange(rows), torch.randint(length, (rows,), generator=generator)] = True  # every row keeps one
-    own_mask = torch.randint(0, 2, (rows, length), generator=generator)
-    index, mask = left_packed(keep, own_mask)
-    width = int(keep.sum(1).max())
-    assert index.shape == mask.shape == (rows, width)
-    for row in range(rows):
-        kept = keep[row].nonzero().squeeze(1)
-        padding = width - len(kept)
-        assert index[row, padding:].tolist() == kept.tolist() and index[row, :padding].eq(0).all()
-        assert mask[row, padding:].tolist() == own_mask[row, kept].tolist() and mask[row, :padding].eq(0).all()
 
 
 def test_budget_resolution():

@@ -19,7 +19,7 @@ from conftest import build_model, family_method_params, method_for
 from families import FAMILIES
 from test_contract import TEXTS
 from tiny_models import LLAVA
-from tokensieve.compat import CACHE_ARGUMENT, output_cache
+from tokensieve.engine.compat import CACHE_ARGUMENT, output_cache
 
 SERVED = family_method_params(stages=("in_vision", "pre_llm"))
 IN_LLM = family_method_params(stages=("in_llm", "chain", "vision_chain"))

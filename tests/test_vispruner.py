@@ -108,3 +108,25 @@ def test_defaults_and_argument_checks():
         ts.VisPruner(important_ratio=1.5)
     with pytest.raises(ValueError, match="removed_per_round must be a count"):
         ts.VisPruner(removed_per_round=0)
+
+
+def test_towers_without_cls_rank_by_the_attention_each_patch_receives_at_the_last_layer():
+    from tokensieve.adapters import adapter_for
+    from tokensieve.methods.vispruner import RECEIVED_AT_LAST_LAYER
+    from tokensieve.signals import Signal, requests_of
+
+    from conftest import build_model
+    from tiny_models import LLAVA
+    from tiny_qwen2_vl import QWEN2_VL
+
+    cls_tokens = hand_worked_tokens()
+    received = VisualTokens(cls_tokens.features, (4, 4), {RECEIVED_AT_LAST_LAYER: cls_tokens["cls_attention"],
+                                                          "vision_features": cls_tokens["vision_features"]})
+    assert "cls_attention" not in received and RECEIVED_AT_LAST_LAYER in received
+    assert ts.VisPruner(keep=7, removed_per_round=3).select(received).kept.tolist() == [0, 1, 5, 7, 8, 10, 15]
+    # the request resolves by the tower: [CLS] where there is one, else the last layer's received attention
+    sieve = ts.VisPruner()
+    assert requests_of(sieve, adapter_for(build_model(LLAVA))) == (Signal("cls_attention"), Signal("vision_features"))
+    qwen = adapter_for(build_model(QWEN2_VL))
+    assert requests_of(sieve, qwen) == (RECEIVED_AT_LAST_LAYER, Signal("vision_features"))
+    assert not qwen.missing_signals(requests_of(sieve, qwen))

@@ -132,7 +132,7 @@ def servable_methods(adapter, stage: str = "pre_llm") -> list[str]:
         if cls.stage != stage:
             continue
         try:
-            requests = requests_of(cls())
+            requests = requests_of(cls(), adapter)
         except (TypeError, ValueError):  # a method without defaults for every argument
             continue
         if not adapter.missing_signals(requests):

@@ -147,21 +147,6 @@ def bipartite_merge(features: torch.Tensor, metric: torch.Tensor, k: int) -> Mer
     return Merge(positions, values[0].to(features.dtype), sizes[0], owner)
 
 
-def left_packed(keep: torch.Tensor, own_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, the indices of kept tokens, left-padded to the longest row, and their 2D mask."""
-    counts = keep.sum(1)
-    width = int(counts.max())
-    rows, columns = keep.nonzero(as_tuple=True)  # row-major: each row's kept tokens in order
-    # a kept token's slot: past its row's left padding, then its rank among the row's kept tokens
-    rank = torch.arange(len(rows), device=keep.device) - (counts.cumsum(0) - counts)[rows]
-    slot = width - counts[rows] + rank
-    index = torch.zeros(keep.shape[0], width, dtype=torch.long, device=keep.device)
-    mask = torch.zeros(keep.shape[0], width, dtype=own_mask.dtype, device=keep.device)
-    index[rows, slot] = columns
-    mask[rows, slot] = own_mask[rows, columns]
-    return index, mask
-
-
 def dpp_map(kernel: torch.Tensor, k: int, eps: float = 1e-10) -> torch.Tensor:
     """Greedy MAP inference of a determinantal point process: ``k`` indices of the (N, N) positive
     semi-definite ``kernel``, in the order chosen.

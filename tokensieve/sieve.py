@@ -70,6 +70,10 @@ class VisualTokens:
     def __getitem__(self, signal: str | Signal):
         return self.signals[as_signal(signal)]
 
+    def __contains__(self, signal: str | Signal) -> bool:
+        """Whether the signal was given (of an :class:`~tokensieve.signals.Either` request, the option chosen)."""
+        return as_signal(signal) in self.signals
+
 
 @dataclass
 class Selection:

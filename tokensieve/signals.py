@@ -104,16 +104,52 @@ def _by_name(name: str) -> Signal:
     return Signal(name)
 
 
-def requests_of(sieve) -> tuple[Signal, ...]:
-    """The sieve's requests, each once; each must be one of the names its class declares in ``signals``."""
-    requests = tuple(dict.fromkeys(as_signal(r) for r in sieve.requests()))
-    undeclared = sorted({r.name for r in requests} - set(sieve.signals))
+class Either:
+    """A request for the first of several signals the model can give, in order of preference: VisPruner asks
+    for ``Either(Signal("cls_attention"), Signal("vision_attention", layer=-1))``, the [CLS] row where the tower
+    has a [CLS] token, else the attention each token receives at the last layer. The sieve then finds the one
+    given in ``VisualTokens`` (``"cls_attention" in tokens``)."""
+
+    __slots__ = ("options",)
+
+    def __init__(self, *options: str | Signal):
+        if len(options) < 2:
+            raise ValueError("Either(...) takes two or more signals, in order of preference")
+        object.__setattr__(self, "options", tuple(as_signal(option) for option in options))
+
+    def __setattr__(self, key, value):
+        raise AttributeError("an Either is frozen")
+
+    def choose(self, adapter) -> Signal:
+        """The first option ``adapter`` can give (None, or none can: the first, whose reason a refusal then names)."""
+        if adapter is not None:
+            for option in self.options:
+                if not adapter.missing_signals((option,)):
+                    return option
+        return self.options[0]
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Either) and self.options == other.options
+
+    def __hash__(self) -> int:
+        return hash(self.options)
+
+    def __repr__(self) -> str:
+        return " or ".join(map(repr, self.options))
+
+
+def requests_of(sieve, adapter=None) -> tuple[Signal, ...]:
+    """The sieve's requests, each once, an :class:`Either` resolved to the first option ``adapter`` can give; each
+    name must be one of those its class declares in ``signals``."""
+    asked = tuple(sieve.requests())
+    names = {option.name for r in asked for option in (r.options if isinstance(r, Either) else (as_signal(r),))}
+    undeclared = sorted(names - set(sieve.signals))
     if undeclared:
         raise ValueError(
             f"{type(sieve).__name__} asks for {', '.join(undeclared)} but does not declare it in its class "
             f"attribute signals = {tuple(sieve.signals)!r}"
         )
-    return requests
+    return tuple(dict.fromkeys(r.choose(adapter) if isinstance(r, Either) else as_signal(r) for r in asked))
 
 
 # computations shared by the adapters

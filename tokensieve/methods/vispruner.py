@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from .._lazy import F, torch
 from ..registry import register
 from ..sieve import Selection, Sieve, VisualTokens, check_fraction
+from ..signals import Either, Signal
+
+#: the importance signal of towers without [CLS]: the attention each patch receives at the last layer
+RECEIVED_AT_LAST_LAYER = Signal("vision_attention", layer=-1, queries="mean")
 
 
 @register
@@ -35,15 +39,15 @@ class VisPruner(Sieve):
     is deterministic. A list of odd length puts its extra patch in A, and a round removes at most all of
     A; the code's index shapes disagree in both cases and it fails (e.g. ``keep=58`` at ratio 0.5 on
     576 patches leaves 547). The [CLS] row is recomputed from the feature layer's hooked q/k
-    (as ``fastervlm``), not read from eager attention. Towers without [CLS] (SigLIP, Qwen) are refused:
-    the code's fallback, each patch's attention received averaged over queries of the last layer, is
-    not a signal here yet. LLaVA-NeXT is refused too, as its newline tokens have no vision features
+    (as ``fastervlm``), not read from eager attention. Towers without [CLS] (SigLIP, Qwen, Idefics3) use
+    the code's fallback: each patch's attention received, averaged over every query row of the last
+    layer (``vision_attention(layer=-1, queries="mean")``), then over heads. LLaVA-NeXT is refused, as its newline tokens have no vision features
     (the code runs each crop on its own with the full budget, keeping every newline).
     """
 
     name = "vispruner"
     paper = "VisPruner (arXiv 2412.01818)"
-    signals = ("cls_attention", "vision_features")
+    signals = ("cls_attention", "vision_attention", "vision_features")
 
     important_ratio: float = 0.5
     removed_per_round: int = 8
@@ -54,6 +58,9 @@ class VisPruner(Sieve):
         per_round = self.removed_per_round
         if isinstance(per_round, bool) or not isinstance(per_round, int) or per_round < 1:
             raise ValueError(f"removed_per_round must be a count >= 1, not {per_round!r}")
+
+    def requests(self) -> tuple:
+        return (Either("cls_attention", RECEIVED_AT_LAST_LAYER), "vision_features")
 
     def split(self, k: int) -> tuple[int, int]:
         """(important, diverse) counts for a budget of ``k`` tokens (the code's floor of ``k * ratio``)."""
@@ -66,7 +73,8 @@ class VisPruner(Sieve):
         if k >= n:
             return Selection(torch.arange(n, device=tokens.features.device))
         important_count, diverse_count = self.split(k)
-        by_attention = torch.sort(tokens["cls_attention"].float().mean(dim=0), descending=True, stable=True).indices
+        attention = tokens["cls_attention"] if "cls_attention" in tokens else tokens[RECEIVED_AT_LAST_LAYER]
+        by_attention = torch.sort(attention.float().mean(dim=0), descending=True, stable=True).indices
         residual = by_attention[important_count:]
         if diverse_count > 0:
             residual = remove_duplicates(tokens["vision_features"], residual, diverse_count, self.removed_per_round)

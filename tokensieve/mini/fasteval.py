@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..compat import CACHE_ARGUMENT, output_cache
+from ..engine.compat import CACHE_ARGUMENT, output_cache
 from ..qa import Example, accuracy_by_skill, is_correct
 from .sequences import Encoder, embed_with_images
 

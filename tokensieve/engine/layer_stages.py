@@ -13,11 +13,11 @@ attention kernels (SDPA, FlashAttention) stay on:
 - for sieves that ask for ``llm_attention``, the attention row of each row's query token (the prompt's
   last token) is recomputed from one layer's own q/k projections and rotary embedding: the attention
   inside layer K-1 (FastV, ``llm_attention_at = "previous"``) or the one layer K computes on its input
-  (PyramidDrop, ``"input"``), one query row in either case.
+  (PyramidDrop, ``"input"``), one query row in either case (llm_signals.py).
 
-Each stage's view of a forward is a packing of the decoder input: per batch row, the decoder-input
+Each stage's view of a forward is a packing of the decoder input (pack.py): per batch row, the decoder-input
 positions its layers see, left-padded to the longest row (a padding slot attends to itself only, so
-no attention row is empty). What each stage's layers cache is recorded as the decoder-input (layer 0)
+no attention row is empty; masks.py). What each stage's layers cache is recorded as the decoder-input (layer 0)
 column of every slot, so at later forwards on that cache (decode steps, a second turn) the decoder's
 mask over layer 0's keys is mapped onto what each stage holds. Kept tokens keep their original
 positions, or (``positions = "repack"``, 1D rotary models) are renumbered without gaps.
@@ -25,21 +25,21 @@ positions, or (``positions = "repack"``, 1D rotary models) are renumbered withou
 
 from __future__ import annotations
 
-import sys
 import weakref
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 from torch import nn
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
 
+from ..sieve import Sieve, VisualTokens, timed_select
+from ..stats import ImageRecord, RunStats
 from .compat import CACHE_ARGUMENT
-from .flops import decoder_prefill_flops
-from .selection import left_packed
-from .sieve import Sieve, VisualTokens, timed_select
-from .stats import ImageRecord, RunStats, StageRecord
+from .flops import count_stage
+from .llm_signals import attention_module, input_attention, query_attention, rotary_function
+from .masks import full_causal_mask, mapped_mask
+from .pack import Packing, Selections, gather_sequence
+from .select import stage_record
 
 
 @dataclass
@@ -97,41 +97,6 @@ class Stage:
         return self.sieve.layer
 
 
-class PromptQueries:
-    """Which token of each row is the query that scores its images: the row's last real token or, when the
-    row continues a prompt this run has already scored with the same image features, that prompt's last
-    token. So a prompt's selection holds for every later step: a generate loop without a cache re-runs the
-    whole sequence, and a fresh prefill of a longer conversation, prune exactly as the cached run did."""
-
-    LIMIT = 1024  # prompts remembered per run (oldest forgotten first)
-
-    def __init__(self):
-        self._seen: OrderedDict[int, list[tuple[int, ...]]] = OrderedDict()
-
-    def query_positions(self, inputs: dict, embeds: torch.Tensor, slots: list, own_mask: torch.Tensor,
-                        candidates: int = 0) -> torch.Tensor:
-        """Each row's query position; the last ``candidates`` tokens of every row follow its prompt (drafts that
-        assisted decoding verifies in the prefill) and are no part of it."""
-        ids, real_rows = inputs["input_ids"].tolist(), own_mask.bool().tolist()  # two reads back to the host in all
-        sums = [embeds[slot.row, slot.positions].detach().float().sum(-1) for slot in slots]
-        sums = torch.cat(sums).cpu().split([len(slot.positions) for slot in slots]) if slots else []
-        queries = []
-        for row, (row_ids, row_real) in enumerate(zip(ids, real_rows)):
-            real = [i for i, is_real in enumerate(row_real) if is_real]
-            real = real[: max(len(real) - candidates, 1)]
-            tokens = tuple(row_ids[i] for i in real)
-            features = [summed for slot, summed in zip(slots, sums) if slot.row == row]
-            key = hash(torch.cat(features).numpy().tobytes()) if features else 0
-            prompts = self._seen.setdefault(key, [])
-            prompt = next((p for p in prompts if tokens[: len(p)] == p), None)
-            if prompt is None:
-                prompts.append(prompt := tokens)
-            queries.append(real[len(prompt) - 1])
-        while len(self._seen) > self.LIMIT:
-            self._seen.popitem(last=False)
-        return torch.tensor(queries, device=own_mask.device)
-
-
 def schedule(methods: tuple[Sieve, ...], n_layers: int) -> list[Stage]:
     """The stages of ``methods`` (in-LLM sieves, in chain order) on a decoder of ``n_layers`` layers, checked:
     every stage prunes before a layer from 1 to ``n_layers - 1``, at strictly increasing layers."""
@@ -169,8 +134,8 @@ class LayerPruning:
         self.stages_run, self._expected = 0, 0
         self._attention: dict[int, torch.Tensor] = {}
         # everything that can refuse comes before the first hook, so a refusal leaves the model untouched
-        self._rotary = _rotary_function(_attention_module(layers[0]))
-        scored = {index: _attention_module(layers[stage.layer - 1]) for index, stage in enumerate(self.stages)
+        self._rotary = rotary_function(attention_module(layers[0]))
+        scored = {index: attention_module(layers[stage.layer - 1]) for index, stage in enumerate(self.stages)
                   if "llm_attention" in stage.sieve.signals and _scored_at(stage.sieve) == "previous"}
         if any(_positions(stage.method) == "repack" for stage in self.stages):
             _check_repackable(decoder)
@@ -221,7 +186,7 @@ class LayerPruning:
         if view is None or not view.images:
             return
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        self._attention[stage] = _query_attention(module, self._rotary, hidden, kwargs["position_embeddings"],
+        self._attention[stage] = query_attention(module, self._rotary, hidden, kwargs["position_embeddings"],
                                                   view.query, view.own_mask)
 
     # one stage
@@ -231,49 +196,48 @@ class LayerPruning:
         stage, view = self.stages[index], self._view
         hidden = args[0] if args else kwargs["hidden_states"]
         batch, width = hidden.shape[:2]
-        keep = view.filled.clone() if view.filled is not None else torch.ones(batch, width, dtype=torch.bool, device=hidden.device)
+        selections = Selections(view.filled.clone() if view.filled is not None
+                                else torch.ones(batch, width, dtype=torch.bool, device=hidden.device))
         images = self._starting(index, view.images)
         if images and _scored_at(stage.sieve) == "input" and "llm_attention" in stage.sieve.signals:
-            self._attention[index] = self._input_attention(stage, hidden, view, kwargs)
+            layer = self._layers[stage.layer]
+            embeddings = view.plan.position_embeddings if view.plan is not None else kwargs["position_embeddings"]
+            self._attention[index] = input_attention(layer, self._rotary, hidden, embeddings, view.query, view.own_mask)
         kept_per_image = []
         for image in images:
             kept, features = self._run_sieve(index, image, hidden)
             kept_per_image.append(kept)
-            keep[image.row, image.positions] = False
-            keep[image.row, image.positions[kept]] = True
-            if features is not None:
-                hidden = hidden.clone()
-                hidden[image.row, image.positions[kept]] = features.to(hidden.dtype)
+            selections.mark(image.row, image.positions, kept, features)
         if images:
             self.stages_run += 1
-        held = self._held[index]
-        if keep.all() and held is None and view.index is None:
+        hidden = selections.written(hidden)
+        keep = selections.keep
+        if keep.all() and self._held[index] is None and view.index is None:
             view.images = images
             return _with_hidden(args, kwargs, hidden)  # nothing removed, now or before: the stock forward, bit for bit
-        packing, packed_mask = left_packed(keep, view.own_mask)
-        new_width = packing.shape[1]
-        filled = torch.arange(new_width, device=packing.device) >= (new_width - keep.sum(1))[:, None]
-        index_now = view.index if keep.all() else (packing if view.index is None else view.index.gather(1, packing))
+        packing = selections.packed(view.own_mask)
+        filled = packing.filled()
+        index_now = view.index if keep.all() else (packing.index if view.index is None else view.index.gather(1, packing.index))
         dropped = self._dropped(view, keep)
         columns, state = self._columns(index, index_now, filled, dropped)
         past_dropped = state.dropped - dropped
         if images:
-            self._count_flops(index, view.own_mask, packed_mask)
+            self._count_flops(index, view.own_mask, packing.mask)
         cache = kwargs.get(CACHE_ARGUMENT)
         if cache is not None:
             self._states.setdefault(cache, [None] * len(self.stages))[index] = state
-        plan = self._plan(stage, kwargs, index_now, columns, packed_mask, filled, past_dropped)
-        query, images = self._moved(keep, new_width, view.query, images, kept_per_image) if index + 1 < len(self.stages) else (None, [])
-        self._view = _View(index_now, None if keep.all() else filled, packed_mask, query, images, plan, dropped)
+        plan = self._plan(stage, kwargs, index_now, columns, packing.mask, filled, past_dropped)
+        query, images = self._moved(packing, view.query, images, kept_per_image) if index + 1 < len(self.stages) else (None, [])
+        self._view = _View(index_now, None if keep.all() else filled, packing.mask, query, images, plan, dropped)
         if keep.all():
             return _with_hidden(args, kwargs, hidden)
-        return _with_hidden(args, kwargs, hidden.gather(1, packing.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])))
+        return _with_hidden(args, kwargs, packing.gather(hidden, dim=1))
 
-    def _moved(self, keep: torch.Tensor, width: int, query, images: list[PendingImage], kept_per_image: list) -> tuple:
-        """Where the query and each image's kept tokens sit in the packing (``width`` slots), for the next stage."""
-        moved = torch.where(keep, (width - keep.sum(1, keepdim=True)) + keep.cumsum(1) - 1, -1)
-        query = moved.gather(1, query.unsqueeze(1)).squeeze(1) if query is not None else None
-        images = [PendingImage(image.record, image.row, moved[image.row, image.positions[kept]], image.record.kept, image.entered)
+    def _moved(self, packing: Packing, query, images: list[PendingImage], kept_per_image: list) -> tuple:
+        """Where the query and each image's kept tokens sit in the packing, for the next stage."""
+        slots = packing.slots()
+        query = slots.gather(1, query.unsqueeze(1)).squeeze(1) if query is not None else None
+        images = [PendingImage(image.record, image.row, slots[image.row, image.positions[kept]], image.record.kept, image.entered)
                   for image, kept in zip(images, kept_per_image)]  # record.kept: this stage's raster indices
         return query, images
 
@@ -294,23 +258,11 @@ class LayerPruning:
         record = image.record
         grid = record.grid if len(image.positions) == record.grid[0] * record.grid[1] else (1, len(features))
         selection, seconds = timed_select(stage.sieve, VisualTokens(features, grid, signals, entered=image.entered))
-        record.after = len(selection.kept)
         record.kept = image.raster[selection.kept.cpu()]
+        record.after = len(record.kept)
         record.seconds += seconds
-        sizes = selection.sizes()
-        assignment = selection.assignment.cpu() if selection.assignment is not None else None
-        record.stages.append(StageRecord(stage.method.name, "in_llm", stage.layer, record.after, record.kept, seconds,
-                                         sizes.cpu() if sizes is not None else None, assignment))
+        record.stages.append(stage_record(stage.method.name, "in_llm", stage.layer, record.kept, seconds, selection))
         return selection.kept, selection.merged(features)
-
-    def _input_attention(self, stage: Stage, hidden: torch.Tensor, view: _View, kwargs: dict) -> torch.Tensor:
-        """The query rows layer K computes on its input: its own input norm, q/k projections and rotation."""
-        layer = self._layers[stage.layer]
-        norm = getattr(layer, "input_layernorm", None)
-        if norm is None:
-            raise TypeError(f"{type(layer).__name__} has no input_layernorm: this transformers version renamed it")
-        embeddings = view.plan.position_embeddings if view.plan is not None else kwargs["position_embeddings"]
-        return _query_attention(_attention_module(layer), self._rotary, norm(hidden), embeddings, view.query, view.own_mask)
 
     def _dropped(self, view: _View, keep: torch.Tensor) -> torch.Tensor:
         """(batch,) real tokens of this forward dropped before this stage's layers (earlier stages included)."""
@@ -344,15 +296,15 @@ class LayerPruning:
         if _positions(stage.method) == "repack":
             positions, embeddings = self._repacked(kwargs, index, packed_mask, filled, past_dropped)
         elif index is not None:
-            embeddings = tuple(_gather_sequence(t, index, dim=-2) for t in embeddings)
-            positions = _gather_sequence(positions, index, dim=-1) if positions is not None else None
+            embeddings = tuple(gather_sequence(t, index, dim=-2) for t in embeddings)
+            positions = gather_sequence(positions, index, dim=-1) if positions is not None else None
         mask = kwargs.get("attention_mask")
         keys = self._past + self._length
         if mask is None and bool((columns >= 0).all()):
             return _Plan(index, embeddings, positions, None)  # causal over the kept tokens, which stay in order
         if mask is None:
-            mask = _full_causal_mask(self.config, columns.shape[0], self._length, keys, columns.device, embeddings[0].dtype)
-        return _Plan(index, embeddings, positions, _mapped_mask(mask, index, columns, keys))
+            mask = full_causal_mask(self.config, columns.shape[0], self._length, keys, columns.device, embeddings[0].dtype)
+        return _Plan(index, embeddings, positions, mapped_mask(mask, index, columns, keys))
 
     def _repacked(self, kwargs: dict, index, packed_mask: torch.Tensor, filled: torch.Tensor, past_dropped: torch.Tensor):
         """Positions without gaps (PyramidDrop's policy): each kept token's original position less the real tokens
@@ -366,7 +318,7 @@ class LayerPruning:
         real_before = (real_input.cumsum(1) - real_input).gather(1, index)  # real decoder-input tokens before each slot
         kept = (packed_mask.bool() & filled).long()
         kept_before = kept.cumsum(1) - kept
-        shifted = _gather_sequence(positions, index, dim=-1) - (real_before - kept_before) - past_dropped.to(index.device)[:, None]
+        shifted = gather_sequence(positions, index, dim=-1) - (real_before - kept_before) - past_dropped.to(index.device)[:, None]
         dtype = kwargs["position_embeddings"][0].dtype
         return shifted, self.decoder.rotary_emb(torch.zeros(1, device=shifted.device, dtype=dtype), position_ids=shifted)
 
@@ -375,9 +327,7 @@ class LayerPruning:
         layers = self.n_layers - self.stages[index].layer
         before_past = self._real_held(self._held_columns(index - 1) if index > 0 else None, before_mask.shape[0])
         after_past = self._real_held(self._held_columns(index), before_mask.shape[0])
-        full = decoder_prefill_flops(self.config, before_mask.sum(1).tolist(), before_past, layers=layers)
-        kept = decoder_prefill_flops(self.config, after_mask.sum(1).tolist(), after_past, layers=layers)
-        self.stats.prefill_flops += kept - full
+        count_stage(self.stats, self.config, layers, before_mask.sum(1).tolist(), after_mask.sum(1).tolist(), before_past, after_past)
 
     def _real_held(self, state: LayerState | None, batch: int) -> list[int]:
         """Real (unpadded) past tokens a stage's layers hold, per row."""
@@ -438,93 +388,3 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
     if args:
         return (hidden, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": hidden}
-
-
-def _attention_module(layer: nn.Module) -> nn.Module:
-    for module in layer.modules():
-        if all(isinstance(getattr(module, name, None), nn.Linear) for name in ("q_proj", "k_proj")):
-            return module
-    raise TypeError(f"{type(layer).__name__} has no q_proj/k_proj: this transformers version renamed them")
-
-
-def _rotary_function(attention: nn.Module):
-    """The rotary function the attention's own modeling file applies (``apply_rotary_pos_emb``)."""
-    rotary = getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb", None)
-    if rotary is None:
-        raise TypeError(f"{type(attention).__module__} has no apply_rotary_pos_emb: this transformers version changed it")
-    return rotary
-
-
-def _query_attention(attention: nn.Module, rotary, hidden: torch.Tensor, position_embeddings, query: torch.Tensor,
-                     own_mask: torch.Tensor) -> torch.Tensor:
-    """(batch, heads, length) softmax attention of each row's ``query`` token to the forward's tokens, as the
-    layer computes it (eager and SDPA agree on it), from one query projection and the keys."""
-    batch, length = hidden.shape[:2]
-    rows = torch.arange(batch, device=hidden.device)
-    head_dim = attention.head_dim
-    q = attention.q_proj(hidden[rows, query]).view(batch, 1, -1, head_dim)
-    k = attention.k_proj(hidden).view(batch, length, -1, head_dim)
-    if hasattr(attention, "q_norm"):  # Qwen3-style per-head norms come before the rotation
-        q, k = attention.q_norm(q), attention.k_norm(k)
-    q, k = q.transpose(1, 2), k.transpose(1, 2)
-    cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)
-    q = rotary(q, q, cos[rows, query].unsqueeze(1), sin[rows, query].unsqueeze(1))[0]
-    k = rotary(k, k, cos, sin)[1]
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    logits = (q.float() @ k.float().transpose(-1, -2)).squeeze(2) * attention.scaling
-    visible = (torch.arange(length, device=hidden.device) <= query[:, None]) & own_mask.bool()
-    return logits.masked_fill(~visible[:, None], float("-inf")).softmax(dim=-1)
-
-
-def _gather_sequence(tensor: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
-    """``tensor`` at the (batch, width) ``index`` along sequence axis ``dim``, whose batch axis (size 1 or
-    batch) comes just before it."""
-    dim %= tensor.ndim
-    shape = list(tensor.shape)
-    shape[dim - 1] = index.shape[0]
-    tensor = tensor.expand(shape)
-    view = [1] * tensor.ndim
-    view[dim - 1], view[dim] = index.shape
-    shape[dim] = index.shape[1]
-    return tensor.gather(dim, index.view(view).expand(shape))
-
-
-def _full_causal_mask(config, batch: int, queries: int, keys: int, device, dtype) -> torch.Tensor:
-    """The mask the decoder left out (None: plain causal), in its attention kernel's own format."""
-    implementation = config._attn_implementation
-    if implementation.startswith("flash"):  # flash kernels take a 2D padding mask
-        return torch.ones(batch, keys, dtype=torch.long, device=device)
-    if implementation not in ("sdpa", "eager"):
-        raise ValueError(f"in-LLM pruning of rows of unequal length needs sdpa, eager or flash attention, not {implementation!r}")
-    return ALL_MASK_ATTENTION_FUNCTIONS[implementation](
-        batch_size=batch, q_length=queries, kv_length=keys, q_offset=keys - queries, mask_function=causal_mask_function,
-        allow_is_causal_skip=False, dtype=dtype, device=device,
-    )
-
-
-def _mapped_mask(mask: torch.Tensor, index: torch.Tensor | None, columns: torch.Tensor, keys: int) -> torch.Tensor:
-    """The decoder's mask (over layer 0's ``keys``) with rows at the kept queries (``index``) and columns at
-    the slots the stage's layers cache (``columns``, -1 for a padding slot, which nothing attends to)."""
-    if mask.shape[-1] != keys:
-        raise RuntimeError(
-            f"the decoder's attention mask covers {mask.shape[-1]} keys but layer 0 holds {keys}: this transformers "
-            f"version builds masks differently"
-        )
-    batch, slots = columns.shape
-    valid = columns >= 0
-    if mask.ndim == 2:  # flash attention's padding mask
-        return mask.expand(batch, -1).gather(1, columns.clamp(min=0)) * valid
-    mask = mask.expand(batch, -1, -1, -1)
-    if index is not None:
-        mask = mask.gather(2, index[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[3]))
-    mask = mask.gather(3, columns.clamp(min=0)[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))
-    allowed, blocked = (True, False) if mask.dtype == torch.bool else (0.0, torch.finfo(mask.dtype).min)
-    mask = mask.masked_fill(~valid[:, None, None, :], blocked)
-    queries = mask.shape[2]
-    padding_rows = ~valid[:, slots - queries :]
-    if padding_rows.any():  # a padding slot attends to itself only, so no softmax row is empty
-        own = torch.zeros(queries, slots, dtype=torch.bool, device=mask.device)
-        own[torch.arange(queries), slots - queries + torch.arange(queries)] = True
-        self_only = torch.full_like(own, blocked, dtype=mask.dtype).masked_fill(own, allowed)
-        mask = torch.where(padding_rows[:, None, :, None], self_only, mask)
-    return mask

@@ -1,4 +1,4 @@
-"""Exact matmul FLOPs of an LLM decoder prefill, counted from the real shapes."""
+"""Exact matmul FLOPs of an LLM decoder prefill, counted from the real shapes, and their count in a run's stats."""
 
 from __future__ import annotations
 
@@ -29,3 +29,20 @@ def decoder_prefill_flops(text_config, query_lengths: list[int], past_lengths: l
         mlp = 3 * 2 * q * d * ffn
         total += layers * (projections + attention + mlp)
     return total
+
+
+def count_prefill(stats, text_config, real_before: list[int], real_after: list[int], past_before: list[int],
+                  past_after: list[int]) -> None:
+    """Add one prefill to ``stats``: every decoder layer over the ``real_after`` tokens each row keeps at the
+    decoder's input and the ``past_after`` real tokens its cache holds, and without the reduction (``_before``)."""
+    stats.prefill_flops += decoder_prefill_flops(text_config, real_after, past_after)
+    stats.prefill_flops_unreduced += decoder_prefill_flops(text_config, real_before, past_before)
+
+
+def count_stage(stats, text_config, layers: int, real_before: list[int], real_after: list[int],
+                past_before: list[int], past_after: list[int]) -> None:
+    """An in-LLM stage: the last ``layers`` decoder layers see what it kept, ``real_after`` tokens per row over
+    ``past_after`` cached ones, instead of ``real_before`` over ``past_before``: replace their share of the count."""
+    kept = decoder_prefill_flops(text_config, real_after, past_after, layers=layers)
+    full = decoder_prefill_flops(text_config, real_before, past_before, layers=layers)
+    stats.prefill_flops += kept - full

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .selection import bipartite_round, merge_into
+from ..selection import bipartite_round, merge_into
 
 
 @dataclass

@@ -1,0 +1,126 @@
+"""The signals the engine computes inside the LLM: which token of each row is its prompt's query, the
+instruction's input embeddings (``text_embeddings``) and the query's attention row (``llm_attention``).
+
+The vision-side signals come from the adapters (tokensieve/adapters/), from hooks on the vision tower.
+``llm_attention`` is recomputed for one query row from the layer's own q/k projections and rotary function,
+so the decoder's attention kernel (SDPA, FlashAttention) stays on; eager attention gives the same row
+(tests/test_in_llm.py).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from ..adapters import ImageSlot
+from ..signals import instruction_positions
+
+
+class PromptQueries:
+    """Which token of each row is the query that scores its images: the row's last real token or, when the
+    row continues a prompt this run has already scored with the same image features, that prompt's last
+    token. So a prompt's selection holds for every later step: a generate loop without a cache re-runs the
+    whole sequence, and a fresh prefill of a longer conversation, prune exactly as the cached run did."""
+
+    LIMIT = 1024  # prompts remembered per run (oldest forgotten first)
+
+    def __init__(self):
+        self._seen: OrderedDict[int, list[tuple[int, ...]]] = OrderedDict()
+
+    def query_positions(self, inputs: dict, embeds: torch.Tensor, slots: list, own_mask: torch.Tensor,
+                        candidates: int = 0) -> torch.Tensor:
+        """Each row's query position; the last ``candidates`` tokens of every row follow its prompt (drafts that
+        assisted decoding verifies in the prefill) and are no part of it."""
+        ids, real_rows = inputs["input_ids"].tolist(), own_mask.bool().tolist()  # two reads back to the host in all
+        sums = [embeds[slot.row, slot.positions].detach().float().sum(-1) for slot in slots]
+        sums = torch.cat(sums).cpu().split([len(slot.positions) for slot in slots]) if slots else []
+        queries = []
+        for row, (row_ids, row_real) in enumerate(zip(ids, real_rows)):
+            real = [i for i, is_real in enumerate(row_real) if is_real]
+            real = real[: max(len(real) - candidates, 1)]
+            tokens = tuple(row_ids[i] for i in real)
+            features = [summed for slot, summed in zip(slots, sums) if slot.row == row]
+            key = hash(torch.cat(features).numpy().tobytes()) if features else 0
+            prompts = self._seen.setdefault(key, [])
+            prompt = next((p for p in prompts if tokens[: len(p)] == p), None)
+            if prompt is None:
+                prompts.append(prompt := tokens)
+            queries.append(real[len(prompt) - 1])
+        while len(self._seen) > self.LIMIT:
+            self._seen.popitem(last=False)
+        return torch.tensor(queries, device=own_mask.device)
+
+
+def prompt_ends(prompts: PromptQueries, inputs: dict, embeds: torch.Tensor, slots: list, own_mask: torch.Tensor,
+                candidates: int) -> torch.Tensor:
+    """(batch,) position of each row's prompt's last token: the query of in-LLM methods and the end of the
+    instruction of ``text_embeddings``. A row that continues a prompt already scored with the same image
+    features keeps that prompt's end (:class:`PromptQueries`), so a no-cache loop or a fresh prefill of a longer
+    conversation selects as the cached run did. Without input_ids: each row's last real token."""
+    if inputs.get("input_ids") is not None:
+        return prompts.query_positions(inputs, embeds, slots, own_mask, candidates)
+    real = own_mask.bool()
+    last = real.shape[1] - 1 - real.flip(1).long().argmax(1)
+    return (last - candidates).clamp(min=0)
+
+
+def instruction(slot: ImageSlot, slots: list[ImageSlot], embeds: torch.Tensor, own_mask: torch.Tensor,
+                prompt_ends: torch.Tensor) -> torch.Tensor:
+    """``text_embeddings`` of one image: the decoder-input rows (the LLM's own input embeddings) of its
+    instruction tokens, by the rule of ``signals.instruction_positions``."""
+    placeholders = torch.zeros(embeds.shape[1], dtype=torch.bool, device=embeds.device)
+    for other in slots:
+        if other.row == slot.row:
+            placeholders[other.positions] = True
+    bounds = torch.stack([slot.positions[-1], prompt_ends[slot.row].to(slot.positions.device)]).tolist()
+    positions = instruction_positions(own_mask[slot.row], placeholders, *bounds)
+    return embeds[slot.row, positions]
+
+
+def attention_module(layer: nn.Module) -> nn.Module:
+    for module in layer.modules():
+        if all(isinstance(getattr(module, name, None), nn.Linear) for name in ("q_proj", "k_proj")):
+            return module
+    raise TypeError(f"{type(layer).__name__} has no q_proj/k_proj: this transformers version renamed them")
+
+
+def rotary_function(attention: nn.Module):
+    """The rotary function the attention's own modeling file applies (``apply_rotary_pos_emb``)."""
+    rotary = getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb", None)
+    if rotary is None:
+        raise TypeError(f"{type(attention).__module__} has no apply_rotary_pos_emb: this transformers version changed it")
+    return rotary
+
+
+def query_attention(attention: nn.Module, rotary, hidden: torch.Tensor, position_embeddings, query: torch.Tensor,
+                     own_mask: torch.Tensor) -> torch.Tensor:
+    """(batch, heads, length) softmax attention of each row's ``query`` token to the forward's tokens, as the
+    layer computes it (eager and SDPA agree on it), from one query projection and the keys."""
+    batch, length = hidden.shape[:2]
+    rows = torch.arange(batch, device=hidden.device)
+    head_dim = attention.head_dim
+    q = attention.q_proj(hidden[rows, query]).view(batch, 1, -1, head_dim)
+    k = attention.k_proj(hidden).view(batch, length, -1, head_dim)
+    if hasattr(attention, "q_norm"):  # Qwen3-style per-head norms come before the rotation
+        q, k = attention.q_norm(q), attention.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)
+    q = rotary(q, q, cos[rows, query].unsqueeze(1), sin[rows, query].unsqueeze(1))[0]
+    k = rotary(k, k, cos, sin)[1]
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    logits = (q.float() @ k.float().transpose(-1, -2)).squeeze(2) * attention.scaling
+    visible = (torch.arange(length, device=hidden.device) <= query[:, None]) & own_mask.bool()
+    return logits.masked_fill(~visible[:, None], float("-inf")).softmax(dim=-1)
+
+
+def input_attention(layer: nn.Module, rotary, hidden: torch.Tensor, position_embeddings, query: torch.Tensor,
+                    own_mask: torch.Tensor) -> torch.Tensor:
+    """The query rows decoder ``layer`` computes on its input ``hidden``: its own input norm, q/k projections and
+    rotation (``llm_attention_at = "input"``, PyramidDrop)."""
+    norm = getattr(layer, "input_layernorm", None)
+    if norm is None:
+        raise TypeError(f"{type(layer).__name__} has no input_layernorm: this transformers version renamed it")
+    return query_attention(attention_module(layer), rotary, norm(hidden), position_embeddings, query, own_mask)

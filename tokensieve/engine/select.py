@@ -1,0 +1,118 @@
+"""Run a stage: hand a sieve one image's tokens and signals, and record what it kept.
+
+Before the LLM (:class:`BeforeLLM`) each image's tokens are what an ``in_vision`` stage left of them (one per
+merged group) and the ``pre_llm`` sieve selects among those; inside the LLM, tokensieve/engine/layer_stages.py
+runs each stage's sieve on the image tokens' hidden states. Either way a stage adds one
+:class:`~tokensieve.stats.StageRecord` to the image's record (:func:`stage_record`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..adapters import ImageSlot
+from ..adapters.base import ENGINE_SIGNALS
+from ..sieve import Selection, Sieve, VisualTokens, timed_select
+from ..signals import Signal
+from ..stats import ImageRecord, RunStats, StageRecord
+from .find_tokens import check_finite
+from .llm_signals import instruction
+from .pack import Selections
+from .vision_stage import MergedImage, VisionMerging
+
+
+def stage_record(method: str, stage: str, layer: int | None, kept: torch.Tensor, seconds: float,
+                 selection: Selection | None = None) -> StageRecord:
+    """What one stage left of one image: ``kept`` raster indices (on the host) and, for a merging selection, its
+    group sizes and merge map."""
+    sizes = selection.sizes() if selection is not None else None
+    assignment = selection.assignment if selection is not None else None
+    return StageRecord(method, stage, layer, len(kept), kept, seconds, sizes.cpu() if sizes is not None else None,
+                       assignment.cpu() if assignment is not None else None)
+
+
+@dataclass
+class _Selected:
+    """What the stages before the LLM kept of one image: indices into its tokens, the pre-LLM sieve's
+    selection (indices into what it saw) and time, the features that replace the kept tokens' own (merging
+    sieves), and what an in_vision stage merged."""
+
+    kept: torch.Tensor
+    seconds: float = 0.0
+    selection: Selection | None = None
+    features: torch.Tensor | None = None
+    merged: MergedImage | None = None
+
+
+class BeforeLLM:
+    """The stages before the LLM, on the image tokens at the decoder's input: the groups an ``in_vision`` stage
+    merged (``merging``) keep one token each, then the ``pre`` sieve selects; with neither, every token stays."""
+
+    def __init__(self, vision: Sieve | None, pre: Sieve | None, requests: tuple[Signal, ...], adapter, capture,
+                 merging: VisionMerging | None, stats: RunStats):
+        self.vision, self.pre, self.requests = vision, pre, requests
+        self.adapter, self.capture, self.merging, self.stats = adapter, capture, merging, stats
+
+    @property
+    def wants_text(self) -> bool:
+        return any(request.name == "text_embeddings" for request in self.requests)
+
+    def select(self, slots: list[ImageSlot], embeds: torch.Tensor, own_mask: torch.Tensor,
+               prompt_ends: torch.Tensor | None) -> tuple[Selections, list[ImageRecord]]:
+        """Every image's selection, marked on the (batch, length) decoder input, and each slot's record (one per
+        image: a repeated row's copies share it). ``own_mask`` and ``prompt_ends`` (each row's prompt's last
+        position) place ``text_embeddings``."""
+        selections = Selections(torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device))
+        check_finite(embeds, slots)
+        selected: dict[int, _Selected] = {}  # image -> its selection: the copies of a repeated row reuse it
+        for slot in slots:
+            if slot.image not in selected:
+                text = instruction(slot, slots, embeds, own_mask, prompt_ends) if self.wants_text else None
+                selected[slot.image] = self._select_image(slot, embeds[slot.row, slot.positions], text)
+            chosen = selected[slot.image]
+            if self.pre is not None or self.vision is not None:
+                selections.mark(slot.row, slot.positions, chosen.kept, chosen.features)
+        if not slots:
+            return selections, []
+        records = self._record(slots, selected)
+        return selections, [records[slot.image] for slot in slots]
+
+    def _select_image(self, slot: ImageSlot, features: torch.Tensor, text: torch.Tensor | None) -> _Selected:
+        merged = self.merging.images[slot.image] if self.merging is not None else None
+        if merged is not None:
+            groups = merged.kept.to(features.device)
+            if self.pre is None:
+                return _Selected(groups, merged=merged)
+            selection, seconds = timed_select(self.pre, VisualTokens(features[groups], (1, len(groups))))
+            return _Selected(groups[selection.kept], seconds, selection, selection.merged(features[groups]), merged)
+        if self.pre is None:
+            return _Selected(torch.arange(len(features), device=features.device))
+        signals = self.adapter.image_signals(
+            tuple(r for r in self.requests if r.name not in ENGINE_SIGNALS), self.capture, slot.image
+        )
+        if text is not None:
+            signals[Signal("text_embeddings")] = text
+        selection, seconds = timed_select(self.pre, VisualTokens(features, slot.grid, signals, slot.blocks))
+        return _Selected(selection.kept, seconds, selection, selection.merged(features))
+
+    def _record(self, slots: list[ImageSlot], selected: dict[int, _Selected]) -> dict[int, ImageRecord]:
+        """One record per image, with one stage record per stage that ran before the LLM."""
+        call_index = self.stats.calls
+        first_slots = {slot.image: slot for slot in reversed(slots)}
+        # one read back to the host for every image of the call
+        on_host = torch.cat([chosen.kept for chosen in selected.values()]).cpu().split([len(c.kept) for c in selected.values()])
+        records = {}
+        for (image, chosen), kept in zip(selected.items(), on_host):
+            slot, merged = first_slots[image], chosen.merged
+            seconds = chosen.seconds + (merged.seconds if merged is not None else 0.0)
+            record = records[image] = ImageRecord(call_index, slot.row, len(slot.positions), len(kept), kept, slot.grid, seconds)
+            if merged is not None:
+                record.stages.append(StageRecord(self.vision.name, "in_vision", None, len(merged.kept), merged.kept,
+                                                 merged.seconds, merged.sizes, merged.assignment))
+            if self.pre is not None:
+                record.stages.append(stage_record(self.pre.name, "pre_llm", None, kept, chosen.seconds, chosen.selection))
+        self.stats.images.extend(records.values())
+        self.stats.calls += 1
+        return records
