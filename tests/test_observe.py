@@ -2,7 +2,7 @@
 
 Every family: logits, greedy and beam tokens, a second turn on the cache and labels give the unhooked
 model's results bit for bit (a static cache too: tests/test_static_cache.py); ``run.stats`` counts every image's tokens (before == after), the LLM
-prefill FLOPs (reduced == unreduced == tokensieve.flops on the real lengths), the KV-cache bytes the prefill
+prefill FLOPs (reduced == unreduced == tokensieve.engine.flops on the real lengths), the KV-cache bytes the prefill
 left (== the real cache's tensors, layer by layer, also when in-LLM pruning makes later layers shorter) and,
 asked for, the vision side's FLOPs. And the bench reaches the engine through the public API only.
 """

@@ -84,3 +84,16 @@ def test_register_refuses_what_would_not_work():
 
     with pytest.raises(ValueError, match="a method named 'uniform' is already registered"):
         register(Duplicate)
+
+
+def test_every_registered_method_is_listed_in_the_readme_and_has_a_catalogue_row():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    catalogue = (root / "docs" / "methods.md").read_text()
+    section = readme.split("## Methods", 1)[1].split("\n## ", 1)[0]
+    names = [info.name for info in ts.list_methods()]
+    assert f"{len(names)} training-free methods" in section
+    assert [name for name in names if f"`{name}`" not in section] == []
+    assert [name for name in names if f"\n| `{name}` |" not in catalogue] == []

@@ -2,7 +2,7 @@
 
 Methods before the LLM (and merging inside the vision tower, and observing) run with a static cache: the prefill
 writes only the kept tokens, to the cache's first slots, and decode positions stay those of the unpruned sequence
-(tokensieve/static_cache.py). Every family, every such method, greedy, beam and sampling: keep-all generates the
+(tokensieve/engine/static_cache.py). Every family, every such method, greedy, beam and sampling: keep-all generates the
 stock model's tokens, and pruned generation with a static cache gives the tokens of pruned generation with the
 default dynamic cache. In-LLM stages (FastV, PyramidDrop, chains with one) are refused before any image is pruned,
 and compiled forwards (torch.compile, generate()'s compiled decode steps) are refused under any run.
@@ -148,7 +148,7 @@ def test_in_llm_stages_refuse_a_static_cache_before_the_prefill_and_the_handle_r
 
 
 # Compiled forwards are refused: dynamo does not guard on a module's hooks, so a forward compiled before apply()
-# would run unpruned and one compiled inside the block could keep pruning after it (tokensieve/static_cache.py).
+# would run unpruned and one compiled inside the block could keep pruning after it (tokensieve/engine/static_cache.py).
 # The eager backend traces as torch.compile does (the hooks are what matters here) without inductor's C++ build.
 
 

@@ -21,7 +21,7 @@ SIGNALS = {
     "text_embeddings": "(T, d_llm) LLM input embeddings of the prompt's instruction tokens for this image (the tokens "
     "after the image up to the prompt's end, see signals.instruction_positions)",
     "vision_features": "(N, d_vision) features of the vision feature layer, before the projector",
-    "vision_tower": "(in_vision only) the vision tower's layers, to merge tokens between them (tokensieve/vision_stage.py)",
+    "vision_tower": "(in_vision only) the vision tower's layers, to merge tokens between them (tokensieve/engine/vision_stage.py)",
     "vision_keys": "(heads, N, d_head) key vectors of the feature layer's attention, [CLS] excluded",
     "project": "callable mapping (M, d_vision) vision features to (M, d_llm) LLM input embeddings",
     "llm_attention": "(heads, N) softmax attention of the prompt's last token to each image token, in LLM layer K-1 or "

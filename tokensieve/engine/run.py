@@ -212,7 +212,7 @@ class Run:
                 f"recognises a prompt by its token ids: pass input_ids (not inputs_embeds) together with the images, or use "
                 f"a pre-LLM method, which finds image tokens in inputs_embeds as the model does"
             )
-        # a static cache serves pre-LLM methods and observing (tokensieve/static_cache.py), not in-LLM stages
+        # a static cache serves pre-LLM methods and observing (tokensieve/engine/static_cache.py), not in-LLM stages
         refuse_static_cache_with_in_llm(kwargs.get(CACHE_ARGUMENT), self._layers.stages if self._layers is not None else (), with_images)
         state = pruned_state(kwargs.get(CACHE_ARGUMENT))
         if state is not None and kwargs.get("input_ids") is not None:
