@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from tokensieve import Budget, Sieve, register
+from tokensieve import Budget, BudgetClampedWarning, FasterVLM, Sieve, register
 from tokensieve.engine.flops import decoder_prefill_flops
 from tokensieve.selection import target_grid
 from tokensieve.selection import bipartite_merge, farthest_point, grid_subsample, merge_into_targets, top_k_in_order
@@ -153,3 +154,21 @@ def test_bipartite_merge_leaves_k_tokens_each_the_mean_of_what_it_holds(n, k, se
     assert all(merge.assignment[token] == j for j, token in enumerate(merge.kept.tolist()))  # a kept token holds itself
     for j in range(k):
         torch.testing.assert_close(merge.features[j], x[merge.assignment == j].mean(0), atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.sampled_from([6, 9, 16]), min_size=1, max_size=6), st.integers(1, 9), st.integers(0, 10**6))
+def test_a_scoring_method_selects_a_batch_of_images_as_it_selects_each(sizes, keep, seed):
+    from tokensieve.sieve import VisualTokens, timed_select_all
+
+    generator = torch.Generator().manual_seed(seed)
+    images = [VisualTokens(torch.randn(n, 4, generator=generator), (1, n),
+                           {"cls_attention": torch.randint(0, 3, (2, n), generator=generator).float()}) for n in sizes]
+    sieve = FasterVLM(keep=keep)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BudgetClampedWarning)
+        batched = timed_select_all(sieve, images)
+        alone = [sieve.select(tokens) for tokens in images]
+    assert [selection.kept.tolist() for selection, _ in batched] == [selection.kept.tolist() for selection in alone]
+    rows = torch.rand(3, 10, generator=generator)
+    assert torch.equal(top_k_in_order(rows, 4), torch.stack([top_k_in_order(row, 4) for row in rows]))

@@ -9,13 +9,13 @@ from ._lazy import F, torch
 
 
 def top_k_in_order(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` highest scores, in ascending (raster) order.
+    """Indices of the ``k`` highest scores, in ascending (raster) order; of each row for (..., N) scores.
 
     Scores are compared in float32 and ties go to the lower index (a stable sort), so the
     selection does not depend on the dtype the model runs in or on the top-k kernel.
     """
-    order = torch.sort(scores.float(), descending=True, stable=True).indices
-    return order[:k].sort().values
+    order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices
+    return order[..., :k].sort(dim=-1).values
 
 
 def farthest_point(features: torch.Tensor, k: int) -> torch.Tensor:

@@ -153,6 +153,11 @@ class Sieve:
     def select(self, tokens: VisualTokens) -> Selection:
         raise NotImplementedError
 
+    def select_all(self, images: list[VisualTokens]) -> list[Selection]:
+        """The selections of every image a stage sees in one forward: :meth:`select` on each (a method may batch
+        them, as :class:`ScoringSieve` does)."""
+        return [self.select(tokens) for tokens in images]
+
     def requests(self) -> tuple[Signal | str, ...]:
         """The signals this instance asks for, with their parameters (default: each name in ``signals`` with
         its default parameters). Override to ask with parameters that depend on the fields, e.g.
@@ -197,6 +202,23 @@ class ScoringSieve(Sieve):
                 index = block.flatten().to(scores.device)
                 kept.append(index[top_k_in_order(scores[index], share)])
         return Selection(torch.cat(kept).sort().values)
+
+    def select_all(self, images: list[VisualTokens]) -> list[Selection]:
+        """Each image scored on its own, then one top-k for each set of images of equal size and count (a batch
+        of equal images: one sort instead of one per image). Adaptive and per-crop budgets, and subclasses with
+        their own ``select``, select image by image."""
+        if type(self).select is not ScoringSieve.select or self.budget.adaptive is not None or self.budget.per_crop:
+            return super().select_all(images)
+        scores = [self.score(tokens) for tokens in images]
+        kept: list[torch.Tensor | None] = [None] * len(images)
+        alike: dict[tuple, list[int]] = {}
+        for index, image_scores in enumerate(scores):
+            key = (len(image_scores), self.budget.resolve(len(image_scores)), image_scores.device)
+            alike.setdefault(key, []).append(index)
+        for (_, k, _), members in alike.items():
+            for index, picked in zip(members, top_k_in_order(torch.stack([scores[i] for i in members]), k)):
+                kept[index] = picked
+        return [Selection(picked) for picked in kept]
 
 
 def check_budget(sieve: Sieve) -> None:
@@ -268,26 +290,37 @@ class GridSieve(Sieve):
 
 
 def timed_select(sieve: Sieve, tokens: VisualTokens) -> tuple[Selection, float]:
-    """``sieve.select(tokens)``, checked (kept indices ascending and in range) and timed (GPU synchronised)."""
-    _synchronize(tokens.features)
+    """``sieve.select(tokens)``, checked and timed: :func:`timed_select_all` of one image."""
+    return timed_select_all(sieve, [tokens])[0]
+
+
+def timed_select_all(sieve: Sieve, images: list[VisualTokens]) -> list[tuple[Selection, float]]:
+    """``sieve.select_all(images)``: every image of one stage of a forward, checked (kept indices ascending and
+    in range, merge maps that fit) with one read back to the host for all of them, and timed together (GPU
+    synchronised; each image is given an equal share of the time)."""
+    _synchronize(images[0].features)
     start = time.perf_counter()
-    selection = sieve.select(tokens)
-    _synchronize(tokens.features)
-    seconds = time.perf_counter() - start
-    kept, n = selection.kept, len(tokens)
-    if kept.ndim != 1 or len(kept) == 0:
-        raise RuntimeError(f"{sieve.name} returned kept indices outside 0..{n - 1}")
-    # both checks in one read-back: each host read stalls a GPU
-    outside, unsorted = torch.stack([(kept.min() < 0) | (kept.max() >= n), (kept[1:] <= kept[:-1]).any()]).tolist()
-    if outside:
-        raise RuntimeError(f"{sieve.name} returned kept indices outside 0..{n - 1}")
-    if unsorted:
-        raise RuntimeError(f"{sieve.name} returned kept indices that are not strictly ascending")
-    if selection.features is not None and selection.features.shape[0] != len(kept):
-        raise RuntimeError(f"{sieve.name} returned {selection.features.shape[0]} features for {len(kept)} kept tokens")
-    if selection.assignment is not None:
-        _check_merge_map(sieve, selection, n)
-    return selection, seconds
+    selections = sieve.select_all(images)
+    _synchronize(images[0].features)
+    seconds = (time.perf_counter() - start) / len(images)
+    sizes = [len(tokens) for tokens in images]
+    for selection, n in zip(selections, sizes):
+        if selection.kept.ndim != 1 or len(selection.kept) == 0:
+            raise RuntimeError(f"{sieve.name} returned kept indices outside 0..{n - 1}")
+    # every check of every image in one read-back: each host read stalls a GPU
+    flags = torch.stack([torch.stack([(s.kept.min() < 0) | (s.kept.max() >= n), (s.kept[1:] <= s.kept[:-1]).any()]).cpu()
+                         for s, n in zip(selections, sizes)]).tolist()
+    for selection, n, (outside, unsorted) in zip(selections, sizes, flags):
+        kept = selection.kept
+        if outside:
+            raise RuntimeError(f"{sieve.name} returned kept indices outside 0..{n - 1}")
+        if unsorted:
+            raise RuntimeError(f"{sieve.name} returned kept indices that are not strictly ascending")
+        if selection.features is not None and selection.features.shape[0] != len(kept):
+            raise RuntimeError(f"{sieve.name} returned {selection.features.shape[0]} features for {len(kept)} kept tokens")
+        if selection.assignment is not None:
+            _check_merge_map(sieve, selection, n)
+    return [(selection, seconds) for selection in selections]
 
 
 def _check_merge_map(sieve: Sieve, selection: Selection, n: int) -> None:

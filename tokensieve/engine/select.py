@@ -14,7 +14,7 @@ import torch
 
 from ..adapters import ImageSlot
 from ..adapters.base import ENGINE_SIGNALS
-from ..sieve import Selection, Sieve, VisualTokens, timed_select
+from ..sieve import Selection, Sieve, VisualTokens, timed_select_all
 from ..signals import Signal
 from ..stats import ImageRecord, RunStats, StageRecord
 from .find_tokens import check_finite
@@ -66,41 +66,52 @@ class BeforeLLM:
         position) place ``text_embeddings``."""
         selections = Selections(torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device))
         check_finite(embeds, slots)
-        selected: dict[int, _Selected] = {}  # image -> its selection: the copies of a repeated row reuse it
+        firsts = list({slot.image: slot for slot in reversed(slots)}.values())[::-1]  # each image's first slot, in order
+        selected = self._select_images(firsts, slots, embeds, own_mask, prompt_ends)
         for slot in slots:
-            if slot.image not in selected:
-                text = instruction(slot, slots, embeds, own_mask, prompt_ends) if self.wants_text else None
-                selected[slot.image] = self._select_image(slot, embeds[slot.row, slot.positions], text)
             chosen = selected[slot.image]
             if self.pre is not None or self.vision is not None:
                 selections.mark(slot.row, slot.positions, chosen.kept, chosen.features)
         if not slots:
             return selections, []
-        records = self._record(slots, selected)
+        records = self._record(firsts, selected)
         return selections, [records[slot.image] for slot in slots]
 
-    def _select_image(self, slot: ImageSlot, features: torch.Tensor, text: torch.Tensor | None) -> _Selected:
-        merged = self.merging.images[slot.image] if self.merging is not None else None
-        if merged is not None:
-            groups = merged.kept.to(features.device)
-            if self.pre is None:
-                return _Selected(groups, merged=merged)
-            selection, seconds = timed_select(self.pre, VisualTokens(features[groups], (1, len(groups))))
-            return _Selected(groups[selection.kept], seconds, selection, selection.merged(features[groups]), merged)
-        if self.pre is None:
-            return _Selected(torch.arange(len(features), device=features.device))
-        signals = self.adapter.image_signals(
-            tuple(r for r in self.requests if r.name not in ENGINE_SIGNALS), self.capture, slot.image
-        )
-        if text is not None:
-            signals[Signal("text_embeddings")] = text
-        selection, seconds = timed_select(self.pre, VisualTokens(features, slot.grid, signals, slot.blocks))
-        return _Selected(selection.kept, seconds, selection, selection.merged(features))
+    def _select_images(self, firsts: list[ImageSlot], slots: list[ImageSlot], embeds: torch.Tensor, own_mask: torch.Tensor,
+                       prompt_ends: torch.Tensor | None) -> dict[int, _Selected]:
+        """Each image's selection: the tokens an in_vision stage left (one per merged group), then the pre-LLM sieve
+        among them, given every image of the forward at once (``timed_select_all``: equal images may share work)."""
+        selected: dict[int, _Selected] = {}
+        given: dict[int, tuple] = {}  # image -> (its tokens for the sieve, the groups they stand for, what merged them)
+        for slot in firsts:
+            features = embeds[slot.row, slot.positions]
+            merged = self.merging.images[slot.image] if self.merging is not None else None
+            if merged is not None:
+                groups = merged.kept.to(features.device)
+                if self.pre is None:
+                    selected[slot.image] = _Selected(groups, merged=merged)
+                else:
+                    given[slot.image] = (VisualTokens(features[groups], (1, len(groups))), groups, merged)
+            elif self.pre is None:
+                selected[slot.image] = _Selected(torch.arange(len(features), device=features.device))
+            else:
+                signals = self.adapter.image_signals(
+                    tuple(r for r in self.requests if r.name not in ENGINE_SIGNALS), self.capture, slot.image
+                )
+                if self.wants_text:
+                    signals[Signal("text_embeddings")] = instruction(slot, slots, embeds, own_mask, prompt_ends)
+                given[slot.image] = (VisualTokens(features, slot.grid, signals, slot.blocks), None, None)
+        if given:
+            results = timed_select_all(self.pre, [tokens for tokens, _, _ in given.values()])
+            for (image, (tokens, groups, merged)), (selection, seconds) in zip(given.items(), results):
+                kept = groups[selection.kept] if groups is not None else selection.kept
+                selected[image] = _Selected(kept, seconds, selection, selection.merged(tokens.features), merged)
+        return {slot.image: selected[slot.image] for slot in firsts}
 
-    def _record(self, slots: list[ImageSlot], selected: dict[int, _Selected]) -> dict[int, ImageRecord]:
+    def _record(self, firsts: list[ImageSlot], selected: dict[int, _Selected]) -> dict[int, ImageRecord]:
         """One record per image, with one stage record per stage that ran before the LLM."""
         call_index = self.stats.calls
-        first_slots = {slot.image: slot for slot in reversed(slots)}
+        first_slots = {slot.image: slot for slot in firsts}
         # one read back to the host for every image of the call
         on_host = torch.cat([chosen.kept for chosen in selected.values()]).cpu().split([len(c.kept) for c in selected.values()])
         records = {}
