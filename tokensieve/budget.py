@@ -107,7 +107,7 @@ def _check_per_crop(per_crop) -> None:
                         f"False (one budget over the whole image), not {per_crop!r}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Budget:
     """A validated token budget.
 
@@ -122,10 +122,16 @@ class Budget:
     among its pieces in proportion to their sizes (``selection.split_budget``) and each piece keeps its own
     top tokens; the default is one budget over the whole image. Scoring methods (``ScoringSieve``) and the
     grid methods (which always split by piece) take it; the others refuse it.
+
+    ``total=256`` (``keep=ts.Budget(total=256)``, spelt ``budget(total=256)``): a count over all the images of
+    one prompt (a batch row) together, shared among them by :func:`share_total`: in proportion to each image's
+    score mass for scoring methods (the mass ``Adaptive`` defines), to its token count for the others; every
+    image keeps at least one token. A lone image keeps ``min(total, N)``. Pre-LLM methods only.
     """
 
-    value: int | float
+    value: int | float | None = None
     per_crop: bool = False
+    total: int | None = None
 
     #: which adaptive rule decides the count (None: the count is fixed by ``value``)
     adaptive = None
@@ -133,6 +139,9 @@ class Budget:
     def __post_init__(self) -> None:
         value = plain_number(self.value)
         object.__setattr__(self, "value", value)
+        if self.total is not None or value is None:
+            self._check_total()
+            return
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(
                 f"keep must be an int (a token count, e.g. keep=64) or a float ratio in (0, 1] "
@@ -147,8 +156,20 @@ class Budget:
             )
         _check_per_crop(self.per_crop)
 
+    def _check_total(self) -> None:
+        total = plain_number(self.total)
+        object.__setattr__(self, "total", total)
+        if self.value is not None:
+            raise ValueError(f"Budget({self.value}, total={total}): pass a count per image or a total per prompt, not both")
+        if isinstance(total, bool) or not isinstance(total, int) or total < 1:
+            raise ValueError(f"Budget(total={total!r}): the tokens every image of a prompt keeps together, an int >= 1 "
+                             f"(e.g. total=256); or pass keep=64 for a count per image")
+        _check_per_crop(self.per_crop)
+
     def resolve(self, n_tokens: int) -> int:
-        """The number of tokens to keep out of ``n_tokens``."""
+        """The number of tokens to keep out of ``n_tokens`` (a total budget: of a prompt's only image)."""
+        if self.total is not None:
+            return min(self.total, n_tokens)
         if isinstance(self.value, float):
             return max(1, min(n_tokens, round(self.value * n_tokens)))
         if self.value > n_tokens:
@@ -165,8 +186,47 @@ class Budget:
         """The number of tokens to keep of an image whose tokens score ``scores`` (N,): ``resolve(N)``."""
         return self.resolve(len(scores))
 
+    def __repr__(self) -> str:
+        shown = [f"total={self.total}"] if self.total is not None else [repr(self.value)]
+        return f"Budget({', '.join(shown + (['per_crop=True'] if self.per_crop else []))})"
+
     def __str__(self) -> str:
-        return f"budget({self.value},per_crop=True)" if self.per_crop else str(self.value)
+        crop = ",per_crop=True" if self.per_crop else ""
+        if self.total is not None:
+            return f"budget(total={self.total}{crop})"
+        return f"budget({self.value}{crop})" if self.per_crop else str(self.value)
+
+
+def share_total(total: int, weights: list[float], sizes: list[int]) -> list[int]:
+    """``total`` tokens shared among images of ``sizes`` tokens in proportion to their ``weights`` (all zero: to
+    their sizes): each image first keeps one, the rest goes by largest remainder (ties to the earlier image),
+    and what an image cannot hold goes to the others. Every image keeps at least one token, so a total below
+    the number of images keeps one each."""
+    if total >= sum(sizes):
+        return list(sizes)
+    shares = [1] * len(sizes)
+    left = max(0, total - len(sizes))
+    open_images = [i for i, size in enumerate(sizes) if size > 1]
+    while left > 0 and open_images:
+        weight = {i: max(float(weights[i]), 0.0) for i in open_images}
+        if sum(weight.values()) <= 0:
+            weight = {i: float(sizes[i]) for i in open_images}
+        exact = {i: left * weight[i] / sum(weight.values()) for i in open_images}
+        full = [i for i in open_images if exact[i] >= sizes[i] - shares[i]]
+        if full:  # these fill up; share again what is left among the others
+            for i in full:
+                left -= sizes[i] - shares[i]
+                shares[i] = sizes[i]
+            open_images = [i for i in open_images if i not in full]
+            continue
+        given = {i: int(exact[i]) for i in open_images}
+        by_remainder = sorted(open_images, key=lambda i: given[i] - exact[i])
+        for i in by_remainder[: left - sum(given.values())]:
+            given[i] += 1
+        for i in open_images:
+            shares[i] += given[i]
+        left = 0
+    return shares
 
 
 @dataclass(frozen=True, repr=False)
@@ -199,6 +259,7 @@ class Adaptive:
     per_crop: bool = False
 
     value = None  # no fixed count or ratio
+    total = None  # a count per image, not per prompt
 
     def __post_init__(self) -> None:
         for name in ("mass", "coverage", "min", "max"):
@@ -274,11 +335,24 @@ def mass_count(scores, mass: float) -> int:
     n = len(scores)
     if mass >= 1.0 or n <= 1:
         return n
-    values = scores.detach().flatten().double()
-    finite = torch.isfinite(values)
-    lowest = torch.where(finite, values, torch.inf).min().clamp(max=0)  # 0 unless a score is negative
-    weights = torch.where(finite, values - lowest, 0.0)
+    weights = mass_weights(scores)
     order = torch.sort(scores.detach().flatten().float(), descending=True, stable=True).indices
     held = weights[order].cumsum(0)
     short = (held < (mass - TOLERANCE) * held[-1]).sum()  # top tokens that have not reached the threshold yet
     return min(n, int(short) + 1)
+
+
+def mass_weights(scores):
+    """(N,) what each score holds of an image's score mass, in float64: the scores as they are if none is
+    negative, else shifted by the lowest (``s - min(s)``); non-finite scores hold none."""
+    import torch
+
+    values = scores.detach().flatten().double()
+    finite = torch.isfinite(values)
+    lowest = torch.where(finite, values, torch.inf).min().clamp(max=0)  # 0 unless a score is negative
+    return torch.where(finite, values - lowest, 0.0)
+
+
+def score_mass(scores) -> float:
+    """An image's score mass (:func:`mass_weights` summed; read back to the host)."""
+    return float(mass_weights(scores).sum())

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import time
+from dataclasses import dataclass, field, fields, replace
 from typing import ClassVar
 
-import time
-
 from ._lazy import torch
-from .budget import Budget, as_budget
+from .budget import Budget, as_budget, score_mass, share_total
 from .selection import split_budget, top_k_in_order
 from .signals import Signal, as_signal
 
@@ -52,6 +51,8 @@ class VisualTokens:
     #: in-LLM stages: how many tokens the image had when the method's first stage began (a multi-stage
     #: method's budget is over that count); None before the LLM, where it is ``len(features)``
     entered: int | None = None
+    #: the prompt (batch row) the image belongs to, for a budget over a prompt's images (``Budget(total=...)``)
+    prompt: int | None = None
 
     def __post_init__(self) -> None:
         self.signals = {as_signal(request): value for request, value in self.signals.items()}
@@ -144,7 +145,7 @@ class Sieve:
 
     def __post_init__(self) -> None:
         self.budget = as_budget(self.keep)
-        if type(self.budget) is Budget and not self.budget.per_crop:
+        if type(self.budget) is Budget and not self.budget.per_crop and self.budget.total is None:
             self.keep = self.budget.value  # a numpy scalar or 0-d tensor becomes the number it holds
         else:
             self.keep = self.budget  # an adaptive or per-crop budget stays the object (its repr spells it)
@@ -155,8 +156,11 @@ class Sieve:
 
     def select_all(self, images: list[VisualTokens]) -> list[Selection]:
         """The selections of every image a stage sees in one forward: :meth:`select` on each (a method may batch
-        them, as :class:`ScoringSieve` does)."""
-        return [self.select(tokens) for tokens in images]
+        them, as :class:`ScoringSieve` does); with a total budget, each image at its share of its prompt's."""
+        if self.budget.total is None:
+            return [self.select(tokens) for tokens in images]
+        counts = total_counts(self.budget.total, images, [float(len(tokens)) for tokens in images])
+        return [replace(self, keep=k).select(tokens) for tokens, k in zip(images, counts)]
 
     def requests(self) -> tuple[Signal | str, ...]:
         """The signals this instance asks for, with their parameters (default: each name in ``signals`` with
@@ -210,15 +214,33 @@ class ScoringSieve(Sieve):
         if type(self).select is not ScoringSieve.select or self.budget.adaptive is not None or self.budget.per_crop:
             return super().select_all(images)
         scores = [self.score(tokens) for tokens in images]
+        if self.budget.total is not None:  # shared by score mass
+            counts = total_counts(self.budget.total, images, [score_mass(image_scores) for image_scores in scores])
+        else:
+            counts = [self.budget.resolve(len(image_scores)) for image_scores in scores]
         kept: list[torch.Tensor | None] = [None] * len(images)
         alike: dict[tuple, list[int]] = {}
-        for index, image_scores in enumerate(scores):
-            key = (len(image_scores), self.budget.resolve(len(image_scores)), image_scores.device)
+        for index, (image_scores, k) in enumerate(zip(scores, counts)):
+            key = (len(image_scores), k, image_scores.device)
             alike.setdefault(key, []).append(index)
         for (_, k, _), members in alike.items():
             for index, picked in zip(members, top_k_in_order(torch.stack([scores[i] for i in members]), k)):
                 kept[index] = picked
         return [Selection(picked) for picked in kept]
+
+
+def total_counts(total: int, images: list[VisualTokens], weights: list[float]) -> list[int]:
+    """Each image's count under a ``total`` budget per prompt: the prompt's images (``VisualTokens.prompt``; None:
+    each image its own prompt) share it by ``weights`` (``budget.share_total``)."""
+    counts = [0] * len(images)
+    prompts: dict = {}
+    for index, tokens in enumerate(images):
+        prompts.setdefault(tokens.prompt if tokens.prompt is not None else ("alone", index), []).append(index)
+    for members in prompts.values():
+        shares = share_total(total, [weights[i] for i in members], [len(images[i]) for i in members])
+        for i, share in zip(members, shares):
+            counts[i] = share
+    return counts
 
 
 def check_budget(sieve: Sieve) -> None:
@@ -236,6 +258,9 @@ def check_budget(sieve: Sieve) -> None:
             fix = (f"{name} does not rank tokens by one score (it is no ScoringSieve), so no threshold decides its "
                    f"count; pass a count (keep=64) or a ratio (keep=0.25)")
         raise ValueError(f"{name} cannot take an adaptive budget keep={budget!r}: {fix}")
+    if budget.total is not None and sieve.stage != "pre_llm":
+        raise ValueError(f"{name} cannot take a total budget per prompt (keep={budget}): only pre-LLM methods share one "
+                         f"among a prompt's images; pass a count per image (keep=64) or a ratio (keep=0.25)")
     if budget.per_crop and not _declared(type(sieve), "crop_split", False):
         raise ValueError(f"{name} cannot split its budget per crop (keep={budget!r}): only scoring and grid methods "
                          f"do; pass per_crop=False, one budget over the whole image")

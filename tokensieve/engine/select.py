@@ -91,7 +91,7 @@ class BeforeLLM:
                 if self.pre is None:
                     selected[slot.image] = _Selected(groups, merged=merged)
                 else:
-                    given[slot.image] = (VisualTokens(features[groups], (1, len(groups))), groups, merged)
+                    given[slot.image] = (VisualTokens(features[groups], (1, len(groups)), prompt=slot.row), groups, merged)
             elif self.pre is None:
                 selected[slot.image] = _Selected(torch.arange(len(features), device=features.device))
             else:
@@ -100,7 +100,7 @@ class BeforeLLM:
                 )
                 if self.wants_text:
                     signals[Signal("text_embeddings")] = instruction(slot, slots, embeds, own_mask, prompt_ends)
-                given[slot.image] = (VisualTokens(features, slot.grid, signals, slot.blocks), None, None)
+                given[slot.image] = (VisualTokens(features, slot.grid, signals, slot.blocks, prompt=slot.row), None, None)
         if given:
             results = timed_select_all(self.pre, [tokens for tokens, _, _ in given.values()])
             for (image, (tokens, groups, merged)), (selection, seconds) in zip(given.items(), results):
