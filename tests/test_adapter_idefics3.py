@@ -7,7 +7,6 @@ import torch
 
 import tokensieve as ts
 from conftest import build_model
-from test_contract import _assert_same, _snapshot
 from tiny_idefics3 import IDEFICS3, SMOLVLM, split_image_inputs
 from tokensieve.sieve import Selection, Sieve
 

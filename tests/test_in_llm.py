@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tokensieve as ts
-from conftest import build_model, family_method_params, method_for, pre_llm_sieve
+from conftest import build_model, family_method_params, method_for
 from families import FAMILIES
 from tiny_models import LLAVA
 from tiny_qwen2_vl import QWEN2_VL

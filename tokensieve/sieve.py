@@ -90,6 +90,12 @@ class Selection:
     assignment: torch.Tensor | None = None
     weights: torch.Tensor | None = None
 
+    @classmethod
+    def every(cls, tokens: VisualTokens) -> Selection:
+        """Every token kept, as it is: what a method returns when its budget covers the image, so that keeping
+        every token is the unmodified model bit for bit."""
+        return cls(torch.arange(len(tokens), device=tokens.features.device))
+
     def sizes(self) -> torch.Tensor | None:
         """Tokens in each kept token's group (None without a merge map)."""
         if self.assignment is None:
@@ -300,7 +306,7 @@ class GridSieve(Sieve):
         k = self.budget.resolve(len(tokens))
         device = tokens.features.device
         if k >= len(tokens):
-            return Selection(torch.arange(len(tokens), device=device))
+            return Selection.every(tokens)
         layout = tokens.layout()
         kept, features = [], []
         for block, share in zip(layout, split_budget([block.numel() for block in layout], k)):

@@ -66,7 +66,7 @@ class CDPruner(Sieve):
         n = len(tokens)
         k = self.budget.resolve(n)
         if k >= n:
-            return Selection(torch.arange(n, device=tokens.features.device))
+            return Selection.every(tokens)
         unit = F.normalize(tokens.features.float(), dim=-1)
         relevance = self.relevance(tokens)
         kernel = relevance[:, None] * (unit @ unit.T) * relevance[None, :]

@@ -85,7 +85,7 @@ class DART(Sieve):
     def select(self, tokens: VisualTokens) -> Selection:
         n, k = len(tokens), self.budget.resolve(len(tokens))
         if k >= n:
-            return Selection(torch.arange(n, device=tokens.features.device))
+            return Selection.every(tokens)
         features = tokens.features
         chosen = by_l1_norm(features, min(self.pivots, k))
         taken = torch.zeros(n, dtype=torch.bool, device=features.device).index_fill_(0, chosen, True)
@@ -130,7 +130,7 @@ class DARTPre(Sieve):
     def select(self, tokens: VisualTokens) -> Selection:
         n, k = len(tokens), self.budget.resolve(len(tokens))
         if k >= n:
-            return Selection(torch.arange(n, device=tokens.features.device))
+            return Selection.every(tokens)
         features = tokens.features
         chosen = by_l1_norm(features, min(self.pivots, k))
         pivots = features[chosen].float()

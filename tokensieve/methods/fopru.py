@@ -92,7 +92,7 @@ class FoPru(Sieve):
         n = len(tokens)
         k = self.budget.resolve(n)
         if k >= n:
-            return Selection(torch.arange(n, device=tokens.features.device))
+            return Selection.every(tokens)
         significance = self.significance(tokens)
         if self.strategy == "rank":
             return Selection(top_k_in_order(significance, k))

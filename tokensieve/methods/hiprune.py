@@ -64,7 +64,7 @@ class HiPrune(Sieve):
         k = self.budget.resolve(n)
         device = tokens.features.device
         if k >= n:
-            return Selection(torch.arange(n, device=device))
+            return Selection.every(tokens)
         shallow, deep = (tokens[request].float().mean(dim=0) for request in self.requests())
         by_shallow = torch.sort(shallow, descending=True, stable=True).indices
         anchors = by_shallow[: round(k * self.alpha / 5)]

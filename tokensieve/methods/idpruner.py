@@ -78,7 +78,7 @@ class IDPruner(Sieve):
         n = len(tokens)
         k = self.budget.resolve(n)
         if k >= n:
-            return Selection(torch.arange(n, device=tokens.features.device))
+            return Selection.every(tokens)
         features = tokens.features.float()
         unit = features / (features.norm(dim=-1, keepdim=True) + 1e-8)
         chosen = mmr_greedy(self.scores(tokens), unit @ unit.T, k, self.mmr_lambda, self.parallel_k)

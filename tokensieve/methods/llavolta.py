@@ -79,7 +79,7 @@ class LLaVolta(Sieve):
         k = max(1, n // self.stride) if self.stride is not None else self.budget.resolve(n)
         device = tokens.features.device
         if k >= n:
-            return Selection(torch.arange(n, device=device))
+            return Selection.every(tokens)
         groups = pooling_groups(n, k, self.stride)
         sizes = torch.bincount(groups, minlength=k)
         kept = sizes.cumsum(0) - sizes + (sizes - 1) // 2

@@ -95,5 +95,5 @@ class MMTok(Sieve):
         else:
             low, k, fraction = 1, self.budget.resolve(n), None
         if k >= n and fraction is None:
-            return Selection(torch.arange(n, device=tokens.features.device))
+            return Selection.every(tokens)
         return Selection(coverage_greedy(self.coverage(tokens), k, fraction, low).sort().values)

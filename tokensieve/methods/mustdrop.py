@@ -136,7 +136,7 @@ class MustDrop(Sieve):
         k = self.budget.resolve(n)
         device = tokens.features.device
         if k >= n:
-            return Selection(torch.arange(n, device=device))
+            return Selection.every(tokens)
         window, centre = self.windows(tokens)
         sizes = torch.bincount(window, minlength=len(centre))
         unit = F.normalize(tokens.features.float(), dim=-1)

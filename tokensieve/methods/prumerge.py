@@ -82,7 +82,7 @@ class PruMerge(Sieve):
         n = len(tokens)
         k = self.budget.resolve(n)
         if k >= n and not self.adaptive:
-            return Selection(torch.arange(n, device=tokens.features.device))
+            return Selection.every(tokens)
         rows = tokens[self._attention_request()]
         attention = single_head_attention(rows if self.attention_layer is None else rows[0])
         kept = self.pick(attention, k).sort().values

@@ -124,7 +124,7 @@ class RecoverableCompression(Sieve):
         k = self.budget.resolve(n)
         device = tokens.features.device
         if k >= n and not self.adaptive:
-            return Selection(torch.arange(n, device=device))
+            return Selection.every(tokens)
         attention = self.attention(tokens)
         picked, centre = self.groups(attention, self.relevance(tokens), k)
         kept_mask = picked | centre

@@ -72,7 +72,7 @@ class SCOPE(Sieve):
         n = len(tokens)
         k = self.budget.resolve(n)
         if k >= n:
-            return Selection(torch.arange(n, device=tokens.features.device))
+            return Selection.every(tokens)
         features = tokens["vision_features"] if self.vision_space == "vision" else tokens.features
         unit = F.normalize(features.float(), dim=-1)
         saliency = tokens["cls_attention"].float().sum(dim=0) ** self.alpha

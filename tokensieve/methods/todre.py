@@ -91,7 +91,7 @@ class ToDRE(Sieve):
         n = len(tokens)
         k = self.budget.resolve(n)
         if k >= n:
-            return Selection(torch.arange(n, device=tokens.features.device))
+            return Selection.every(tokens)
         unit = F.normalize(tokens.features.float(), dim=-1)
         similarity = unit @ unit.T
         distance = 1.0 - similarity

@@ -49,7 +49,7 @@ class VisionZip(Sieve):
         k = self.budget.resolve(n)
         device = tokens.features.device
         if k >= n:
-            return Selection(torch.arange(n, device=device))
+            return Selection.every(tokens)
         dominant_count, contextual_count = self.split(k)
         dominant = top_k_in_order(tokens["cls_attention"].sum(dim=0), dominant_count)
         if contextual_count == 0:

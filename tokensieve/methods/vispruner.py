@@ -71,7 +71,7 @@ class VisPruner(Sieve):
         n = len(tokens)
         k = self.budget.resolve(n)
         if k >= n:
-            return Selection(torch.arange(n, device=tokens.features.device))
+            return Selection.every(tokens)
         important_count, diverse_count = self.split(k)
         attention = tokens["cls_attention"] if "cls_attention" in tokens else tokens[RECEIVED_AT_LAST_LAYER]
         by_attention = torch.sort(attention.float().mean(dim=0), descending=True, stable=True).indices

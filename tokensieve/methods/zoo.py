@@ -87,9 +87,8 @@ class ZOOPrune(Sieve):
     def select(self, tokens: VisualTokens) -> Selection:
         n = len(tokens)
         k = self.budget.resolve(n)
-        device = tokens.features.device
         if k >= n:
-            return Selection(torch.arange(n, device=device))
+            return Selection.every(tokens)
         weights = normalised(self.sensitivity(tokens["vision_features"], tokens["project"]))
         return Selection(sensitive_diverse(tokens.features, weights, k).sort().values)
 
