@@ -44,8 +44,9 @@ def _ideal_inputs(inputs: dict, k: int) -> dict:
     return {"input_ids": kept, "attention_mask": torch.ones_like(kept)}
 
 
-def _staged_ideal(model, inputs: dict, record):
-    """The stock layers each fed what ``record``'s stages kept for them (batch of identical rows)."""
+def staged_ideal(model, inputs: dict, record):
+    """The stock layers each fed what ``record``'s stages kept for them (batch of identical rows); the run returns
+    its cache."""
     inner = model.model
     decoder = inner.language_model
     ids = inputs["input_ids"]
@@ -73,6 +74,7 @@ def _staged_ideal(model, inputs: dict, record):
             hidden = layer(hidden, attention_mask=None, position_embeddings=embeddings, position_ids=positions,
                            use_cache=True, **{CACHE_ARGUMENT: cache})
         model.lm_head(decoder.norm(hidden))
+        return cache
 
     return run
 
@@ -114,7 +116,7 @@ def main(
             with ts.apply(model, sieve) as warm_up:
                 model(**inputs)
             staged = isinstance(sieve, ts.Chain) or sieve.stage == "in_llm"
-            ideal_run = _staged_ideal(model, inputs, warm_up.stats.images[0]) if staged else ideal(k)
+            ideal_run = staged_ideal(model, inputs, warm_up.stats.images[0]) if staged else ideal(k)
             ideal_run()  # warm-up
             ideal_times, method_times, selection_times = [], [], []
             for _ in range(repeats):
