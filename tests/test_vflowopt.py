@@ -32,7 +32,7 @@ def tokens_for(scores, grid=(4, 4), blocks=(), heads=None):
 def official(scores, grid, k, m, features):
     """The official recycling (llava_qwen_training_free.py) one token at a time, with its count rule: the lowest
     ``N - k + int(N/m²)`` tokens, grouped by cell, each group's score-weighted mean put into its best member."""
-    n, (h, w) = len(scores), grid
+    n, w = len(scores), grid[1]
     low = sorted(range(n), key=lambda i: scores[i])[: n - k + int(n / (m * m))]
     kept, merged, groups = set(range(n)) - set(low), {}, {}
     for i in low:
