@@ -33,6 +33,9 @@ from tokensieve.engine.compat import CACHE_ARGUMENT
 from tokensieve.demo_model import IMAGE_TOKEN
 
 console = Console()
+#: the demo model's tower has 6 layers: methods whose defaults name deeper vision layers get the same depth
+#: fraction there (HiPrune's object layer 9 of 24 -> 3 of 6; VTC-CLS from -8 -> -4 of 6)
+DEMO_ARGUMENTS = {"object_layer": 3, "first_layer": -4}
 
 
 def _ideal_inputs(inputs: dict, k: int) -> dict:
@@ -79,6 +82,14 @@ def staged_ideal(model, inputs: dict, record):
     return run
 
 
+def _build(spec: str, k: int, model_name: str):
+    """The method at budget ``k``; on the demo model, a bare name gets :data:`DEMO_ARGUMENTS` it takes."""
+    if model_name != "demo" or ":" in spec or "+" in spec:
+        return ts.build(spec, keep=k)
+    [info] = [info for info in ts.list_methods() if info.name == spec]
+    return ts.build(spec, keep=k, **{name: value for name, value in DEMO_ARGUMENTS.items() if name in info.defaults})
+
+
 def main(
     methods: str = typer.Option(None, help="comma-separated specs; default: every pre-LLM and in-LLM method in the registry"),
     keeps: str = typer.Option("64,192"),
@@ -112,9 +123,13 @@ def main(
         table.add_column(column, justify="right")
     for k in map(int, keeps.split(",")):
         for name in ts.split_specs(methods):
-            sieve = ts.build(name, keep=k)
-            with ts.apply(model, sieve) as warm_up:
-                model(**inputs)
+            sieve = _build(name, k, model_name)
+            try:
+                with ts.apply(model, sieve) as warm_up:
+                    model(**inputs)
+            except ValueError as refusal:  # a method this model cannot serve: say why, time the others
+                table.add_row(name, str(k), "-", "-", f"refused: {str(refusal).split(' (')[0]}", "-", "-")
+                continue
             staged = isinstance(sieve, ts.Chain) or sieve.stage == "in_llm"
             ideal_run = staged_ideal(model, inputs, warm_up.stats.images[0]) if staged else ideal(k)
             ideal_run()  # warm-up
