@@ -15,6 +15,7 @@ from tiny_models import LLAVA
 from tiny_qwen2_vl import QWEN2_VL
 from tokensieve.adapters import adapter_for
 from tokensieve.engine.compat import CACHE_ARGUMENT, output_cache
+from tokensieve.signals import Signal, instruction_positions
 from tokensieve.engine.flops import decoder_prefill_flops
 
 IN_LLM = family_method_params(stages=("in_llm", "chain"))
@@ -362,3 +363,60 @@ def test_repacked_positions_keep_cache_batch_and_turns_consistent(family):
                                    max_new_tokens=3, do_sample=False, pad_token_id=0)
         fresh = model.generate(**{**inputs, "input_ids": ids, "attention_mask": mask}, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert torch.equal(continued, fresh)
+
+
+class _QueryRecorder(ts.Sieve):
+    """Keeps every token and records the ``llm_attention(queries=...)`` it was given."""
+
+    name, paper, stage, signals = "query_recorder", "test", "in_llm", ("llm_attention",)
+
+    def __init__(self, layer, queries, at="previous"):
+        super().__init__(1.0)
+        self.layer, self.request, self.llm_attention_at, self.rows = layer, Signal("llm_attention", queries=queries), at, []
+
+    def requests(self):
+        return (self.request,)
+
+    def select(self, tokens):
+        self.rows.append(tokens[self.request])
+        return ts.Selection.every(tokens)
+
+
+def _expected_rows(eager, inputs, family, blocks, queries):
+    """Eager attention averaged over each image's query rows (its own tokens, or its instruction's), at its tokens."""
+    mask, placeholders = inputs["attention_mask"], inputs["input_ids"] == family.image_token
+    for row, positions in blocks:
+        rows = positions if queries == "image" else instruction_positions(mask[row], placeholders[row], int(positions[-1]), mask.shape[1] - 1)
+        yield eager[row][:, rows][:, :, positions].float().mean(1)
+
+
+@pytest.mark.parametrize("queries", ["instruction", "image"])
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_llm_attention_of_the_instruction_or_the_image_tokens_is_their_eager_rows_averaged(family, queries):
+    model = family.build()
+    model.set_attn_implementation("eager")
+    inputs = family.make_inputs(TEXTS)
+    eager = model(**inputs, output_attentions=True).attentions[0]  # layer K-1 = 0
+    recorder = _QueryRecorder(1, queries)
+    with ts.apply(model, recorder) as run:
+        model(**inputs)
+    blocks = _image_blocks(inputs, family, run.stats.images)
+    for got, expected in zip(recorder.rows, _expected_rows(eager, inputs, family, blocks, queries), strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
+
+
+def test_an_images_instruction_skips_the_other_images_and_layer_k_scores_its_own_input():
+    model = LLAVA.build()
+    model.set_attn_implementation("eager")
+    inputs = LLAVA.make_inputs(TEXTS, n_images=[2, 1])
+    attentions = model(**inputs, output_attentions=True).attentions
+    for at, eager in (("previous", attentions[1]), ("input", attentions[2])):
+        recorder = _QueryRecorder(2, "instruction", at)
+        with ts.apply(model, recorder) as run:
+            model(**inputs)
+        blocks = _image_blocks(inputs, LLAVA, run.stats.images)
+        assert len(blocks) == 3
+        for got, expected in zip(recorder.rows, _expected_rows(eager, inputs, LLAVA, blocks, "instruction"), strict=True):
+            torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"llm_attention\(queries=...\) must be one of \('last', 'instruction', 'image'\)"):
+        Signal("llm_attention", queries="cls")

@@ -23,8 +23,9 @@ SIGNALS = {
     "vision_tower": "(in_vision only) the vision tower's layers, to merge tokens between them (tokensieve/engine/vision_stage.py)",
     "vision_keys": "(heads, N, d_head) key vectors of the feature layer's attention, [CLS] excluded",
     "project": "callable mapping (M, d_vision) vision features to (M, d_llm) LLM input embeddings",
-    "llm_attention": "(heads, N) softmax attention of the prompt's last token to each image token, in LLM layer K-1 or "
-    "as layer K computes it on its input (in_llm only, see Sieve.llm_attention_at)",
+    "llm_attention": "(heads, N) softmax attention to each image token, in LLM layer K-1 or as layer K computes it on its "
+    "input (in_llm only, see Sieve.llm_attention_at), of the prompt's last token (queries='last'), or averaged over the "
+    "rows of the image's instruction tokens (queries='instruction') or of its own tokens (queries='image')",
 }
 #: where a sieve acts: between vision-tower layers, on the image tokens before the LLM, or between LLM
 #: layers ``layer - 1`` and ``layer``; a chain runs them in this order

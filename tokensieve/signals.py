@@ -25,8 +25,11 @@ from ._lazy import torch
 PARAMETERS: dict[str, dict] = {
     "cls_attention": {"layers": None},
     "vision_attention": {"layer": None, "queries": "mean"},
+    "llm_attention": {"queries": "last"},
 }
-QUERIES = ("cls", "mean")
+#: whose attention rows a signal averages: the vision [CLS] row or every row of the tower's sequence; in the LLM,
+#: the prompt's last token, the image's instruction tokens (the ``text_embeddings`` rule) or the image's own tokens
+QUERIES = {"vision_attention": ("cls", "mean"), "llm_attention": ("last", "instruction", "image")}
 
 
 def _check_layer(value, what: str):
@@ -65,8 +68,8 @@ class Signal:
             if not layers:
                 raise ValueError(f"{name}(layers=...) needs at least one layer (or None for the feature layer)")
             values["layers"] = tuple(_check_layer(layer, f"{name}(layers=...)") for layer in layers)
-        if "queries" in values and values["queries"] not in QUERIES:
-            raise ValueError(f"{name}(queries=...) must be one of {QUERIES}, not {values['queries']!r}")
+        if "queries" in values and values["queries"] not in QUERIES[name]:
+            raise ValueError(f"{name}(queries=...) must be one of {QUERIES[name]}, not {values['queries']!r}")
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "params", tuple(values.items()))
 

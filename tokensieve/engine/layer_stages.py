@@ -33,10 +33,11 @@ import torch
 from torch import nn
 
 from ..sieve import Sieve, VisualTokens, timed_select_all
+from ..signals import Signal, instruction_positions, requests_of
 from ..stats import ImageRecord, RunStats
 from .compat import CACHE_ARGUMENT
 from .flops import count_stage
-from .llm_signals import attention_module, input_attention, query_attention, rotary_function
+from .llm_signals import attention_module, input_norm, query_attention, rotary_function
 from .masks import full_causal_mask, mapped_mask
 from .pack import Packing, Selections, gather_sequence
 from .select import stage_record
@@ -132,11 +133,12 @@ class LayerPruning:
         self._held: list[LayerState | None] = []
         self._past, self._length, self._past_mask, self._input_mask = 0, 0, None, None
         self.stages_run, self._expected = 0, 0
-        self._attention: dict[int, torch.Tensor] = {}
+        self._attention: dict[int, list[dict]] = {}  # stage -> per image of the view, its llm_attention signals
         # everything that can refuse comes before the first hook, so a refusal leaves the model untouched
+        self._asks = [tuple(r for r in requests_of(stage.sieve) if r.name == "llm_attention") for stage in self.stages]
         self._rotary = rotary_function(attention_module(layers[0]))
         scored = {index: attention_module(layers[stage.layer - 1]) for index, stage in enumerate(self.stages)
-                  if "llm_attention" in stage.sieve.signals and _scored_at(stage.sieve) == "previous"}
+                  if self._asks[index] and _scored_at(stage.sieve) == "previous"}
         if any(_positions(stage.method) == "repack" for stage in self.stages):
             _check_repackable(decoder)
         at_layer = {stage.layer: index for index, stage in enumerate(self.stages)}
@@ -186,8 +188,42 @@ class LayerPruning:
         if view is None or not view.images:
             return
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        self._attention[stage] = query_attention(module, self._rotary, hidden, kwargs["position_embeddings"],
-                                                  view.query, view.own_mask)
+        self._attention[stage] = self._image_attention(stage, module, hidden, kwargs["position_embeddings"])
+
+    def _image_attention(self, index: int, attention: nn.Module, hidden: torch.Tensor, embeddings) -> list[dict]:
+        """Each view image's ``llm_attention`` requests of stage ``index``, as ``attention`` computes them on its input
+        ``hidden``: the rows of the prompt's last token (``queries="last"``), of the image's instruction tokens
+        (``"instruction"``, the ``text_embeddings`` rule) or of the image's own tokens (``"image"``), averaged, at
+        the image's tokens."""
+        view, asks = self._view, self._asks[index]
+        last = None
+        if any(request.queries == "last" for request in asks):
+            last = query_attention(attention, self._rotary, hidden, embeddings, view.query, view.own_mask)
+        per_image = []
+        for image in view.images:
+            given = {}
+            for request in asks:
+                if request.queries == "last":
+                    rows = last[image.row]
+                else:
+                    queries = image.positions if request.queries == "image" else self._instruction(image)
+                    row = slice(image.row, image.row + 1)
+                    one = tuple(t[row] if t.shape[0] > 1 else t for t in embeddings)
+                    rows = query_attention(attention, self._rotary, hidden[row], one, queries[None], view.own_mask[row])[0]
+                given[request] = rows[:, image.positions]
+            per_image.append(given)
+        return per_image
+
+    def _instruction(self, image: PendingImage) -> torch.Tensor:
+        """The view slots of ``image``'s instruction (``signals.instruction_positions``: the row's real text after the
+        image up to its query token; if none, the row's text up to it)."""
+        view = self._view
+        placeholders = torch.zeros(view.own_mask.shape[1], dtype=torch.bool, device=view.own_mask.device)
+        for other in view.images:
+            if other.row == image.row:
+                placeholders[other.positions] = True
+        bounds = torch.stack([image.positions.max(), view.query[image.row].to(image.positions.device)]).tolist()
+        return instruction_positions(view.own_mask[image.row], placeholders, *bounds)
 
     # one stage
 
@@ -199,10 +235,10 @@ class LayerPruning:
         selections = Selections(view.filled.clone() if view.filled is not None
                                 else torch.ones(batch, width, dtype=torch.bool, device=hidden.device))
         images = self._starting(index, view.images)
-        if images and _scored_at(stage.sieve) == "input" and "llm_attention" in stage.sieve.signals:
+        if images and _scored_at(stage.sieve) == "input" and self._asks[index]:
             layer = self._layers[stage.layer]
             embeddings = view.plan.position_embeddings if view.plan is not None else kwargs["position_embeddings"]
-            self._attention[index] = input_attention(layer, self._rotary, hidden, embeddings, view.query, view.own_mask)
+            self._attention[index] = self._image_attention(index, attention_module(layer), input_norm(layer, hidden), embeddings)
         kept_per_image = []
         for image, (kept, features) in zip(images, self._run_sieve(index, images, hidden) if images else []):
             kept_per_image.append(kept)
@@ -253,11 +289,9 @@ class LayerPruning:
         Returns, per image, the kept indices (into its positions) and the features merged tokens take."""
         stage = self.stages[index]
         given = []
-        for image in images:
+        for number, image in enumerate(images):
             features = hidden[image.row, image.positions]
-            signals = {}
-            if "llm_attention" in stage.sieve.signals:
-                signals["llm_attention"] = self._attention[index][image.row][:, image.positions]
+            signals = self._attention[index][number] if self._asks[index] else {}
             grid = image.record.grid if len(image.positions) == image.record.grid[0] * image.record.grid[1] else (1, len(features))
             given.append(VisualTokens(features, grid, signals, entered=image.entered))
         results = timed_select_all(stage.sieve, given)

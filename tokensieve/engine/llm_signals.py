@@ -95,32 +95,43 @@ def rotary_function(attention: nn.Module):
     return rotary
 
 
-def query_attention(attention: nn.Module, rotary, hidden: torch.Tensor, position_embeddings, query: torch.Tensor,
-                     own_mask: torch.Tensor) -> torch.Tensor:
-    """(batch, heads, length) softmax attention of each row's ``query`` token to the forward's tokens, as the
-    layer computes it (eager and SDPA agree on it), from one query projection and the keys."""
+def query_attention(attention: nn.Module, rotary, hidden: torch.Tensor, position_embeddings, queries: torch.Tensor,
+                    own_mask: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+    """(batch, heads, length) softmax attention of each row's query tokens to the forward's tokens, as the layer
+    computes it (eager and SDPA agree on it), from the query projections of those tokens and the keys, averaged
+    over the row's queries. ``queries``: (batch,), one query a row (the prompt's last token), or (batch, Q), -1
+    where a row has fewer; taken ``chunk`` queries at a time, so heads x Q x length is never held."""
     batch, length = hidden.shape[:2]
-    rows = torch.arange(batch, device=hidden.device)
+    queries = queries[:, None] if queries.ndim == 1 else queries
+    rows = torch.arange(batch, device=hidden.device)[:, None]
     head_dim = attention.head_dim
-    q = attention.q_proj(hidden[rows, query]).view(batch, 1, -1, head_dim)
     k = attention.k_proj(hidden).view(batch, length, -1, head_dim)
-    if hasattr(attention, "q_norm"):  # Qwen3-style per-head norms come before the rotation
-        q, k = attention.q_norm(q), attention.k_norm(k)
-    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    if hasattr(attention, "k_norm"):  # Qwen3-style per-head norms come before the rotation
+        k = attention.k_norm(k)
     cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)
-    q = rotary(q, q, cos[rows, query].unsqueeze(1), sin[rows, query].unsqueeze(1))[0]
-    k = rotary(k, k, cos, sin)[1]
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    logits = (q.float() @ k.float().transpose(-1, -2)).squeeze(2) * attention.scaling
-    visible = (torch.arange(length, device=hidden.device) <= query[:, None]) & own_mask.bool()
-    return logits.masked_fill(~visible[:, None], float("-inf")).softmax(dim=-1)
+    k = rotary(k.transpose(1, 2), k.transpose(1, 2), cos, sin)[1]
+    real = own_mask.bool()[:, None, :]
+    summed, counted = None, (queries >= 0).sum(1).clamp(min=1)
+    for start in range(0, queries.shape[1], chunk):
+        part = queries[:, start : start + chunk]
+        valid, part = part >= 0, part.clamp(min=0)
+        q = attention.q_proj(hidden[rows, part]).view(batch, part.shape[1], -1, head_dim)
+        if hasattr(attention, "q_norm"):
+            q = attention.q_norm(q)
+        q = rotary(q.transpose(1, 2), q.transpose(1, 2), cos[rows, part], sin[rows, part])[0]
+        keys = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        logits = (q.float() @ keys.float().transpose(-1, -2)) * attention.scaling  # (batch, heads, queries, length)
+        # causal and unpadded; a padding query sees everything, so its row is finite, and is then left out
+        visible = ((torch.arange(length, device=hidden.device) <= part[:, :, None]) & real) | ~valid[:, :, None]
+        probabilities = logits.masked_fill(~visible[:, None], float("-inf")).softmax(dim=-1) * valid[:, None, :, None]
+        summed = probabilities.sum(2) if summed is None else summed + probabilities.sum(2)
+    return summed / counted[:, None, None]
 
 
-def input_attention(layer: nn.Module, rotary, hidden: torch.Tensor, position_embeddings, query: torch.Tensor,
-                    own_mask: torch.Tensor) -> torch.Tensor:
-    """The query rows decoder ``layer`` computes on its input ``hidden``: its own input norm, q/k projections and
-    rotation (``llm_attention_at = "input"``, PyramidDrop)."""
+def input_norm(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """What decoder ``layer``'s attention receives of its input ``hidden``: its own input norm applied
+    (``llm_attention_at = "input"``, PyramidDrop, scores as the layer computes it)."""
     norm = getattr(layer, "input_layernorm", None)
     if norm is None:
         raise TypeError(f"{type(layer).__name__} has no input_layernorm: this transformers version renamed it")
-    return query_attention(attention_module(layer), rotary, norm(hidden), position_embeddings, query, own_mask)
+    return norm(hidden)
