@@ -43,7 +43,8 @@ from .find_tokens import find_images, has_images
 from .flops import count_prefill
 from .layer_stages import LayerPruning, PendingImage
 from .llm_signals import PromptQueries, prompt_ends
-from .pack import Packing
+from .pack import Packing, gather_sequence
+from .ppe import PositionPreservation, group_members
 from .select import BeforeLLM
 from .static_cache import flat_mask_for_static_cache, refuse_compiled_model, refuse_static_cache_with_in_llm, refuse_tracing
 from .vision_flops import VisionPasses, vision_modules
@@ -80,7 +81,8 @@ class Run:
     ``vision_flops=True`` also counts the vision tower's and projector's FLOPs (``stats.vision_flops``,
     replayed on their inputs when the run is removed: tokensieve/engine/vision_flops.py)."""
 
-    def __init__(self, model: nn.Module, method: Sieve | Chain | None = None, *, vision_flops: bool = False):
+    def __init__(self, model: nn.Module, method: Sieve | Chain | None = None, *, vision_flops: bool = False,
+                 ppe: int | None = None):
         chain = method if isinstance(method, Chain) or method is None else Chain(method)
         adapter = adapter_for(model)
         self.vision, self.pre, self.in_llm = (chain.vision, chain.pre, chain.in_llm) if chain is not None else (None, None, ())
@@ -97,6 +99,7 @@ class Run:
         self._prompts = PromptQueries()
         self._layers: LayerPruning | None = None
         self._merging: VisionMerging | None = None
+        self._ppe: PositionPreservation | None = None
         self._vision: VisionPasses | None = None
         self._kv_before: int | None = None  # the cache's bytes before a prefill's decoder call
         self._handles = [
@@ -117,6 +120,8 @@ class Run:
             self._handles += adapter.install_signal_hooks(self._requests, self._capture)
             if self.vision is not None:
                 self._merging = VisionMerging(self.vision, adapter.vision_tower, *adapter.merge_layout())
+            if ppe is not None:
+                self._ppe = PositionPreservation(adapter.decoder, ppe)
             if self.in_llm:
                 self._layers = LayerPruning(self.in_llm, adapter.decoder, self.stats)
             self._before_llm = BeforeLLM(self.vision, self.pre, self._requests, adapter, self._capture, self._merging, self.stats)
@@ -143,6 +148,9 @@ class Run:
         if self._merging is not None:
             self._merging.remove()
             self._merging = None
+        if self._ppe is not None:
+            self._ppe.remove()
+            self._ppe = None
 
     def __enter__(self) -> Run:
         if self.removed:  # its hooks are gone: a second `with` would run the stock model, silently
@@ -233,6 +241,8 @@ class Run:
             self._capture.reset()
             if self._layers is not None:
                 self._layers.clear()
+            if self._ppe is not None:
+                self._ppe.clear()
             return
         if call is not None and call.images_pending:
             raise RuntimeError(
@@ -304,6 +314,8 @@ class Run:
             return None  # nothing removed before the LLM: the stock decoder input, bit for bit
         packing = selections.packed(own_mask)
         embeds = packing.gather(selections.written(embeds), dim=1)
+        if self._ppe is not None:
+            self._preserve_positions(slots, records, positions, packing)
         positions = packing.gather(positions, dim=-1)
         full_mask = torch.cat([state.mask, packing.mask], dim=1) if state is not None else packing.mask
         if slots:
@@ -317,6 +329,25 @@ class Run:
         self._hand_over(slots, records, packing.mask, packing, queries, state.mask if state is not None else None, cache)
         kwargs.update(inputs_embeds=embeds, position_ids=positions, attention_mask=full_mask, **{CACHE_ARGUMENT: cache})
         return args, kwargs
+
+    def _preserve_positions(self, slots: list[ImageSlot], records: list[ImageRecord], positions: torch.Tensor,
+                            packing: Packing) -> None:
+        """PPE (ppe.py): the positions of the members each merged token stands for, packed as the decoder input is,
+        for the decoder's rotary embedding; every other token keeps its own in each chunk."""
+        k = self._ppe.k
+        batch, length = packing.keep.shape
+        source = torch.arange(length, device=positions.device).expand(k, batch, length).clone()
+        merged = False
+        for slot, record in zip(slots, records):
+            groups = record.groups()
+            if int((groups >= 0).sum()) == len(record.kept):  # every token left stands for itself
+                continue
+            members = group_members(groups, record.kept, k).to(slot.positions.device)
+            source[:, slot.row, slot.positions[record.kept.to(slot.positions.device)]] = slot.positions[members].T
+            merged = True
+        if merged:
+            self._ppe.prepare(torch.stack([packing.gather(gather_sequence(positions, source[j], dim=-1), dim=-1)
+                                           for j in range(k)]))
 
     def _take_images(self) -> list[ImageSlot]:
         """The images of the current call, once: the first decoder forward of a call consumes them."""
@@ -392,13 +423,15 @@ def _refuse_before_hooking(model: nn.Module, adapter, method, vision: Sieve | No
         )
 
 
-def attach(model: nn.Module, method: Sieve | Chain | None = None, *, vision_flops: bool = False) -> Run:
+def attach(model: nn.Module, method: Sieve | Chain | None = None, *, vision_flops: bool = False,
+           ppe: int | None = None) -> Run:
     """Apply ``method`` (a sieve or a chain; none: observe) to ``model`` until ``.remove()`` is called on the
     returned handle."""
-    return Run(model, method, vision_flops=vision_flops)
+    return Run(model, method, vision_flops=vision_flops, ppe=ppe)
 
 
-def apply(model: nn.Module, method: Sieve | Chain | None = None, *, vision_flops: bool = False) -> Run:
+def apply(model: nn.Module, method: Sieve | Chain | None = None, *, vision_flops: bool = False,
+          ppe: int | None = None) -> Run:
     """Apply ``method`` (a sieve or a chain) to ``model`` for the duration of a ``with`` block::
 
         with ts.apply(model, ts.load("fastervlm", keep=64)) as run:
@@ -406,8 +439,10 @@ def apply(model: nn.Module, method: Sieve | Chain | None = None, *, vision_flops
         print(run.stats)
 
     Without a method it observes (``ts.observe``). ``vision_flops=True``: count the vision side's FLOPs too.
+    ``ppe=8``: each token a method merged before the LLM carries the positions of 8 of the tokens it merged
+    (Positional Preservation Embedding, tokensieve/engine/ppe.py).
     """
-    return Run(model, method, vision_flops=vision_flops)
+    return Run(model, method, vision_flops=vision_flops, ppe=ppe)
 
 
 def observe(model: nn.Module, *, vision_flops: bool = False) -> Run:
