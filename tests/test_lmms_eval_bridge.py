@@ -95,7 +95,8 @@ def test_method_options_reach_the_method_and_loglikelihood_is_refused(sieve_mini
     lm = get_model("tokensieve").create_from_arg_string(
         f"pretrained={sieve_mini_path},method=random,keep=0.25,method_seed=7,{ON_CPU}"
     )
-    assert (lm.sieve.name, lm.sieve.seed) == ("random", 7)
+    assert (lm.sieve.name, lm.sieve.seed) == ("random", 7) and lm.ppe is None
+    assert get_model("tokensieve").create_from_arg_string(f"pretrained={sieve_mini_path},method=tome,ppe=4,{ON_CPU}").ppe == 4
     with pytest.raises(NotImplementedError, match="generate_until tasks"):
         lm.loglikelihood([])
 

@@ -5,7 +5,8 @@
 
 ``model`` names the lmms-eval model that loads and prompts the checkpoint (default ``llava_hf``);
 ``method`` and ``keep`` pick the tokensieve method, ``method_<name>=value`` passes its other
-options (``method_seed=1``); every other argument goes to that model unchanged. ``method=none``
+options (``method_seed=1``) and ``ppe=8`` applies it with Positional Preservation Embedding (merged tokens keep
+8 of their members' positions); every other argument goes to that model unchanged. ``method=none``
 applies nothing: the wrapped model runs untouched under ``ts.observe``, and ``run_stats`` records
 its tokens, FLOPs and KV-cache bytes as a method's run does (the baseline of the same task).
 ``pretrained=sieve-mini`` means tokensieve's embedded model. lmms-eval finds this class through
@@ -38,18 +39,19 @@ class Tokensieve(lmms):
     """Wraps another lmms-eval model and applies the method around each of its request batches."""
 
     def __init__(self, model: str = "llava_hf", method: str = "fastervlm", keep: int | float | None = None,
-                 **model_args) -> None:
+                 ppe: int | None = None, **model_args) -> None:
         super().__init__()
         check_lmms_eval_path()  # a dependency that breaks lmms-eval's late imports fails now, naming its fix
         method_args = {name.removeprefix("method_"): model_args.pop(name)
                        for name in list(model_args) if name.startswith("method_")}
         # a bad method fails before a model is loaded; a chain ("fastervlm:128+fastv:0.5") takes no method_ args
         if str(method).strip().lower() in NO_METHOD:
-            if keep is not None or method_args:
-                raise ValueError(f"method={method} applies no method, so it takes no keep= or method_ arguments")
+            if keep is not None or method_args or ppe is not None:
+                raise ValueError(f"method={method} applies no method, so it takes no keep=, ppe= or method_ arguments")
             self.sieve = None  # ts.apply without a method observes
         else:
             self.sieve = ts.build(method, keep=keep, **method_args)
+        self.ppe = ppe
         if model_args.get("pretrained") == "sieve-mini":
             from tokensieve.mini.build import model_dir
 
@@ -111,7 +113,7 @@ class Tokensieve(lmms):
         )
 
     def _with_method(self, request_type: str, requests):
-        with ts.apply(self.hf_model, self.sieve) as run:
+        with ts.apply(self.hf_model, self.sieve, ppe=self.ppe) as run:
             outputs = getattr(self.inner, request_type)(requests)
         self.run_stats.append(run.stats)
         logger.info(f"tokensieve {run.sieve.name}: {len(requests)} {request_type} requests; {run.stats.summary()}")
