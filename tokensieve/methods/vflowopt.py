@@ -102,7 +102,8 @@ class VFlowOpt(Sieve):
     (later work) would tune ``keep``, ``t``, ``m`` and ``alpha_v`` (the code's ranges: r_v 0.25..0.375, t
     0..50, m 3..24, alpha_v -1..1, by scikit-optimize, 300 calls, 27 initial points, maximising the last
     prompt token's final hidden-state cosine to the unpruned model's). The in-LLM stages (layers 9 and 18,
-    ratios ``[1.0, 0.6011]``, ranked by this same vision score) are later work, not here. Budgets: a count, a
+    ratios ``[1.0, 0.6011]``, ranked by this same vision score) are ``vflowopt_llm``; the full method is the chain
+    ``vflowopt+vflowopt_llm``. Budgets: a count, a
     ratio or ``ts.Adaptive(mass=...)`` on the scores (not ``per_crop``).
 
     Differences. Relevance: no signal gives the attention rows of the global tokens, so ``relevance="received"``
