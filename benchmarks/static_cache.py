@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import statistics
 
-import torch
 import typer
 from rich.console import Console
 from rich.table import Table
