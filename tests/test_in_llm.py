@@ -420,3 +420,42 @@ def test_an_images_instruction_skips_the_other_images_and_layer_k_scores_its_own
             torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
     with pytest.raises(ValueError, match=r"llm_attention\(queries=...\) must be one of \('last', 'instruction', 'image'\)"):
         Signal("llm_attention", queries="cls")
+
+
+class _VisionProbe(ts.Sieve):
+    """Keeps its first ``keep`` tokens and records the vision-tower signals it was given (before or inside the LLM)."""
+
+    name, paper, signals = "vision_probe", "test", ("cls_attention", "vision_attention", "vision_features")
+
+    def __init__(self, keep, stage="in_llm", layer=None, asks=("cls_attention", Signal("vision_attention", layer=-1))):
+        super().__init__(keep)
+        self.stage, self.layer, self.asks, self.seen = stage, layer, asks, []
+
+    def requests(self):
+        return self.asks
+
+    def select(self, tokens):
+        self.seen.append(dict(tokens.signals))
+        return ts.Selection(torch.arange(self.budget.resolve(len(tokens))))
+
+
+def test_in_llm_stages_get_the_vision_towers_signals_at_the_tokens_still_there():
+    model = build_model(LLAVA)
+    inputs = LLAVA.make_inputs(TEXTS)
+    full = _VisionProbe(1.0, stage="pre_llm")
+    with ts.apply(model, full):
+        model(**inputs)
+    first, second = _VisionProbe(16, layer=1), _VisionProbe(8, layer=2)
+    with ts.apply(model, ts.Chain(ts.Uniform(keep=32), first, second)) as run:
+        model(**inputs)
+    for image, record in enumerate(run.stats.images):
+        before_first, before_second = record.stages[0].kept, record.stages[1].kept
+        for request, value in full.seen[image].items():
+            assert torch.equal(first.seen[image][request], value[..., before_first])
+            assert torch.equal(second.seen[image][request], value[..., before_second])
+    with pytest.raises(ValueError, match="asks for vision_features inside the LLM"):
+        ts.apply(model, _VisionProbe(8, layer=1, asks=("vision_features",)))
+    qwen = build_model(QWEN2_VL)
+    with pytest.raises(ValueError, match=r"vision_probe needs signals Qwen2VLForConditionalGeneration cannot give \(cls_attention"):
+        ts.apply(qwen, _VisionProbe(8, layer=1))
+    assert not any(layer._forward_pre_hooks for layer in qwen.model.language_model.layers)

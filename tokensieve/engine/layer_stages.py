@@ -52,6 +52,7 @@ class PendingImage:
     positions: torch.Tensor  # slots in the stage's view of the sequence
     raster: torch.Tensor  # the raster index (over record.grid) of each of those tokens
     entered: int = 0  # tokens the image had when the current method's first stage began
+    vision: dict = field(default_factory=dict)  # vision-tower signals the stages asked for, over every raster index
 
 
 @dataclass
@@ -121,7 +122,7 @@ def schedule(methods: tuple[Sieve, ...], n_layers: int) -> list[Stage]:
 class LayerPruning:
     """Hooks of the in-LLM stages on one decoder; fed by the engine at every decoder forward."""
 
-    def __init__(self, methods: tuple[Sieve, ...], decoder: nn.Module, stats: RunStats):
+    def __init__(self, methods: tuple[Sieve, ...], decoder: nn.Module, stats: RunStats, adapter=None):
         layers = getattr(decoder, "layers", None)
         if not isinstance(layers, nn.ModuleList):
             raise TypeError(f"{type(decoder).__name__} has no .layers list: this transformers version changed its layout")
@@ -135,7 +136,15 @@ class LayerPruning:
         self.stages_run, self._expected = 0, 0
         self._attention: dict[int, list[dict]] = {}  # stage -> per image of the view, its llm_attention signals
         # everything that can refuse comes before the first hook, so a refusal leaves the model untouched
-        self._asks = [tuple(r for r in requests_of(stage.sieve) if r.name == "llm_attention") for stage in self.stages]
+        asked = [requests_of(stage.sieve, adapter) for stage in self.stages]
+        for stage, requests in zip(self.stages, asked):
+            others = sorted({r.name for r in requests} - {"llm_attention", *VISION_SIGNALS})
+            if others:
+                raise ValueError(f"{stage.method.name} asks for {', '.join(others)} inside the LLM, where a stage gets "
+                                 f"llm_attention and the vision tower's {' and '.join(VISION_SIGNALS)}")
+        self._asks = [tuple(r for r in requests if r.name == "llm_attention") for requests in asked]
+        self._vision_asks = [set(r for r in requests if r.name in VISION_SIGNALS) for requests in asked]
+        self.vision_requests = tuple(dict.fromkeys(r for asks in self._vision_asks for r in asks))
         self._rotary = rotary_function(attention_module(layers[0]))
         scored = {index: attention_module(layers[stage.layer - 1]) for index, stage in enumerate(self.stages)
                   if self._asks[index] and _scored_at(stage.sieve) == "previous"}
@@ -272,7 +281,8 @@ class LayerPruning:
         """Where the query and each image's kept tokens sit in the packing, for the next stage."""
         slots = packing.slots()
         query = slots.gather(1, query.unsqueeze(1)).squeeze(1) if query is not None else None
-        images = [PendingImage(image.record, image.row, slots[image.row, image.positions[kept]], image.record.kept, image.entered)
+        images = [PendingImage(image.record, image.row, slots[image.row, image.positions[kept]], image.record.kept, image.entered,
+                               image.vision)
                   for image, kept in zip(images, kept_per_image)]  # record.kept: this stage's raster indices
         return query, images
 
@@ -291,7 +301,10 @@ class LayerPruning:
         given = []
         for number, image in enumerate(images):
             features = hidden[image.row, image.positions]
-            signals = self._attention[index][number] if self._asks[index] else {}
+            signals = dict(self._attention[index][number]) if self._asks[index] else {}
+            raster = image.raster.to(features.device)
+            signals.update((request, value[..., raster]) for request, value in image.vision.items()
+                           if request in self._vision_asks[index])
             grid = image.record.grid if len(image.positions) == image.record.grid[0] * image.record.grid[1] else (1, len(features))
             given.append(VisualTokens(features, grid, signals, entered=image.entered))
         results = timed_select_all(stage.sieve, given)
@@ -405,6 +418,11 @@ class LayerPruning:
             handle.remove()
         self.handles = []
         self.clear()
+
+
+#: the vision-tower signals an in-LLM stage may ask for: one value per image token on the last axis, which the
+#: engine gathers at the tokens still there (``PendingImage.raster``) at each stage
+VISION_SIGNALS = ("cls_attention", "vision_attention")
 
 
 def _check_repackable(decoder: nn.Module) -> None:

@@ -117,13 +117,14 @@ class Run:
         try:
             if vision_flops:
                 self._vision = VisionPasses(vision_modules(adapter), repr(self.vision) if self.vision is not None else None)
-            self._handles += adapter.install_signal_hooks(self._requests, self._capture)
+            if self.in_llm:
+                self._layers = LayerPruning(self.in_llm, adapter.decoder, self.stats, adapter)
+                _refuse_vision_signals_in_llm(model, adapter, self.vision, self.in_llm, self._layers.vision_requests)
+            self._handles += adapter.install_signal_hooks(self._requests + self._vision_requests, self._capture)
             if self.vision is not None:
                 self._merging = VisionMerging(self.vision, adapter.vision_tower, *adapter.merge_layout())
             if ppe is not None:
                 self._ppe = PositionPreservation(adapter.decoder, ppe)
-            if self.in_llm:
-                self._layers = LayerPruning(self.in_llm, adapter.decoder, self.stats)
             self._before_llm = BeforeLLM(self.vision, self.pre, self._requests, adapter, self._capture, self._merging, self.stats)
         except Exception:
             self.remove()
@@ -349,6 +350,17 @@ class Run:
             self._ppe.prepare(torch.stack([packing.gather(gather_sequence(positions, source[j], dim=-1), dim=-1)
                                            for j in range(k)]))
 
+    @property
+    def _vision_requests(self) -> tuple:
+        """The vision-tower signals in-LLM stages asked for (``layer_stages.VISION_SIGNALS``)."""
+        return tuple(r for r in (self._layers.vision_requests if self._layers is not None else ()) if r not in self._requests)
+
+    def _vision_signals(self, slot: ImageSlot) -> dict:
+        """One image's values of the vision-tower signals in-LLM stages asked for, over all its tokens."""
+        if self._layers is None or not self._layers.vision_requests:
+            return {}
+        return self.adapter.image_signals(self._layers.vision_requests, self._capture, slot.image)
+
     def _take_images(self) -> list[ImageSlot]:
         """The images of the current call, once: the first decoder forward of a call consumes them."""
         call = self._call
@@ -371,12 +383,14 @@ class Run:
         ``past_mask`` are the decoder's 2D masks of this forward and of its cache."""
         if self._layers is None:
             return
+        vision = [self._vision_signals(s) for s in slots]
         if packing is None:
-            pending = [PendingImage(r, s.row, s.positions[r.kept], r.kept) for r, s in zip(records, slots)]
+            pending = [PendingImage(r, s.row, s.positions[r.kept], r.kept, vision=v) for r, s, v in zip(records, slots, vision)]
             self._layers.begin(pending, queries, own_mask, past_mask, cache)
             return
         moved = packing.slots()
-        pending = [PendingImage(r, s.row, moved[s.row, s.positions[r.kept]], r.kept) for r, s in zip(records, slots)]
+        pending = [PendingImage(r, s.row, moved[s.row, s.positions[r.kept]], r.kept, vision=v)
+                   for r, s, v in zip(records, slots, vision)]
         queries = moved.gather(1, queries.unsqueeze(1)).squeeze(1) if queries is not None else None
         self._layers.begin(pending, queries, own_mask, past_mask, cache)
 
@@ -395,6 +409,21 @@ class Run:
         past_after = state.mask.sum(1).tolist() if state is not None else [0] * len(real_after)
         past_before = [p + d for p, d in zip(past_after, pruned_before.tolist())]
         count_prefill(self.stats, self._text_config, real_before.tolist(), real_after.tolist(), past_before, past_after)
+
+
+def _refuse_vision_signals_in_llm(model: nn.Module, adapter, vision: Sieve | None, in_llm, requests) -> None:
+    """In-LLM stages that ask for vision-tower signals: the model must give them, and of the unmerged tower."""
+    if not requests:
+        return
+    names = "+".join(sieve.name for sieve in in_llm)
+    missing = adapter.missing_signals(requests)
+    if missing:
+        reasons = "; ".join(f"{name}: {why}" for name, why in missing.items())
+        raise ValueError(f"{names} needs signals {type(model).__name__} cannot give ({reasons})")
+    if vision is not None:
+        raise ValueError(f"after {vision.name} merges inside the vision tower, {names} would read signals "
+                         f"({', '.join(map(str, requests))}) of the unmerged tower: chain {vision.name} with in-LLM "
+                         f"methods that need none")
 
 
 def _refuse_before_hooking(model: nn.Module, adapter, method, vision: Sieve | None, pre: Sieve | None, requests) -> None:
