@@ -24,7 +24,9 @@ def tokens(mean=MEAN, entered=None, queries="last") -> VisualTokens:
     even = torch.arange(len(mean)) % 2 == 0
     heads = torch.stack([torch.where(even, 2 * mean, 0.0), torch.where(even, 0.0, 2 * mean)])
     features = torch.arange(len(mean), dtype=torch.float32)[:, None] * torch.tensor([[1.0, 10.0]])
-    return VisualTokens(features, (2, 4), {Signal("llm_attention", queries=queries): heads}, entered=entered)
+    # the same rows as the vision stage's map, so both scores rank alike
+    return VisualTokens(features, (2, 4), {Signal("llm_attention", queries=queries): heads,
+                                           Signal("vision_attention", queries="mean"): heads}, entered=entered)
 
 
 def test_hand_worked_stages_drop_the_least_attended_tokens():
@@ -122,10 +124,11 @@ def test_schedule_places_the_stages_at_nine_and_eighteen_twenty_eighths_of_the_d
     assert [s.layer for s in VFlowOptLLM(ratios=(0.9, 0.8)).schedule(28)] == [9, 18, 27]
     # too shallow for two distinct layers: the last stage alone
     assert [(s.layer, s.ratio) for s in VFlowOptLLM().schedule(2)] == [(1, None)]
-    stages = VFlowOptLLM(keep=32, ratios=0.5, layers=(2, 6), merge="tail", queries="instruction").schedule(28)
+    stages = VFlowOptLLM(keep=32, ratios=0.5, layers=(2, 6), merge="tail", queries="instruction", score="llm").schedule(28)
     assert [(s.layer, s.keep, s.ratio, s.merge, s.queries) for s in stages] == [(2, 32, 0.5, "tail", "instruction"),
                                                                                 (6, 32, None, "tail", "instruction")]
     assert stages[0].requests() == (Signal("llm_attention", queries="instruction"),)
+    assert VFlowOptLLM(ratios=0.5).schedule(28)[0].requests() == (Signal("vision_attention", queries="mean"),)
     assert all(s.llm_attention_at == "previous" and s.stage == "in_llm" and s.name == "vflowopt_llm" for s in stages)
     assert ts.build("vflowopt_llm:32,ratios=(0.5,),layers=(2,6),merge=tail,queries=instruction") == VFlowOptLLM(
         32, (0.5,), (2, 6), "tail", "instruction")
@@ -146,7 +149,7 @@ class _Recording(VFlowOptLLM):
                 return super().select(visual)
 
         self.seen = []
-        return tuple(Recording(s.keep, s.layer, s.ratio, s.merge, s.queries) for s in super().schedule(n_layers))
+        return tuple(Recording(s.keep, s.layer, s.ratio, s.merge, s.queries, s.score) for s in super().schedule(n_layers))
 
 
 @pytest.mark.parametrize("merge", ["none", "tail"])
@@ -188,6 +191,8 @@ def test_bad_arguments_are_refused_with_what_to_change():
         VFlowOptLLM(merge="cells")
     with pytest.raises(ValueError, match="queries='first': choose one of"):
         VFlowOptLLM(queries="first")
+    with pytest.raises(ValueError, match="score='text': choose 'vision'"):
+        VFlowOptLLM(score="text")
     with pytest.raises(ValueError, match="vflowopt_llm cannot take an adaptive budget"):
         VFlowOptLLM(keep=ts.Adaptive(mass=0.9))
     with pytest.raises(TypeError, match="runs as stages inside the LLM"):

@@ -10,16 +10,22 @@ from ..registry import register
 from ..selection import top_k_in_order
 from ..sieve import Selection, Sieve, VisualTokens
 from ..signals import QUERIES, Signal
+from .vflowopt import importance
 
 PAPER = "VFlowOpt (ICCV 2025, arXiv 2508.05211)"
 MERGES = ("none", "tail")
+SCORES = ("vision", "llm")
+#: the vision stage's relevance: the attention each token receives at the tower's feature layer (vflowopt's default)
+VISION_SCORE = Signal("vision_attention", layer=None, queries="mean")
 
 
 @register
 @dataclass
 class VFlowOptLLM(Sieve):
-    """Before each of ``layers`` drop the image tokens the prompt's last token attends to least (head mean, inside
-    the layer before: ``llm_attention_at = "previous"``). Every stage but the last keeps ``n - round(n·(1 - r))`` of
+    """Before each of ``layers`` drop the image tokens that rank lowest: by the vision stage's score of each token
+    still there (``score="vision"``, default: the attention it receives at the tower's feature layer, head mean,
+    the relevance ``vflowopt`` ranks by), or by the prompt's last token's attention (``score="llm"``: head mean,
+    inside the layer before, ``llm_attention_at = "previous"``). Every stage but the last keeps ``n - round(n·(1 - r))`` of
     the ``n`` tokens it gets, ``r`` its entry of ``ratios`` (1.0: it keeps all and asks for no attention); the last
     keeps ``keep`` of the tokens the image had at the first stage (a count, or a share of them). ``merge="tail"``
     merges the dropped tokens into the lowest-ranked kept one (below); ``"none"`` drops them. Kept tokens keep their
@@ -47,9 +53,11 @@ class VFlowOptLLM(Sieve):
     weights as written; its comment reads "from r+1 to 1"). That path takes one scalar ratio (the shipped list fails
     its ``illava_llm_r > 0``) and reads attention only at the first stage's layer.
 
-    Differences. The score: an in-LLM stage is given no vision signal, so the vision score of the KV path cannot be
-    reproduced here; the stages rank by the LLM's own attention as the no-cache path does (``queries="last"``, or
-    averaged over the image's instruction or own tokens, ``"instruction"``/``"image"``, not the code's). No entropy
+    Differences. The score: ``score="vision"`` is the KV path's map as ``vflowopt`` computes it (the attention
+    every token receives, ``relevance="received"``, where the code averages the rows of its global tokens; see
+    ``vflowopt``), at the tokens still there; ``score="llm"`` ranks by the LLM's own attention as the no-cache path
+    does (``queries="last"``, or averaged over the image's instruction or own tokens, ``"instruction"``/``"image"``,
+    not the code's). No entropy
     term (``alpha_v`` is 0 in every config and the vision stage refuses any other). Merges: ``"none"`` (default) is
     the KV path's; ``"tail"`` the no-cache path's, at every stage, as a merge map (the engine's float32 weighted mean;
     the code's float64 cast to float16). Counts: the last stage keeps ``keep`` of the count at the first stage
@@ -62,7 +70,7 @@ class VFlowOptLLM(Sieve):
     name = "vflowopt_llm"
     paper = PAPER
     stage = "in_llm"
-    signals = ("llm_attention",)
+    signals = ("llm_attention", "vision_attention")
     llm_attention_at = "previous"
 
     keep: int | float = 0.6011
@@ -70,6 +78,7 @@ class VFlowOptLLM(Sieve):
     layers: tuple[int, ...] | None = None
     merge: str = "none"
     queries: str = "last"
+    score: str = "vision"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -94,6 +103,9 @@ class VFlowOptLLM(Sieve):
                              f"the dropped tokens into the lowest-ranked kept one, its no-cache path)")
         if self.queries not in QUERIES["llm_attention"]:
             raise ValueError(f"queries={self.queries!r}: choose one of {QUERIES['llm_attention']} (the code's: 'last')")
+        if self.score not in SCORES:
+            raise ValueError(f"score={self.score!r}: choose 'vision' (the vision stage's map, the code's KV-cache path) "
+                             f"or 'llm' (the prompt's attention, its no-cache path)")
 
     def select(self, tokens: VisualTokens) -> Selection:
         raise TypeError("vflowopt_llm runs as stages inside the LLM: apply it with ts.apply(model, ts.VFlowOptLLM()), "
@@ -102,7 +114,7 @@ class VFlowOptLLM(Sieve):
     def schedule(self, n_layers: int) -> tuple[Sieve, ...]:
         layers = self.layers or default_layers(n_layers, len(self.ratios) + 1)
         ratios = self.ratios[len(self.ratios) + 1 - len(layers):] + (None,)  # a shallow decoder: the last stages
-        return tuple(VFlowOptLLMStage(self.keep, layer, ratio, self.merge, self.queries)
+        return tuple(VFlowOptLLMStage(self.keep, layer, ratio, self.merge, self.queries, self.score)
                      for layer, ratio in zip(layers, ratios))
 
 
@@ -135,7 +147,7 @@ class VFlowOptLLMStage(Sieve):
     name = "vflowopt_llm"
     paper = PAPER
     stage = "in_llm"
-    signals = ("llm_attention",)
+    signals = ("llm_attention", "vision_attention")
     llm_attention_at = "previous"
 
     keep: int | float = 0.6011
@@ -143,9 +155,12 @@ class VFlowOptLLMStage(Sieve):
     ratio: float | None = None
     merge: str = "none"
     queries: str = "last"
+    score: str = "vision"
 
     def requests(self) -> tuple[Signal, ...]:
-        return () if self.ratio == 1.0 else (Signal("llm_attention", queries=self.queries),)
+        if self.ratio == 1.0:
+            return ()
+        return (VISION_SCORE,) if self.score == "vision" else (Signal("llm_attention", queries=self.queries),)
 
     def count(self, n: int, entered: int) -> int:
         final = self.budget.resolve(entered)
@@ -159,6 +174,8 @@ class VFlowOptLLMStage(Sieve):
         if count >= n:
             return Selection.every(tokens)
         scores = tokens[self.requests()[0]].float().mean(dim=0)
+        if self.score == "vision":
+            scores = importance(scores)
         if self.merge == "tail":
             return tail_merge(scores, count)
         return Selection(top_k_in_order(scores, count))
