@@ -95,8 +95,10 @@ def _merged_at(layer, args, kwargs, blocks, records):
                 hidden = hidden.clone()
                 values = hidden[row, positions[received]]
                 members = stage.assignment >= 0
-                sums = torch.zeros(stage.after, values.shape[-1]).index_add_(0, stage.assignment[members], values[members])
-                hidden[row, positions[stage.kept]] = sums / torch.bincount(stage.assignment[members], minlength=stage.after)[:, None]
+                weights = (stage.weights if stage.weights is not None else torch.ones(len(values)))[members]
+                groups = stage.assignment[members]
+                sums = torch.zeros(stage.after, values.shape[-1]).index_add_(0, groups, values[members] * weights[:, None])
+                hidden[row, positions[stage.kept]] = sums / torch.zeros(stage.after).index_add_(0, groups, weights)[:, None]
             received = stage.kept
     if args:
         return (hidden, *args[1:]), kwargs

@@ -23,6 +23,8 @@ class StageRecord:
     # merging stages: for every token the stage received (in the raster order of what the stage before it kept),
     # its group (an index into kept; -1: dropped without merging)
     assignment: torch.Tensor | None = None
+    # merging stages with a weighted map: each received token's weight in its group's mean (None: equal weights)
+    weights: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         where = f"layer {self.layer}" if self.layer is not None else self.stage

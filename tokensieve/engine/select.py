@@ -29,8 +29,9 @@ def stage_record(method: str, stage: str, layer: int | None, kept: torch.Tensor,
     group sizes and merge map."""
     sizes = selection.sizes() if selection is not None else None
     assignment = selection.assignment if selection is not None else None
+    weights = selection.weights if selection is not None and assignment is not None else None
     return StageRecord(method, stage, layer, len(kept), kept, seconds, sizes.cpu() if sizes is not None else None,
-                       assignment.cpu() if assignment is not None else None)
+                       assignment.cpu() if assignment is not None else None, weights.cpu() if weights is not None else None)
 
 
 @dataclass

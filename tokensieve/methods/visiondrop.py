@@ -37,8 +37,8 @@ class VisionDrop(Sieve):
     Not here: VisionDrop's later stages inside the LLM (``visiondrop_rank_drop`` in
     ``llava/model/modeling_llama_visiondrop.py``, after layers 8, 16 and 24: image queries' attention to image
     keys recomputed, head mean, mean over the image queries; dominant plus contextual by the LLM keys with the
-    schedule ``[[30, 5], [22, 4], [16, 3]]``, 48 -> 35 -> 26 -> 19 tokens) are an in-LLM method of their own
-    (a separate issue); the full pipeline is this stage followed by that one in a ``ts.Chain``. Needs what
+    schedule ``[[30, 5], [22, 4], [16, 3]]``, 48 -> 35 -> 26 -> 19 tokens) are ``visiondrop_llm``; the full
+    pipeline is the chain ``visiondrop+visiondrop_llm``. Needs what
     ``visionzip`` needs: towers without [CLS] (SigLIP, Qwen, Idefics3) and LLaVA-NeXT/OneVision (newline
     tokens have no keys or vision features) are refused.
     """
