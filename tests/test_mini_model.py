@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 import tokensieve as ts
 from tokensieve.cli import app, parse_keep
 from tokensieve.draw import grey_out
+from tokensieve.engine.compat import from_pretrained
 from tokensieve.mini import SAMPLE_IMAGE, SAMPLE_QUESTION, answer_question, build
 from tokensieve.mini.lora import dequantised
 from tokensieve.mini.convert import DINOV2_SMALL, ONNX_FINAL_LAYERNORM, dinov2_state_dict_from_onnx, onnx_layer_output
@@ -55,7 +56,7 @@ def test_vision_tower_matches_the_onnx_graph(parts, sieve_mini, onnx_session):
     model, processor = sieve_mini
     pixels = _pixels(processor)
     layer8, final = onnx_session.run([onnx_layer_output(7), ONNX_FINAL_LAYERNORM], {"input_image": pixels.numpy()})
-    for tower in (Dinov2Model.from_pretrained(parts[0]).eval(), model.model.vision_tower):
+    for tower in (from_pretrained(Dinov2Model, parts[0]).eval(), model.model.vision_tower):
         out = tower(pixels, output_hidden_states=True)
         assert out.hidden_states[8].shape == (2, 257, 384)  # [CLS] + 16x16 patches
         assert np.abs(out.hidden_states[8].detach().numpy() - layer8).max() < 1e-4
@@ -70,7 +71,7 @@ def test_every_backbone_tensor_is_mapped_under_5x_names():
 
 
 def test_converted_language_model_still_knows_things(parts):
-    lm = LlamaForCausalLM.from_pretrained(parts[1]).eval()
+    lm = from_pretrained(LlamaForCausalLM, parts[1]).eval()
     tokenizer = AutoTokenizer.from_pretrained(parts[1])
     ids = tokenizer("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
                     return_tensors="pt").input_ids
@@ -86,10 +87,10 @@ def test_assembled_model_is_stock_llava_with_every_part_in_place(parts, sieve_mi
         assert model.config.vision_feature_layer == int(f.metadata()["vision_feature_layer"])
     for name, value in load_file(str(build.PROJECTOR_FILE)).items():
         assert torch.equal(model.model.multi_modal_projector.state_dict()[name], value)
-    tower = Dinov2Model.from_pretrained(parts[0]).state_dict()
+    tower = from_pretrained(Dinov2Model, parts[0]).state_dict()
     assert all(torch.equal(v, tower[k]) for k, v in model.model.vision_tower.state_dict().items())
 
-    base = LlamaForCausalLM.from_pretrained(parts[1]).model.state_dict()
+    base = from_pretrained(LlamaForCausalLM, parts[1]).model.state_dict()
     merged = model.model.language_model.state_dict()
     assert torch.equal(merged["layers.0.input_layernorm.weight"], base["layers.0.input_layernorm.weight"])
     adapted = set()

@@ -218,7 +218,9 @@ class ScoringSieve(Sieve):
         """Each image scored on its own, then one top-k for each set of images of equal size and count (a batch
         of equal images: one sort instead of one per image). Adaptive and per-crop budgets, and subclasses with
         their own ``select``, select image by image."""
-        if type(self).select is not ScoringSieve.select or self.budget.adaptive is not None or self.budget.per_crop:
+        # a subclass's own select, or one set on the instance (a wrapper that records), selects image by image
+        own_select = getattr(self.select, "__func__", None) is not ScoringSieve.select
+        if own_select or self.budget.adaptive is not None or self.budget.per_crop:
             return super().select_all(images)
         scores = [self.score(tokens) for tokens in images]
         if self.budget.total is not None:  # shared by score mass

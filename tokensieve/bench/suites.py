@@ -103,7 +103,9 @@ def load_model(model: str, device: str, dtype: str):
     else:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        loaded = AutoModelForImageTextToText.from_pretrained(model, dtype=getattr(torch, dtype)).eval()
+        from ..engine.compat import from_pretrained
+
+        loaded = from_pretrained(AutoModelForImageTextToText, model, dtype=getattr(torch, dtype)).eval()
         processor = AutoProcessor.from_pretrained(model)
     return loaded.to(device), processor
 

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from transformers import (AutoTokenizer, BitImageProcessorPil, Dinov2Config, Dinov2Model, LlamaConfig,
                           LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
 
+from ..engine.compat import from_pretrained
 from .chat import CHAT_TEMPLATE, IMAGE_TOKEN
 from .lora import dequantised
 
@@ -59,8 +60,8 @@ def assemble(vision: Path, language: Path, projector_path: Path, lora_path: Path
     config = llava_config(vision, language, image_token_id, len(tokenizer), layer)
     model = LlavaForConditionalGeneration(config).eval()
 
-    model.model.vision_tower.load_state_dict(Dinov2Model.from_pretrained(vision).state_dict(), strict=True)
-    lm = LlamaForCausalLM.from_pretrained(language, dtype=torch.float32)
+    model.model.vision_tower.load_state_dict(from_pretrained(Dinov2Model, vision).state_dict(), strict=True)
+    lm = from_pretrained(LlamaForCausalLM, language, dtype=torch.float32)
     if lora_path is not None:
         merge_lora(lm, lora_path)
     # New token rows (<image>) get the mean embedding: never used as input (features replace them),

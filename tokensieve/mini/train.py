@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer, LlamaForCausalLM, LlavaConfig
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
+from ..engine.compat import from_pretrained
 from ..qa import DATA_VERSION, examples, format_table
 from ..qa.questions import describe
 from .align import WordTargets, fit_projector, refit_words, word_patches
@@ -118,7 +119,7 @@ def main(
     vision, language = vision_dir(), language_dir()
     tokenizer = AutoTokenizer.from_pretrained(language)
     # Frozen weights in bf16: autocast would otherwise re-cast every fp32 weight at every step.
-    lm = LlamaForCausalLM.from_pretrained(language, dtype=torch.bfloat16).to(device)
+    lm = from_pretrained(LlamaForCausalLM, language, dtype=torch.bfloat16).to(device)
     lm.requires_grad_(False)
     wrapped = add_lora(lm.model, LORA_TARGETS, lora_rank, alpha=2 * lora_rank) if lora_rank else {}
     lm.to(device)
