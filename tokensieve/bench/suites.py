@@ -103,9 +103,9 @@ def load_model(model: str, device: str, dtype: str):
     else:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        from ..engine.compat import from_pretrained
-
-        loaded = from_pretrained(AutoModelForImageTextToText, model, dtype=getattr(torch, dtype)).eval()
+        # the stock torch layers, as tokensieve's hooks expect (5.25 turns Hub kernels on by default; 5.23 and 5.24
+        # take the same keyword, default False: tokensieve/engine/compat.py)
+        loaded = AutoModelForImageTextToText.from_pretrained(model, dtype=getattr(torch, dtype), use_kernels=False).eval()
         processor = AutoProcessor.from_pretrained(model)
     return loaded.to(device), processor
 
