@@ -66,6 +66,20 @@ def grid_subsample(grid: tuple[int, int], k: int) -> torch.Tensor:
     return lattice[strided(lattice.numel(), k)] if lattice.numel() > k else lattice
 
 
+def contextual_targets(n: int, dominant: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """VisionZip's contextual split (VisionDrop's too): of the ``n`` tokens not in ``dominant``, ``count`` targets
+    at a uniform stride (:func:`strided`) and the members, the others; both ascending. ``nonzero_static``: the
+    counts are known, so nothing is read back to the host (a GPU stall per image)."""
+    device = dominant.device
+    remaining = torch.ones(n, dtype=torch.bool, device=device)
+    remaining[dominant] = False
+    remaining = remaining.nonzero_static(size=n - len(dominant)).squeeze(1)
+    picks = strided(len(remaining), count).to(device)
+    is_member = torch.ones(len(remaining), dtype=torch.bool, device=device)
+    is_member[picks] = False
+    return remaining[picks], remaining[is_member.nonzero_static(size=len(remaining) - count).squeeze(1)]
+
+
 def merge_into_targets(
     hidden: torch.Tensor, metric: torch.Tensor, targets: torch.Tensor, members: torch.Tensor
 ) -> torch.Tensor:

@@ -285,6 +285,18 @@ def _declared(cls: type, attribute: str, default):
     return default
 
 
+def check_layers(layers, example: str) -> tuple[int, ...] | None:
+    """A multi-stage in-LLM method's ``layers`` as a tuple (None stays None: placed by the decoder's depth); refuse
+    anything but strictly increasing ints >= 1, naming ``example`` (the paper's layers, e.g. ``"(8, 16, 24)"``)."""
+    if layers is None:
+        return None
+    values = tuple(layers) if isinstance(layers, (list, tuple)) else (layers,)
+    if not values or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in values) or list(values) != sorted(set(values)):
+        raise ValueError(f"layers={layers!r}: pass the decoder layers to prune before, strictly increasing ints >= 1 "
+                         f"({example}), or None to place them by the decoder's depth")
+    return values
+
+
 def check_fraction(name: str, value, meaning: str) -> None:
     """Refuse an argument that must be a number in [0, 1] (a bool is not one): ``{name} must be {meaning}, ...``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
@@ -342,7 +354,8 @@ def timed_select_all(sieve: Sieve, images: list[VisualTokens]) -> list[tuple[Sel
         if selection.kept.ndim != 1 or len(selection.kept) == 0:
             raise RuntimeError(f"{sieve.name} returned kept indices outside 0..{n - 1}")
     # every check of every image in one read-back: each host read stalls a GPU
-    flags = torch.stack([torch.stack([(s.kept.min() < 0) | (s.kept.max() >= n), (s.kept[1:] <= s.kept[:-1]).any()]).cpu()
+    device = images[0].features.device  # stacked where the images are: one copy to the host, not one per image
+    flags = torch.stack([torch.stack([(s.kept.min() < 0) | (s.kept.max() >= n), (s.kept[1:] <= s.kept[:-1]).any()]).to(device)
                          for s, n in zip(selections, sizes)]).tolist()
     for selection, n, (outside, unsorted) in zip(selections, sizes, flags):
         kept = selection.kept

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..sieve import Sieve, VisualTokens, timed_select_all
-from ..signals import Signal, instruction_positions, requests_of
+from ..signals import instruction_positions, requests_of
 from ..stats import ImageRecord, RunStats
 from .compat import CACHE_ARGUMENT
 from .flops import count_stage

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from .._lazy import torch
 from ..registry import register
 from ..selection import grid_subsample, split_budget
-from ..sieve import Selection, Sieve, VisualTokens
+from ..sieve import Selection, Sieve, VisualTokens, check_layers
 from ..signals import Signal
 from .pyramiddrop import default_layers
 
@@ -72,12 +72,7 @@ class ATP(Sieve):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.layers is not None:
-            layers = tuple(self.layers) if isinstance(self.layers, (list, tuple)) else (self.layers,)
-            if not layers or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in layers) or list(layers) != sorted(set(layers)):
-                raise ValueError(f"layers={self.layers!r}: pass the decoder layers to prune before, strictly increasing ints >= 1 "
-                                 f"(e.g. (8, 16, 24)), or None to place them by the decoder's depth")
-            self.layers = layers
+        self.layers = check_layers(self.layers, "e.g. (8, 16, 24)")
         check_rule(self.alpha, self.spatial, self.redundancy)
         if not isinstance(self.exact, bool):
             raise ValueError(f"exact={self.exact!r}: pass True (the last stage keeps exactly keep) or False (every stage "

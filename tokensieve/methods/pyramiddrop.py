@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from .._lazy import torch
 from ..registry import register
 from ..selection import top_k_in_order
-from ..sieve import Selection, Sieve, VisualTokens
+from ..sieve import Selection, Sieve, VisualTokens, check_layers
 
 PAPER = "PyramidDrop (arXiv 2410.17247)"
 POSITIONS = ("original", "repack")
@@ -51,14 +51,7 @@ class PyramidDrop(Sieve):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.layers is not None:
-            layers = tuple(self.layers) if isinstance(self.layers, (list, tuple)) else (self.layers,)
-            if not layers or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in layers) or list(layers) != sorted(set(layers)):
-                raise ValueError(
-                    f"layers={self.layers!r}: pass the decoder layers to prune before, strictly increasing ints >= 1 "
-                    f"(the reference: (8, 16, 24)), or None to place them by the decoder's depth"
-                )
-            self.layers = layers
+        self.layers = check_layers(self.layers, "the reference: (8, 16, 24)")
         if self.positions not in POSITIONS:
             raise ValueError(f"positions={self.positions!r}: choose 'original' (keep each token's position) or 'repack' (the reference's)")
 

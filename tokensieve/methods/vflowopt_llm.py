@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from .._lazy import torch
 from ..registry import register
 from ..selection import top_k_in_order
-from ..sieve import Selection, Sieve, VisualTokens
+from ..sieve import Selection, Sieve, VisualTokens, check_layers
 from ..signals import QUERIES, Signal
 from .vflowopt import importance
 
@@ -87,17 +87,10 @@ class VFlowOptLLM(Sieve):
             raise ValueError(f"ratios={self.ratios!r}: pass the keep ratio of each stage before the last, numbers in "
                              f"(0, 1] (the code's illava_llm_r without its last entry; the shipped 10%: (1.0,))")
         self.ratios = tuple(float(r) for r in ratios)
-        if self.layers is not None:
-            layers = tuple(self.layers) if isinstance(self.layers, (list, tuple)) else (self.layers,)
-            if (not layers or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in layers)
-                    or list(layers) != sorted(set(layers))):
-                raise ValueError(f"layers={self.layers!r}: pass the decoder layers to prune before, strictly increasing "
-                                 f"ints >= 1 (the code's 9-18: (9, 18)), or None to place them by the decoder's depth")
-            if len(layers) != len(self.ratios) + 1:
-                raise ValueError(f"layers={layers!r} has {len(layers)} stages but ratios={self.ratios!r} gives "
-                                 f"{len(self.ratios) + 1} (one ratio per stage before the last): pass one layer more "
-                                 f"than ratios")
-            self.layers = layers
+        self.layers = check_layers(self.layers, "the code's 9-18: (9, 18)")
+        if self.layers is not None and len(self.layers) != len(self.ratios) + 1:
+            raise ValueError(f"layers={self.layers!r} has {len(self.layers)} stages but ratios={self.ratios!r} gives "
+                             f"{len(self.ratios) + 1} (one ratio per stage before the last): pass one layer more than ratios")
         if self.merge not in MERGES:
             raise ValueError(f"merge={self.merge!r}: choose 'none' (drop, the code's KV-cache path) or 'tail' (merge "
                              f"the dropped tokens into the lowest-ranked kept one, its no-cache path)")

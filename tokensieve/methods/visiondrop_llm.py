@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 from .._lazy import F, torch
 from ..registry import register
-from ..selection import merge_into_targets, strided, top_k_in_order
-from ..sieve import Selection, Sieve, VisualTokens, check_fraction
+from ..selection import contextual_targets, merge_into_targets, top_k_in_order
+from ..sieve import Selection, Sieve, VisualTokens, check_fraction, check_layers
 from ..signals import Signal
 from .pyramiddrop import POSITIONS, default_layers
 
@@ -84,14 +84,7 @@ class VisionDropLLM(Sieve):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.layers is not None:
-            layers = tuple(self.layers) if isinstance(self.layers, (list, tuple)) else (self.layers,)
-            if not layers or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in layers) or list(layers) != sorted(set(layers)):
-                raise ValueError(
-                    f"layers={self.layers!r}: pass the decoder layers to prune before, strictly increasing ints >= 1 "
-                    f"(the code's (8, 16, 24)), or None to place them by the decoder's depth"
-                )
-            self.layers = layers
+        self.layers = check_layers(self.layers, "the code's (8, 16, 24)")
         check_fraction("contextual_share", self.contextual_share, "the share of each stage's tokens merged as contextual "
                        "tokens (the code's 0.125; 0: dominant only)")
         if self.merge not in MERGES:
@@ -159,15 +152,7 @@ class VisionDropStage(Sieve):
         if contextual_count == 0:
             return Selection(dominant)
         device, hidden = tokens.features.device, tokens.features
-        rest = torch.ones(n, dtype=torch.bool, device=device)
-        rest[dominant] = False
-        # nonzero_static: the counts are known, so no read back to the host
-        rest = rest.nonzero_static(size=n - dominant_count).squeeze(1)
-        picks = strided(len(rest), contextual_count).to(device)
-        targets = rest[picks]
-        is_member = torch.ones(len(rest), dtype=torch.bool, device=device)
-        is_member[picks] = False
-        members = rest[is_member.nonzero_static(size=len(rest) - contextual_count).squeeze(1)]
+        targets, members = contextual_targets(n, dominant, contextual_count)
         kept = torch.cat([dominant, targets]).sort().values
         unit = F.normalize(hidden.float(), dim=-1)
         joined = (unit[members] @ unit[targets].T).argmax(dim=1)  # the target each member joins, by cosine

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from .._lazy import torch
 from ..registry import register
-from ..selection import merge_into_targets, strided, top_k_in_order
+from ..selection import contextual_targets, merge_into_targets, top_k_in_order
 from ..sieve import Selection, Sieve, VisualTokens
 
 
@@ -47,22 +47,13 @@ class VisionZip(Sieve):
     def select(self, tokens: VisualTokens) -> Selection:
         n = len(tokens)
         k = self.budget.resolve(n)
-        device = tokens.features.device
         if k >= n:
             return Selection.every(tokens)
         dominant_count, contextual_count = self.split(k)
         dominant = top_k_in_order(tokens["cls_attention"].sum(dim=0), dominant_count)
         if contextual_count == 0:
             return Selection(dominant)
-        remaining = torch.ones(n, dtype=torch.bool, device=device)
-        remaining[dominant] = False
-        # nonzero_static: the counts are known, so no read back to the host (a GPU stall per image)
-        remaining = remaining.nonzero_static(size=n - dominant_count).squeeze(1)
-        picks = strided(len(remaining), contextual_count).to(device)
-        targets = remaining[picks]
-        is_member = torch.ones(len(remaining), dtype=torch.bool, device=device)
-        is_member[picks] = False
-        members = remaining[is_member.nonzero_static(size=len(remaining) - contextual_count).squeeze(1)]
+        targets, members = contextual_targets(n, dominant, contextual_count)
         hidden = tokens["vision_features"]
         merged = merge_into_targets(hidden, tokens["vision_keys"].mean(dim=0), targets, members)
         projected = tokens["project"](merged.unsqueeze(0)).squeeze(0).to(tokens.features.dtype)
