@@ -264,6 +264,101 @@ def bench(
         write_outputs(out)
 
 
+def parse_target(target: str) -> int | float:
+    """--target as Python reads the literal: "64" a count of tokens, "0.25" a share of them."""
+    for kind in (int, float):
+        try:
+            return kind(target)
+        except ValueError:
+            pass
+    raise typer.BadParameter(f"{target!r} is not a number: a share of each image's visual tokens (0.25) or a count "
+                             "of them (64)", param_hint="--target")
+
+
+def check_calibrate_options(model: str, method: str, samples: int, target: int | float, calls: int, initial: int,
+                            seed: int, out: Path, dtype: str) -> None:
+    """Refuse what `tokensieve calibrate` cannot search, before any model loads (torch is imported here)."""
+    from .bench.calibrate import check_method, check_search, check_target
+    from .bench.suites import check_model
+
+    for check, hint in ((lambda: check_method(method), "--method"), (lambda: check_target(target), "--target"),
+                        (lambda: check_search(calls, initial, seed), "--calls"),
+                        (lambda: check_model(model, dtype), "--model")):
+        try:
+            check()
+        except (TypeError, ValueError) as err:
+            raise typer.BadParameter(str(err), param_hint=hint) from None
+    if samples < 1:
+        raise typer.BadParameter(f"{samples}: calibrate needs at least 1 prompt", param_hint="--samples")
+    if out.suffix != ".json":
+        raise typer.BadParameter(f"{out}: name a .json file (ts.build and --method read a record by its suffix)",
+                                 param_hint="--out")
+    if not out.parent.is_dir():
+        raise typer.BadParameter(f"{out}: there is no folder {out.parent} to write it in", param_hint="--out")
+
+
+@app.command()
+def calibrate(
+    model: str = typer.Option("sieve-mini", help="sieve-mini, or a local Hugging Face checkpoint folder"),
+    method: str = typer.Option("vflowopt+vflowopt_llm", help="vflowopt+vflowopt_llm, or vflowopt (its vision stage "
+                                                              "alone); fixed arguments as in a spec"),
+    samples: int = typer.Option(30, help="calibration prompts: the first N of the suite (the code's 30)"),
+    target: str = typer.Option("0.25", help="layer-averaged visual-token budget: a share (0.25) or a count (64)"),
+    calls: int = typer.Option(300, help="evaluations of the objective (the code's 300)"),
+    initial: int = typer.Option(27, help="random points before the Gaussian process proposes (the code's 27)"),
+    seed: int = typer.Option(42, help="the sampler's seed (the code's random_state=42)"),
+    out: Path = typer.Option(Path("calibration.json"), help="the record to write: pass it back as --method FILE"),
+    suite: str = typer.Option("builtin", help="builtin (the QA suite's test split) or a benchmark with --data"),
+    data: Path = typer.Option(None, help="a benchmark's downloaded folder (or one .parquet file)"),
+    device: str = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda when available)"),
+    dtype: str = typer.Option(None, help="float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU)"),
+) -> None:
+    """VFlowOpt's Bayesian search for the parameters that change the model's output least at a token budget."""
+    from rich.markup import escape
+
+    target_value = parse_target(target)
+    check_calibrate_options(model, method, samples, target_value, calls, initial, seed, out, dtype or "float32")
+    from .extras import require
+
+    with missing_extra_as_one_line():
+        require("calibrate", "optuna", "scipy", purpose="tokensieve calibrate's Bayesian search (optuna's GPSampler)")
+    import torch
+
+    from .bench.calibrate import TargetError
+    from .bench.calibrate import calibrate as search
+    from .bench.suites import load_model, load_suite, model_inputs
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    from .bench.datasets import BenchmarkDataMissing
+
+    try:
+        suite_samples = load_suite(suite, samples, data)[0]
+    except (ValueError, BenchmarkDataMissing) as err:
+        raise typer.BadParameter(str(err), param_hint="--suite") from None
+    loaded, processor = load_model(model, device, dtype)
+    prompts = [model_inputs(loaded, processor, sample) for sample in suite_samples]
+    console.print(f"calibrating {escape(method)} on {escape(model)}: {len(prompts)} prompts of {suite}, target "
+                  f"{target_value}, {calls} calls ({initial} random)")
+
+    def report(trial) -> None:
+        console.print(f"call {trial.call + 1:>3}/{calls}  score {trial.score:.5f}  tokens {trial.layer_average:.4f} "
+                      f"(measured {trial.measured:.4f})  {trial.seconds:.1f} s "
+                      f"({trial.cpu_seconds:.1f} s CPU)  {escape(trial.spec)}")
+
+    try:
+        result = search(loaded, method=method, samples=prompts, target=target_value, calls=calls, initial=initial,
+                        seed=seed, progress=report)
+    except TargetError as err:
+        raise typer.BadParameter(str(err), param_hint="--target") from None
+    except (TypeError, ValueError) as err:
+        raise typer.BadParameter(str(err)) from None
+    result.write(out)
+    console.print(f"best: [bold]{escape(result.spec)}[/]  score {result.score:.5f} ({result.seconds:.0f} s)")
+    console.print(f"record: [bold]{escape(str(out))}[/]; use it: tokensieve run --method {escape(str(out))}, "
+                  f"ts.build({escape(repr(str(out)))})")
+
+
 @model_app.callback()
 def model_group() -> None:
     """The embedded sieve-mini model (DINOv2-S + SmolLM2-135M, LLaVA architecture)."""

@@ -56,9 +56,12 @@ def build(spec: str, keep: int | float | None = None, **arguments):
     ``"fastervlm:128+fastv:0.5"`` (a :class:`~tokensieve.Chain`). Values read as Python literals
     (``64``, ``0.25``, ``None``, ``True``), anything else as text. ``keep`` is the budget of every
     method whose spelling gives none; None leaves those at their defaults. ``arguments`` go to a single
-    method (``build("random", seed=7)``), over what its spelling says."""
+    method (``build("random", seed=7)``), over what its spelling says. A spec ending in ``.json`` is a calibration
+    record (``tokensieve calibrate --out``): the spec it holds is built."""
     from .chain import Chain  # chain.py needs the sieve module only; importing it here avoids a cycle
 
+    if spec.strip().endswith(".json"):  # a calibration record (`tokensieve calibrate --out`): the spec it holds
+        spec = spec_from_record(spec.strip())
     parts = parse_spec(spec)
     if arguments and len(parts) > 1:
         raise ValueError(f"{spec} is a chain: give its methods' arguments in the spelling, e.g. fastv:0.5,layer=3")
@@ -68,6 +71,22 @@ def build(spec: str, keep: int | float | None = None, **arguments):
             kwargs.setdefault("keep", keep)
         sieves.append(load(name, **kwargs, **arguments))
     return sieves[0] if len(sieves) == 1 else Chain(*sieves)
+
+
+def spec_from_record(path: str) -> str:
+    """The ``"spec"`` of a JSON calibration record (``tokensieve calibrate --out FILE``), refused clearly."""
+    import json
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: no such calibration file (write one with `tokensieve calibrate --out {path}`)")
+    try:
+        spec = json.loads(Path(path).read_text()).get("spec")
+    except (ValueError, AttributeError):  # not JSON, or not an object
+        spec = None
+    if not isinstance(spec, str) or spec.strip().endswith(".json"):
+        raise ValueError(f'{path} is not a calibration record: it has no "spec" (tokensieve calibrate writes one)')
+    return spec
 
 
 def parse_spec(spec: str) -> list[tuple[str, dict]]:

@@ -26,7 +26,13 @@ PARAMETERS: dict[str, dict] = {
     "cls_attention": {"layers": None},
     "vision_attention": {"layer": None, "queries": "mean"},
     "llm_attention": {"queries": "last"},
+    "vision_keys": {"missing": "refuse"},
+    "vision_features": {"missing": "refuse"},
 }
+#: what ``vision_keys`` and ``vision_features`` give a token that has no vision-tower key or feature (LLaVA-NeXT's
+#: row-end newline tokens): "refuse" (a model with such tokens refuses the request) or "zeros" (zero rows, for a
+#: method that never keeps or merges such a token by these values)
+MISSING = ("refuse", "zeros")
 #: whose attention rows a signal averages: the vision [CLS] row or every row of the tower's sequence; in the LLM,
 #: the prompt's last token, the image's instruction tokens (the ``text_embeddings`` rule) or the image's own tokens
 QUERIES = {"vision_attention": ("cls", "mean"), "llm_attention": ("last", "instruction", "image")}
@@ -68,6 +74,8 @@ class Signal:
             if not layers:
                 raise ValueError(f"{name}(layers=...) needs at least one layer (or None for the feature layer)")
             values["layers"] = tuple(_check_layer(layer, f"{name}(layers=...)") for layer in layers)
+        if "missing" in values and values["missing"] not in MISSING:
+            raise ValueError(f"{name}(missing=...) must be one of {MISSING}, not {values['missing']!r}")
         if "queries" in values and values["queries"] not in QUERIES[name]:
             raise ValueError(f"{name}(queries=...) must be one of {QUERIES[name]}, not {values['queries']!r}")
         object.__setattr__(self, "name", name)

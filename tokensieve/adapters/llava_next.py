@@ -21,12 +21,21 @@ features, so it follows the model's unpadding exactly. That needs ``image_sizes`
 adapter wraps that method on the model instance (no module hook sees its arguments) and unwraps it
 with the hooks.
 
+The pieces also name the crops they were cut from (``blocks.crops``, a :class:`Pieces`): one index map
+per crop the tower encoded that kept a patch after unpadding (the base view first, then the high-res
+crops in the tower's raster order), each in its own raster order; newline tokens are in none. A method
+that works crop by crop (visionzip, as its LLaVA-NeXT code does) reads them; the others see the three
+pieces only.
+
 Signals: ``cls_attention`` and ``vision_attention`` are computed per crop (each crop's own [CLS] row, or
 the attention each patch receives within its crop) and packed by the model's own ``pack_image_features``,
 as the features are; newline tokens get 0 (they are not patches), so attention methods drop them first.
 The budget stays per image: one top-k over the per-crop scores together (the FasterVLM and HiPrune
-references budget each crop on its own). ``vision_keys`` and ``vision_features`` are refused: newline
-tokens have neither, so a method that merges in vision space (visionzip) cannot place them.
+references budget each crop on its own). ``vision_keys`` and ``vision_features`` are each crop's, packed
+the same way, with zero rows for the newline tokens, which have neither: they are given only to a request
+that says it takes such rows (``missing="zeros"``: visionzip, which keeps and merges patches of crops
+only) and refused otherwise, so a method that would project or merge a newline token's vision feature
+is refused rather than given a wrong one.
 """
 
 from __future__ import annotations
@@ -58,6 +67,34 @@ class PackedImage:
     blocks: tuple[torch.Tensor, ...]
     size: object = None  # its image_sizes entry
     arguments: dict | None = None  # the packing options of its get_image_features call
+
+
+class Pieces(tuple):
+    """An image's 2D pieces (``VisualTokens.blocks``: base view, high-res grid, newline column) that also
+    carries ``crops``: one index map per crop the pieces were cut from (see the module's docstring)."""
+
+    crops: tuple = ()
+
+    def __new__(cls, pieces, crops=()):
+        made = super().__new__(cls, pieces)
+        made.crops = tuple(crops)
+        return made
+
+
+def crop_maps(sources: torch.Tensor, newline: torch.Tensor, n_crops: int, side: int) -> tuple[torch.Tensor, ...]:
+    """Per crop that kept a patch, the indices of its tokens (ascending: its raster order), as a rows×cols map
+    where they form a rectangle of the crop's patch grid (always, unless OneVision's anyres_max interpolated
+    them), else one row."""
+    crop = torch.where(newline, -1, sources // (side * side))
+    maps = []
+    for index in range(n_crops):  # a handful of crops per image
+        tokens = (crop == index).nonzero().squeeze(1)
+        if not len(tokens):
+            continue
+        patch = sources[tokens] % (side * side)
+        rows = len(torch.unique(patch // side))
+        maps.append(tokens.view(rows, -1) if len(tokens) == rows * len(torch.unique(patch % side)) else tokens.view(1, -1))
+    return tuple(maps)
 
 
 class _BeforeCall:
@@ -96,8 +133,9 @@ class LlavaNextAdapter(LlavaAdapter):
         if request.name == "vision_tower":
             return ("its anyres images reach the LLM as crops cut, unpadded and joined by newline tokens after the "
                     "tower; merging inside the tower is served for single-view LLaVA models only")
-        if request.name in ("vision_keys", "vision_features"):
-            return "its image_newline tokens (one per row) have no vision-tower key or feature"
+        if request.name in ("vision_keys", "vision_features") and dict(request.params).get("missing") != "zeros":
+            return ("its image_newline tokens (one per row) have no vision-tower key or feature (a method that never "
+                    "keeps or merges them by these values asks with missing='zeros')")
         return super().why_not(request)
 
     def install_signal_hooks(self, wanted: tuple[str, ...], capture: VisionCapture) -> list:
@@ -141,7 +179,8 @@ class LlavaNextAdapter(LlavaAdapter):
                     f"rows ending in a newline token: this transformers version changed it"
                 )
             pieces = (torch.arange(base).view(side, side), grid[:, :-1], grid[:, -1:])
-            blocks = tuple(piece for piece in pieces if piece.numel())
+            crops = crop_maps(sources.long(), newline, n_crops, side)
+            blocks = Pieces((piece for piece in pieces if piece.numel()), crops)
             options = {key: arguments.get(key) for key in ("vision_feature_select_strategy", "vision_aspect_ratio")}
             images.append(PackedImage(first_crop, n_crops, sources.long(), blocks, size, options))
             first_crop += n_crops
@@ -171,14 +210,21 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def image_signals(self, wanted, capture: VisionCapture, image: int) -> dict:
         packed = capture.inputs["images"][image]
-        attention = [request for request in wanted if request.name in ("cls_attention", "vision_attention")]
-        signals = super().image_signals([request for request in wanted if request not in attention], capture, image)
-        for request in attention:
-            crops = range(packed.first_crop, packed.first_crop + packed.n_crops)
+        per_crop = [request for request in wanted if request.name in ("cls_attention", "vision_attention", "vision_keys", "vision_features")]
+        signals = super().image_signals([request for request in wanted if request not in per_crop], capture, image)
+        crops = range(packed.first_crop, packed.first_crop + packed.n_crops)
+        for request in per_crop:
+            if request.name == "vision_features":  # (crops, g², d_vision), the projector's input
+                features = capture.tensors["vision_features"][packed.first_crop : packed.first_crop + packed.n_crops]
+                signals[request] = self._pack(features, features.new_zeros(features.shape[-1]), packed.size, packed.arguments)
+                continue
+            values = torch.stack([self.tower_attention(request, capture, crop) for crop in crops])
+            if request.name == "vision_keys":  # (crops, heads, g², d_head): the token axis last, as attention's
+                values = values.transpose(2, 3)
             # (crops, g², channels): each crop's values (LLaVA's, one tower image per crop), channels last
-            per_crop = torch.stack([self.tower_attention(request, capture, crop) for crop in crops])
-            shape = per_crop.shape[1:-1]
-            values = per_crop.flatten(1, -2).transpose(1, 2)
-            tokens = self._pack(values, values.new_zeros(values.shape[-1]), packed.size, packed.arguments)
-            signals[request] = tokens.T.reshape(*shape, -1)
+            shape = values.shape[1:-1]
+            channels_last = values.flatten(1, -2).transpose(1, 2)
+            tokens = self._pack(channels_last, channels_last.new_zeros(channels_last.shape[-1]), packed.size, packed.arguments)
+            tokens = tokens.T.reshape(*shape, -1)
+            signals[request] = tokens.transpose(-1, -2) if request.name == "vision_keys" else tokens
         return signals

@@ -135,3 +135,33 @@ def input_norm(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     if norm is None:
         raise TypeError(f"{type(layer).__name__} has no input_layernorm: this transformers version renamed it")
     return norm(hidden)
+
+
+def query_rows(attention: nn.Module, rotary, hidden: torch.Tensor, position_embeddings, queries: torch.Tensor,
+               own_mask: torch.Tensor, unbias: bool = False) -> torch.Tensor:
+    """(heads, Q, length) softmax attention of each of one row's query tokens ``queries`` (Q,) to the forward's tokens,
+    row by row as the layer computes it (eager's weights at those rows; :func:`query_attention` averages them): for
+    methods that read rows one by one, SparseVLM's raters (v1's count is the rank of the rater x image matrix).
+    ``hidden`` (1, length, d) is what the attention receives, ``position_embeddings`` its cos/sin, ``own_mask``
+    (1, length). ``unbias``: each weight divided by the positional part of its logit, ``q·k·scaling`` of all-ones q
+    and k rotated at the two positions (SparseVLM+'s attention-gravity correction, as its code computes it).
+    Not yet wired to a ``queries=`` value: layer_stages would call it with each image's rater slots."""
+    length, head_dim = hidden.shape[1], attention.head_dim
+    cos, sin = position_embeddings
+    k = attention.k_proj(hidden).view(1, length, -1, head_dim)
+    if hasattr(attention, "k_norm"):
+        k = attention.k_norm(k)
+    k = rotary(k.transpose(1, 2), k.transpose(1, 2), cos, sin)[1]
+    q = attention.q_proj(hidden[:, queries]).view(1, len(queries), -1, head_dim)
+    if hasattr(attention, "q_norm"):
+        q = attention.q_norm(q)
+    q = rotary(q.transpose(1, 2), q.transpose(1, 2), cos[:, queries], sin[:, queries])[0]
+    keys = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    logits = (q.float() @ keys.float().transpose(-1, -2)) * attention.scaling  # (1, heads, Q, length)
+    visible = (torch.arange(length, device=hidden.device) <= queries[:, None]) & own_mask.bool()[0]
+    rows = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)[0]
+    if unbias:
+        ones = torch.ones(1, 1, length, head_dim, dtype=cos.dtype, device=cos.device)
+        rotated = rotary(ones, ones, cos, sin)[0].float()
+        rows = rows / ((rotated[0, 0, queries] @ rotated[0, 0].T) * attention.scaling)
+    return rows

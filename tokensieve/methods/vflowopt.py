@@ -98,10 +98,11 @@ class VFlowOpt(Sieve):
     by ``floor(row/m), floor(col/m)`` separately in the base view and the high-res grid, each group merged by
     ``score/sum`` into its highest-scoring member, which is kept (projected features, before the LLM).
     Defaults: the shipped 10% config, ``r_v=0.11661529508161146`` (``keep=0.1166``), ``t=39.26492840997221``
-    (``t=39.265``), ``m=17.386981849158786`` (``m=17.387``), ``alpha_v=0``. ``tokensieve calibrate``'s search
-    (later work) would tune ``keep``, ``t``, ``m`` and ``alpha_v`` (the code's ranges: r_v 0.25..0.375, t
-    0..50, m 3..24, alpha_v -1..1, by scikit-optimize, 300 calls, 27 initial points, maximising the last
-    prompt token's final hidden-state cosine to the unpruned model's). The in-LLM stages (layers 9 and 18,
+    (``t=39.265``), ``m=17.386981849158786`` (``m=17.387``), ``alpha_v=0``. ``tokensieve calibrate``
+    (tokensieve/bench/calibrate.py) runs the code's search, maximising the last prompt token's final hidden-state
+    cosine to the unpruned model's at a layer-averaged budget (300 calls, 27 initial points; optuna's GP sampler
+    where the code uses scikit-optimize): it tunes ``keep``, ``m`` and ``vflowopt_llm``'s ratios and keep; ``t``
+    and ``alpha_v`` are not searched (the code's ranges: r_v 0.25..0.375, t 0..50, m 3..24, alpha_v -1..1). The in-LLM stages (layers 9 and 18,
     ratios ``[1.0, 0.6011]``, ranked by this same vision score) are ``vflowopt_llm``; the full method is the chain
     ``vflowopt+vflowopt_llm``. Budgets: a count, a
     ratio or ``ts.Adaptive(mass=...)`` on the scores (not ``per_crop``).
