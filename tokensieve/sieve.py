@@ -26,6 +26,9 @@ SIGNALS = {
     "llm_attention": "(heads, N) softmax attention to each image token, in LLM layer K-1 or as layer K computes it on its "
     "input (in_llm only, see Sieve.llm_attention_at), of the prompt's last token (queries='last'), or averaged over the "
     "rows of the image's instruction tokens (queries='instruction') or of its own tokens (queries='image')",
+    "llm_transition": "(N,) token transition variation (TransPrune) summed over the attention and MLP sublayers of LLM "
+    "layers start..K-1 (in_llm only): each sublayer adds |y|/|x| times the softmax over the row's tokens of 1 - cos(x, y), "
+    "x its normalised input and y its output before the residual add",
 }
 #: where a sieve acts: between vision-tower layers, on the image tokens before the LLM, or between LLM
 #: layers ``layer - 1`` and ``layer``; a chain runs them in this order
@@ -141,6 +144,9 @@ class Sieve:
     stage: ClassVar[str] = "pre_llm"
     signals: ClassVar[tuple[str, ...]] = ()
     llm_attention_at: ClassVar[str] = "previous"
+    #: an in_llm sieve that may keep no token of an image (ToDRE's second stage drops all of them at once); the
+    #: image's later stages then have nothing to select
+    may_keep_none: ClassVar[bool] = False
 
     #: the adaptive budgets (``ts.Adaptive``) the method honours: "mass" (it ranks by score) and/or
     #: "coverage"; a budget's ``per_crop=True`` needs ``crop_split``. Both count only where declared in the
@@ -351,12 +357,11 @@ def timed_select_all(sieve: Sieve, images: list[VisualTokens]) -> list[tuple[Sel
     seconds = (time.perf_counter() - start) / len(images)
     sizes = [len(tokens) for tokens in images]
     for selection, n in zip(selections, sizes):
-        if selection.kept.ndim != 1 or len(selection.kept) == 0:
+        if selection.kept.ndim != 1 or (len(selection.kept) == 0 and not sieve.may_keep_none):
             raise RuntimeError(f"{sieve.name} returned kept indices outside 0..{n - 1}")
     # every check of every image in one read-back: each host read stalls a GPU
     device = images[0].features.device  # stacked where the images are: one copy to the host, not one per image
-    flags = torch.stack([torch.stack([(s.kept.min() < 0) | (s.kept.max() >= n), (s.kept[1:] <= s.kept[:-1]).any()]).to(device)
-                         for s, n in zip(selections, sizes)]).tolist()
+    flags = torch.stack([_index_flags(s.kept, n).to(device) for s, n in zip(selections, sizes)]).tolist()
     for selection, n, (outside, unsorted) in zip(selections, sizes, flags):
         kept = selection.kept
         if outside:
@@ -368,6 +373,13 @@ def timed_select_all(sieve: Sieve, images: list[VisualTokens]) -> list[tuple[Sel
         if selection.assignment is not None:
             _check_merge_map(sieve, selection, n)
     return [(selection, seconds) for selection in selections]
+
+
+def _index_flags(kept: torch.Tensor, n: int) -> torch.Tensor:
+    """(outside 0..n-1, not strictly ascending) of kept indices, as a tensor (no read back)."""
+    if len(kept) == 0:
+        return torch.zeros(2, dtype=torch.bool, device=kept.device)
+    return torch.stack([(kept.min() < 0) | (kept.max() >= n), (kept[1:] <= kept[:-1]).any()])
 
 
 def _check_merge_map(sieve: Sieve, selection: Selection, n: int) -> None:

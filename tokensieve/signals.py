@@ -26,6 +26,7 @@ PARAMETERS: dict[str, dict] = {
     "cls_attention": {"layers": None},
     "vision_attention": {"layer": None, "queries": "mean"},
     "llm_attention": {"queries": "last"},
+    "llm_transition": {"start": None},
 }
 #: whose attention rows a signal averages: the vision [CLS] row or every row of the tower's sequence; in the LLM,
 #: the prompt's last token, the image's instruction tokens (the ``text_embeddings`` rule) or the image's own tokens
@@ -68,6 +69,9 @@ class Signal:
             if not layers:
                 raise ValueError(f"{name}(layers=...) needs at least one layer (or None for the feature layer)")
             values["layers"] = tuple(_check_layer(layer, f"{name}(layers=...)") for layer in layers)
+        if values.get("start") is not None and (isinstance(values["start"], bool) or not isinstance(values["start"], int)
+                                                or values["start"] < 0):
+            raise ValueError(f"{name}(start=...) must be a decoder layer index (0 is the first layer), not {values['start']!r}")
         if "queries" in values and values["queries"] not in QUERIES[name]:
             raise ValueError(f"{name}(queries=...) must be one of {QUERIES[name]}, not {values['queries']!r}")
         object.__setattr__(self, "name", name)

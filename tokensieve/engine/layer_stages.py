@@ -41,6 +41,7 @@ from .llm_signals import attention_module, input_norm, query_attention, rotary_f
 from .masks import full_causal_mask, mapped_mask
 from .pack import Packing, Selections, gather_sequence
 from .select import stage_record
+from .transitions import Transitions
 
 
 @dataclass
@@ -138,11 +139,13 @@ class LayerPruning:
         # everything that can refuse comes before the first hook, so a refusal leaves the model untouched
         asked = [requests_of(stage.sieve, adapter) for stage in self.stages]
         for stage, requests in zip(self.stages, asked):
-            others = sorted({r.name for r in requests} - {"llm_attention", *VISION_SIGNALS})
+            others = sorted({r.name for r in requests} - {*LLM_SIGNALS, *VISION_SIGNALS})
             if others:
                 raise ValueError(f"{stage.method.name} asks for {', '.join(others)} inside the LLM, where a stage gets "
-                                 f"llm_attention and the vision tower's {' and '.join(VISION_SIGNALS)}")
+                                 f"{' and '.join(LLM_SIGNALS)} and the vision tower's {' and '.join(VISION_SIGNALS)}")
         self._asks = [tuple(r for r in requests if r.name == "llm_attention") for requests in asked]
+        self._transition_asks = [tuple(r for r in requests if r.name == "llm_transition") for requests in asked]
+        self._transitions = _transitions(self.stages, self._transition_asks, layers)
         self._vision_asks = [set(r for r in requests if r.name in VISION_SIGNALS) for requests in asked]
         self.vision_requests = tuple(dict.fromkeys(r for asks in self._vision_asks for r in asks))
         self._rotary = rotary_function(attention_module(layers[0]))
@@ -157,6 +160,8 @@ class LayerPruning:
         ]
         self.handles += [attention.register_forward_pre_hook(partial(self._score, index), with_kwargs=True)
                          for index, attention in scored.items()]
+        if self._transitions is not None:
+            self.handles += self._transitions.handles
 
     @property
     def pending(self) -> bool:
@@ -173,6 +178,10 @@ class LayerPruning:
         self._past = cache.get_seq_length() if cache is not None else 0
         self._length, self._past_mask, self._input_mask = own_mask.shape[1], past_mask, own_mask
         self._held = self._cache_states(cache)
+        if self._transitions is not None and images:
+            self._transitions.begin(own_mask)
+        elif self._transitions is not None:
+            self._transitions.clear()
 
     # hooks
 
@@ -243,7 +252,8 @@ class LayerPruning:
         batch, width = hidden.shape[:2]
         selections = Selections(view.filled.clone() if view.filled is not None
                                 else torch.ones(batch, width, dtype=torch.bool, device=hidden.device))
-        images = self._starting(index, view.images)
+        # an image a stage kept no token of (ToDRE's second stage) has nothing left to select
+        images = [image for image in self._starting(index, view.images) if len(image.positions)]
         if images and _scored_at(stage.sieve) == "input" and self._asks[index]:
             layer = self._layers[stage.layer]
             embeddings = view.plan.position_embeddings if view.plan is not None else kwargs["position_embeddings"]
@@ -252,8 +262,7 @@ class LayerPruning:
         for image, (kept, features) in zip(images, self._run_sieve(index, images, hidden) if images else []):
             kept_per_image.append(kept)
             selections.mark(image.row, image.positions, kept, features)
-        if images:
-            self.stages_run += 1
+        self.stages_run += 1
         hidden = selections.written(hidden)
         keep = selections.keep
         if keep.all() and self._held[index] is None and view.index is None:
@@ -275,6 +284,8 @@ class LayerPruning:
         self._view = _View(index_now, None if keep.all() else filled, packing.mask, query, images, plan, dropped)
         if keep.all():
             return _with_hidden(args, kwargs, hidden)
+        if self._transitions is not None:
+            self._transitions.packed(partial(packing.gather, dim=1), packing.mask)
         return _with_hidden(args, kwargs, packing.gather(hidden, dim=1))
 
     def _moved(self, packing: Packing, query, images: list[PendingImage], kept_per_image: list) -> tuple:
@@ -302,6 +313,7 @@ class LayerPruning:
         for number, image in enumerate(images):
             features = hidden[image.row, image.positions]
             signals = dict(self._attention[index][number]) if self._asks[index] else {}
+            signals.update((request, self._transitions.at(image.row, image.positions)) for request in self._transition_asks[index])
             raster = image.raster.to(features.device)
             signals.update((request, value[..., raster]) for request, value in image.vision.items()
                            if request in self._vision_asks[index])
@@ -412,6 +424,8 @@ class LayerPruning:
         """Forget the current forward's images and plans (it ended, or raised)."""
         self._view, self._attention, self._held = None, {}, [None] * len(self.stages)
         self.stages_run = self._expected = 0
+        if self._transitions is not None:
+            self._transitions.clear()
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -420,9 +434,30 @@ class LayerPruning:
         self.clear()
 
 
+#: the signals an in-LLM stage may ask for that the engine computes inside the decoder
+LLM_SIGNALS = ("llm_attention", "llm_transition")
 #: the vision-tower signals an in-LLM stage may ask for: one value per image token on the last axis, which the
 #: engine gathers at the tokens still there (``PendingImage.raster``) at each stage
 VISION_SIGNALS = ("cls_attention", "vision_attention")
+
+
+def _transitions(stages: list[Stage], asks: list[tuple], layers: nn.ModuleList) -> Transitions | None:
+    """The one ``llm_transition`` tracker the stages' requests share (None: no stage asks), from the first layer
+    any request starts at (its own previous layer, for ``start=None``) to the last asking stage's layer."""
+    starts = {}
+    for stage, requests in zip(stages, asks):
+        for request in requests:
+            start = request.start if request.start is not None else stage.layer - 1
+            if start >= stage.layer:
+                raise ValueError(f"{stage.method.name} asks for llm_transition(start={start}) at a stage before layer {stage.layer}: "
+                                 f"pass a start below {stage.layer}")
+            starts[start] = stage
+    if not starts:
+        return None
+    if len(starts) > 1:
+        raise ValueError(f"in-LLM stages ask for llm_transition from layers {sorted(starts)}: one start per run")
+    end = max(stage.layer for stage, requests in zip(stages, asks) if requests)
+    return Transitions(layers, next(iter(starts)), end, attention_module)
 
 
 def _check_repackable(decoder: nn.Module) -> None:
