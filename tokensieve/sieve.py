@@ -147,6 +147,9 @@ class Sieve:
     #: an in_llm sieve that may keep no token of an image (ToDRE's second stage drops all of them at once); the
     #: image's later stages then have nothing to select
     may_keep_none: ClassVar[bool] = False
+    #: an in_llm sieve whose dropped tokens leave the hidden-state stream but stay keys and values of every later
+    #: layer, computed from their hidden states at its layer (skip_visual): nothing updates them any more
+    freezes: ClassVar[bool] = False
 
     #: the adaptive budgets (``ts.Adaptive``) the method honours: "mass" (it ranks by score) and/or
     #: "coverage"; a budget's ``per_crop=True`` needs ``crop_split``. Both count only where declared in the

@@ -128,6 +128,20 @@ def query_attention(attention: nn.Module, rotary, hidden: torch.Tensor, position
     return summed / counted[:, None, None]
 
 
+def keys_and_values(layer: nn.Module, rotary, hidden: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch, kv_heads, length, head_dim) keys (normed and rotated) and values decoder ``layer`` computes for tokens
+    whose input is ``hidden`` at the positions of ``position_embeddings``: what its attention caches for them."""
+    attention = attention_module(layer)
+    x = input_norm(layer, hidden)
+    batch, length = x.shape[:2]
+    key = attention.k_proj(x).view(batch, length, -1, attention.head_dim)
+    if hasattr(attention, "k_norm"):
+        key = attention.k_norm(key)
+    value = attention.v_proj(x).view(batch, length, -1, attention.head_dim).transpose(1, 2)
+    cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)
+    return rotary(key.transpose(1, 2), key.transpose(1, 2), cos, sin)[1], value
+
+
 def input_norm(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """What decoder ``layer``'s attention receives of its input ``hidden``: its own input norm applied
     (``llm_attention_at = "input"``, PyramidDrop, scores as the layer computes it)."""
