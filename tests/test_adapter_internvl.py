@@ -230,16 +230,27 @@ def test_images_of_different_tile_counts_are_each_pruned_to_the_budget(name):
     assert tokens.shape == (1, inputs["input_ids"].shape[1] + 4)
 
 
+def test_a_row_without_images_beside_one_with_an_image():
+    model = build_model(INTERNVL)
+    batch = INTERNVL.make_inputs([[5, 6], [7, 8, 9]], n_images=[0, 1])
+    alone = INTERNVL.make_inputs([[7, 8, 9]])
+    with ts.apply(model, ts.load("fastervlm", keep=16)) as run:
+        batch_tokens = greedy(model, batch)
+        alone_tokens = greedy(model, alone)
+    assert [(r.row, r.after) for r in run.stats.images] == [(1, 16), (0, 16)]
+    assert torch.equal(batch_tokens[1, -4:], alone_tokens[0, -4:])
+
+
 def test_images_and_placeholders_that_disagree_are_refused():
     model = build_model(INTERNVL)
     inputs = INTERNVL.make_inputs([[5, 6]], n_images=[2])
     one_tile_short = {**inputs, "pixel_values": inputs["pixel_values"][:-1]}
-    ragged, mask = left_padded([[1] + image_tokens()[:-2] + [126, 5, 6]])  # a run of 47 placeholders
+    ragged, mask = left_padded([[1] + image_tokens()[:-2] + [126, 5, 6]])  # a run of 63 placeholders
     with ts.apply(model, ts.load("divprune", keep=8)):
-        with pytest.raises(ValueError, match=r"encoded 5 tile\(s\) of 16 tokens, but input_ids has runs of \[48, 48\]"):
+        with pytest.raises(ValueError, match=r"encoded 7 tile\(s\) of 16 tokens, but input_ids has runs of \[64, 64\]"):
             model(**one_tile_short)
-        with pytest.raises(PlaceholderMismatch, match=r"runs of \[47\] image placeholder tokens: each image needs 16"):
-            model(input_ids=ragged, attention_mask=mask, pixel_values=inputs["pixel_values"][:3])
+        with pytest.raises(PlaceholderMismatch, match=r"runs of \[63\] image placeholder tokens: each image needs 16"):
+            model(input_ids=ragged, attention_mask=mask, pixel_values=inputs["pixel_values"][:4])
         model(**INTERNVL.make_inputs([[5, 6]]))  # the block still works after the errors
 
 

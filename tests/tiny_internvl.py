@@ -5,8 +5,9 @@ Inputs are built as ``InternVLProcessor`` builds them: the image processor itsel
 (``GotOcr2ImageProcessorPil`` with ``crop_to_patches``) cuts each picture into tiles, the crops of its best
 grid in raster order and then a thumbnail, and stacks every tile of every image in ``pixel_values``;
 each image is ``<img>``, 16 ``<IMG_CONTEXT>`` per tile, ``</img>`` in the text. Every contract image is
-64x32 (height x width): 1x2 crops and the thumbnail, 3 tiles, 48 tokens. ``sized_inputs`` builds one row
-holding images of other sizes (other tile counts).
+96x32 (height x width): 3x1 crops and the thumbnail, 4 tiles, 64 tokens; the contract's budget of 16 then
+gives each tile a whole 2x2 grid, so grid methods (pool, downsample), which round each piece down to a
+grid, keep exactly 16. ``sized_inputs`` builds one row holding images of other sizes (other tile counts).
 
 The random init leaves InternViT's [CLS] token and position embeddings at zero, which would make every
 [CLS] row uniform; the builder draws them from a seeded normal, as trained weights are not zero.
@@ -24,7 +25,7 @@ from tiny_models import IMAGE_TOKEN, PAD, VOCAB, Family, _for_tests, left_padded
 IMG_START, IMG_END = 125, 126  # <img> and </img>
 TILE, PATCH = 32, 4
 TOKENS_PER_TILE = (TILE // PATCH // 2) ** 2
-IMAGE_SIZE = (64, 32)  # (height, width): 1x2 crops + the thumbnail
+IMAGE_SIZE = (96, 32)  # (height, width): 3x1 crops + the thumbnail
 MAX_TILES = 6
 PROCESSOR = GotOcr2ImageProcessorPil(size={"height": TILE, "width": TILE}, crop_to_patches=True, max_patches=MAX_TILES)
 

@@ -43,6 +43,8 @@ without one, ``use_cache=False`` forwards would read the gaps in the positions a
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -50,9 +52,6 @@ from ..signals import Signal
 from .attention import block_attention, block_keys, tap_blocks
 from .base import ImageSlot, PlaceholderMismatch, VisionCapture
 from .llava import LlavaAdapter, attention_with_qk
-
-_CLS_SIGNALS = ("cls_attention", "vision_keys")
-
 
 def _query_key(attention: nn.Module) -> tuple[nn.Module, nn.Module]:
     """InternViT's queries and keys as its kernel gets them: after ``q_norm``/``k_norm`` (Identity unless
@@ -83,8 +82,9 @@ class InternVLAdapter(LlavaAdapter):
     def why_not(self, request: Signal) -> str | None:
         name = request.name
         if name == "vision_tower":
-            return "its projector folds each 2x2 square of a tile's patches into one token by pixel shuffle, which needs every patch"
-        if name not in (*_CLS_SIGNALS, "vision_attention"):
+            return ("its projector folds each 2x2 square of a tile's patches into one token by pixel shuffle, which "
+                    "needs every patch")
+        if name not in ("cls_attention", "vision_keys", "vision_attention"):
             return None
         if self.config.vision_feature_select_strategy != "default":
             return "vision_feature_select_strategy is not 'default', so [CLS] is among the image tokens"
@@ -119,12 +119,13 @@ class InternVLAdapter(LlavaAdapter):
                 "(not precomputed image features) to the model inside the apply() block"
             )
         n_tiles, side = capture.inputs["pixel_shape"][0], self._side(capture.inputs["pixel_shape"])
-        grid = self._token_patches(side, "cpu").shape[0]
-        per_tile, width = grid, int(grid**0.5)
+        per_tile = self._token_patches(side, "cpu").shape[0]
+        width = math.isqrt(per_tile)
         runs = self._placeholder_runs(inputs)
         lengths = [len(positions) for _, positions in runs]
         if any(length % per_tile for length in lengths) or sum(lengths) != n_tiles * per_tile:
-            found = "input_ids has" if inputs.get("input_ids") is not None else "inputs_embeds has rows equal to the image token's embedding in"
+            found = ("input_ids has" if inputs.get("input_ids") is not None
+                     else "inputs_embeds has rows equal to the image token's embedding in")
             raise PlaceholderMismatch(
                 f"the vision tower encoded {n_tiles} tile(s) of {per_tile} tokens, but {found} runs of {lengths} "
                 f"image placeholder tokens: each image needs {per_tile} consecutive placeholders per tile (crops and "
@@ -161,7 +162,7 @@ class InternVLAdapter(LlavaAdapter):
     def _pooled(self, values: torch.Tensor, how: str) -> torch.Tensor:
         """(..., S²) values over a tile's patches -> (..., T) over its tokens: summed or averaged over each
         token's 4 patches."""
-        patches = self._token_patches(int(values.shape[-1] ** 0.5), values.device)
+        patches = self._token_patches(math.isqrt(values.shape[-1]), values.device)
         per_token = values[..., patches]
         return per_token.sum(-1) if how == "sum" else per_token.mean(-1)
 
@@ -171,7 +172,7 @@ class InternVLAdapter(LlavaAdapter):
         heads = self.vision_config.num_attention_heads
         if request.name == "vision_keys":
             keys = block_keys(capture, self.block_index(None), tile, heads)[:, 1:]  # (heads, S², d)
-            patches = self._token_patches(int(keys.shape[1] ** 0.5), keys.device)
+            patches = self._token_patches(math.isqrt(keys.shape[1]), keys.device)
             return keys[:, patches].flatten(2)
         if request.name == "vision_attention":
             rows = block_attention(capture, self.block_index(request.layer), tile, heads, request.queries)[:, 1:]
