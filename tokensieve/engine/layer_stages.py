@@ -192,7 +192,7 @@ class LayerPruning:
         self._length, self._past_mask, self._input_mask = own_mask.shape[1], past_mask, own_mask
         self._held = self._cache_states(cache)
         if self._transitions is not None and images:
-            self._transitions.begin(own_mask)
+            self._transitions.begin(own_mask, query)
         elif self._transitions is not None:
             self._transitions.clear()
 

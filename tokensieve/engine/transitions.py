@@ -3,7 +3,7 @@ token transition variation, TTV).
 
 For a sublayer (a layer's attention or its MLP) with normalised input ``x`` and output ``y`` (before the
 residual add), a token's transition is ``|y| / |x|`` times the softmax over its row's tokens of
-``1 - cos(x, y)``; a layer adds its attention's and its MLP's. Forward hooks on those sublayers add each
+``1 - cos(x, y)`` (the row's prompt: not the drafts assisted decoding appends); a layer adds its attention's and its MLP's. Forward hooks on those sublayers add each
 layer's transitions to one (batch, width) buffer over the tokens the layers see; when a stage packs the
 sequence the buffer is packed the same way, so at a later stage it holds, for every token still there, the
 sum over the layers since ``start``. Computed in the prefill of a forward with images only: the hooks do
@@ -41,16 +41,18 @@ class Transitions:
             self.handles += [attention_of(layer).register_forward_hook(self._attention_output, with_kwargs=True),
                              mlp.register_forward_hook(self._mlp_output, with_kwargs=True)]
 
-    def begin(self, own_mask: torch.Tensor) -> None:
-        """A prefill with images starts: nothing summed yet, over the decoder input's tokens."""
-        self._real = own_mask.bool()
+    def begin(self, own_mask: torch.Tensor, query: torch.Tensor) -> None:
+        """A prefill with images starts: nothing summed yet, over the decoder input's tokens. Each row's softmax runs
+        over its prompt, up to its ``query`` slot: draft tokens that assisted decoding appends take no share."""
+        slots = torch.arange(own_mask.shape[1], device=own_mask.device)
+        self._real = own_mask.bool() & (slots <= query.to(own_mask.device)[:, None])
         self.sums = torch.zeros(own_mask.shape, dtype=torch.float32, device=own_mask.device)
 
     def packed(self, gather, own_mask: torch.Tensor) -> None:
         """A stage packed the sequence (``gather`` maps a (batch, width) tensor to its slots; ``own_mask`` is theirs)."""
         if self.sums is not None:
             self.sums = gather(self.sums)
-            self._real = own_mask.bool()
+            self._real = gather(self._real) & own_mask.bool()
 
     def at(self, row: int, positions: torch.Tensor) -> torch.Tensor:
         return self.sums[row, positions]
