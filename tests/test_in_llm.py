@@ -374,9 +374,10 @@ class _QueryRecorder(ts.Sieve):
 
     name, paper, stage, signals = "query_recorder", "test", "in_llm", ("llm_attention",)
 
-    def __init__(self, layer, queries, at="previous"):
+    def __init__(self, layer, queries, at="previous", per_query=False):
         super().__init__(1.0)
-        self.layer, self.request, self.llm_attention_at, self.rows = layer, Signal("llm_attention", queries=queries), at, []
+        self.layer, self.llm_attention_at, self.rows = layer, at, []
+        self.request = Signal("llm_attention", queries=queries, per_query=per_query)
 
     def requests(self):
         return (self.request,)
@@ -386,26 +387,29 @@ class _QueryRecorder(ts.Sieve):
         return ts.Selection.every(tokens)
 
 
-def _expected_rows(eager, inputs, family, blocks, queries):
-    """Eager attention averaged over each image's query rows (its own tokens, or its instruction's), at its tokens."""
+def _expected_rows(eager, inputs, family, blocks, queries, per_query=False):
+    """Eager attention averaged over each image's query rows (its own tokens, or its instruction's), at its tokens
+    (``per_query``: each of those rows)."""
     mask, placeholders = inputs["attention_mask"], inputs["input_ids"] == family.image_token
     for row, positions in blocks:
         rows = positions if queries == "image" else instruction_positions(mask[row], placeholders[row], int(positions[-1]), mask.shape[1] - 1)
-        yield eager[row][:, rows][:, :, positions].float().mean(1)
+        each = eager[row][:, rows][:, :, positions].float()
+        yield each if per_query else each.mean(1)
 
 
+@pytest.mark.parametrize("per_query", [False, True], ids=["averaged", "per_query"])
 @pytest.mark.parametrize("queries", ["instruction", "image"])
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
-def test_llm_attention_of_the_instruction_or_the_image_tokens_is_their_eager_rows_averaged(family, queries):
+def test_llm_attention_of_the_instruction_or_the_image_tokens_is_their_eager_rows_averaged(family, queries, per_query):
     model = family.build()
     model.set_attn_implementation("eager")
     inputs = family.make_inputs(TEXTS)
     eager = model(**inputs, output_attentions=True).attentions[0]  # layer K-1 = 0
-    recorder = _QueryRecorder(1, queries)
+    recorder = _QueryRecorder(1, queries, per_query=per_query)
     with ts.apply(model, recorder) as run:
         model(**inputs)
     blocks = _image_blocks(inputs, family, run.stats.images)
-    for got, expected in zip(recorder.rows, _expected_rows(eager, inputs, family, blocks, queries), strict=True):
+    for got, expected in zip(recorder.rows, _expected_rows(eager, inputs, family, blocks, queries, per_query), strict=True):
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
 
 

@@ -25,7 +25,8 @@ SIGNALS = {
     "project": "callable mapping (M, d_vision) vision features to (M, d_llm) LLM input embeddings",
     "llm_attention": "(heads, N) softmax attention to each image token, in LLM layer K-1 or as layer K computes it on its "
     "input (in_llm only, see Sieve.llm_attention_at), of the prompt's last token (queries='last'), or averaged over the "
-    "rows of the image's instruction tokens (queries='instruction') or of its own tokens (queries='image')",
+    "rows of the image's instruction tokens (queries='instruction') or of its own tokens (queries='image'); with "
+    "per_query=True, (heads, Q, N): each of those Q rows apart",
     "llm_transition": "(N,) token transition variation (TransPrune) summed over the attention and MLP sublayers of LLM "
     "layers start..K-1 (in_llm only): each sublayer adds |y|/|x| times the softmax over the row's tokens of 1 - cos(x, y), "
     "x its normalised input and y its output before the residual add",

@@ -229,8 +229,8 @@ class LayerPruning:
     def _image_attention(self, index: int, attention: nn.Module, hidden: torch.Tensor, embeddings) -> list[dict]:
         """Each view image's ``llm_attention`` requests of stage ``index``, as ``attention`` computes them on its input
         ``hidden``: the rows of the prompt's last token (``queries="last"``), of the image's instruction tokens
-        (``"instruction"``, the ``text_embeddings`` rule) or of the image's own tokens (``"image"``), averaged, at
-        the image's tokens."""
+        (``"instruction"``, the ``text_embeddings`` rule) or of the image's own tokens (``"image"``), averaged (each
+        row apart with ``per_query=True``), at the image's tokens."""
         view, asks = self._view, self._asks[index]
         last = None
         if any(request.queries == "last" for request in asks):
@@ -245,8 +245,9 @@ class LayerPruning:
                     queries = image.positions if request.queries == "image" else self._instruction(image)
                     row = slice(image.row, image.row + 1)
                     one = tuple(t[row] if t.shape[0] > 1 else t for t in embeddings)
-                    rows = query_attention(attention, self._rotary, hidden[row], one, queries[None], view.own_mask[row])[0]
-                given[request] = rows[:, image.positions]
+                    rows = query_attention(attention, self._rotary, hidden[row], one, queries[None], view.own_mask[row],
+                                           average=not request.per_query)[0]
+                given[request] = rows[..., image.positions]
             per_image.append(given)
         return per_image
 

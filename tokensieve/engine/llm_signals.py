@@ -96,11 +96,12 @@ def rotary_function(attention: nn.Module):
 
 
 def query_attention(attention: nn.Module, rotary, hidden: torch.Tensor, position_embeddings, queries: torch.Tensor,
-                    own_mask: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+                    own_mask: torch.Tensor, chunk: int = 128, average: bool = True) -> torch.Tensor:
     """(batch, heads, length) softmax attention of each row's query tokens to the forward's tokens, as the layer
     computes it (eager and SDPA agree on it), from the query projections of those tokens and the keys, averaged
     over the row's queries. ``queries``: (batch,), one query a row (the prompt's last token), or (batch, Q), -1
-    where a row has fewer; taken ``chunk`` queries at a time, so heads x Q x length is never held."""
+    where a row has fewer; taken ``chunk`` queries at a time, so heads x Q x length is never held, unless
+    ``average=False`` asks for every query's row: (batch, heads, Q, length), zero at a missing query."""
     batch, length = hidden.shape[:2]
     queries = queries[:, None] if queries.ndim == 1 else queries
     rows = torch.arange(batch, device=hidden.device)[:, None]
@@ -111,7 +112,7 @@ def query_attention(attention: nn.Module, rotary, hidden: torch.Tensor, position
     cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)
     k = rotary(k.transpose(1, 2), k.transpose(1, 2), cos, sin)[1]
     real = own_mask.bool()[:, None, :]
-    summed, counted = None, (queries >= 0).sum(1).clamp(min=1)
+    summed, counted, each = None, (queries >= 0).sum(1).clamp(min=1), []
     for start in range(0, queries.shape[1], chunk):
         part = queries[:, start : start + chunk]
         valid, part = part >= 0, part.clamp(min=0)
@@ -124,8 +125,11 @@ def query_attention(attention: nn.Module, rotary, hidden: torch.Tensor, position
         # causal and unpadded; a padding query sees everything, so its row is finite, and is then left out
         visible = ((torch.arange(length, device=hidden.device) <= part[:, :, None]) & real) | ~valid[:, :, None]
         probabilities = logits.masked_fill(~visible[:, None], float("-inf")).softmax(dim=-1) * valid[:, None, :, None]
+        if not average:
+            each.append(probabilities)
+            continue
         summed = probabilities.sum(2) if summed is None else summed + probabilities.sum(2)
-    return summed / counted[:, None, None]
+    return torch.cat(each, dim=2) if not average else summed / counted[:, None, None]
 
 
 def keys_and_values(layer: nn.Module, rotary, hidden: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
