@@ -177,7 +177,9 @@ class Sieve:
         if self.budget.total is None:
             return [self.select(tokens) for tokens in images]
         counts = total_counts(self.budget.total, images, [float(len(tokens)) for tokens in images])
-        return [replace(self, keep=k).select(tokens) for tokens, k in zip(images, counts)]
+        # each image's share keeps the budget's split over its crops
+        return [replace(self, keep=Budget(k, per_crop=True) if self.budget.per_crop else k).select(tokens)
+                for tokens, k in zip(images, counts)]
 
     def requests(self) -> tuple[Signal | str, ...]:
         """The signals this instance asks for, with their parameters (default: each name in ``signals`` with
