@@ -39,10 +39,12 @@ console = Console(width=220)
 
 
 def configurations(methods: str | None, keep: int) -> list[str]:
-    """Each in-LLM method at its defaults and at ``keep`` tokens (or the specs asked for)."""
+    """Each in-LLM method at its defaults and at ``keep`` tokens (or the specs asked for). Freezing methods
+    (skip_visual) are left out: their frozen tokens stay keys of every later layer, which no staged ideal of kept
+    tokens reproduces, and their reference code needs no attention weights."""
     if methods:
         return ts.split_specs(methods)
-    names = [info.name for info in ts.list_methods(stage="in_llm")]
+    names = [info.name for info in ts.list_methods(stage="in_llm") if not ts.load(info.name).freezes]
     return [spec for name in names for spec in (name, f"{name}:{keep}")]
 
 

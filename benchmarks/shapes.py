@@ -5,6 +5,9 @@ shapes of real checkpoints), a prompt with one image, and a timer.
 - ``llava-1.5-7b``: LLaVA-1.5-7B's shapes: CLIP ViT-L/336 (24x1024) and a 32x4096 Llama decoder.
 - ``qwen2.5-vl-7b``: Qwen2.5-VL-7B-Instruct's shapes (its config.json): a 32x1280 windowed tower and
   a 28x3584 decoder with 4 key-value heads; a 1008-px square image gives 36x36 = 1,296 tokens.
+- ``internvl3-8b``: InternVL3-8B's shapes (``OpenGVLab/InternVL3-8B-hf``): a 24x1024 InternViT-300M tower
+  with a [CLS] token on 448-px tiles, pixel shuffle to 256 tokens per tile, and a 28x3584 Qwen2.5 decoder
+  with 4 key-value heads; an 896-px square image is 2x2 crops and a thumbnail, 5 tiles, 1,280 tokens.
 
 Real-size models are built directly on the target device in the target dtype: a 7B model in float32
 on a CPU would need 28 GiB before the first cast.
@@ -17,12 +20,17 @@ import statistics
 import time
 
 import torch
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import (
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+)
 
 from tokensieve.demo_model import demo_inputs, demo_llava
 
-MODELS = ("demo", "llava-1.5-7b", "qwen2.5-vl-7b")
-MODEL_HELP = "demo (CPU-sized LLaVA) | llava-1.5-7b | qwen2.5-vl-7b (random weights at the real shapes)"
+MODELS = ("demo", "llava-1.5-7b", "qwen2.5-vl-7b", "internvl3-8b")
+MODEL_HELP = "demo (CPU-sized LLaVA) | llava-1.5-7b | qwen2.5-vl-7b | internvl3-8b (random weights at the real shapes)"
 
 QWEN_IMAGE_SIDE, QWEN_PATCH, QWEN_MERGE, QWEN_TEMPORAL = 1008, 14, 2, 2
 QWEN_TOKENS = {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
@@ -58,6 +66,38 @@ def qwen_inputs(batch: int, prompt_tokens: int = 40, seed: int = 0) -> dict:
     }
 
 
+INTERNVL_TILE, INTERNVL_TILES, INTERNVL_TOKENS_PER_TILE = 448, 5, 256
+INTERNVL_TOKENS = {"image_token_id": 151667, "start_image_token_id": 151665, "end_image_token_id": 151666}
+
+
+def internvl3_8b() -> InternVLForConditionalGeneration:
+    text = dict(model_type="qwen2", vocab_size=151674, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                  attention_bias=True, image_size=INTERNVL_TILE, patch_size=14, layer_norm_eps=1e-6, use_qk_norm=False,
+                  use_mean_pooling=True, layer_scale_init_value=0.1)
+    config = InternVLConfig(text_config=text, vision_config=vision, image_token_id=INTERNVL_TOKENS["image_token_id"],
+                            image_seq_length=INTERNVL_TOKENS_PER_TILE, downsample_ratio=0.5, vision_feature_layer=-1,
+                            vision_feature_select_strategy="default", tie_word_embeddings=False)
+    return InternVLForConditionalGeneration(config).eval()
+
+
+def internvl_inputs(batch: int, prompt_tokens: int = 40, seed: int = 0) -> dict:
+    """``<img>, 1,280 x <IMG_CONTEXT>, </img>`` after 5 text tokens, as the processor lays out a 896-px image
+    (2x2 crops and the thumbnail, tile after tile); the pixel values are random tiles."""
+    generator = torch.Generator().manual_seed(seed)
+    text = torch.randint(3, 150000, (batch, prompt_tokens), generator=generator)
+    image = torch.tensor([INTERNVL_TOKENS["start_image_token_id"]]
+                         + [INTERNVL_TOKENS["image_token_id"]] * INTERNVL_TOKENS_PER_TILE * INTERNVL_TILES
+                         + [INTERNVL_TOKENS["end_image_token_id"]]).expand(batch, -1)
+    input_ids = torch.cat([text[:, :5], image, text[:, 5:]], dim=1)
+    return {
+        "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+        "pixel_values": torch.randn(batch * INTERNVL_TILES, 3, INTERNVL_TILE, INTERNVL_TILE, generator=generator),
+    }
+
+
 def model_and_inputs(name: str, device: str, dtype: str, batch: int = 1,
                      attention: str = "sdpa") -> tuple[torch.nn.Module, dict]:
     """Model ``name`` (one of MODELS) on ``device`` in ``dtype`` with its prompt, gradients off."""
@@ -74,12 +114,14 @@ def model_and_inputs(name: str, device: str, dtype: str, batch: int = 1,
             with torch.device(device):
                 if name == "llava-1.5-7b":
                     model = demo_llava(vision_layers=24, llm_hidden=4096, llm_layers=32, vision_hidden=1024, llm_heads=32)
+                elif name == "internvl3-8b":
+                    model = internvl3_8b()
                 else:
                     model = qwen2_5_vl_7b()
         finally:
             torch.set_default_dtype(default)
     model.set_attn_implementation(attention)
-    inputs = qwen_inputs(batch) if name == "qwen2.5-vl-7b" else demo_inputs(batch)
+    inputs = {"qwen2.5-vl-7b": qwen_inputs, "internvl3-8b": internvl_inputs}.get(name, demo_inputs)(batch)
     inputs = {k: v.to(device) for k, v in inputs.items()}
     inputs["pixel_values"] = inputs["pixel_values"].to(torch_dtype)
     return model, inputs

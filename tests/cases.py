@@ -11,8 +11,8 @@ import tokensieve as ts
 #: in-LLM methods with one stage prune before layer 1 of the tiny models' four decoder layers; PyramidDrop
 #: places its three stages by the depth (layers 1, 2, 3); HiPrune's object layer is the first of the tiny
 #: towers' two or three vision layers; VTC-CLS sums the [CLS] rows of the layers from -3 to -2 (the [CLS] towers
-#: have three)
-TINY_MODEL_ARGS = {"layer": 1, "object_layer": 1, "first_layer": -3}
+#: have three); ToDRE's second stage drops an image only once its attention shares fall below tau: 1.0 always does
+TINY_MODEL_ARGS = {"layer": 1, "object_layer": 1, "first_layer": -3, "tau": 1.0}
 CHAINS = [
     ("uniform+fastv", {"layer": 1}),
     ("uniform+pyramiddrop", {}),  # one method before the LLM, three stages inside it

@@ -49,6 +49,12 @@ def pre_llm_sieve(method):
     return next((s for s in sieves if s.stage == "pre_llm"), None)
 
 
+def freezes(name, kwargs) -> bool:
+    """Whether the case's method freezes tokens (skip_visual): they leave the hidden states but stay keys and values."""
+    method = method_for(name, kwargs)
+    return any(sieve.freezes for sieve in (method.sieves if isinstance(method, ts.Chain) else (method,)))
+
+
 def supported(family, name, kwargs) -> bool:
     """Whether the family gives every signal the case's in_vision and pre-LLM methods ask for."""
     method = method_for(name, kwargs)

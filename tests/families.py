@@ -1,6 +1,7 @@
 """Every model family the contract tests run on: one tiny model each (see tiny_*.py)."""
 
 from tiny_idefics3 import IDEFICS3, SMOLVLM
+from tiny_internvl import INTERNVL
 from tiny_llava_next import LLAVA_NEXT, LLAVA_ONEVISION
 from tiny_models import LLAVA
 from tiny_qwen2_vl import QWEN2_5_VL, QWEN2_VL
@@ -11,6 +12,7 @@ FAMILIES = [
     LLAVA_ONEVISION,
     IDEFICS3,
     SMOLVLM,
+    INTERNVL,
     QWEN2_VL,
     QWEN2_5_VL,
 ]

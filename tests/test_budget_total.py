@@ -14,6 +14,7 @@ from test_contract import TEXTS, greedy
 from tiny_models import LLAVA
 from tokensieve.budget import Budget, parse_keep, score_mass, share_total
 from tokensieve.sieve import VisualTokens
+from tokensieve.signals import Signal
 
 
 def test_shares_worked_by_hand():
@@ -84,3 +85,14 @@ def test_on_a_model_each_prompts_images_keep_the_total_together():
     expected_logits, expected_tokens = model(**inputs).logits, greedy(model, inputs)
     with ts.apply(model, ts.FasterVLM(keep=Budget(total=2 * LLAVA.tokens_per_image))):  # covers every token
         assert torch.equal(model(**inputs).logits, expected_logits) and torch.equal(greedy(model, inputs), expected_tokens)
+
+
+def test_a_total_budget_per_crop_keeps_splitting_each_images_share_over_its_crops():
+    # two pieces of 2x2 and 2x4 tokens in one image; [CLS] attention highest in the second piece
+    blocks = (torch.arange(4).view(2, 2), torch.arange(4, 12).view(2, 4))
+    attention = torch.linspace(0, 1, 12).expand(2, -1)
+    image = VisualTokens(torch.randn(12, 4), (1, 12), {Signal("cls_attention"): attention}, blocks=blocks, prompt=0)
+    (per_crop,) = ts.FasterVLM(keep=Budget(total=6, per_crop=True)).select_all([image])
+    (alone,) = ts.FasterVLM(keep=Budget(6, per_crop=True)).select_all([image])
+    assert torch.equal(per_crop.kept, alone.kept)
+    assert per_crop.kept.tolist() == [2, 3, 8, 9, 10, 11]  # 2 of the first piece's 4, 4 of the second's 8

@@ -40,6 +40,7 @@ MODULE_FUNCTIONS = [
     ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "apply_rotary_pos_emb_vision", "adapters/qwen2_vl.py"),
     ("transformers.models.llava_next.modeling_llava_next", "image_size_to_num_patches", "adapters/llava_next.py"),
     ("transformers.vision_utils", "get_vision_window_index", "adapters/qwen2_vl.py"),
+    ("transformers.models.internvl.modeling_internvl", "InternVLModel.pixel_shuffle", "adapters/internvl.py"),
     ("transformers.masking_utils", "ALL_MASK_ATTENTION_FUNCTIONS", "engine/masks.py"),
     ("transformers.masking_utils", "causal_mask_function", "engine/masks.py"),
     ("transformers.generation.utils", "GenerationMixin._prepare_multimodal_encoder_kwargs_for_generation",

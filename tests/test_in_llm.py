@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tokensieve as ts
-from conftest import build_model, family_method_params, method_for
+from conftest import build_model, family_method_params, freezes, method_for
 from families import FAMILIES
 from tiny_models import LLAVA
 from tiny_qwen2_vl import QWEN2_VL
@@ -19,6 +19,8 @@ from tokensieve.signals import Signal, instruction_positions
 from tokensieve.engine.flops import decoder_prefill_flops
 
 IN_LLM = family_method_params(stages=("in_llm", "chain"))
+#: methods that drop keys: a freezing method keeps them, and is held against its own reference (test_skip_visual.py)
+DROPPING = [case for case in IN_LLM if not freezes(*case.values[1:])]
 TEXTS = [[5, 6, 7, 8], [9, 10]]
 
 
@@ -123,7 +125,7 @@ def _assert_kept_rows_equal(pruned, stock, final, real):
         torch.testing.assert_close(pruned[row, -len(kept) :][compared], stock[row, kept][compared], atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family, name, kwargs", IN_LLM)
+@pytest.mark.parametrize("family, name, kwargs", DROPPING)
 def test_layers_from_k_equal_the_stock_model_with_the_dropped_keys_masked_there(family, name, kwargs):
     """Each kept token's final hidden state equals the stock decoder's when every layer masks the keys the stages
     up to it dropped (a pre-LLM stage from layer 0, each in-LLM stage from its layer on; left-padded batch)."""
@@ -372,9 +374,10 @@ class _QueryRecorder(ts.Sieve):
 
     name, paper, stage, signals = "query_recorder", "test", "in_llm", ("llm_attention",)
 
-    def __init__(self, layer, queries, at="previous"):
+    def __init__(self, layer, queries, at="previous", per_query=False):
         super().__init__(1.0)
-        self.layer, self.request, self.llm_attention_at, self.rows = layer, Signal("llm_attention", queries=queries), at, []
+        self.layer, self.llm_attention_at, self.rows = layer, at, []
+        self.request = Signal("llm_attention", queries=queries, per_query=per_query)
 
     def requests(self):
         return (self.request,)
@@ -384,26 +387,29 @@ class _QueryRecorder(ts.Sieve):
         return ts.Selection.every(tokens)
 
 
-def _expected_rows(eager, inputs, family, blocks, queries):
-    """Eager attention averaged over each image's query rows (its own tokens, or its instruction's), at its tokens."""
+def _expected_rows(eager, inputs, family, blocks, queries, per_query=False):
+    """Eager attention averaged over each image's query rows (its own tokens, or its instruction's), at its tokens
+    (``per_query``: each of those rows)."""
     mask, placeholders = inputs["attention_mask"], inputs["input_ids"] == family.image_token
     for row, positions in blocks:
         rows = positions if queries == "image" else instruction_positions(mask[row], placeholders[row], int(positions[-1]), mask.shape[1] - 1)
-        yield eager[row][:, rows][:, :, positions].float().mean(1)
+        each = eager[row][:, rows][:, :, positions].float()
+        yield each if per_query else each.mean(1)
 
 
+@pytest.mark.parametrize("per_query", [False, True], ids=["averaged", "per_query"])
 @pytest.mark.parametrize("queries", ["instruction", "image"])
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
-def test_llm_attention_of_the_instruction_or_the_image_tokens_is_their_eager_rows_averaged(family, queries):
+def test_llm_attention_of_the_instruction_or_the_image_tokens_is_their_eager_rows_averaged(family, queries, per_query):
     model = family.build()
     model.set_attn_implementation("eager")
     inputs = family.make_inputs(TEXTS)
     eager = model(**inputs, output_attentions=True).attentions[0]  # layer K-1 = 0
-    recorder = _QueryRecorder(1, queries)
+    recorder = _QueryRecorder(1, queries, per_query=per_query)
     with ts.apply(model, recorder) as run:
         model(**inputs)
     blocks = _image_blocks(inputs, family, run.stats.images)
-    for got, expected in zip(recorder.rows, _expected_rows(eager, inputs, family, blocks, queries), strict=True):
+    for got, expected in zip(recorder.rows, _expected_rows(eager, inputs, family, blocks, queries, per_query), strict=True):
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tokensieve as ts
-from conftest import build_model, method_for
+from conftest import build_model, freezes, method_for
 from test_contract import CONTRACT, TEXTS
 
 OPTIONS = {"output_scores": "scores", "output_logits": "logits", "output_hidden_states": "hidden_states",
@@ -54,12 +54,13 @@ def test_keep_all_outputs_are_the_stock_models(family, name, kwargs, option):
     assert_same(getattr(out, OPTIONS[option]), getattr(expected, OPTIONS[option]))
 
 
-def _kept_width(inputs, run) -> int:
-    """The decoder's last layers see each row's real tokens less its dropped ones, left-padded to the longest."""
+def _kept_width(inputs, run) -> tuple[int, int]:
+    """The decoder's last layers see each row's real tokens less its dropped ones, left-padded to the longest; their
+    keys are those, after the tokens a freezing method froze (left-padded to the most a row froze)."""
     removed = torch.zeros(len(inputs["attention_mask"]), dtype=torch.long)
     for record in (r for r in run.stats.images if r.call == 0):  # generate()'s prefill
         removed[record.row] += record.before - record.after
-    return int((inputs["attention_mask"].sum(1) - removed).max())
+    return int((inputs["attention_mask"].sum(1) - removed).max()), int(removed.max())
 
 
 @pytest.mark.parametrize("option", OPTIONS)
@@ -77,7 +78,8 @@ def test_outputs_under_pruning_describe_the_pruned_sequence(family, name, kwargs
         torch.testing.assert_close(steps[0], first_logits)
         assert all(torch.equal(step.argmax(-1), out.sequences[:, prompt + i]) for i, step in enumerate(steps))
         return
-    width = _kept_width(inputs, run)
+    width, dropped = _kept_width(inputs, run)
+    keys = width + (dropped if freezes(name, kwargs) else 0)
     if option == "output_hidden_states":
         last_layer = steps[0][-1]  # the prefill's last hidden state, after the final norm
         assert last_layer.shape[1] == width
@@ -85,6 +87,6 @@ def test_outputs_under_pruning_describe_the_pruned_sequence(family, name, kwargs
         assert all(layer.shape[1] == 1 for step in steps[1:] for layer in step)
         return
     last_layer = steps[0][-1]  # (batch, heads, queries, keys) at the prefill
-    assert last_layer.shape[-2:] == (width, width)
+    assert last_layer.shape[-2:] == (width, keys)
     torch.testing.assert_close(last_layer.sum(-1), torch.ones_like(last_layer.sum(-1)))
-    assert all(step[-1].shape[-2:] == (1, width + i + 1) for i, step in enumerate(steps[1:]))
+    assert all(step[-1].shape[-2:] == (1, keys + i + 1) for i, step in enumerate(steps[1:]))

@@ -284,33 +284,3 @@ def test_spellings_and_bad_arguments():
         warnings.simplefilter("error")
         with pytest.raises(ValueError, match="has 4 layers"):
             ts.apply(build_model(LLAVA), SparseVLM(layers=(2, 5)))
-
-
-@pytest.mark.parametrize("family", [LLAVA, QWEN2_VL], ids=lambda f: f.name)
-def test_rater_rows_are_eager_attention_rows_and_the_gravity_map_is_the_rotation_of_ones(family):
-    """llm_signals.query_rows (for the engine's rater rows, not yet wired): each query's row equals eager attention's
-    at that row; ``unbias`` divides it by ``sum_i (cos_t cos_j + sin_t sin_j) / sqrt(d)`` (all-ones q, k rotated)."""
-    from tokensieve.adapters import adapter_for
-    from tokensieve.engine.llm_signals import attention_module, query_rows, rotary_function
-
-    model = family.build()
-    model.set_attn_implementation("eager")
-    inputs = family.make_inputs([[5, 6, 7, 8], [9, 10]])
-    attention = attention_module(adapter_for(model).decoder.layers[0])
-    given = []
-    hook = attention.register_forward_pre_hook(lambda m, a, kw: given.append(kw), with_kwargs=True)
-    try:
-        eager = model(**inputs, output_attentions=True).attentions[0]
-    finally:
-        hook.remove()
-    hidden, (cos, sin) = given[0]["hidden_states"], given[0]["position_embeddings"]
-    for row in range(2):
-        length = int(inputs["attention_mask"][row].sum())
-        queries = torch.arange(hidden.shape[1] - length, hidden.shape[1])[[-1, -3, -5, 2]]  # text and image rows
-        one = tuple(t[row : row + 1] if t.shape[0] > 1 else t for t in (cos, sin))
-        args = (attention, rotary_function(attention), hidden[row : row + 1], one, queries, inputs["attention_mask"][row : row + 1])
-        rows = query_rows(*args)
-        torch.testing.assert_close(rows, eager[row][:, queries].float(), atol=1e-6, rtol=1e-4)
-        c, s = one[0][0].float(), one[1][0].float()
-        gravity = (c[queries] @ c.T + s[queries] @ s.T) / math.sqrt(attention.head_dim)
-        torch.testing.assert_close(query_rows(*args, unbias=True), rows / gravity, atol=1e-5, rtol=1e-4)

@@ -19,13 +19,19 @@ SIGNALS = {
     "(queries='cls') or the mean over every query row, the attention each token receives (queries='mean')",
     "text_embeddings": "(T, d_llm) LLM input embeddings of the prompt's instruction tokens for this image (the tokens "
     "after the image up to the prompt's end, see signals.instruction_positions)",
-    "vision_features": "(N, d_vision) features of the vision feature layer, before the projector",
+    "vision_features": "(N, d_vision) features of the vision feature layer, before the projector; with missing='zeros', "
+    "zero rows at tokens that have none (LLaVA-NeXT's newline tokens), which refuse the default missing='refuse'",
     "vision_tower": "(in_vision only) the vision tower's layers, to merge tokens between them (tokensieve/engine/vision_stage.py)",
-    "vision_keys": "(heads, N, d_head) key vectors of the feature layer's attention, [CLS] excluded",
+    "vision_keys": "(heads, N, d_head) key vectors of the feature layer's attention, [CLS] excluded; missing='zeros' as "
+    "for vision_features",
     "project": "callable mapping (M, d_vision) vision features to (M, d_llm) LLM input embeddings",
     "llm_attention": "(heads, N) softmax attention to each image token, in LLM layer K-1 or as layer K computes it on its "
     "input (in_llm only, see Sieve.llm_attention_at), of the prompt's last token (queries='last'), or averaged over the "
-    "rows of the image's instruction tokens (queries='instruction') or of its own tokens (queries='image')",
+    "rows of the image's instruction tokens (queries='instruction') or of its own tokens (queries='image'); with "
+    "per_query=True, (heads, Q, N): each of those Q rows apart",
+    "llm_transition": "(N,) token transition variation (TransPrune) summed over the attention and MLP sublayers of LLM "
+    "layers start..K-1 (in_llm only): each sublayer adds |y|/|x| times the softmax over the row's tokens of 1 - cos(x, y), "
+    "x its normalised input and y its output before the residual add",
 }
 #: where a sieve acts: between vision-tower layers, on the image tokens before the LLM, or between LLM
 #: layers ``layer - 1`` and ``layer``; a chain runs them in this order
@@ -141,6 +147,12 @@ class Sieve:
     stage: ClassVar[str] = "pre_llm"
     signals: ClassVar[tuple[str, ...]] = ()
     llm_attention_at: ClassVar[str] = "previous"
+    #: an in_llm sieve that may keep no token of an image (ToDRE's second stage drops all of them at once); the
+    #: image's later stages then have nothing to select
+    may_keep_none: ClassVar[bool] = False
+    #: an in_llm sieve whose dropped tokens leave the hidden-state stream but stay keys and values of every later
+    #: layer, computed from their hidden states at its layer (skip_visual): nothing updates them any more
+    freezes: ClassVar[bool] = False
 
     #: the adaptive budgets (``ts.Adaptive``) the method honours: "mass" (it ranks by score) and/or
     #: "coverage"; a budget's ``per_crop=True`` needs ``crop_split``. Both count only where declared in the
@@ -167,7 +179,9 @@ class Sieve:
         if self.budget.total is None:
             return [self.select(tokens) for tokens in images]
         counts = total_counts(self.budget.total, images, [float(len(tokens)) for tokens in images])
-        return [replace(self, keep=k).select(tokens) for tokens, k in zip(images, counts)]
+        # each image's share keeps the budget's split over its crops
+        return [replace(self, keep=Budget(k, per_crop=True) if self.budget.per_crop else k).select(tokens)
+                for tokens, k in zip(images, counts)]
 
     def requests(self) -> tuple[Signal | str, ...]:
         """The signals this instance asks for, with their parameters (default: each name in ``signals`` with
@@ -351,12 +365,11 @@ def timed_select_all(sieve: Sieve, images: list[VisualTokens]) -> list[tuple[Sel
     seconds = (time.perf_counter() - start) / len(images)
     sizes = [len(tokens) for tokens in images]
     for selection, n in zip(selections, sizes):
-        if selection.kept.ndim != 1 or len(selection.kept) == 0:
+        if selection.kept.ndim != 1 or (len(selection.kept) == 0 and not sieve.may_keep_none):
             raise RuntimeError(f"{sieve.name} returned kept indices outside 0..{n - 1}")
     # every check of every image in one read-back: each host read stalls a GPU
     device = images[0].features.device  # stacked where the images are: one copy to the host, not one per image
-    flags = torch.stack([torch.stack([(s.kept.min() < 0) | (s.kept.max() >= n), (s.kept[1:] <= s.kept[:-1]).any()]).to(device)
-                         for s, n in zip(selections, sizes)]).tolist()
+    flags = torch.stack([_index_flags(s.kept, n).to(device) for s, n in zip(selections, sizes)]).tolist()
     for selection, n, (outside, unsorted) in zip(selections, sizes, flags):
         kept = selection.kept
         if outside:
@@ -368,6 +381,13 @@ def timed_select_all(sieve: Sieve, images: list[VisualTokens]) -> list[tuple[Sel
         if selection.assignment is not None:
             _check_merge_map(sieve, selection, n)
     return [(selection, seconds) for selection in selections]
+
+
+def _index_flags(kept: torch.Tensor, n: int) -> torch.Tensor:
+    """(outside 0..n-1, not strictly ascending) of kept indices, as a tensor (no read back)."""
+    if len(kept) == 0:
+        return torch.zeros(2, dtype=torch.bool, device=kept.device)
+    return torch.stack([(kept.min() < 0) | (kept.max() >= n), (kept[1:] <= kept[:-1]).any()])
 
 
 def _check_merge_map(sieve: Sieve, selection: Selection, n: int) -> None:

@@ -25,7 +25,8 @@ from ._lazy import torch
 PARAMETERS: dict[str, dict] = {
     "cls_attention": {"layers": None},
     "vision_attention": {"layer": None, "queries": "mean"},
-    "llm_attention": {"queries": "last"},
+    "llm_attention": {"queries": "last", "per_query": False},
+    "llm_transition": {"start": None},
     "vision_keys": {"missing": "refuse"},
     "vision_features": {"missing": "refuse"},
 }
@@ -76,6 +77,11 @@ class Signal:
             values["layers"] = tuple(_check_layer(layer, f"{name}(layers=...)") for layer in layers)
         if "missing" in values and values["missing"] not in MISSING:
             raise ValueError(f"{name}(missing=...) must be one of {MISSING}, not {values['missing']!r}")
+        if values.get("start") is not None and (isinstance(values["start"], bool) or not isinstance(values["start"], int)
+                                                or values["start"] < 0):
+            raise ValueError(f"{name}(start=...) must be a decoder layer index (0 is the first layer), not {values['start']!r}")
+        if values.get("per_query") and values["queries"] == "last":
+            raise ValueError(f"{name}(per_query=True) keeps each query's row apart: ask for queries='instruction' or 'image'")
         if "queries" in values and values["queries"] not in QUERIES[name]:
             raise ValueError(f"{name}(queries=...) must be one of {QUERIES[name]}, not {values['queries']!r}")
         object.__setattr__(self, "name", name)

@@ -6,12 +6,14 @@ from torch import nn
 
 from .base import Adapter, ImageSlot, PlaceholderMismatch, VisionCapture
 from .idefics3 import Idefics3Adapter
+from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_vl import Qwen2VLAdapter
 
-ADAPTERS: list[type[Adapter]] = [LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Idefics3Adapter, Qwen2VLAdapter]
+ADAPTERS: list[type[Adapter]] = [LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Idefics3Adapter, InternVLAdapter,
+                               Qwen2VLAdapter]
 
 
 def adapter_for(model: nn.Module) -> Adapter:

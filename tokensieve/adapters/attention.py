@@ -1,9 +1,10 @@
 """Vision attention rows recomputed from hooked q/k projections, so the tower keeps its attention kernel.
 
 Towers whose attention modules have separate ``q_proj``/``k_proj`` linears (CLIP, SigLIP, DINOv2, the
-Idefics3 tower) get forward hooks on both, plus a pre-hook on the attention module that records the mask
-it is given (None for unpadded images under SDPA). ``block_attention`` then gives one image's [CLS] row or
-its attention received (the mean over every query row), as eager attention would compute them.
+Idefics3 tower; InternViT's, after its optional q/k norms) get forward hooks on both, plus a pre-hook on
+the attention module that records the mask it is given (None for unpadded images under SDPA).
+``block_attention`` then gives one image's [CLS] row or its attention received (the mean over every query
+row), as eager attention would compute them.
 """
 
 from __future__ import annotations
@@ -15,11 +16,20 @@ from ..signals import attention_received, attention_row
 from .base import VisionCapture
 
 
-def tap_blocks(attentions: dict[int, nn.Module], full_queries: set[int], capture: VisionCapture) -> list:
+def projections(attention: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The modules whose outputs are an attention module's queries and keys, as its kernel gets them."""
+    return attention.q_proj, attention.k_proj
+
+
+def tap_blocks(attentions: dict[int, nn.Module], full_queries: set[int], capture: VisionCapture,
+               query_key=projections) -> list:
     """Hooks recording, for each block index -> attention module, its keys, its queries (every row for the
-    blocks in ``full_queries``, else the first row only) and its attention mask, into ``capture.tensors``."""
+    blocks in ``full_queries``, else the first row only) and its attention mask, into ``capture.tensors``.
+    ``query_key(attention)`` names the two modules whose outputs are the queries and keys (default: the
+    ``q_proj``/``k_proj`` linears; a tower that normalises them after the projection names its norms)."""
     handles = []
     for block, attention in attentions.items():
+        query_module, key_module = query_key(attention)
 
         def keep_queries(module, args, output, block=block):
             capture.tensors[f"q{block}"] = (output if block in full_queries else output[:, :1]).detach()
@@ -31,8 +41,8 @@ def tap_blocks(attentions: dict[int, nn.Module], full_queries: set[int], capture
             mask = kwargs.get("attention_mask")
             capture.tensors[f"mask{block}"] = mask.detach() if isinstance(mask, torch.Tensor) else None
 
-        handles.append(attention.q_proj.register_forward_hook(keep_queries))
-        handles.append(attention.k_proj.register_forward_hook(keep_keys))
+        handles.append(query_module.register_forward_hook(keep_queries))
+        handles.append(key_module.register_forward_hook(keep_keys))
         handles.append(attention.register_forward_pre_hook(keep_mask, with_kwargs=True))
     return handles
 

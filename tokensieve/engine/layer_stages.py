@@ -31,16 +31,18 @@ from functools import partial
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from ..sieve import Sieve, VisualTokens, timed_select_all
 from ..signals import instruction_positions, requests_of
 from ..stats import ImageRecord, RunStats
 from .compat import CACHE_ARGUMENT
 from .flops import count_stage
-from .llm_signals import attention_module, input_norm, query_attention, rotary_function
+from .llm_signals import attention_module, input_norm, keys_and_values, query_attention, rotary_function
 from .masks import full_causal_mask, mapped_mask
 from .pack import Packing, Selections, gather_sequence
 from .select import stage_record
+from .transitions import Transitions
 
 
 @dataclass
@@ -88,6 +90,16 @@ class _View:
 
 
 @dataclass
+class _Frozen:
+    """The tokens a freezing stage (``Sieve.freezes``) took out of the hidden-state stream this forward: every
+    later layer still has them as keys and values, computed from these hidden states."""
+
+    hidden: torch.Tensor  # (batch, F, d) at the stage's input, left-padded per row
+    embeddings: tuple  # rotary cos/sin at their positions
+    cache: object  # what the layers write their keys to: the forward's cache, or one for this forward alone
+
+
+@dataclass
 class Stage:
     """One in-LLM stage of the schedule: the sieve that selects, and the method it belongs to."""
 
@@ -131,6 +143,7 @@ class LayerPruning:
         self._layers = layers
         self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> [LayerState | None] per stage
         self._view: _View | None = None
+        self._frozen: _Frozen | None = None
         self._held: list[LayerState | None] = []
         self._past, self._length, self._past_mask, self._input_mask = 0, 0, None, None
         self.stages_run, self._expected = 0, 0
@@ -138,11 +151,13 @@ class LayerPruning:
         # everything that can refuse comes before the first hook, so a refusal leaves the model untouched
         asked = [requests_of(stage.sieve, adapter) for stage in self.stages]
         for stage, requests in zip(self.stages, asked):
-            others = sorted({r.name for r in requests} - {"llm_attention", *VISION_SIGNALS})
+            others = sorted({r.name for r in requests} - {*LLM_SIGNALS, *VISION_SIGNALS})
             if others:
                 raise ValueError(f"{stage.method.name} asks for {', '.join(others)} inside the LLM, where a stage gets "
-                                 f"llm_attention and the vision tower's {' and '.join(VISION_SIGNALS)}")
+                                 f"{' and '.join(LLM_SIGNALS)} and the vision tower's {' and '.join(VISION_SIGNALS)}")
         self._asks = [tuple(r for r in requests if r.name == "llm_attention") for requests in asked]
+        self._transition_asks = [tuple(r for r in requests if r.name == "llm_transition") for requests in asked]
+        self._transitions = _transitions(self.stages, self._transition_asks, layers)
         self._vision_asks = [set(r for r in requests if r.name in VISION_SIGNALS) for requests in asked]
         self.vision_requests = tuple(dict.fromkeys(r for asks in self._vision_asks for r in asks))
         self._rotary = rotary_function(attention_module(layers[0]))
@@ -150,13 +165,16 @@ class LayerPruning:
                   if self._asks[index] and _scored_at(stage.sieve) == "previous"}
         if any(_positions(stage.method) == "repack" for stage in self.stages):
             _check_repackable(decoder)
+        _check_freezing(self.stages, decoder)
         at_layer = {stage.layer: index for index, stage in enumerate(self.stages)}
         self.handles = [
-            layers[j].register_forward_pre_hook(partial(self._layer_input, at_layer.get(j)), with_kwargs=True)
+            layers[j].register_forward_pre_hook(partial(self._layer_input, at_layer.get(j), j), with_kwargs=True)
             for j in range(self.stages[0].layer, len(layers))
         ]
         self.handles += [attention.register_forward_pre_hook(partial(self._score, index), with_kwargs=True)
                          for index, attention in scored.items()]
+        if self._transitions is not None:
+            self.handles += self._transitions.handles
 
     @property
     def pending(self) -> bool:
@@ -168,15 +186,19 @@ class LayerPruning:
         """Called at the decoder input of every forward: this forward's images (at decoder positions), each row's
         query position, the 2D masks of this forward's tokens and of what layer 0's cache already holds, and the cache."""
         self._view = _View(None, None, own_mask, query, images)
-        self._attention = {}
+        self._attention, self._frozen = {}, None
         self.stages_run, self._expected = 0, len(self.stages) if images else 0
         self._past = cache.get_seq_length() if cache is not None else 0
         self._length, self._past_mask, self._input_mask = own_mask.shape[1], past_mask, own_mask
         self._held = self._cache_states(cache)
+        if self._transitions is not None and images:
+            self._transitions.begin(own_mask, query)
+        elif self._transitions is not None:
+            self._transitions.clear()
 
     # hooks
 
-    def _layer_input(self, stage: int | None, module, args, kwargs):
+    def _layer_input(self, stage: int | None, layer: int, module, args, kwargs):
         if self._view is None:
             return None
         if stage is not None:
@@ -185,6 +207,11 @@ class LayerPruning:
         if plan is None:
             return args, kwargs
         kwargs = dict(kwargs)
+        if self._frozen is not None:  # the frozen tokens' keys and values at this layer go first in its cache
+            frozen = self._frozen
+            key, value = keys_and_values(module, self._rotary, frozen.hidden, frozen.embeddings)
+            frozen.cache.update(key, value, layer)
+            kwargs[CACHE_ARGUMENT] = frozen.cache
         kwargs["attention_mask"] = plan.attention_mask
         if plan.position_embeddings is not None:
             kwargs["position_embeddings"] = plan.position_embeddings
@@ -202,8 +229,8 @@ class LayerPruning:
     def _image_attention(self, index: int, attention: nn.Module, hidden: torch.Tensor, embeddings) -> list[dict]:
         """Each view image's ``llm_attention`` requests of stage ``index``, as ``attention`` computes them on its input
         ``hidden``: the rows of the prompt's last token (``queries="last"``), of the image's instruction tokens
-        (``"instruction"``, the ``text_embeddings`` rule) or of the image's own tokens (``"image"``), averaged, at
-        the image's tokens."""
+        (``"instruction"``, the ``text_embeddings`` rule) or of the image's own tokens (``"image"``), averaged (each
+        row apart with ``per_query=True``), at the image's tokens."""
         view, asks = self._view, self._asks[index]
         last = None
         if any(request.queries == "last" for request in asks):
@@ -218,8 +245,9 @@ class LayerPruning:
                     queries = image.positions if request.queries == "image" else self._instruction(image)
                     row = slice(image.row, image.row + 1)
                     one = tuple(t[row] if t.shape[0] > 1 else t for t in embeddings)
-                    rows = query_attention(attention, self._rotary, hidden[row], one, queries[None], view.own_mask[row])[0]
-                given[request] = rows[:, image.positions]
+                    rows = query_attention(attention, self._rotary, hidden[row], one, queries[None], view.own_mask[row],
+                                           average=not request.per_query)[0]
+                given[request] = rows[..., image.positions]
             per_image.append(given)
         return per_image
 
@@ -243,7 +271,8 @@ class LayerPruning:
         batch, width = hidden.shape[:2]
         selections = Selections(view.filled.clone() if view.filled is not None
                                 else torch.ones(batch, width, dtype=torch.bool, device=hidden.device))
-        images = self._starting(index, view.images)
+        # an image a stage kept no token of (ToDRE's second stage) has nothing left to select
+        images = [image for image in self._starting(index, view.images) if len(image.positions)]
         if images and _scored_at(stage.sieve) == "input" and self._asks[index]:
             layer = self._layers[stage.layer]
             embeddings = view.plan.position_embeddings if view.plan is not None else kwargs["position_embeddings"]
@@ -252,10 +281,10 @@ class LayerPruning:
         for image, (kept, features) in zip(images, self._run_sieve(index, images, hidden) if images else []):
             kept_per_image.append(kept)
             selections.mark(image.row, image.positions, kept, features)
-        if images:
-            self.stages_run += 1
+        self.stages_run += 1
         hidden = selections.written(hidden)
         keep = selections.keep
+        frozen_columns = self._freeze(stage, kwargs, hidden, keep, view) if stage.sieve.freezes else None
         if keep.all() and self._held[index] is None and view.index is None:
             view.images = images
             return _with_hidden(args, kwargs, hidden)  # nothing removed, now or before: the stock forward, bit for bit
@@ -263,19 +292,36 @@ class LayerPruning:
         filled = packing.filled()
         index_now = view.index if keep.all() else (packing.index if view.index is None else view.index.gather(1, packing.index))
         dropped = self._dropped(view, keep)
-        columns, state = self._columns(index, index_now, filled, dropped)
+        columns, state = self._columns(index, index_now, filled, dropped, frozen_columns)
         past_dropped = state.dropped - dropped
         if images:
-            self._count_flops(index, view.own_mask, packing.mask)
+            self._count_flops(index, view.own_mask, packing.mask, frozen_columns)
         cache = kwargs.get(CACHE_ARGUMENT)
         if cache is not None:
             self._states.setdefault(cache, [None] * len(self.stages))[index] = state
-        plan = self._plan(stage, kwargs, index_now, columns, packing.mask, filled, past_dropped)
+        plan = self._plan(stage, kwargs, index_now, columns, packing.mask, filled, past_dropped, frozen_columns is not None)
         query, images = self._moved(packing, view.query, images, kept_per_image) if index + 1 < len(self.stages) else (None, [])
         self._view = _View(index_now, None if keep.all() else filled, packing.mask, query, images, plan, dropped)
         if keep.all():
             return _with_hidden(args, kwargs, hidden)
+        if self._transitions is not None:
+            self._transitions.packed(partial(packing.gather, dim=1), packing.mask)
         return _with_hidden(args, kwargs, packing.gather(hidden, dim=1))
+
+    def _freeze(self, stage: Stage, kwargs: dict, hidden: torch.Tensor, keep: torch.Tensor, view: _View) -> torch.Tensor | None:
+        """The tokens this stage drops stay keys and values of every later layer (``Sieve.freezes``): keep their
+        hidden states and rotary cos/sin for the layers' hooks; return their (batch, F) decoder-input columns as
+        the cache holds them (-1: padding), or None when nothing was dropped."""
+        dropped = ~keep & view.own_mask.bool()
+        if not bool(dropped.any()):
+            return None
+        frozen = Packing.of(dropped, view.own_mask)
+        embeddings = view.plan.position_embeddings if view.plan is not None else kwargs["position_embeddings"]
+        cache = kwargs.get(CACHE_ARGUMENT)
+        self._frozen = _Frozen(frozen.gather(hidden, dim=1), tuple(gather_sequence(t, frozen.index, dim=-2) for t in embeddings),
+                               cache if cache is not None else DynamicCache(config=self.config))
+        columns = view.index.gather(1, frozen.index) if view.index is not None else frozen.index
+        return torch.where(frozen.mask.bool(), columns + self._past, -1)
 
     def _moved(self, packing: Packing, query, images: list[PendingImage], kept_per_image: list) -> tuple:
         """Where the query and each image's kept tokens sit in the packing, for the next stage."""
@@ -302,6 +348,7 @@ class LayerPruning:
         for number, image in enumerate(images):
             features = hidden[image.row, image.positions]
             signals = dict(self._attention[index][number]) if self._asks[index] else {}
+            signals.update((request, self._transitions.at(image.row, image.positions)) for request in self._transition_asks[index])
             raster = image.raster.to(features.device)
             signals.update((request, value[..., raster]) for request, value in image.vision.items()
                            if request in self._vision_asks[index])
@@ -325,12 +372,16 @@ class LayerPruning:
         before = view.dropped if view.dropped is not None else torch.zeros(keep.shape[0], dtype=torch.long, device=keep.device)
         return before + ((~keep) & view.own_mask.bool()).sum(1)
 
-    def _columns(self, index: int, index_now, filled: torch.Tensor, dropped: torch.Tensor) -> tuple[torch.Tensor, LayerState]:
-        """The decoder-input columns this stage's layers hold after this forward, and its new cache state."""
+    def _columns(self, index: int, index_now, filled: torch.Tensor, dropped: torch.Tensor,
+                 frozen: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerState]:
+        """The decoder-input columns this stage's layers hold after this forward (the ``frozen`` tokens' first), and
+        its new cache state."""
         batch = filled.shape[0]
         if index_now is None:
             index_now = torch.arange(filled.shape[1], device=filled.device).expand(batch, -1)
         columns = torch.where(filled, index_now + self._past, -1)
+        if frozen is not None:
+            columns = torch.cat([frozen, columns], dim=1)
         held = self._held_columns(index)
         if held is not None:
             columns = torch.cat([held.columns.to(columns.device), columns], dim=1)
@@ -345,7 +396,7 @@ class LayerPruning:
         return next((state for state in reversed(self._held[: index + 1]) if state is not None), None)
 
     def _plan(self, stage: Stage, kwargs: dict, index, columns: torch.Tensor, packed_mask: torch.Tensor, filled: torch.Tensor,
-              past_dropped: torch.Tensor) -> _Plan:
+              past_dropped: torch.Tensor, out_of_order: bool = False) -> _Plan:
         """What layers of this stage get: cos/sin and position ids of the kept tokens, and the decoder's mask (over
         this forward's tokens and layer 0's keys) mapped onto the slots they cache."""
         embeddings, positions = kwargs.get("position_embeddings"), kwargs.get("position_ids")
@@ -356,7 +407,7 @@ class LayerPruning:
             positions = gather_sequence(positions, index, dim=-1) if positions is not None else None
         mask = kwargs.get("attention_mask")
         keys = self._past + self._length
-        if mask is None and bool((columns >= 0).all()):
+        if mask is None and not out_of_order and bool((columns >= 0).all()):
             return _Plan(index, embeddings, positions, None)  # causal over the kept tokens, which stay in order
         if mask is None:
             mask = full_causal_mask(self.config, columns.shape[0], self._length, keys, columns.device, embeddings[0].dtype)
@@ -378,11 +429,17 @@ class LayerPruning:
         dtype = kwargs["position_embeddings"][0].dtype
         return shifted, self.decoder.rotary_emb(torch.zeros(1, device=shifted.device, dtype=dtype), position_ids=shifted)
 
-    def _count_flops(self, index: int, before_mask: torch.Tensor, after_mask: torch.Tensor) -> None:
-        """Layers from this stage's on see the kept tokens: replace their share of the count so far."""
+    def _count_flops(self, index: int, before_mask: torch.Tensor, after_mask: torch.Tensor, frozen: torch.Tensor | None) -> None:
+        """Layers from this stage's on see the kept tokens: replace their share of the count so far. Frozen tokens
+        count as keys every kept token sees (an upper bound: text before an image does not see it), and their
+        key and value projections."""
         layers = self.n_layers - self.stages[index].layer
         before_past = self._real_held(self._held_columns(index - 1) if index > 0 else None, before_mask.shape[0])
         after_past = self._real_held(self._held_columns(index), before_mask.shape[0])
+        if frozen is not None:
+            frozen_counts = (frozen >= 0).sum(1).tolist()
+            after_past = [past + count for past, count in zip(after_past, frozen_counts)]
+            self.stats.prefill_flops += layers * frozen_key_flops(self.config, sum(frozen_counts))
         count_stage(self.stats, self.config, layers, before_mask.sum(1).tolist(), after_mask.sum(1).tolist(), before_past, after_past)
 
     def _real_held(self, state: LayerState | None, batch: int) -> list[int]:
@@ -411,7 +468,10 @@ class LayerPruning:
     def clear(self) -> None:
         """Forget the current forward's images and plans (it ended, or raised)."""
         self._view, self._attention, self._held = None, {}, [None] * len(self.stages)
+        self._frozen = None
         self.stages_run = self._expected = 0
+        if self._transitions is not None:
+            self._transitions.clear()
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -420,9 +480,56 @@ class LayerPruning:
         self.clear()
 
 
+#: the signals an in-LLM stage may ask for that the engine computes inside the decoder
+LLM_SIGNALS = ("llm_attention", "llm_transition")
 #: the vision-tower signals an in-LLM stage may ask for: one value per image token on the last axis, which the
 #: engine gathers at the tokens still there (``PendingImage.raster``) at each stage
 VISION_SIGNALS = ("cls_attention", "vision_attention")
+
+
+def _transitions(stages: list[Stage], asks: list[tuple], layers: nn.ModuleList) -> Transitions | None:
+    """The one ``llm_transition`` tracker the stages' requests share (None: no stage asks), from the first layer
+    any request starts at (its own previous layer, for ``start=None``) to the last asking stage's layer."""
+    starts = {}
+    for stage, requests in zip(stages, asks):
+        for request in requests:
+            start = request.start if request.start is not None else stage.layer - 1
+            if start >= stage.layer:
+                raise ValueError(f"{stage.method.name} asks for llm_transition(start={start}) at a stage before layer {stage.layer}: "
+                                 f"pass a start below {stage.layer}")
+            starts[start] = stage
+    if not starts:
+        return None
+    if len(starts) > 1:
+        raise ValueError(f"in-LLM stages ask for llm_transition from layers {sorted(starts)}: one start per run")
+    end = max(stage.layer for stage, requests in zip(stages, asks) if requests)
+    return Transitions(layers, next(iter(starts)), end, attention_module)
+
+
+def _check_freezing(stages: list[Stage], decoder: nn.Module) -> None:
+    """A freezing stage (``Sieve.freezes``) writes its tokens' keys ahead of the others in each later layer's cache:
+    it must be the last stage, keep original positions, and run where masks name keys by position (SDPA, eager)."""
+    for number, stage in enumerate(stages):
+        if not stage.sieve.freezes:
+            continue
+        if number + 1 < len(stages):
+            raise ValueError(f"{stage.method.name} freezes image tokens from layer {stage.layer} on: it must be the last "
+                             f"in-LLM stage, but {stages[number + 1].method.name} prunes at layer {stages[number + 1].layer}")
+        if _positions(stage.method) != "original":
+            raise ValueError(f"{stage.method.name} keeps the frozen tokens at their positions: use positions='original'")
+        implementation = decoder.config._attn_implementation
+        if implementation not in ("sdpa", "eager"):
+            raise ValueError(f"{stage.method.name} needs the decoder's attention in sdpa or eager (its masks name the frozen "
+                             f"keys by position), not {implementation!r}: load the model with attn_implementation='sdpa'")
+
+
+def frozen_key_flops(text_config, tokens: int) -> int:
+    """The key and value projections of ``tokens`` frozen tokens in one layer."""
+    d = text_config.hidden_size
+    heads = text_config.num_attention_heads
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(text_config, "head_dim", None) or d // heads
+    return 2 * tokens * d * head_dim * 2 * kv_heads
 
 
 def _check_repackable(decoder: nn.Module) -> None:

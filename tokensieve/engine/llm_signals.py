@@ -96,11 +96,12 @@ def rotary_function(attention: nn.Module):
 
 
 def query_attention(attention: nn.Module, rotary, hidden: torch.Tensor, position_embeddings, queries: torch.Tensor,
-                    own_mask: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+                    own_mask: torch.Tensor, chunk: int = 128, average: bool = True) -> torch.Tensor:
     """(batch, heads, length) softmax attention of each row's query tokens to the forward's tokens, as the layer
     computes it (eager and SDPA agree on it), from the query projections of those tokens and the keys, averaged
     over the row's queries. ``queries``: (batch,), one query a row (the prompt's last token), or (batch, Q), -1
-    where a row has fewer; taken ``chunk`` queries at a time, so heads x Q x length is never held."""
+    where a row has fewer; taken ``chunk`` queries at a time, so heads x Q x length is never held, unless
+    ``average=False`` asks for every query's row: (batch, heads, Q, length), zero at a missing query."""
     batch, length = hidden.shape[:2]
     queries = queries[:, None] if queries.ndim == 1 else queries
     rows = torch.arange(batch, device=hidden.device)[:, None]
@@ -111,7 +112,7 @@ def query_attention(attention: nn.Module, rotary, hidden: torch.Tensor, position
     cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)
     k = rotary(k.transpose(1, 2), k.transpose(1, 2), cos, sin)[1]
     real = own_mask.bool()[:, None, :]
-    summed, counted = None, (queries >= 0).sum(1).clamp(min=1)
+    summed, counted, each = None, (queries >= 0).sum(1).clamp(min=1), []
     for start in range(0, queries.shape[1], chunk):
         part = queries[:, start : start + chunk]
         valid, part = part >= 0, part.clamp(min=0)
@@ -124,8 +125,25 @@ def query_attention(attention: nn.Module, rotary, hidden: torch.Tensor, position
         # causal and unpadded; a padding query sees everything, so its row is finite, and is then left out
         visible = ((torch.arange(length, device=hidden.device) <= part[:, :, None]) & real) | ~valid[:, :, None]
         probabilities = logits.masked_fill(~visible[:, None], float("-inf")).softmax(dim=-1) * valid[:, None, :, None]
+        if not average:
+            each.append(probabilities)
+            continue
         summed = probabilities.sum(2) if summed is None else summed + probabilities.sum(2)
-    return summed / counted[:, None, None]
+    return torch.cat(each, dim=2) if not average else summed / counted[:, None, None]
+
+
+def keys_and_values(layer: nn.Module, rotary, hidden: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch, kv_heads, length, head_dim) keys (normed and rotated) and values decoder ``layer`` computes for tokens
+    whose input is ``hidden`` at the positions of ``position_embeddings``: what its attention caches for them."""
+    attention = attention_module(layer)
+    x = input_norm(layer, hidden)
+    batch, length = x.shape[:2]
+    key = attention.k_proj(x).view(batch, length, -1, attention.head_dim)
+    if hasattr(attention, "k_norm"):
+        key = attention.k_norm(key)
+    value = attention.v_proj(x).view(batch, length, -1, attention.head_dim).transpose(1, 2)
+    cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)
+    return rotary(key.transpose(1, 2), key.transpose(1, 2), cos, sin)[1], value
 
 
 def input_norm(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -136,32 +154,3 @@ def input_norm(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"{type(layer).__name__} has no input_layernorm: this transformers version renamed it")
     return norm(hidden)
 
-
-def query_rows(attention: nn.Module, rotary, hidden: torch.Tensor, position_embeddings, queries: torch.Tensor,
-               own_mask: torch.Tensor, unbias: bool = False) -> torch.Tensor:
-    """(heads, Q, length) softmax attention of each of one row's query tokens ``queries`` (Q,) to the forward's tokens,
-    row by row as the layer computes it (eager's weights at those rows; :func:`query_attention` averages them): for
-    methods that read rows one by one, SparseVLM's raters (v1's count is the rank of the rater x image matrix).
-    ``hidden`` (1, length, d) is what the attention receives, ``position_embeddings`` its cos/sin, ``own_mask``
-    (1, length). ``unbias``: each weight divided by the positional part of its logit, ``q·k·scaling`` of all-ones q
-    and k rotated at the two positions (SparseVLM+'s attention-gravity correction, as its code computes it).
-    Not yet wired to a ``queries=`` value: layer_stages would call it with each image's rater slots."""
-    length, head_dim = hidden.shape[1], attention.head_dim
-    cos, sin = position_embeddings
-    k = attention.k_proj(hidden).view(1, length, -1, head_dim)
-    if hasattr(attention, "k_norm"):
-        k = attention.k_norm(k)
-    k = rotary(k.transpose(1, 2), k.transpose(1, 2), cos, sin)[1]
-    q = attention.q_proj(hidden[:, queries]).view(1, len(queries), -1, head_dim)
-    if hasattr(attention, "q_norm"):
-        q = attention.q_norm(q)
-    q = rotary(q.transpose(1, 2), q.transpose(1, 2), cos[:, queries], sin[:, queries])[0]
-    keys = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    logits = (q.float() @ keys.float().transpose(-1, -2)) * attention.scaling  # (1, heads, Q, length)
-    visible = (torch.arange(length, device=hidden.device) <= queries[:, None]) & own_mask.bool()[0]
-    rows = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)[0]
-    if unbias:
-        ones = torch.ones(1, 1, length, head_dim, dtype=cos.dtype, device=cos.device)
-        rotated = rotary(ones, ones, cos, sin)[0].float()
-        rows = rows / ((rotated[0, 0, queries] @ rotated[0, 0].T) * attention.scaling)
-    return rows

@@ -72,8 +72,9 @@ class SparseVLM(Sieve):
     them after the kept image tokens; (4) DPC-KNN breaks density ties by the lower index, where the code adds
     1e-6 noise (random); stable top-k ties toward the lower index; (5) any N: the counts scale with N (the code's
     are for 576); several images each their own budget (the code: batch size 1, one image).
-    (1), (2) and v1 wait for rater rows in the engine: ``llm_signals.query_rows`` computes them (equal to eager,
-    tests/test_sparsevlm.py), with the gravity correction as ``unbias=True``.
+    (1), (2) and v1 wait for the engine to choose the raters at the LLM input: each instruction token's own row
+    exists (``llm_attention(queries="instruction", per_query=True)``, equal to eager), but which of them rate is
+    decided from the input embeddings, which an in-LLM stage does not see.
     """
 
     name = "sparsevlm"
