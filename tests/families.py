@@ -1,5 +1,6 @@
 """Every model family the contract tests run on: one tiny model each (see tiny_*.py)."""
 
+from tiny_gemma3 import GEMMA3
 from tiny_idefics3 import IDEFICS3, SMOLVLM
 from tiny_llava_next import LLAVA_NEXT, LLAVA_ONEVISION
 from tiny_models import LLAVA
@@ -13,4 +14,5 @@ FAMILIES = [
     SMOLVLM,
     QWEN2_VL,
     QWEN2_5_VL,
+    GEMMA3,
 ]
