@@ -245,3 +245,18 @@ def test_in_llm_stages_are_refused_before_the_model_is_touched(method):
                                          "decoder alternates sliding-window and full-attention layers.*divprune"):
         ts.apply(model, ts.build(method, keep=16))
     _assert_same(model, before)
+
+
+def test_keep_all_by_inputs_embeds_is_the_stock_model_and_generate_refuses_them_as_stock_does():
+    model = build_model(GEMMA3)
+    inputs = gemma3_inputs(TEXTS)
+    by_embeds = {name: value for name, value in inputs.items() if name != "input_ids"}
+    by_embeds["inputs_embeds"] = model.get_input_embeddings()(inputs["input_ids"])
+    expected = model(**by_embeds).logits
+    with pytest.raises(ValueError, match="inputs_embeds.*doesn't have its forwarding implemented"):
+        greedy(model, by_embeds)
+    with ts.apply(model, ts.load("divprune", keep=1.0)) as run:
+        assert torch.equal(model(**by_embeds).logits, expected)
+        with pytest.raises(ValueError, match="inputs_embeds.*doesn't have its forwarding implemented"):
+            greedy(model, by_embeds)
+    assert [(r.before, r.after) for r in run.stats.images] == [(TOKENS_PER_IMAGE,) * 2] * 2
