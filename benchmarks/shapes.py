@@ -8,6 +8,9 @@ shapes of real checkpoints), a prompt with one image, and a timer.
 - ``internvl3-8b``: InternVL3-8B's shapes (``OpenGVLab/InternVL3-8B-hf``): a 24x1024 InternViT-300M tower
   with a [CLS] token on 448-px tiles, pixel shuffle to 256 tokens per tile, and a 28x3584 Qwen2.5 decoder
   with 4 key-value heads; an 896-px square image is 2x2 crops and a thumbnail, 5 tiles, 1,280 tokens.
+- ``gemma3-12b``: Gemma3-12B-it's shapes (its config.json): a 27x1152 SigLIP tower on 896-px images (64x64
+  patches, average-pooled 4x4 into 256 tokens) and a 48x3840 decoder with 8 key-value heads, five sliding-window
+  layers (1,024 tokens) to one full-attention layer.
 
 Real-size models are built directly on the target device in the target dtype: a 7B model in float32
 on a CPU would need 28 GiB before the first cast.
@@ -21,6 +24,8 @@ import time
 
 import torch
 from transformers import (
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
     InternVLConfig,
     InternVLForConditionalGeneration,
     Qwen2_5_VLConfig,
@@ -29,8 +34,8 @@ from transformers import (
 
 from tokensieve.demo_model import demo_inputs, demo_llava
 
-MODELS = ("demo", "llava-1.5-7b", "qwen2.5-vl-7b", "internvl3-8b")
-MODEL_HELP = "demo (CPU-sized LLaVA) | llava-1.5-7b | qwen2.5-vl-7b | internvl3-8b (random weights at the real shapes)"
+MODELS = ("demo", "llava-1.5-7b", "qwen2.5-vl-7b", "internvl3-8b", "gemma3-12b")
+MODEL_HELP = "demo (CPU-sized LLaVA) | llava-1.5-7b | qwen2.5-vl-7b | internvl3-8b | gemma3-12b (random weights at the real shapes)"
 
 QWEN_IMAGE_SIDE, QWEN_PATCH, QWEN_MERGE, QWEN_TEMPORAL = 1008, 14, 2, 2
 QWEN_TOKENS = {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
@@ -98,6 +103,37 @@ def internvl_inputs(batch: int, prompt_tokens: int = 40, seed: int = 0) -> dict:
     }
 
 
+GEMMA3_IMAGE_SIDE = 896
+GEMMA3_TOKENS = {"boi_token_index": 255999, "eoi_token_index": 256000, "image_token_index": 262144}
+
+
+def gemma3_12b() -> Gemma3ForConditionalGeneration:
+    text = dict(vocab_size=262208, hidden_size=3840, intermediate_size=15360, num_hidden_layers=48, num_attention_heads=16,
+                num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256, max_position_embeddings=131072,
+                rms_norm_eps=1e-6, sliding_window=1024, sliding_window_pattern=6, rope_theta=1000000.0,
+                rope_local_base_freq=10000.0, rope_scaling={"rope_type": "linear", "factor": 8.0})
+    vision = dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                  num_attention_heads=16, image_size=GEMMA3_IMAGE_SIDE, patch_size=14, layer_norm_eps=1e-6,
+                  vision_use_head=False)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=256, **GEMMA3_TOKENS)
+    return Gemma3ForConditionalGeneration(config).eval()
+
+
+def gemma3_inputs(batch: int, prompt_tokens: int = 40, seed: int = 0) -> dict:
+    """``BOI, 256 x image token, EOI`` after 5 text tokens, as the processor lays them out, with the
+    ``token_type_ids`` it returns (1 at the image tokens)."""
+    generator = torch.Generator().manual_seed(seed)
+    text = torch.randint(3, 250000, (batch, prompt_tokens), generator=generator)
+    image = torch.tensor([GEMMA3_TOKENS["boi_token_index"]] + [GEMMA3_TOKENS["image_token_index"]] * 256
+                         + [GEMMA3_TOKENS["eoi_token_index"]]).expand(batch, -1)
+    input_ids = torch.cat([text[:, :5], image, text[:, 5:]], dim=1)
+    return {
+        "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+        "token_type_ids": (input_ids == GEMMA3_TOKENS["image_token_index"]).long(),
+        "pixel_values": torch.randn(batch, 3, GEMMA3_IMAGE_SIDE, GEMMA3_IMAGE_SIDE, generator=generator),
+    }
+
+
 def model_and_inputs(name: str, device: str, dtype: str, batch: int = 1,
                      attention: str = "sdpa") -> tuple[torch.nn.Module, dict]:
     """Model ``name`` (one of MODELS) on ``device`` in ``dtype`` with its prompt, gradients off."""
@@ -116,12 +152,14 @@ def model_and_inputs(name: str, device: str, dtype: str, batch: int = 1,
                     model = demo_llava(vision_layers=24, llm_hidden=4096, llm_layers=32, vision_hidden=1024, llm_heads=32)
                 elif name == "internvl3-8b":
                     model = internvl3_8b()
+                elif name == "gemma3-12b":
+                    model = gemma3_12b()
                 else:
                     model = qwen2_5_vl_7b()
         finally:
             torch.set_default_dtype(default)
     model.set_attn_implementation(attention)
-    inputs = {"qwen2.5-vl-7b": qwen_inputs, "internvl3-8b": internvl_inputs}.get(name, demo_inputs)(batch)
+    inputs = {"qwen2.5-vl-7b": qwen_inputs, "internvl3-8b": internvl_inputs, "gemma3-12b": gemma3_inputs}.get(name, demo_inputs)(batch)
     inputs = {k: v.to(device) for k, v in inputs.items()}
     inputs["pixel_values"] = inputs["pixel_values"].to(torch_dtype)
     return model, inputs

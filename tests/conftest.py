@@ -56,11 +56,19 @@ def freezes(name, kwargs) -> bool:
 
 
 def supported(family, name, kwargs) -> bool:
-    """Whether the family gives every signal the case's in_vision and pre-LLM methods ask for."""
+    """Whether the family gives every signal the case's in_vision and pre-LLM methods ask for, and runs in-LLM stages
+    if the case has any."""
     method = method_for(name, kwargs)
     sieves = method.sieves if isinstance(method, ts.Chain) else (method,)
     adapter = adapter_for(build_model(family))
+    if any(s.stage == "in_llm" for s in sieves) and not serves_in_llm(family):
+        return False
     return not any(adapter.missing_signals(requests_of(s, adapter)) for s in sieves if s.stage in ("in_vision", "pre_llm"))
+
+
+def serves_in_llm(family) -> bool:
+    """Whether the family runs in-LLM stages (Gemma3 refuses them: adapters' ``in_llm_problem``)."""
+    return adapter_for(build_model(family)).in_llm_problem() is None
 
 
 def family_method_params(want_supported: bool = True, stages=("in_vision", "pre_llm", "in_llm", "chain", "vision_chain")):

@@ -1,5 +1,6 @@
 """Every model family the contract tests run on: one tiny model each (see tiny_*.py)."""
 
+from tiny_gemma3 import GEMMA3
 from tiny_idefics3 import IDEFICS3, SMOLVLM
 from tiny_internvl import INTERNVL
 from tiny_llava_next import LLAVA_NEXT, LLAVA_ONEVISION
@@ -15,4 +16,5 @@ FAMILIES = [
     INTERNVL,
     QWEN2_VL,
     QWEN2_5_VL,
+    GEMMA3,
 ]

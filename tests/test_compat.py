@@ -41,6 +41,9 @@ MODULE_FUNCTIONS = [
     ("transformers.models.llava_next.modeling_llava_next", "image_size_to_num_patches", "adapters/llava_next.py"),
     ("transformers.vision_utils", "get_vision_window_index", "adapters/qwen2_vl.py"),
     ("transformers.models.internvl.modeling_internvl", "InternVLModel.pixel_shuffle", "adapters/internvl.py"),
+    ("transformers.models.gemma3.modeling_gemma3", "get_block_sequence_ids_for_mask", "adapters/gemma3.py"),
+    ("transformers.models.gemma3.modeling_gemma3", "create_masks_for_vision_model", "adapters/gemma3.py"),
+    ("transformers.masking_utils", "create_masks_for_generate", "adapters/gemma3.py"),
     ("transformers.masking_utils", "ALL_MASK_ATTENTION_FUNCTIONS", "engine/masks.py"),
     ("transformers.masking_utils", "causal_mask_function", "engine/masks.py"),
     ("transformers.generation.utils", "GenerationMixin._prepare_multimodal_encoder_kwargs_for_generation",
@@ -132,3 +135,15 @@ def test_own_model_loading_does_not_need_hub_kernels(tmp_path, monkeypatch):
     tokens = torch.tensor([[1, 5, 7, 3]])
     with torch.no_grad():
         torch.testing.assert_close(model(tokens).logits, reference(tokens).logits, rtol=0, atol=0)
+
+
+def test_the_gemma3_mask_builders_take_their_arguments_in_the_order_the_adapter_passes_them():
+    from transformers.masking_utils import create_masks_for_generate
+    from transformers.models.gemma3 import modeling_gemma3
+
+    expected = ["config", "inputs_embeds", "attention_mask", compat.CACHE_ARGUMENT, "position_ids"]
+    for builder, extra in ((modeling_gemma3.create_masks_for_vision_model, ["block_sequence_ids"]),
+                           (create_masks_for_generate, [])):
+        names = list(inspect.signature(builder).parameters)[: len(expected) + len(extra)]
+        assert names == expected + extra, moved(f"{builder.__name__}({', '.join(expected + extra)}) (it takes {names})",
+                                                "adapters/gemma3.py, which passes them by position")

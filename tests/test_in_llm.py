@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tokensieve as ts
-from conftest import build_model, family_method_params, freezes, method_for
+from conftest import build_model, family_method_params, freezes, method_for, serves_in_llm
 from families import FAMILIES
 from tiny_models import LLAVA
 from tiny_qwen2_vl import QWEN2_VL
@@ -19,6 +19,7 @@ from tokensieve.signals import Signal, instruction_positions
 from tokensieve.engine.flops import decoder_prefill_flops
 
 IN_LLM = family_method_params(stages=("in_llm", "chain"))
+IN_LLM_FAMILIES = [family for family in FAMILIES if serves_in_llm(family)]  # Gemma3 refuses in-LLM stages
 #: methods that drop keys: a freezing method keeps them, and is held against its own reference (test_skip_visual.py)
 DROPPING = [case for case in IN_LLM if not freezes(*case.values[1:])]
 TEXTS = [[5, 6, 7, 8], [9, 10]]
@@ -151,7 +152,7 @@ class _Recorder(ts.Sieve):
         return ts.Selection(torch.arange(len(tokens)))
 
 
-@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+@pytest.mark.parametrize("family", IN_LLM_FAMILIES, ids=lambda f: f.name)
 def test_llm_attention_is_the_last_tokens_row_of_eager_attention_at_layer_k_minus_1(family):
     model = family.build()
     model.set_attn_implementation("eager")
@@ -337,7 +338,7 @@ def test_repacked_positions_equal_the_stock_model_renumbered_without_the_dropped
     _assert_kept_rows_equal(pruned, stock, final, real)
 
 
-ONE_D_ROPE = [family for family in FAMILIES if not family.name.startswith("qwen")]
+ONE_D_ROPE = [family for family in IN_LLM_FAMILIES if not family.name.startswith("qwen")]
 
 
 @pytest.mark.parametrize("family", ONE_D_ROPE, ids=lambda f: f.name)
@@ -399,7 +400,7 @@ def _expected_rows(eager, inputs, family, blocks, queries, per_query=False):
 
 @pytest.mark.parametrize("per_query", [False, True], ids=["averaged", "per_query"])
 @pytest.mark.parametrize("queries", ["instruction", "image"])
-@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+@pytest.mark.parametrize("family", IN_LLM_FAMILIES, ids=lambda f: f.name)
 def test_llm_attention_of_the_instruction_or_the_image_tokens_is_their_eager_rows_averaged(family, queries, per_query):
     model = family.build()
     model.set_attn_implementation("eager")

@@ -6,10 +6,12 @@ import pytest
 import torch
 
 import tokensieve as ts
-from conftest import build_model
+from conftest import build_model, serves_in_llm
 from families import FAMILIES
 from tokensieve.methods.todre_llm import IMAGE_TO_IMAGE, TEXT_TO_IMAGE
 from tokensieve.sieve import VisualTokens
+
+IN_LLM_FAMILIES = [family for family in FAMILIES if serves_in_llm(family)]  # Gemma3 refuses in-LLM stages
 
 TEXTS = [[5, 6, 7, 8], [9, 10]]
 
@@ -36,7 +38,7 @@ def test_the_check_layer_defaults_to_seven_eighths_of_the_depth():
     assert [s.layer for s in ts.load("todre_llm", layer=2).schedule(32)] == [2]
 
 
-@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+@pytest.mark.parametrize("family", IN_LLM_FAMILIES, ids=lambda f: f.name)
 def test_dropping_every_token_of_every_image_keeps_generation_consistent(family):
     model = build_model(family)
     inputs = family.make_inputs(TEXTS)

@@ -49,6 +49,10 @@ class Family:
     ids ``texts[i]``; images come from a seeded stream (``random_image``) starting at
     ``image_offset``, so a batch row rebuilt alone gets the same pixels. Every image must give
     exactly ``tokens_per_image`` placeholder tokens with id ``image_token``.
+
+    ``masked_reference(model, inputs, embeds, mask, positions)``, for families whose decoder takes more than a 2D
+    mask, runs the stock decoder on ``embeds`` with the 2D ``mask`` and ``positions`` as the stock model would
+    (Gemma3: through the inner model, which builds its masks from ``token_type_ids``); None: the decoder itself.
     """
 
     name: str
@@ -56,6 +60,7 @@ class Family:
     make_inputs: Callable[..., dict]
     tokens_per_image: int
     image_token: int = IMAGE_TOKEN
+    masked_reference: Callable[..., torch.Tensor] | None = None
 
 
 def random_image(seed: int, index: int, size: int) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import Adapter, ImageSlot, PlaceholderMismatch, VisionCapture
+from .gemma3 import Gemma3Adapter
 from .idefics3 import Idefics3Adapter
 from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
@@ -13,7 +14,7 @@ from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_vl import Qwen2VLAdapter
 
 ADAPTERS: list[type[Adapter]] = [LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Idefics3Adapter, InternVLAdapter,
-                               Qwen2VLAdapter]
+                               Qwen2VLAdapter, Gemma3Adapter]
 
 
 def adapter_for(model: nn.Module) -> Adapter:

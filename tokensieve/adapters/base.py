@@ -140,6 +140,25 @@ class Adapter:
     def check_inputs(self, kwargs: dict) -> None:
         """Raise a clear error for inputs a pre-LLM image method cannot handle (e.g. video)."""
 
+    def in_llm_problem(self) -> str | None:
+        """Why in-LLM stages cannot run on this model (None: they can). Checked before the model is touched."""
+        return None
+
+    def flat_mask(self, mask, inner_inputs: dict):
+        """The decoder's ``attention_mask`` as the engine reads it: the 2D padding mask (None: every token real),
+        or generate()'s masks prebuilt for a static cache. ``inner_inputs`` are the inner model's keyword inputs of
+        this call. Families whose inner model turns the 2D mask into masks of their own before the decoder
+        (Gemma3's dict per layer type) return the 2D mask the inner model was given."""
+        return mask
+
+    def decoder_mask(self, mask: torch.Tensor, decoder_inputs: dict, inner_inputs: dict, packing) -> object:
+        """The ``attention_mask`` to hand the decoder once the engine has packed its input: ``mask`` is the 2D mask
+        over what the cache holds and the packed tokens, ``decoder_inputs`` the packed ``inputs_embeds``,
+        ``position_ids`` and the cache, ``packing`` (engine/pack.py) where each packed token came from. The decoder
+        builds its masks from the 2D one (the default); families whose inner model builds them instead rebuild
+        them here for the packed sequence."""
+        return mask
+
     def continued_positions(self, kwargs: dict, logical_past: int) -> torch.Tensor | None:
         """Position ids for a forward that continues a pruned cache without bringing its own (a
         hand-written decode loop); ``logical_past`` is the unpruned length the cache stands for.

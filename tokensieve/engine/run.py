@@ -88,7 +88,7 @@ class Run:
         self.vision, self.pre, self.in_llm = (chain.vision, chain.pre, chain.in_llm) if chain is not None else (None, None, ())
         self._observing = chain is None  # nothing to remove: every hook only records
         self._requests = requests_of(self.pre, adapter) if self.pre is not None else ()
-        _refuse_before_hooking(model, adapter, method, self.vision, self.pre, self._requests)
+        _refuse_before_hooking(model, adapter, method, self.vision, self.pre, self._requests, self.in_llm)
         self.model, self.sieve, self.adapter = model, method if method is not None else OBSERVER, adapter
         self.removed = False
         self.stats = RunStats()
@@ -287,7 +287,8 @@ class Run:
         state = pruned_state(cache)
         slots = self._take_images()
         batch, length = embeds.shape[:2]
-        mask = kwargs.get("attention_mask")
+        inner_inputs = self._call.inputs if self._call is not None else {}
+        mask = self.adapter.flat_mask(kwargs.get("attention_mask"), inner_inputs)
         flat = mask is None or (isinstance(mask, torch.Tensor) and mask.ndim == 2)
         own_mask = mask[:, -length:] if mask is not None and flat else torch.ones(batch, length, dtype=torch.long, device=embeds.device)
         if not slots and state is None:
@@ -328,7 +329,8 @@ class Run:
             removed = own_mask.sum(1) - packing.mask.sum(1)
             remember(cache, CacheState(past_logical + length, full_mask, pruned_before + removed.cpu()))
         self._hand_over(slots, records, packing.mask, packing, queries, state.mask if state is not None else None, cache)
-        kwargs.update(inputs_embeds=embeds, position_ids=positions, attention_mask=full_mask, **{CACHE_ARGUMENT: cache})
+        kwargs.update(inputs_embeds=embeds, position_ids=positions, **{CACHE_ARGUMENT: cache})
+        kwargs["attention_mask"] = self.adapter.decoder_mask(full_mask, kwargs, inner_inputs, packing)
         return args, kwargs
 
     def _preserve_positions(self, slots: list[ImageSlot], records: list[ImageRecord], positions: torch.Tensor,
@@ -426,7 +428,8 @@ def _refuse_vision_signals_in_llm(model: nn.Module, adapter, vision: Sieve | Non
                          f"methods that need none")
 
 
-def _refuse_before_hooking(model: nn.Module, adapter, method, vision: Sieve | None, pre: Sieve | None, requests) -> None:
+def _refuse_before_hooking(model: nn.Module, adapter, method, vision: Sieve | None, pre: Sieve | None, requests,
+                           in_llm=()) -> None:
     """Everything that can refuse a method on a model, checked before the first hook, so a refusal leaves the
     model untouched (in-LLM schedules are checked by LayerPruning, before its own first hook)."""
     for sieve in (vision, pre):
@@ -437,6 +440,12 @@ def _refuse_before_hooking(model: nn.Module, adapter, method, vision: Sieve | No
                 f"{sieve.name} needs signals {type(model).__name__} cannot give ({reasons}). Use a method "
                 f"that needs none of them, such as {', '.join(servable_methods(adapter))} (see `tokensieve methods`)"
             )
+    if in_llm and (why := adapter.in_llm_problem()) is not None:
+        raise ValueError(
+            f"{'+'.join(sieve.name for sieve in in_llm)} prunes inside the LLM, which {type(model).__name__} cannot "
+            f"serve: {why}. Use a method that acts before the LLM, such as {', '.join(servable_methods(adapter))} "
+            f"(see `tokensieve methods`)"
+        )
     if vision is not None and requests:
         raise ValueError(
             f"after {vision.name} merges inside the vision tower, {pre.name} would read signals "
