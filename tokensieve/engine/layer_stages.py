@@ -149,7 +149,7 @@ class LayerPruning:
         scored = {index: attention_module(layers[stage.layer - 1]) for index, stage in enumerate(self.stages)
                   if self._asks[index] and _scored_at(stage.sieve) == "previous"}
         if any(_positions(stage.method) == "repack" for stage in self.stages):
-            _check_repackable(decoder)
+            check_repackable(decoder)
         at_layer = {stage.layer: index for index, stage in enumerate(self.stages)}
         self.handles = [
             layers[j].register_forward_pre_hook(partial(self._layer_input, at_layer.get(j)), with_kwargs=True)
@@ -425,7 +425,7 @@ class LayerPruning:
 VISION_SIGNALS = ("cls_attention", "vision_attention")
 
 
-def _check_repackable(decoder: nn.Module) -> None:
+def check_repackable(decoder: nn.Module) -> None:
     """positions='repack' renumbers 1D rotary positions with the decoder's own rotary embedding."""
     rope = getattr(decoder.config, "rope_parameters", None) or getattr(decoder.config, "rope_scaling", None) or {}
     if "mrope_section" in rope:
