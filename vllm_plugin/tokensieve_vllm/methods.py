@@ -117,9 +117,6 @@ def refusal(method: Sieve, has_cls: bool) -> str | None:
                 f"and the plugin's only hook is the image embedding function, so in-LLM methods cannot run there")
     if method.stage == "in_vision":
         return f"{method.name} merges inside the vision tower: vLLM's tower has no hooks between its layers"
-    if method.name not in EXACT_COUNT:
-        return (f"{method.name}'s kept count is not known to follow from its budget alone, and vLLM lays out the "
-                f"image's placeholders before the tower runs")
     if method.budget.adaptive is not None or method.budget.total is not None:
         return (f"{method.name} with keep={method.budget!r}: vLLM lays out the image's placeholders before the tower "
                 f"runs, so the count must follow from the budget alone; pass a count or a ratio")
@@ -127,6 +124,9 @@ def refusal(method: Sieve, has_cls: bool) -> str | None:
     missing = signals.missing_signals(requests_of(method, signals))
     if missing:
         return f"{method.name} needs signals the plugin cannot give ({'; '.join(f'{n}: {why}' for n, why in missing.items())})"
+    if method.name not in EXACT_COUNT:
+        return (f"{method.name}'s kept count is not known to follow from its budget alone, and vLLM lays out the "
+                f"image's placeholders before the tower runs")
     return None
 
 
