@@ -51,10 +51,15 @@ else
 fi
 
 # tokensieve (editable, no dependencies: its transformers pin is not vLLM's) and the plugin (editable).
-"$py" -m pip install --quiet --no-deps -e . -e ./vllm_plugin
-# Test tools the vLLM tests use (pytest; openai is vLLM's own dependency).
-"$py" -m pip install --quiet "pytest>=8"
-echo "tokensieve, tokensieve-vllm: installed editable from $(pwd) (no dependencies)"
+here=$(pwd -P)
+if "$py" -P -c "import sys, tokensieve, tokensieve_vllm, pytest
+sys.exit(not (tokensieve.__file__.startswith('$here/') and tokensieve_vllm.__file__.startswith('$here/')))" 2>/dev/null; then
+    echo "tokensieve, tokensieve-vllm: installed editable from $here"
+else
+    "$py" -m pip install --quiet --no-deps -e . -e ./vllm_plugin
+    "$py" -m pip install --quiet "pytest>=8"  # the vLLM tests' runner (openai, their client, is vLLM's own dependency)
+    echo "tokensieve, tokensieve-vllm: installed editable from $here (no dependencies), and pytest"
+fi
 
 "$py" - <<'PY'
 from importlib.metadata import version
