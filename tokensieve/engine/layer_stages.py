@@ -164,7 +164,7 @@ class LayerPruning:
         scored = {index: attention_module(layers[stage.layer - 1]) for index, stage in enumerate(self.stages)
                   if self._asks[index] and _scored_at(stage.sieve) == "previous"}
         if any(_positions(stage.method) == "repack" for stage in self.stages):
-            _check_repackable(decoder)
+            check_repackable(decoder)
         _check_freezing(self.stages, decoder)
         at_layer = {stage.layer: index for index, stage in enumerate(self.stages)}
         self.handles = [
@@ -532,7 +532,7 @@ def frozen_key_flops(text_config, tokens: int) -> int:
     return 2 * tokens * d * head_dim * 2 * kv_heads
 
 
-def _check_repackable(decoder: nn.Module) -> None:
+def check_repackable(decoder: nn.Module) -> None:
     """positions='repack' renumbers 1D rotary positions with the decoder's own rotary embedding."""
     rope = getattr(decoder.config, "rope_parameters", None) or getattr(decoder.config, "rope_scaling", None) or {}
     if "mrope_section" in rope:

@@ -17,7 +17,7 @@ One set of hooks serves every family (the adapter says where things are):
 - a post-hook on the inner model refuses a forward that carried images the sieves never saw.
 
 Kept tokens keep their original positions, so decode positions stay those of the unpruned
-sequence. The model's weights, modules and attention implementation are never changed. A static cache
+sequence; ``positions="repack"`` renumbers them without gaps instead (as vLLM does: vllm_plugin/). The model's weights, modules and attention implementation are never changed. A static cache
 (pre-LLM stages only) and compiled forwards (refused): static_cache.py.
 """
 
@@ -41,7 +41,7 @@ from .cache import CacheState, cache_bytes, pruned_state, remember, unpruned_sta
 from .compat import CACHE_ARGUMENT, cache_length, output_cache
 from .find_tokens import find_images, has_images
 from .flops import count_prefill
-from .layer_stages import LayerPruning, PendingImage
+from .layer_stages import LayerPruning, PendingImage, check_repackable
 from .llm_signals import PromptQueries, prompt_ends
 from .pack import Packing, gather_sequence
 from .ppe import PositionPreservation, group_members
@@ -51,6 +51,9 @@ from .vision_flops import VisionPasses, vision_modules
 from .vision_stage import VisionMerging
 
 _HOOKED_MODELS: weakref.WeakSet = weakref.WeakSet()
+
+#: what ``positions=`` takes: kept tokens keep their positions, or are renumbered without gaps
+POSITIONS = ("original", "repack")
 
 
 @dataclass
@@ -79,16 +82,19 @@ class Run:
     (``ts.observe(model)``) the hooks change nothing and only record.
 
     ``vision_flops=True`` also counts the vision tower's and projector's FLOPs (``stats.vision_flops``,
-    replayed on their inputs when the run is removed: tokensieve/engine/vision_flops.py)."""
+    replayed on their inputs when the run is removed: tokensieve/engine/vision_flops.py).
+    ``positions="repack"``: see :func:`apply`."""
 
     def __init__(self, model: nn.Module, method: Sieve | Chain | None = None, *, vision_flops: bool = False,
-                 ppe: int | None = None):
+                 ppe: int | None = None, positions: str = "original"):
         chain = method if isinstance(method, Chain) or method is None else Chain(method)
         adapter = adapter_for(model)
         self.vision, self.pre, self.in_llm = (chain.vision, chain.pre, chain.in_llm) if chain is not None else (None, None, ())
         self._observing = chain is None  # nothing to remove: every hook only records
         self._requests = requests_of(self.pre, adapter) if self.pre is not None else ()
         _refuse_before_hooking(model, adapter, method, self.vision, self.pre, self._requests, self.in_llm)
+        _refuse_positions(positions, adapter, method, self.in_llm, ppe)
+        self._repack = positions == "repack"
         self.model, self.sieve, self.adapter = model, method if method is not None else OBSERVER, adapter
         self.removed = False
         self.stats = RunStats()
@@ -319,6 +325,8 @@ class Run:
         if self._ppe is not None:
             self._preserve_positions(slots, records, positions, packing)
         positions = packing.gather(positions, dim=-1)
+        if self._repack:
+            positions = positions - _dropped_before(packing, own_mask, pruned_before)
         full_mask = torch.cat([state.mask, packing.mask], dim=1) if state is not None else packing.mask
         if slots:
             self._count_flops(own_mask.sum(1), packing.mask.sum(1), state, pruned_before)
@@ -413,6 +421,32 @@ class Run:
         count_prefill(self.stats, self._text_config, real_before.tolist(), real_after.tolist(), past_before, past_after)
 
 
+def _dropped_before(packing: Packing, own_mask: torch.Tensor, pruned_before: torch.Tensor) -> torch.Tensor:
+    """(batch, width) real tokens dropped before each packed slot of its row: by this forward's stages before the LLM,
+    and by earlier forwards whose tokens the cache holds pruned (``positions="repack"``)."""
+    dropped = (~packing.keep & own_mask.bool()).long()
+    before = packing.gather(dropped.cumsum(1) - dropped, dim=-1)
+    return before + pruned_before.to(before.device)[:, None]
+
+
+def _refuse_positions(positions: str, adapter, method, in_llm, ppe: int | None) -> None:
+    """``positions=`` is one of :data:`POSITIONS`; "repack" renumbers 1D rotary positions at the decoder input only."""
+    if positions not in POSITIONS:
+        raise ValueError(f"positions={positions!r}: choose 'original' (kept tokens keep their positions) or 'repack' "
+                         f"(renumbered without gaps, as vLLM numbers them)")
+    if positions == "original" or method is None:
+        return
+    if in_llm:
+        names = "+".join(sieve.name for sieve in in_llm)
+        raise ValueError(f"positions='repack' renumbers the decoder input after the stages before the LLM, but {names} "
+                         f"prunes inside the LLM with its own policy: drop positions='repack' here and pass it to the "
+                         f"method where it has one (ts.PyramidDrop(positions='repack'))")
+    if ppe is not None:
+        raise ValueError("ppe gives merged tokens the positions of what they merged, while positions='repack' renumbers "
+                         "every kept token: pass one of them")
+    check_repackable(adapter.decoder)
+
+
 def _refuse_vision_signals_in_llm(model: nn.Module, adapter, vision: Sieve | None, in_llm, requests) -> None:
     """In-LLM stages that ask for vision-tower signals: the model must give them, and of the unmerged tower."""
     if not requests:
@@ -462,14 +496,14 @@ def _refuse_before_hooking(model: nn.Module, adapter, method, vision: Sieve | No
 
 
 def attach(model: nn.Module, method: Sieve | Chain | None = None, *, vision_flops: bool = False,
-           ppe: int | None = None) -> Run:
+           ppe: int | None = None, positions: str = "original") -> Run:
     """Apply ``method`` (a sieve or a chain; none: observe) to ``model`` until ``.remove()`` is called on the
     returned handle."""
-    return Run(model, method, vision_flops=vision_flops, ppe=ppe)
+    return Run(model, method, vision_flops=vision_flops, ppe=ppe, positions=positions)
 
 
 def apply(model: nn.Module, method: Sieve | Chain | None = None, *, vision_flops: bool = False,
-          ppe: int | None = None) -> Run:
+          ppe: int | None = None, positions: str = "original") -> Run:
     """Apply ``method`` (a sieve or a chain) to ``model`` for the duration of a ``with`` block::
 
         with ts.apply(model, ts.load("fastervlm", keep=64)) as run:
@@ -479,8 +513,12 @@ def apply(model: nn.Module, method: Sieve | Chain | None = None, *, vision_flops
     Without a method it observes (``ts.observe``). ``vision_flops=True``: count the vision side's FLOPs too.
     ``ppe=8``: each token a method merged before the LLM carries the positions of 8 of the tokens it merged
     (Positional Preservation Embedding, tokensieve/engine/ppe.py).
+    ``positions="repack"``: the tokens kept before the LLM are renumbered without gaps, each one's position less the
+    tokens dropped before it in its row (decode steps too), as vLLM numbers them (docs/vllm.md); 1D rotary models and
+    stages up to the LLM input (an in-LLM method sets its own, ``ts.PyramidDrop(positions="repack")``). The default,
+    ``"original"``, keeps each token's position.
     """
-    return Run(model, method, vision_flops=vision_flops, ppe=ppe)
+    return Run(model, method, vision_flops=vision_flops, ppe=ppe, positions=positions)
 
 
 def observe(model: nn.Module, *, vision_flops: bool = False) -> Run:

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The vLLM plugin's tests (docs/vllm.md), in the vLLM environment: builds it if needed (scripts/vllm_env.sh), builds
+# the test model with the main environment's Python (tokensieve's transformers), then runs vllm_plugin/tests: the
+# offline engine, then `vllm serve` (one engine each: each start costs minutes on a 2-core CPU).
+# Usage: bash scripts/test_vllm.sh [pytest args]    Environment: PYTHON (main env, default python3), TOKENSIEVE_VLLM_VENV.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${TOKENSIEVE_VLLM_VENV:-.venv-vllm}
+bash scripts/vllm_env.sh "$venv"
+model=${TOKENSIEVE_VLLM_TEST_MODEL:-$(${PYTHON:-python3} -c "from tokensieve.mini.build import cache_root; print(cache_root() / 'vllm-test-llava')")}
+${PYTHON:-python3} vllm_plugin/tests/build_tiny_llava.py "$model"
+export TOKENSIEVE_VLLM_TEST_MODEL=$model
+unset TOKENSIEVE_VLLM_METHOD  # the tests choose methods themselves
+cd vllm_plugin/tests
+"../../$venv/bin/python" -m pytest -p no:cacheprovider -q "${@:-.}"
