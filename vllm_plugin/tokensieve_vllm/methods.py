@@ -35,8 +35,12 @@ SERVED_SIGNALS = {
     Signal("vision_keys"): "the feature layer's keys",
     Signal("vision_features"): "the projector's input",
     Signal("project"): "the projector",
+    # every token of a LLaVA-1.5 image has a key and a feature: asking for zero rows where one is missing (VisionZip,
+    # for LLaVA-NeXT's newline tokens) gives the same values
+    Signal("vision_keys", missing="zeros"): "the feature layer's keys",
+    Signal("vision_features", missing="zeros"): "the projector's input",
 }
-CLS_SIGNALS = {Signal("cls_attention"), Signal("vision_keys")}
+CLS_SIGNALS = {Signal("cls_attention"), Signal("vision_keys"), Signal("vision_keys", missing="zeros")}
 #: the pre-LLM methods whose kept count is a pure function of (tokens, grid, budget) by construction: each keeps
 #: exactly its budget, or (grid methods) the largest whole grid within it. Others (merging by thresholds, scores
 #: that decide the count) could not have their placeholders laid out before the tower runs
