@@ -163,10 +163,13 @@ class Sieve:
     keep: int | float = 64
 
     def __post_init__(self) -> None:
-        self.budget = as_budget(self.keep)
-        if type(self.budget) is Budget and not self.budget.per_crop and self.budget.total is None:
+        #: ``keep=0`` for a sieve that may keep no token (``may_keep_none``): it keeps none, and its budget goes unused
+        self.keeps_none = self.may_keep_none and self.keep == 0 and not isinstance(self.keep, bool)
+        self.budget = as_budget(1.0 if self.keeps_none else self.keep)
+        plain = type(self.budget) is Budget and not self.budget.per_crop and self.budget.total is None
+        if plain and not self.keeps_none:
             self.keep = self.budget.value  # a numpy scalar or 0-d tensor becomes the number it holds
-        else:
+        elif not plain:
             self.keep = self.budget  # an adaptive or per-crop budget stays the object (its repr spells it)
         check_budget(self)
 

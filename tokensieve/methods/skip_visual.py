@@ -43,18 +43,12 @@ class SkipVisual(Sieve):
     layer: int | None = None
 
     def __post_init__(self) -> None:
-        self.freezes_all = self.keep == 0 and not isinstance(self.keep, bool)
-        if self.freezes_all:  # no budget: every image token is frozen
-            self.keep = 1.0
-            super().__post_init__()
-            self.keep = 0
-        else:
-            super().__post_init__()
+        super().__post_init__()
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1):
             raise ValueError(f"layer={self.layer!r}: pass the decoder layer to freeze from, an int >= 1, or None for half the depth")
 
     def requests(self) -> tuple[str, ...]:
-        return () if self.freezes_all else ("llm_attention",)
+        return () if self.keeps_none else ("llm_attention",)
 
     def schedule(self, n_layers: int) -> tuple[Sieve, ...]:
         if self.layer is not None:
@@ -62,7 +56,7 @@ class SkipVisual(Sieve):
         return (replace(self, keep=self.keep, layer=min(max(n_layers // 2, 1), n_layers - 1)),)
 
     def select(self, tokens: VisualTokens) -> Selection:
-        if self.freezes_all:
+        if self.keeps_none:
             return Selection(torch.zeros(0, dtype=torch.long, device=tokens.features.device))
         n = len(tokens)
         k = self.budget.resolve(n)

@@ -47,13 +47,7 @@ class ToDREMigration(Sieve):
     tau: float = 0.1
 
     def __post_init__(self) -> None:
-        self.drops_all = self.keep == 0 and not isinstance(self.keep, bool)
-        if self.drops_all:  # no budget: the image leaves entirely
-            self.keep = 1.0
-            super().__post_init__()
-            self.keep = 0
-        else:
-            super().__post_init__()
+        super().__post_init__()
         if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1):
             raise ValueError(f"layer={self.layer!r}: pass the decoder layer to check before, an int >= 1, or None for 7/8 of the depth")
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0 <= self.tau <= 1:
@@ -73,7 +67,7 @@ class ToDREMigration(Sieve):
         image_share = 1 - tokens[IMAGE_TO_IMAGE].mean(dim=0).sum()
         if bool((text_share >= self.tau) | (image_share >= self.tau)):
             return Selection.every(tokens)
-        if self.drops_all:
+        if self.keeps_none:
             return Selection(torch.zeros(0, dtype=torch.long, device=tokens.features.device))
         n = len(tokens)
         k = self.budget.resolve(n)
