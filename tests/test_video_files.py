@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tokensieve.bench.datasets.video_files import fps_indices, read_video, uniform_indices
+from tokensieve.bench.datasets.video_files import fps_indices, read_frame_folder, read_video, uniform_indices
 
 FPS, SECONDS, SIDE = 10, 2, 64
 
@@ -88,7 +88,7 @@ def test_bad_requests_get_clear_errors(clip, tmp_path):
         read_video(tmp_path / "absent.mp4", num_frames=4)
     with pytest.raises(ValueError, match="num_frames must be >= 1"):
         read_video(clip, num_frames=0)
-    with pytest.raises(ValueError, match="above the file's 10 frames per second"):
+    with pytest.raises(ValueError, match="above the 10 frames per second of"):
         read_video(clip, fps=25)
     with pytest.raises(ValueError, match="exactly one of num_frames"):
         read_video(clip)
@@ -114,3 +114,26 @@ def test_a_file_without_video_says_so(tmp_path):
             container.mux(packet)
     with pytest.raises(ValueError, match="has no video stream \\(streams: audio\\)"):
         read_video(path, num_frames=2)
+
+
+def test_a_window_restricts_both_modes_to_its_span(clip):
+    video = read_video(clip, num_frames=3, window=(0.5, 1.5))
+    assert video.indices == [5, 10, 15] and [frame_number(f) for f in video.frames] == [5, 10, 15]
+    assert read_video(clip, fps=2, window=(0.3, 1.2)).indices == [3, 8]  # 0.3 s, 0.8 s (1.3 s is past the end)
+    with pytest.raises(ValueError, match="no frame between 5 s and 6 s"):
+        read_video(clip, num_frames=1, window=(5, 6))
+    with pytest.raises(ValueError, match="start <= end"):
+        read_video(clip, num_frames=1, window=(2, 1))
+
+
+def test_a_folder_of_frames_reads_like_a_video(tmp_path):
+    for number in range(12):
+        Image.new("RGB", (SIDE, SIDE), frame_colour(number)).save(tmp_path / f"{number + 1:05d}.jpg")
+    video = read_frame_folder(tmp_path, folder_fps=3, num_frames=4)
+    assert video.indices == [0, 4, 7, 11] and [frame_number(f) for f in video.frames] == video.indices
+    assert video.timestamps == pytest.approx([0, 4 / 3, 7 / 3, 11 / 3]) and video.source_frames == 12
+    assert read_frame_folder(tmp_path, folder_fps=3, fps=1).indices == [0, 3, 6, 9]
+    with pytest.raises(ValueError, match="above the 3 frames per second"):
+        read_frame_folder(tmp_path, folder_fps=3, fps=4)
+    with pytest.raises(FileNotFoundError, match="no frame folder"):
+        read_frame_folder(tmp_path / "absent", folder_fps=3, num_frames=1)
