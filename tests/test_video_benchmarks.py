@@ -176,7 +176,8 @@ def test_mvbench_reads_the_parquet_conversion_too(mvbench_dir, tmp_path):
 
 
 def test_mvbench_missing_files_say_what_to_do(mvbench_dir, tmp_path):
-    with pytest.raises(BenchmarkDataMissing, match="no question file for action_prediction.json, action_antonym.json.*pass tasks="):
+    with pytest.raises(BenchmarkDataMissing,
+                       match="no question file for action_prediction.json, action_antonym.json.*pass tasks="):
         mvbench.load(mvbench_dir)  # all 20 tasks by default
     with pytest.raises(BenchmarkDataMissing, match="hf download OpenGVLab/MVBench"):
         mvbench.load(tmp_path / "absent")

@@ -8,20 +8,23 @@ import pytest
 
 from tokensieve.qa import (SPLIT_SEEDS, VIDEO_CHANCE, VIDEO_SKILLS, accuracy_by_skill, example, is_correct,
                            video_example, video_examples)
+from tokensieve.qa.backgrounds import random_background
 from tokensieve.qa.scenes import COLOURS, SHAPES
 from tokensieve.qa.video_questions import DIRECTIONS, FLASH_COUNTS
 
 SIZE = 96  # small frames keep the pixel checks quick; geometry is in fractions of the side
 
 
-def colour_pixels(frame, colour: str) -> np.ndarray:
-    """The (y, x) coordinates of the pixels painted exactly in one of the suite's colours."""
-    return np.argwhere(np.all(np.asarray(frame) == COLOURS[colour], axis=-1))
+def colour_pixels(frame, background: np.ndarray, colour: str) -> np.ndarray:
+    """The (y, x) coordinates of the pixels painted in exactly one of the suite's colours (and not already
+    that colour in the clip's background photo, which differs with the photos installed)."""
+    rgb = COLOURS[colour]
+    return np.argwhere(np.all(np.asarray(frame) == rgb, axis=-1) & ~np.all(background == rgb, axis=-1))
 
 
-def shown(frames, colour: str, min_pixels: int) -> list[bool]:
+def shown(frames, background: np.ndarray, colour: str, min_pixels: int) -> list[bool]:
     """Per frame: does it hold an object of this colour (at least min_pixels of exactly that colour)?"""
-    return [len(colour_pixels(f, colour)) >= min_pixels for f in frames]
+    return [len(colour_pixels(f, background, colour)) >= min_pixels for f in frames]
 
 
 def runs(flags: list[bool]) -> int:
@@ -90,34 +93,36 @@ def test_every_name_in_a_clip_is_unique():
 def test_answers_are_true_of_the_rendered_frames(n_frames):
     for ex in video_examples("validation", 30, frames=n_frames):
         frames, tracks, qa = ex.frames(SIZE), ex.clip.tracks, ex.qa
+        background = np.asarray(random_background(np.random.default_rng(ex.clip.seed), SIZE))
         assert ex.seen_answer(range(n_frames)) == qa.answer  # all frames determine the answer
         subject = tracks[qa.subject]
         colour = next(p.colour for p in subject.poses if p is not None)
         if qa.skill == "needle":
             # The needle's colour is painted in exactly one frame, the needle's own, and nowhere else.
-            flags = shown(frames, qa.answer, area(subject))
+            flags = shown(frames, background, qa.answer, area(subject))
             assert sum(flags) == 1 and subject.poses[flags.index(True)] is not None
-            assert all(len(colour_pixels(f, qa.answer)) < 5 for f, on in zip(frames, flags) if not on)
+            assert all(len(colour_pixels(f, background, qa.answer)) == 0 for f, on in zip(frames, flags) if not on)
             others = [t for i, t in enumerate(tracks) if i != qa.subject]
-            assert all(all(shown(frames, t.poses[0].colour, area(t))) for t in others)
+            assert all(all(shown(frames, background, t.poses[0].colour, area(t))) for t in others)
         elif qa.skill == "flashes":
-            flags = shown(frames, colour, area(subject))
+            flags = shown(frames, background, colour, area(subject))
             assert flags == subject.visible(range(n_frames)) and str(runs(flags)) == qa.answer
             assert not all(flags)
         elif qa.skill == "motion":
-            centres = np.array([colour_pixels(f, colour).mean(axis=0) for f in frames])  # (y, x)
+            centres = np.array([colour_pixels(f, background, colour).mean(axis=0) for f in frames])  # (y, x)
             axis, sign = {"left": (1, -1), "right": (1, 1), "up": (0, -1), "down": (0, 1)}[qa.answer]
             steps = sign * np.diff(centres[:, axis])
             assert np.all(steps > 0) and np.all(np.abs(np.diff(centres[:, 1 - axis])) < 1.0)
             assert sign * (centres[-1, axis] - centres[0, axis]) >= 0.3 * SIZE
         elif qa.skill == "order":
-            first = [shown(frames, t.poses[-1].colour, area(t)).index(True) for t in tracks]
+            first = [shown(frames, background, t.poses[-1].colour, area(t)).index(True) for t in tracks]
             pick = min(first) if qa.variant == "first" else max(first)
             assert first.count(pick) == 1 and tracks[first.index(pick)].shape == qa.answer
-            assert all(all(shown(frames, t.poses[-1].colour, area(t))[f:]) for t, f in zip(tracks, first))
+            assert all(all(shown(frames, background, t.poses[-1].colour, area(t))[f:])
+                       for t, f in zip(tracks, first))
         elif qa.skill == "change":
-            changed = [t.shape for t in tracks
-                       if shown(frames, t.poses[0].colour, area(t)) != shown(frames, t.poses[-1].colour, area(t))]
+            changed = [t.shape for t in tracks if shown(frames, background, t.poses[0].colour, area(t))
+                       != shown(frames, background, t.poses[-1].colour, area(t))]
             assert changed == [qa.answer]
         else:
             raise AssertionError(f"untested skill {qa.skill}")

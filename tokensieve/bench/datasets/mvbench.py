@@ -119,8 +119,9 @@ def load(data: Path | str | None, split: str = "train", limit: int | None = None
                 question=question_text(row["question"], candidates),
                 answers=[LETTERS[candidates.index(row["answer"])]], category=task, meta=meta))
     if missing:
-        raise FileNotFoundError(f"{len(missing)} MVBench videos not found (e.g. {missing[0]}): unzip the download's "
-                                f"video/*.zip under {videos}, or pass videos=<that folder>, or leave tasks out with tasks=")
+        raise FileNotFoundError(f"{len(missing)} MVBench videos not found (e.g. {missing[0]}): unzip the "
+                                f"download's video/*.zip under {videos}, or pass videos=<that folder>, "
+                                f"or leave tasks out with tasks=")
     return samples
 
 
