@@ -94,6 +94,8 @@ def test_bad_requests_get_clear_errors(clip, tmp_path):
         read_video(clip)
     with pytest.raises(ValueError, match="exactly one of num_frames"):
         read_video(clip, num_frames=4, fps=1)
+    with pytest.raises(ValueError, match="max_frames thins fps sampling"):
+        read_video(clip, num_frames=4, max_frames=2)
     with pytest.raises(ValueError, match="has 20 frames, fewer than num_frames=21"):
         read_video(clip, num_frames=21)
     text = tmp_path / "notes.mp4"

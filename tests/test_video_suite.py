@@ -57,6 +57,8 @@ def test_frame_count_and_size_are_configurable(n_frames):
     frames = ex.frames(SIZE)
     assert len(frames) == ex.clip.n_frames == n_frames
     assert {f.size for f in frames} == {(SIZE, SIZE)} and ex.frames()[0].size == (224, 224)
+    some = ex.clip.frames(SIZE, indices=[0, n_frames - 1])
+    assert [np.asarray(f).tolist() for f in some] == [np.asarray(frames[i]).tolist() for i in (0, n_frames - 1)]
 
 
 def test_bad_requests_say_what_to_change():

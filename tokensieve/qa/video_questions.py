@@ -201,8 +201,10 @@ def _seen_flashes(tracks: list[Track], frames: list[int], qa: VideoQA) -> str | 
 
 
 def _seen_needle(tracks: list[Track], frames: list[int], qa: VideoQA) -> str | None:
-    once = [(tr, t) for tr in tracks for t in frames if tr.poses[t] is not None and sum(tr.visible(frames)) == 1]
-    return once[0][0].poses[once[0][1]].colour if len(once) == 1 else None
+    once = [tr for tr in tracks if sum(tr.visible(frames)) == 1]
+    if len(once) != 1:
+        return None
+    return next(once[0].poses[t].colour for t in frames if once[0].poses[t] is not None)
 
 
 def _seen_change(tracks: list[Track], frames: list[int], qa: VideoQA) -> str | None:

@@ -90,6 +90,8 @@ def _check_request(num_frames: int | None, fps: float | None, max_frames: int | 
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     if fps is not None and not fps > 0:
         raise ValueError(f"fps must be > 0, got {fps}")
+    if max_frames is not None and num_frames is not None:
+        raise ValueError("max_frames thins fps sampling; with num_frames it has no use: pass one of the two")
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"max_frames must be >= 1, got {max_frames}")
     if window is not None and not window[0] <= window[1]:
