@@ -24,18 +24,25 @@ def is_correct(prediction: str, answer: str) -> bool:
     return normalise(prediction) == normalise(answer)
 
 
-def accuracy_by_skill(records: list[tuple[str, bool]]) -> dict[str, dict[str, float]]:
-    """{skill: {"n", "accuracy", "chance"}} plus an "overall" row, from (skill, correct) pairs."""
+def accuracy_by_skill(records: list[tuple[str, bool]],
+                      chance: dict[str, float] = CHANCE) -> dict[str, dict[str, float]]:
+    """{skill: {"n", "accuracy", "chance"}} plus an "overall" row, from (skill, correct) pairs.
+
+    `chance` gives each skill's chance level and order: the image suite's CHANCE, or the video suite's VIDEO_CHANCE.
+    """
     if not records:
         raise ValueError("no records to score")
     by_skill: dict[str, list[bool]] = defaultdict(list)
     for skill, correct in records:
         by_skill[skill].append(correct)
-    table = {skill: {"n": len(v), "accuracy": sum(v) / len(v), "chance": CHANCE[skill]}
-             for skill, v in sorted(by_skill.items(), key=lambda kv: list(CHANCE).index(kv[0]))}
+    unknown = set(by_skill) - set(chance)
+    if unknown:
+        raise ValueError(f"no chance level for skills {sorted(unknown)}; pass the suite's chance table")
+    table = {skill: {"n": len(v), "accuracy": sum(v) / len(v), "chance": chance[skill]}
+             for skill, v in sorted(by_skill.items(), key=lambda kv: list(chance).index(kv[0]))}
     # Overall chance: the mean over questions, since skills may be unequally represented.
     table["overall"] = {"n": len(records), "accuracy": sum(c for _, c in records) / len(records),
-                        "chance": sum(CHANCE[s] for s, _ in records) / len(records)}
+                        "chance": sum(chance[s] for s, _ in records) / len(records)}
     return table
 
 

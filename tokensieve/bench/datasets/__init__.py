@@ -4,13 +4,15 @@ Each module has `load(data, split, limit) -> list[Sample]` reading the benchmark
 parquet files from a local path (raising BenchmarkDataMissing, which says how to download them,
 when they are absent), and `score(samples, predictions) -> dict` implementing the benchmark's
 official scoring rule: its headline numbers, "by_category" (all but TextVQA) and "per_sample".
+The video benchmarks (VIDEO_BENCHMARKS) load the same way but give VideoSamples (video_files.py): a
+video file resolved under a `videos` folder instead of an image; the bench does not run them yet.
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from . import gqa, mmbench, mme, pope, scienceqa, textvqa
+from . import gqa, mmbench, mme, mvbench, pope, scienceqa, textvqa, videomme
 from .common import BenchmarkDataMissing, Sample
 
 # name -> (module, the key of score()'s result that a summary table reports)
@@ -23,6 +25,11 @@ BENCHMARKS: dict[str, tuple[ModuleType, str]] = {
     "mmbench": (mmbench, "circular_accuracy"),
 }
 
+VIDEO_BENCHMARKS: dict[str, tuple[ModuleType, str]] = {
+    "videomme": (videomme, "accuracy"),
+    "mvbench": (mvbench, "accuracy"),
+}
+
 
 def benchmark(name: str) -> tuple[ModuleType, str]:
     """The module and headline metric of a benchmark, by name."""
@@ -31,4 +38,4 @@ def benchmark(name: str) -> tuple[ModuleType, str]:
     return BENCHMARKS[name]
 
 
-__all__ = ["BENCHMARKS", "BenchmarkDataMissing", "Sample", "benchmark"]
+__all__ = ["BENCHMARKS", "VIDEO_BENCHMARKS", "BenchmarkDataMissing", "Sample", "benchmark"]
