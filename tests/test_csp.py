@@ -4,6 +4,12 @@ each by hand, and the schedule by the decoder's depth."""
 import pytest
 import torch
 
+import tokensieve as ts
+from conftest import build_model
+from test_in_llm import _image_blocks, _masked_stock_hidden
+from tiny_models import LLAVA
+from tiny_qwen2_vl import QWEN2_VL
+from tokensieve.engine.flops import decoder_prefill_flops
 from tokensieve.methods.csp import CSP, CSPCluster, CSPPrune, CSPScatter
 from tokensieve.sieve import Selection, VisualTokens
 
@@ -121,3 +127,71 @@ def test_bad_arguments_say_what_to_change(kwargs, message):
 def test_selections_are_plain_kept_indices():
     selection = CSPCluster(4, 1, "uniform").select(image(16))
     assert isinstance(selection, Selection) and selection.features is None and selection.assignment is None
+
+
+def test_csp_runs_its_three_stages_and_counts_each_layer_at_its_own_length():
+    """On the tiny LLaVA (4 decoder layers, 64 tokens an image): layer 0 sees all 64, layer 1 the 16 representatives,
+    layer 2 all 64 again (scattered back), layer 3 the 8 the query attends to most."""
+    model = build_model(LLAVA)
+    inputs = LLAVA.make_inputs([[5, 6, 7, 8]])
+    with ts.apply(model, ts.CSP(keep=8, clusters=16)) as run:
+        model(**inputs)
+    (record,) = run.stats.images
+    assert [(stage.layer, stage.after) for stage in record.stages] == [(1, 16), (2, 64), (3, 8)]
+    assert record.stages[0].kept.tolist() == list(range(0, 64, 4))
+    assert torch.equal(record.stages[1].kept, torch.arange(64)) and record.after == 8
+    config, length = model.config.get_text_config(), inputs["input_ids"].shape[1]
+    text = length - record.before
+    expected = decoder_prefill_flops(config, [length], layers=1) + sum(
+        decoder_prefill_flops(config, [text + stage.after], layers=1) for stage in record.stages)
+    assert run.stats.prefill_flops == expected
+
+
+def test_cls_picks_are_fastervlms_top_tokens():
+    model = build_model(LLAVA)
+    inputs = LLAVA.make_inputs([[5, 6, 7, 8]])
+    with ts.apply(model, ts.CSP(keep=8, clusters=16, pick="cls")) as run:
+        model(**inputs)
+    with ts.apply(model, ts.FasterVLM(keep=16)) as reference:
+        model(**inputs)
+    assert torch.equal(run.stats.images[0].stages[0].kept, reference.stats.images[0].kept)
+    assert [stage.after for stage in run.stats.images[0].stages] == [16, 64, 8]
+
+
+class _RecordingCSP(CSP):
+    """CSP whose pruning stage records the attention row it was given."""
+
+    def schedule(self, n_layers):
+        cluster, scatter, prune = super().schedule(n_layers)
+        rows = self.rows = []
+
+        class Recording(CSPPrune):
+            def select(stage, tokens):
+                rows.append(tokens["llm_attention"])
+                return super().select(tokens)
+
+        return cluster, scatter, Recording(prune.keep, prune.layer)
+
+
+@pytest.mark.parametrize("family", [LLAVA, QWEN2_VL], ids=lambda f: f.name)
+def test_the_pruning_row_is_eager_attention_over_the_scattered_tokens(family):
+    """The pruning stage's row equals eager attention of the last token in layer p of the stock model in which the
+    clustering stage's dropped keys are masked from layer c to s and come back at s with their layer-c states; and
+    the stage keeps the top of that row among all N tokens."""
+    model = family.build()
+    model.set_attn_implementation("eager")
+    inputs = family.make_inputs([[5, 6, 7, 8], [9, 10]])
+    method = _RecordingCSP(keep=8, clusters=16)
+    with ts.apply(model, method) as run:
+        model(**inputs)
+    records = run.stats.images
+    attentions = []
+    hook = model.register_forward_hook(lambda m, a, out: attentions.append(out.attentions))
+    try:
+        _masked_stock_hidden(model, {**inputs, "output_attentions": True}, records, family, before_stage_at=3)
+    finally:
+        hook.remove()
+    for record, (row, positions), got in zip(records, _image_blocks(inputs, family, records), method.rows):
+        assert got.shape[-1] == record.before
+        torch.testing.assert_close(got, attentions[-1][3][row, :, -1, positions].float(), atol=1e-6, rtol=1e-4)
+        assert torch.equal(record.kept, got.mean(0).topk(8).indices.sort().values)
