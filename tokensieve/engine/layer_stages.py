@@ -169,9 +169,9 @@ class LayerPruning:
                                  f"{' and '.join(LLM_SIGNALS)} and the vision tower's {' and '.join(VISION_SIGNALS)}")
         self._asks = [tuple(r for r in requests if r.name == "llm_attention") for requests in asked]
         self._transition_asks = [tuple(r for r in requests if r.name == "llm_transition") for requests in asked]
+        _check_restoring(self.stages, asked)
         self._transitions = _transitions(self.stages, self._transition_asks, layers)
         self._vision_asks = [set(r for r in requests if r.name in VISION_SIGNALS) for requests in asked]
-        _check_restoring(self.stages, asked)
         # a stage stashes its tokens' hidden states when it or a later stage of its method restores
         self._stashes = [any(later.sieve.restores for later in self.stages[index:] if later.method is stage.method)
                          for index, stage in enumerate(self.stages)]
