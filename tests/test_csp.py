@@ -195,3 +195,14 @@ def test_the_pruning_row_is_eager_attention_over_the_scattered_tokens(family):
         assert got.shape[-1] == record.before
         torch.testing.assert_close(got, attentions[-1][3][row, :, -1, positions].float(), atol=1e-6, rtol=1e-4)
         assert torch.equal(record.kept, got.mean(0).topk(8).indices.sort().values)
+
+
+def test_scattering_brings_back_what_csp_received_not_what_a_method_before_it_dropped():
+    model = build_model(LLAVA)
+    with ts.apply(model, ts.Chain(ts.Uniform(keep=32), CSP(keep=8, clusters=8))) as run:
+        model(**LLAVA.make_inputs([[5, 6, 7, 8], [9, 10]]))
+    for record in run.stats.images:
+        before, cluster, scatter, prune = record.stages
+        assert [stage.after for stage in record.stages] == [32, 8, 32, 8]
+        assert torch.equal(scatter.kept, before.kept) and torch.equal(cluster.kept, before.kept[0::4])
+        assert set(prune.kept.tolist()) <= set(before.kept.tolist())
