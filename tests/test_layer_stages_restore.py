@@ -68,11 +68,16 @@ def _layer_io(model, inputs, layer, masked_keys=None):
         if masked_keys is None:
             return None
         length = masked_keys.shape[1]
-        allowed = torch.ones(length, length, dtype=torch.bool).tril() & inputs["attention_mask"].bool()[:, None] & ~masked_keys[:, None]
-        return args, {**kwargs, "attention_mask": torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]}
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        allowed = causal & inputs["attention_mask"].bool()[:, None] & ~masked_keys[:, None]
+        mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
+        return args, {**kwargs, "attention_mask": mask}
+
+    def after(module, args, output):
+        seen["output"] = output[0] if isinstance(output, tuple) else output
 
     hooks = [decoder.layers[layer].register_forward_pre_hook(before, with_kwargs=True),
-             decoder.layers[layer].register_forward_hook(lambda m, a, out: seen.update(output=out[0] if isinstance(out, tuple) else out))]
+             decoder.layers[layer].register_forward_hook(after)]
     try:
         model(**inputs)
     finally:
@@ -114,12 +119,16 @@ def test_restored_tokens_sit_at_their_own_positions_and_each_layer_caches_its_ow
     decoder = adapter_for(model).decoder
     inputs = LLAVA.make_inputs(TEXTS)
     seen = {}
-    stock = decoder.layers[2].register_forward_pre_hook(lambda m, a, kw: seen.update(stock=kw["position_embeddings"]), with_kwargs=True)
+
+    def noting(name):
+        return lambda module, args, kwargs: seen.update({name: kwargs["position_embeddings"]})
+
+    stock = decoder.layers[2].register_forward_pre_hook(noting("stock"), with_kwargs=True)
     model(**inputs)
     stock.remove()
     method = _Method()
     with ts.apply(model, method):
-        hook = decoder.layers[2].register_forward_pre_hook(lambda m, a, kw: seen.update(kept=kw["position_embeddings"]), with_kwargs=True)
+        hook = decoder.layers[2].register_forward_pre_hook(noting("kept"), with_kwargs=True)
         try:
             output = model(**inputs, use_cache=True)
         finally:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .._lazy import torch
 from ..budget import Budget, as_budget
 from ..registry import register
 from ..selection import strided, top_k_in_order
