@@ -42,9 +42,9 @@ class CSP(Sieve):
     ``layers=None`` places the stages at a quarter, half and three quarters of the depth as ``pyramiddrop``
     (8, 16, 24 of 32; 1, 2, 3 of the tiny test models' 4); ``clusters=0.25`` and ``keep=0.125`` of the N
     tokens the image had at the first stage. On 576 tokens and 32 layers that is 342 image tokens per layer
-    on average (-41%), short of the paper's -65%, so its boundaries or counts differ. A ``keep`` that covers the
-    image turns every stage off (the clustering too), so keeping every token is the stock model. One
-    third-party summary puts the -70% point "after fine-tuning"; the abstract calls the method training-free.
+    on average (-41%), far from the paper's -65% image-token FLOPs, so its boundaries or counts likely differ.
+    A ``keep`` that covers the image turns every stage off (the clustering too), so keeping every token is the
+    stock model. One third-party summary puts the -70% point "after fine-tuning"; the abstract says training-free.
 
     Differences: the paper clusters from the LLM input; in-LLM stages start at layer 1, so layer 0 sees every
     token. It scores the pruning stage with the [SEG] token, which a prompt does not hold at prefill: here the
