@@ -56,24 +56,31 @@ def staged_ideal(model, inputs: dict, record):
     image = ids[0] == IMAGE_TOKEN
     first, length = int(image.nonzero()[0]), ids.shape[1]
     text = (~image).nonzero().squeeze(1)
+    # each stage's decoder-input positions, and where they sit in the previous stage's (None: a restoring stage
+    # brings back tokens the previous one lacks, from the states they had when dropped)
     gathers, seen = {}, torch.arange(length, device=ids.device)
-    for stage in record.stages:  # each stage's decoder-input positions, as an index into the previous stage's
+    for stage in record.stages:
         kept = torch.cat([text, first + stage.kept.to(ids.device)]).sort().values
-        gathers[stage.layer or 0] = torch.searchsorted(seen, kept)
+        gathers[stage.layer or 0] = (kept, torch.searchsorted(seen, kept) if bool(torch.isin(kept, seen).all()) else None)
         seen = kept
+    restores = any(index is None for _, index in gathers.values())
 
     def run():
         features = inner.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
         embeds = inner.get_input_embeddings()(ids)
         embeds = embeds.masked_scatter((ids == IMAGE_TOKEN).unsqueeze(-1), torch.cat(list(features)).to(embeds.dtype))
         positions = torch.arange(length, device=ids.device).unsqueeze(0)
-        embeddings, hidden = decoder.rotary_emb(embeds, positions), embeds
+        all_embeddings = decoder.rotary_emb(embeds, positions)
+        embeddings, hidden, stash = all_embeddings, embeds, embeds.clone() if restores else None
         cache = DynamicCache(config=decoder.config)
         for j, layer in enumerate(decoder.layers):
             if j in gathers:
-                index = gathers[j]
-                hidden, positions = hidden[:, index], positions[:, index]
-                embeddings = tuple(t[:, index] for t in embeddings)
+                kept, index = gathers[j]
+                if stash is not None:
+                    stash[:, positions[0]] = hidden
+                hidden = hidden[:, index] if index is not None else stash[:, kept]
+                positions = kept.unsqueeze(0)
+                embeddings = tuple(t[:, kept] for t in all_embeddings)
             hidden = layer(hidden, attention_mask=None, position_embeddings=embeddings, position_ids=positions,
                            use_cache=True, **{CACHE_ARGUMENT: cache})
         model.lm_head(decoder.norm(hidden))

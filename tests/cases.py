@@ -18,6 +18,7 @@ CHAINS = [
     ("uniform+pyramiddrop", {}),  # one method before the LLM, three stages inside it
     ("fastv:layer=1+pyramiddrop", {"layers": (2, 3)}),  # two in-LLM methods, three stages
     ("tome_vit+divprune+fastv", {"layer": 1}),  # merged inside the vision tower, then pruned before and in the LLM
+    ("uniform+csp", {"clusters": 8}),  # csp's scattering brings back what it received: the tokens kept before the LLM
 ]
 
 

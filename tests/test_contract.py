@@ -177,15 +177,17 @@ def test_each_stage_keeps_a_subset_of_what_the_stage_before_it_kept(family, name
     method = method_for(name, kwargs)
     sieves = method.sieves if isinstance(method, ts.Chain) else (method,)
     depth = model.config.get_text_config().num_hidden_layers
-    stages = [stage for sieve in sieves for stage in (sieve.schedule(depth) if sieve.stage == "in_llm" else (sieve,))]
+    stages = [(stage, sieve) for sieve in sieves for stage in (sieve.schedule(depth) if sieve.stage == "in_llm" else (sieve,))]
     with ts.apply(model, method) as run:
         model.generate(**family.make_inputs(TEXTS), max_new_tokens=2, do_sample=False, pad_token_id=0)
     for record in run.stats.images:
-        assert [(s.method, s.layer) for s in record.stages] == [(s.name, getattr(s, "layer", None)) for s in stages]
-        left = set(range(record.before))
-        for stage in record.stages:
-            assert stage.after == len(stage.kept) <= len(left)
-            assert set(stage.kept.tolist()) <= left
+        assert [(s.method, s.layer) for s in record.stages] == [(s.name, getattr(s, "layer", None)) for s, _ in stages]
+        left, began = set(range(record.before)), {}
+        for stage, (sieve, method) in zip(record.stages, stages):
+            began.setdefault(id(method), left)  # a restoring stage may bring back what its method's first stage received
+            pool = began[id(method)] if sieve.restores else left
+            assert stage.after == len(stage.kept) <= len(pool)
+            assert set(stage.kept.tolist()) <= pool
             left = set(stage.kept.tolist())
         assert record.stages[-1].after == record.after and torch.equal(record.stages[-1].kept, record.kept)
 

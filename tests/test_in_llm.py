@@ -68,11 +68,15 @@ def _masked_stock_hidden(model, inputs, records, family, hook_layer=None, before
         allowed = causal & real[:, None, :] & ~dropped[:, None, :]
         return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
 
+    stash = {}
+
     def set_mask(index):
         dropped = _dropped_at(index - (index == before_stage_at), shape, blocks, records)
+        seen = ~_dropped_at(index - 1, shape, blocks, records) if index else torch.ones(shape, dtype=torch.bool)
 
         def hook(m, args, kw):
             args, kw = _merged_at(index, args, kw, blocks, records)
+            args, kw = _restored_at(args, kw, stash, seen, dropped)
             return args, (hook_layer or (lambda i, k: k))(index, {**kw, "attention_mask": masked(dropped)})
         return hook
 
@@ -85,6 +89,23 @@ def _masked_stock_hidden(model, inputs, records, family, hook_layer=None, before
         for hook in hooks:
             hook.remove()
     return outputs[-1], _dropped_at(len(decoder.layers), shape, blocks, records), real
+
+
+def _restored_at(args, kwargs, stash, seen, dropped):
+    """A token a restoring stage (``Sieve.restores``) brings back enters with the hidden state it had at the input of
+    the layer that dropped it: every token the layer before saw stores its input hidden state here, and a token the
+    layer before did not see but this one does takes its stored one."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    returning = ~seen & ~dropped
+    if returning.any():
+        hidden = hidden.clone()
+        hidden[returning] = stash["hidden"][returning]
+    kept = stash.get("hidden", hidden).clone()
+    kept[seen] = hidden[seen]
+    stash["hidden"] = kept
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
 
 
 def _merged_at(layer, args, kwargs, blocks, records):
@@ -319,13 +340,18 @@ def _repacked_positions(positions, dropped, real):
     return positions - (dropped_real.cumsum(1) - dropped_real)
 
 
-def test_repacked_positions_equal_the_stock_model_renumbered_without_the_dropped_tokens():
+#: csp brings its clustering stage's dropped tokens back at its second stage, renumbered with the rest
+REPACKING = [ts.PyramidDrop(keep=16, positions="repack"), ts.CSP(keep=16, clusters=16, positions="repack")]
+
+
+@pytest.mark.parametrize("method", REPACKING, ids=lambda m: m.name)
+def test_repacked_positions_equal_the_stock_model_renumbered_without_the_dropped_tokens(method):
     """positions='repack' (the reference's policy): each kept token's final hidden state equals the stock decoder's
     when every layer masks what was dropped before it and renumbers positions without those tokens."""
     model = build_model(LLAVA)
     decoder = adapter_for(model).decoder
     inputs = LLAVA.make_inputs(TEXTS)
-    pruned, records = _pruned_hidden(model, inputs, ts.PyramidDrop(keep=16, positions="repack"))
+    pruned, records = _pruned_hidden(model, inputs, method)
     blocks = _image_blocks(inputs, LLAVA, records)
     shape, real = inputs["input_ids"].shape, inputs["attention_mask"].bool()
     positions = (inputs["attention_mask"].cumsum(1) - 1).clamp(min=0)
@@ -341,12 +367,12 @@ def test_repacked_positions_equal_the_stock_model_renumbered_without_the_dropped
 ONE_D_ROPE = [family for family in IN_LLM_FAMILIES if not family.name.startswith("qwen")]
 
 
+@pytest.mark.parametrize("method", REPACKING, ids=lambda m: m.name)
 @pytest.mark.parametrize("family", ONE_D_ROPE, ids=lambda f: f.name)
-def test_repacked_positions_keep_cache_batch_and_turns_consistent(family):
+def test_repacked_positions_keep_cache_batch_and_turns_consistent(family, method):
     """positions='repack' on every family with 1D positions: generate() with a cache equals a no-cache loop, a
     padded batch equals its rows alone, and a second turn equals a fresh prefill of the whole conversation."""
     model = build_model(family)
-    method = ts.PyramidDrop(keep=16, positions="repack")
     batch = family.make_inputs(TEXTS, seed=3)
     with ts.apply(model, method):
         cached = model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=0)

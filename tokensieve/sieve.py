@@ -153,6 +153,11 @@ class Sieve:
     #: an in_llm sieve whose dropped tokens leave the hidden-state stream but stay keys and values of every later
     #: layer, computed from their hidden states at its layer (skip_visual): nothing updates them any more
     freezes: ClassVar[bool] = False
+    #: an in_llm sieve that may bring back tokens its method's earlier stages dropped (LVLM_CSP's scattering): it
+    #: sees every token the image had when its method's first stage began (``entered`` of them, in sequence order),
+    #: a dropped one with its hidden state at the input of the stage that dropped it, and its kept indices index
+    #: that set; kept tokens return to their own positions. It cannot ask for ``llm_attention`` or ``llm_transition``
+    restores: ClassVar[bool] = False
 
     #: the adaptive budgets (``ts.Adaptive``) the method honours: "mass" (it ranks by score) and/or
     #: "coverage"; a budget's ``per_crop=True`` needs ``crop_split``. Both count only where declared in the

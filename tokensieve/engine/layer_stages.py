@@ -55,6 +55,18 @@ class PendingImage:
     raster: torch.Tensor  # the raster index (over record.grid) of each of those tokens
     entered: int = 0  # tokens the image had when the current method's first stage began
     vision: dict = field(default_factory=dict)  # vision-tower signals the stages asked for, over every raster index
+    returns: _Returns | None = None  # for a method with a restoring stage: the tokens it may bring back
+
+
+@dataclass
+class _Returns:
+    """What a restoring stage (``Sieve.restores``) may bring back of one image: every token the image had when its
+    method's first stage began, and the hidden state each had at the input of the last of the method's stages
+    that saw it (where it was dropped, for a dropped one)."""
+
+    origin: torch.Tensor  # (entered,) their decoder-input positions, in sequence order
+    raster: torch.Tensor  # (entered,) their raster indices
+    states: torch.Tensor | None = None  # (entered, d), filled at the first stage
 
 
 @dataclass
@@ -157,8 +169,12 @@ class LayerPruning:
                                  f"{' and '.join(LLM_SIGNALS)} and the vision tower's {' and '.join(VISION_SIGNALS)}")
         self._asks = [tuple(r for r in requests if r.name == "llm_attention") for requests in asked]
         self._transition_asks = [tuple(r for r in requests if r.name == "llm_transition") for requests in asked]
+        _check_restoring(self.stages, asked)
         self._transitions = _transitions(self.stages, self._transition_asks, layers)
         self._vision_asks = [set(r for r in requests if r.name in VISION_SIGNALS) for requests in asked]
+        # a stage stashes its tokens' hidden states when it or a later stage of its method restores
+        self._stashes = [any(later.sieve.restores for later in self.stages[index:] if later.method is stage.method)
+                         for index, stage in enumerate(self.stages)]
         self.vision_requests = tuple(dict.fromkeys(r for asks in self._vision_asks for r in asks))
         self._rotary = rotary_function(attention_module(layers[0]))
         scored = {index: attention_module(layers[stage.layer - 1]) for index, stage in enumerate(self.stages)
@@ -273,6 +289,10 @@ class LayerPruning:
                                 else torch.ones(batch, width, dtype=torch.bool, device=hidden.device))
         # an image a stage kept no token of (ToDRE's second stage) has nothing left to select
         images = [image for image in self._starting(index, view.images) if len(image.positions)]
+        if self._stashes[index]:
+            self._stash(images, hidden)
+        if stage.sieve.restores and view.index is not None and images:  # else nothing was dropped: nothing comes back
+            return self._restore(index, images, hidden, args, kwargs)
         if images and _scored_at(stage.sieve) == "input" and self._asks[index]:
             layer = self._layers[stage.layer]
             embeddings = view.plan.position_embeddings if view.plan is not None else kwargs["position_embeddings"]
@@ -328,17 +348,72 @@ class LayerPruning:
         slots = packing.slots()
         query = slots.gather(1, query.unsqueeze(1)).squeeze(1) if query is not None else None
         images = [PendingImage(image.record, image.row, slots[image.row, image.positions[kept]], image.record.kept, image.entered,
-                               image.vision)
+                               image.vision, image.returns)
                   for image, kept in zip(images, kept_per_image)]  # record.kept: this stage's raster indices
         return query, images
 
     def _starting(self, index: int, images: list[PendingImage]) -> list[PendingImage]:
-        """The view's images; at the first stage of a method, each records how many tokens it has then."""
+        """The view's images; at the first stage of a method, each records how many tokens it has then (and, for a
+        method with a restoring stage, which: ``PendingImage.returns``)."""
         if index > 0 and self.stages[index - 1].method is self.stages[index].method:
             return images
         for image in images:
             image.entered = len(image.positions)
+            image.returns = _Returns(self._input_positions(image), image.raster) if self._stashes[index] else None
         return images
+
+    def _input_positions(self, image: PendingImage) -> torch.Tensor:
+        """The decoder-input positions of ``image``'s tokens in the current view."""
+        index = self._view.index
+        return index[image.row, image.positions] if index is not None else image.positions
+
+    def _stash(self, images: list[PendingImage], hidden: torch.Tensor) -> None:
+        """Each image's present tokens store their hidden states at this stage's input (``_Returns.states``)."""
+        for image in images:
+            returns = image.returns
+            if returns.states is None:
+                returns.states = hidden.new_zeros(len(returns.origin), hidden.shape[-1])
+            present = torch.searchsorted(returns.origin, self._input_positions(image))
+            returns.states = returns.states.index_copy(0, present, hidden[image.row, image.positions])
+
+    def _restore(self, index: int, images: list[PendingImage], hidden: torch.Tensor, args: tuple, kwargs: dict):
+        """A restoring stage (``Sieve.restores``): its sieve sees every token each image entered its method with, a
+        dropped one with its stashed hidden state; what it keeps is packed anew from the decoder input, each token
+        at its own position (so brought-back tokens sit where they were, in sequence order)."""
+        stage, view = self.stages[index], self._view
+        batch, d = hidden.shape[0], hidden.shape[-1]
+        filled = view.filled if view.filled is not None else torch.ones(view.index.shape, dtype=torch.bool, device=hidden.device)
+        rows, slots = filled.nonzero(as_tuple=True)
+        columns_now = view.index[rows, slots]
+        full = hidden.new_zeros(batch, self._length, d)  # the hidden states over the decoder input's positions
+        full[rows, columns_now] = hidden[rows, slots]
+        keep = torch.zeros(batch, self._length, dtype=torch.bool, device=hidden.device)
+        keep[rows, columns_now] = True
+        entered = [PendingImage(image.record, image.row, image.returns.origin, image.returns.raster, image.entered,
+                                image.vision, image.returns) for image in images]
+        for image in entered:
+            full[image.row, image.positions] = image.returns.states.to(full.dtype)
+        selections = Selections(keep)
+        kept_per_image = []
+        for image, (kept, features) in zip(entered, self._run_sieve(index, entered, full)):
+            kept_per_image.append(kept)
+            selections.mark(image.row, image.positions, kept, features)
+        self.stages_run += 1
+        full = selections.written(full)
+        input_mask = self._input_mask.to(hidden.device)
+        packing = selections.packed(input_mask)
+        index_now, filled_now = packing.index, packing.filled()
+        dropped = ((~selections.keep) & input_mask.bool()).sum(1)  # of the decoder input: earlier stages included
+        columns, state = self._columns(index, index_now, filled_now, dropped)
+        self._count_flops(index, view.own_mask, packing.mask, None)
+        cache = kwargs.get(CACHE_ARGUMENT)
+        if cache is not None:
+            self._states.setdefault(cache, [None] * len(self.stages))[index] = state
+        plan = self._plan(stage, kwargs, index_now, columns, packing.mask, filled_now, state.dropped - dropped)
+        query = view.index.gather(1, view.query[:, None]).squeeze(1)  # at the decoder input, as the packing counts
+        query, moved = self._moved(packing, query, entered, kept_per_image) if index + 1 < len(self.stages) else (None, [])
+        self._view = _View(index_now, filled_now, packing.mask, query, moved, plan, dropped)
+        return _with_hidden(args, kwargs, packing.gather(full, dim=1))
 
     def _run_sieve(self, index: int, images: list[PendingImage], hidden: torch.Tensor) -> list[tuple]:
         """The stage's sieve on every image at once (``timed_select_all``); each image's record gets the stage.
@@ -504,6 +579,27 @@ def _transitions(stages: list[Stage], asks: list[tuple], layers: nn.ModuleList) 
         raise ValueError(f"in-LLM stages ask for llm_transition from layers {sorted(starts)}: one start per run")
     end = max(stage.layer for stage, requests in zip(stages, asks) if requests)
     return Transitions(layers, next(iter(starts)), end, attention_module)
+
+
+def _check_restoring(stages: list[Stage], asked: list[tuple]) -> None:
+    """A restoring stage (``Sieve.restores``) sees tokens absent from the layers before it: no signal computed over
+    the present tokens reaches it, no stage of its method may drop an image whole, and no stage follows tokens
+    across layers (``llm_transition``), which restored tokens missed."""
+    restoring = [stage for stage in stages if stage.sieve.restores]
+    if not restoring:
+        return
+    for stage, requests in zip(stages, asked):
+        names = {r.name for r in requests}
+        if stage.sieve.restores and names & set(LLM_SIGNALS):
+            raise ValueError(f"{stage.method.name} brings tokens back at layer {stage.layer} (restores = True), so it "
+                             f"cannot ask for {', '.join(sorted(names & set(LLM_SIGNALS)))}, computed over the tokens "
+                             f"still there: score the tokens at a later stage")
+        if "llm_transition" in names:
+            raise ValueError(f"{stage.method.name} asks for llm_transition, which restored tokens ({restoring[0].method.name} "
+                             f"at layer {restoring[0].layer}) have no value of: run them in separate calls")
+        if stage.sieve.may_keep_none and any(other.method is stage.method for other in restoring):
+            raise ValueError(f"{stage.method.name} may keep no token of an image (may_keep_none) and also brings tokens "
+                             f"back: an image a stage drops whole leaves the schedule")
 
 
 def _check_freezing(stages: list[Stage], decoder: nn.Module) -> None:
