@@ -50,11 +50,16 @@ def pre_llm_sieve(method):
 
 
 def supported(family, name, kwargs) -> bool:
-    """Whether the family gives every signal the case's in_vision and pre-LLM methods ask for."""
+    """Whether the family gives every signal the case's in_vision and pre-LLM methods ask for, and lets its in-LLM
+    stages prune where they do (Qwen3-VL: after its DeepStack layers; Qwen3.5: nowhere)."""
     method = method_for(name, kwargs)
     sieves = method.sieves if isinstance(method, ts.Chain) else (method,)
-    adapter = adapter_for(build_model(family))
-    return not any(adapter.missing_signals(requests_of(s, adapter)) for s in sieves if s.stage in ("in_vision", "pre_llm"))
+    model = build_model(family)
+    adapter = adapter_for(model)
+    depth = model.config.get_text_config().num_hidden_layers
+    layers = [stage.layer for s in sieves if s.stage == "in_llm" for stage in s.schedule(depth)]
+    return not any(adapter.missing_signals(requests_of(s, adapter)) for s in sieves if s.stage in ("in_vision", "pre_llm")) \
+        and not any(adapter.stage_layer_problem(layer) for layer in layers)
 
 
 def family_method_params(want_supported: bool = True, stages=("in_vision", "pre_llm", "in_llm", "chain", "vision_chain")):

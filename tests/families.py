@@ -4,6 +4,7 @@ from tiny_idefics3 import IDEFICS3, SMOLVLM
 from tiny_llava_next import LLAVA_NEXT, LLAVA_ONEVISION
 from tiny_models import LLAVA
 from tiny_qwen2_vl import QWEN2_5_VL, QWEN2_VL
+from tiny_qwen3_vl import QWEN3_5, QWEN3_VL
 
 FAMILIES = [
     LLAVA,
@@ -13,4 +14,6 @@ FAMILIES = [
     SMOLVLM,
     QWEN2_VL,
     QWEN2_5_VL,
+    QWEN3_VL,
+    QWEN3_5,
 ]

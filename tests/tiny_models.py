@@ -48,7 +48,10 @@ class Family:
     inputs for left-padded rows, row i holding ``n_images[i]`` images (default 1) and then the text
     ids ``texts[i]``; images come from a seeded stream (``random_image``) starting at
     ``image_offset``, so a batch row rebuilt alone gets the same pixels. Every image must give
-    exactly ``tokens_per_image`` placeholder tokens with id ``image_token``.
+    exactly ``tokens_per_image`` placeholder tokens with id ``image_token``. ``reference`` is what a pruned
+    prefill equals: "masked", the stock decoder with the dropped tokens masked out, or "gathered", the decoder
+    run on each row's kept tokens alone at their positions (recurrent layers, Qwen3.5: a masked token still
+    advances their state).
     """
 
     name: str
@@ -56,6 +59,7 @@ class Family:
     make_inputs: Callable[..., dict]
     tokens_per_image: int
     image_token: int = IMAGE_TOKEN
+    reference: str = "masked"
 
 
 def random_image(seed: int, index: int, size: int) -> torch.Tensor:
