@@ -11,6 +11,8 @@ shapes of real checkpoints), a prompt with one image, and a timer.
 - ``gemma3-12b``: Gemma3-12B-it's shapes (its config.json): a 27x1152 SigLIP tower on 896-px images (64x64
   patches, average-pooled 4x4 into 256 tokens) and a 48x3840 decoder with 8 key-value heads, five sliding-window
   layers (1,024 tokens) to one full-attention layer.
+- ``qwen3-vl-8b``: Qwen3-VL-8B-Instruct's shapes: a 27x1152 tower with DeepStack sets from blocks 8, 16 and 24,
+  a 36x4096 decoder with 8 key-value heads; a 1024-px square image (patch 16) gives 32x32 = 1,024 tokens.
 
 Real-size models are built directly on the target device in the target dtype: a 7B model in float32
 on a CPU would need 28 GiB before the first cast.
@@ -30,14 +32,18 @@ from transformers import (
     InternVLForConditionalGeneration,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
 )
 
 from tokensieve.demo_model import demo_inputs, demo_llava
 
-MODELS = ("demo", "llava-1.5-7b", "qwen2.5-vl-7b", "internvl3-8b", "gemma3-12b")
-MODEL_HELP = "demo (CPU-sized LLaVA) | llava-1.5-7b | qwen2.5-vl-7b | internvl3-8b | gemma3-12b (random weights at the real shapes)"
+MODELS = ("demo", "llava-1.5-7b", "qwen2.5-vl-7b", "qwen3-vl-8b", "internvl3-8b", "gemma3-12b")
+MODEL_HELP = ("demo (CPU-sized LLaVA) | llava-1.5-7b | qwen2.5-vl-7b | qwen3-vl-8b | internvl3-8b | gemma3-12b (random weights "
+              "at the real shapes)")
 
 QWEN_IMAGE_SIDE, QWEN_PATCH, QWEN_MERGE, QWEN_TEMPORAL = 1008, 14, 2, 2
+QWEN3_IMAGE_SIDE, QWEN3_PATCH = 1024, 16
 QWEN_TOKENS = {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
                "vision_end_token_id": 151653}
 
@@ -53,11 +59,25 @@ def qwen2_5_vl_7b() -> Qwen2_5_VLForConditionalGeneration:
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
-def qwen_inputs(batch: int, prompt_tokens: int = 40, seed: int = 0) -> dict:
-    """``vision_start, 1,296 x image_pad, vision_end`` after 5 text tokens, as the processor lays them out;
-    the pixel values are random patches already flattened (grid_h * grid_w, 3 * 2 * 14 * 14)."""
+def qwen3_vl_8b() -> Qwen3VLForConditionalGeneration:
+    text = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+                rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
+                                                    "mrope_section": [24, 20, 20], "mrope_interleaved": True})
+    vision = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+                  patch_size=QWEN3_PATCH, spatial_merge_size=QWEN_MERGE, temporal_patch_size=QWEN_TEMPORAL,
+                  num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24])
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **QWEN_TOKENS)
+    return Qwen3VLForConditionalGeneration(config).eval()
+
+
+def qwen_inputs(batch: int, prompt_tokens: int = 40, seed: int = 0, side: int = QWEN_IMAGE_SIDE,
+                patch: int = QWEN_PATCH) -> dict:
+    """``vision_start, (side/patch/2)^2 x image_pad, vision_end`` after 5 text tokens, as the processor lays them
+    out (1,296 tokens for Qwen2.5-VL's 1008 px and patch 14); the pixel values are random patches already flattened
+    (grid_h * grid_w, 3 * 2 * patch * patch)."""
     generator = torch.Generator().manual_seed(seed)
-    grid = QWEN_IMAGE_SIDE // QWEN_PATCH
+    grid = side // patch
     tokens = (grid // QWEN_MERGE) ** 2
     text = torch.randint(3, 150000, (batch, prompt_tokens), generator=generator)
     image = torch.tensor([QWEN_TOKENS["vision_start_token_id"]] + [QWEN_TOKENS["image_token_id"]] * tokens
@@ -66,7 +86,7 @@ def qwen_inputs(batch: int, prompt_tokens: int = 40, seed: int = 0) -> dict:
     return {
         "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
         "mm_token_type_ids": (input_ids == QWEN_TOKENS["image_token_id"]).int(),
-        "pixel_values": torch.randn(batch * grid * grid, 3 * QWEN_TEMPORAL * QWEN_PATCH**2, generator=generator),
+        "pixel_values": torch.randn(batch * grid * grid, 3 * QWEN_TEMPORAL * patch**2, generator=generator),
         "image_grid_thw": torch.tensor([[1, grid, grid]] * batch),
     }
 
@@ -154,12 +174,17 @@ def model_and_inputs(name: str, device: str, dtype: str, batch: int = 1,
                     model = internvl3_8b()
                 elif name == "gemma3-12b":
                     model = gemma3_12b()
+                elif name == "qwen3-vl-8b":
+                    model = qwen3_vl_8b()
                 else:
                     model = qwen2_5_vl_7b()
         finally:
             torch.set_default_dtype(default)
     model.set_attn_implementation(attention)
-    inputs = {"qwen2.5-vl-7b": qwen_inputs, "internvl3-8b": internvl_inputs, "gemma3-12b": gemma3_inputs}.get(name, demo_inputs)(batch)
+    if name == "qwen3-vl-8b":
+        inputs = qwen_inputs(batch, side=QWEN3_IMAGE_SIDE, patch=QWEN3_PATCH)
+    else:
+        inputs = {"qwen2.5-vl-7b": qwen_inputs, "internvl3-8b": internvl_inputs, "gemma3-12b": gemma3_inputs}.get(name, demo_inputs)(batch)
     inputs = {k: v.to(device) for k, v in inputs.items()}
     inputs["pixel_values"] = inputs["pixel_values"].to(torch_dtype)
     return model, inputs
