@@ -7,9 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${TOKENSIEVE_VLLM_VENV:-.venv-vllm}
 bash scripts/vllm_env.sh "$venv"
+venv_python="$(cd "$venv" && pwd)/bin/python"  # absolute: the tests run from vllm_plugin/tests
 model=${TOKENSIEVE_VLLM_TEST_MODEL:-$(${PYTHON:-python3} -c "from tokensieve.mini.build import cache_root; print(cache_root() / 'vllm-test-llava')")}
 ${PYTHON:-python3} vllm_plugin/tests/build_tiny_llava.py "$model"
 export TOKENSIEVE_VLLM_TEST_MODEL=$model
 unset TOKENSIEVE_VLLM_METHOD  # the tests choose methods themselves
 cd vllm_plugin/tests
-"../../$venv/bin/python" -m pytest -p no:cacheprovider -q "${@:-.}"
+"$venv_python" -m pytest -p no:cacheprovider -q "${@:-.}"
