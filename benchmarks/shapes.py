@@ -32,6 +32,8 @@ from transformers import (
     InternVLForConditionalGeneration,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
+    Qwen3_5Config,
+    Qwen3_5ForConditionalGeneration,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
 )
@@ -59,7 +61,8 @@ def qwen2_5_vl_7b() -> Qwen2_5_VLForConditionalGeneration:
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
-def qwen3_vl_8b() -> Qwen3VLForConditionalGeneration:
+def _qwen3_vl_8b_configs(wide: bool) -> tuple[dict, dict]:
+    """Qwen3-VL-8B-Instruct's text and vision configs (shrunk by :func:`_tiny_but_wide` where ``wide``)."""
     text = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
                 num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
                 rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
@@ -67,8 +70,45 @@ def qwen3_vl_8b() -> Qwen3VLForConditionalGeneration:
     vision = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
                   patch_size=QWEN3_PATCH, spatial_merge_size=QWEN_MERGE, temporal_patch_size=QWEN_TEMPORAL,
                   num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24])
+    if wide:  # DeepStack from both blocks of the shrunk tower; the rotary sections halved with head_dim
+        _tiny_but_wide(text, vision, deepstack_visual_indexes=[0, 1],
+                       rope_parameters={**text["rope_parameters"], "mrope_section": [12, 10, 10]})
+    return text, vision
+
+
+def qwen3_vl_8b(wide: bool = False) -> Qwen3VLForConditionalGeneration:
+    text, vision = _qwen3_vl_8b_configs(wide)
     config = Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **QWEN_TOKENS)
     return Qwen3VLForConditionalGeneration(config).eval()
+
+
+def qwen3_5_wide() -> Qwen3_5ForConditionalGeneration:
+    """Qwen3-VL-8B's tower (without DeepStack) and token layout shrunk as ``qwen3_vl_8b(wide=True)``, with a Qwen3.5
+    decoder of 8 layers: three linear-attention layers to one full-attention layer, twice (Qwen3.5's own sizes are
+    not in this file)."""
+    text, vision = _qwen3_vl_8b_configs(wide=True)
+    del vision["deepstack_visual_indexes"]
+    text.update(layer_types=(["linear_attention"] * 3 + ["full_attention"]) * 2, linear_conv_kernel_dim=4,
+                linear_key_head_dim=64, linear_value_head_dim=64, linear_num_key_heads=4, linear_num_value_heads=8)
+    text["rope_parameters"]["partial_rotary_factor"] = 1.0
+    config = Qwen3_5Config(text_config=text, vision_config=vision, tie_word_embeddings=False, **QWEN_TOKENS)
+    return Qwen3_5ForConditionalGeneration(config).eval()
+
+
+def _tiny_but_wide(text: dict, vision: dict, **overrides) -> None:
+    """Shrinks a real config in place to a CPU-sized model with the real token layout: an 8x512 decoder (8 heads of
+    64, 2 key-value heads) and a 2x128 tower (kept small: at the real image sizes, thousands of patches, a wider
+    tower's attention would outweigh the decoder whose prefill is measured); ``overrides`` set keys of either dict
+    that the family needs besides."""
+    text.update(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2)
+    if "head_dim" in text:
+        text["head_dim"] = 64
+    vision.update({"depth" if "depth" in vision else "num_hidden_layers": 2, "hidden_size": 128, "intermediate_size": 512,
+                   "num_heads" if "num_heads" in vision else "num_attention_heads": 2})
+    if "out_hidden_size" in vision:
+        vision["out_hidden_size"] = 512
+    for key, value in overrides.items():
+        (vision if key in vision else text)[key] = value
 
 
 def qwen_inputs(batch: int, prompt_tokens: int = 40, seed: int = 0, side: int = QWEN_IMAGE_SIDE,
@@ -95,13 +135,15 @@ INTERNVL_TILE, INTERNVL_TILES, INTERNVL_TOKENS_PER_TILE = 448, 5, 256
 INTERNVL_TOKENS = {"image_token_id": 151667, "start_image_token_id": 151665, "end_image_token_id": 151666}
 
 
-def internvl3_8b() -> InternVLForConditionalGeneration:
+def internvl3_8b(wide: bool = False) -> InternVLForConditionalGeneration:
     text = dict(model_type="qwen2", vocab_size=151674, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                 num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6,
                 rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
     vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                   attention_bias=True, image_size=INTERNVL_TILE, patch_size=14, layer_norm_eps=1e-6, use_qk_norm=False,
                   use_mean_pooling=True, layer_scale_init_value=0.1)
+    if wide:
+        _tiny_but_wide(text, vision)
     config = InternVLConfig(text_config=text, vision_config=vision, image_token_id=INTERNVL_TOKENS["image_token_id"],
                             image_seq_length=INTERNVL_TOKENS_PER_TILE, downsample_ratio=0.5, vision_feature_layer=-1,
                             vision_feature_select_strategy="default", tie_word_embeddings=False)
@@ -127,7 +169,7 @@ GEMMA3_IMAGE_SIDE = 896
 GEMMA3_TOKENS = {"boi_token_index": 255999, "eoi_token_index": 256000, "image_token_index": 262144}
 
 
-def gemma3_12b() -> Gemma3ForConditionalGeneration:
+def gemma3_12b(wide: bool = False) -> Gemma3ForConditionalGeneration:
     text = dict(vocab_size=262208, hidden_size=3840, intermediate_size=15360, num_hidden_layers=48, num_attention_heads=16,
                 num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256, max_position_embeddings=131072,
                 rms_norm_eps=1e-6, sliding_window=1024, sliding_window_pattern=6, rope_theta=1000000.0,
@@ -135,6 +177,8 @@ def gemma3_12b() -> Gemma3ForConditionalGeneration:
     vision = dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
                   num_attention_heads=16, image_size=GEMMA3_IMAGE_SIDE, patch_size=14, layer_norm_eps=1e-6,
                   vision_use_head=False)
+    if wide:
+        _tiny_but_wide(text, vision, query_pre_attn_scalar=64)
     config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=256, **GEMMA3_TOKENS)
     return Gemma3ForConditionalGeneration(config).eval()
 
