@@ -11,6 +11,8 @@ shapes of real checkpoints), a prompt with one image, and a timer.
 - ``gemma3-12b``: Gemma3-12B-it's shapes (its config.json): a 27x1152 SigLIP tower on 896-px images (64x64
   patches, average-pooled 4x4 into 256 tokens) and a 48x3840 decoder with 8 key-value heads, five sliding-window
   layers (1,024 tokens) to one full-attention layer.
+- ``qwen3-vl-8b``: Qwen3-VL-8B-Instruct's shapes: a 27x1152 tower with DeepStack sets from blocks 8, 16 and 24,
+  a 36x4096 decoder with 8 key-value heads; a 1024-px square image (patch 16) gives 32x32 = 1,024 tokens.
 
 Real-size models are built directly on the target device in the target dtype: a 7B model in float32
 on a CPU would need 28 GiB before the first cast.
@@ -30,14 +32,20 @@ from transformers import (
     InternVLForConditionalGeneration,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
+    Qwen3_5Config,
+    Qwen3_5ForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
 )
 
 from tokensieve.demo_model import demo_inputs, demo_llava
 
-MODELS = ("demo", "llava-1.5-7b", "qwen2.5-vl-7b", "internvl3-8b", "gemma3-12b")
-MODEL_HELP = "demo (CPU-sized LLaVA) | llava-1.5-7b | qwen2.5-vl-7b | internvl3-8b | gemma3-12b (random weights at the real shapes)"
+MODELS = ("demo", "llava-1.5-7b", "qwen2.5-vl-7b", "qwen3-vl-8b", "internvl3-8b", "gemma3-12b")
+MODEL_HELP = ("demo (CPU-sized LLaVA) | llava-1.5-7b | qwen2.5-vl-7b | qwen3-vl-8b | internvl3-8b | gemma3-12b (random weights "
+              "at the real shapes)")
 
 QWEN_IMAGE_SIDE, QWEN_PATCH, QWEN_MERGE, QWEN_TEMPORAL = 1008, 14, 2, 2
+QWEN3_IMAGE_SIDE, QWEN3_PATCH = 1024, 16
 QWEN_TOKENS = {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
                "vision_end_token_id": 151653}
 
@@ -53,11 +61,63 @@ def qwen2_5_vl_7b() -> Qwen2_5_VLForConditionalGeneration:
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
-def qwen_inputs(batch: int, prompt_tokens: int = 40, seed: int = 0) -> dict:
-    """``vision_start, 1,296 x image_pad, vision_end`` after 5 text tokens, as the processor lays them out;
-    the pixel values are random patches already flattened (grid_h * grid_w, 3 * 2 * 14 * 14)."""
+def _qwen3_vl_8b_configs(wide: bool) -> tuple[dict, dict]:
+    """Qwen3-VL-8B-Instruct's text and vision configs (shrunk by :func:`_tiny_but_wide` where ``wide``)."""
+    text = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+                rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
+                                                    "mrope_section": [24, 20, 20], "mrope_interleaved": True})
+    vision = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+                  patch_size=QWEN3_PATCH, spatial_merge_size=QWEN_MERGE, temporal_patch_size=QWEN_TEMPORAL,
+                  num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24])
+    if wide:  # DeepStack from both blocks of the shrunk tower; the rotary sections halved with head_dim
+        _tiny_but_wide(text, vision, deepstack_visual_indexes=[0, 1],
+                       rope_parameters={**text["rope_parameters"], "mrope_section": [12, 10, 10]})
+    return text, vision
+
+
+def qwen3_vl_8b(wide: bool = False) -> Qwen3VLForConditionalGeneration:
+    text, vision = _qwen3_vl_8b_configs(wide)
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **QWEN_TOKENS)
+    return Qwen3VLForConditionalGeneration(config).eval()
+
+
+def qwen3_5_wide() -> Qwen3_5ForConditionalGeneration:
+    """Qwen3-VL-8B's tower (without DeepStack) and token layout shrunk as ``qwen3_vl_8b(wide=True)``, with a Qwen3.5
+    decoder of 8 layers: three linear-attention layers to one full-attention layer, twice (Qwen3.5's own sizes are
+    not in this file)."""
+    text, vision = _qwen3_vl_8b_configs(wide=True)
+    del vision["deepstack_visual_indexes"]
+    text.update(layer_types=(["linear_attention"] * 3 + ["full_attention"]) * 2, linear_conv_kernel_dim=4,
+                linear_key_head_dim=64, linear_value_head_dim=64, linear_num_key_heads=4, linear_num_value_heads=8)
+    text["rope_parameters"]["partial_rotary_factor"] = 1.0
+    config = Qwen3_5Config(text_config=text, vision_config=vision, tie_word_embeddings=False, **QWEN_TOKENS)
+    return Qwen3_5ForConditionalGeneration(config).eval()
+
+
+def _tiny_but_wide(text: dict, vision: dict, **overrides) -> None:
+    """Shrinks a real config in place to a CPU-sized model with the real token layout: an 8x512 decoder (8 heads of
+    64, 2 key-value heads) and a 2x128 tower (kept small: at the real image sizes, thousands of patches, a wider
+    tower's attention would outweigh the decoder whose prefill is measured); ``overrides`` set keys of either dict
+    that the family needs besides."""
+    text.update(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2)
+    if "head_dim" in text:
+        text["head_dim"] = 64
+    vision.update({"depth" if "depth" in vision else "num_hidden_layers": 2, "hidden_size": 128, "intermediate_size": 512,
+                   "num_heads" if "num_heads" in vision else "num_attention_heads": 2})
+    if "out_hidden_size" in vision:
+        vision["out_hidden_size"] = 512
+    for key, value in overrides.items():
+        (vision if key in vision else text)[key] = value
+
+
+def qwen_inputs(batch: int, prompt_tokens: int = 40, seed: int = 0, side: int = QWEN_IMAGE_SIDE,
+                patch: int = QWEN_PATCH) -> dict:
+    """``vision_start, (side/patch/2)^2 x image_pad, vision_end`` after 5 text tokens, as the processor lays them
+    out (1,296 tokens for Qwen2.5-VL's 1008 px and patch 14); the pixel values are random patches already flattened
+    (grid_h * grid_w, 3 * 2 * patch * patch)."""
     generator = torch.Generator().manual_seed(seed)
-    grid = QWEN_IMAGE_SIDE // QWEN_PATCH
+    grid = side // patch
     tokens = (grid // QWEN_MERGE) ** 2
     text = torch.randint(3, 150000, (batch, prompt_tokens), generator=generator)
     image = torch.tensor([QWEN_TOKENS["vision_start_token_id"]] + [QWEN_TOKENS["image_token_id"]] * tokens
@@ -66,7 +126,7 @@ def qwen_inputs(batch: int, prompt_tokens: int = 40, seed: int = 0) -> dict:
     return {
         "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
         "mm_token_type_ids": (input_ids == QWEN_TOKENS["image_token_id"]).int(),
-        "pixel_values": torch.randn(batch * grid * grid, 3 * QWEN_TEMPORAL * QWEN_PATCH**2, generator=generator),
+        "pixel_values": torch.randn(batch * grid * grid, 3 * QWEN_TEMPORAL * patch**2, generator=generator),
         "image_grid_thw": torch.tensor([[1, grid, grid]] * batch),
     }
 
@@ -75,13 +135,15 @@ INTERNVL_TILE, INTERNVL_TILES, INTERNVL_TOKENS_PER_TILE = 448, 5, 256
 INTERNVL_TOKENS = {"image_token_id": 151667, "start_image_token_id": 151665, "end_image_token_id": 151666}
 
 
-def internvl3_8b() -> InternVLForConditionalGeneration:
+def internvl3_8b(wide: bool = False) -> InternVLForConditionalGeneration:
     text = dict(model_type="qwen2", vocab_size=151674, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                 num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6,
                 rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
     vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                   attention_bias=True, image_size=INTERNVL_TILE, patch_size=14, layer_norm_eps=1e-6, use_qk_norm=False,
                   use_mean_pooling=True, layer_scale_init_value=0.1)
+    if wide:
+        _tiny_but_wide(text, vision)
     config = InternVLConfig(text_config=text, vision_config=vision, image_token_id=INTERNVL_TOKENS["image_token_id"],
                             image_seq_length=INTERNVL_TOKENS_PER_TILE, downsample_ratio=0.5, vision_feature_layer=-1,
                             vision_feature_select_strategy="default", tie_word_embeddings=False)
@@ -107,7 +169,7 @@ GEMMA3_IMAGE_SIDE = 896
 GEMMA3_TOKENS = {"boi_token_index": 255999, "eoi_token_index": 256000, "image_token_index": 262144}
 
 
-def gemma3_12b() -> Gemma3ForConditionalGeneration:
+def gemma3_12b(wide: bool = False) -> Gemma3ForConditionalGeneration:
     text = dict(vocab_size=262208, hidden_size=3840, intermediate_size=15360, num_hidden_layers=48, num_attention_heads=16,
                 num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256, max_position_embeddings=131072,
                 rms_norm_eps=1e-6, sliding_window=1024, sliding_window_pattern=6, rope_theta=1000000.0,
@@ -115,6 +177,8 @@ def gemma3_12b() -> Gemma3ForConditionalGeneration:
     vision = dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
                   num_attention_heads=16, image_size=GEMMA3_IMAGE_SIDE, patch_size=14, layer_norm_eps=1e-6,
                   vision_use_head=False)
+    if wide:
+        _tiny_but_wide(text, vision, query_pre_attn_scalar=64)
     config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=256, **GEMMA3_TOKENS)
     return Gemma3ForConditionalGeneration(config).eval()
 
@@ -154,12 +218,17 @@ def model_and_inputs(name: str, device: str, dtype: str, batch: int = 1,
                     model = internvl3_8b()
                 elif name == "gemma3-12b":
                     model = gemma3_12b()
+                elif name == "qwen3-vl-8b":
+                    model = qwen3_vl_8b()
                 else:
                     model = qwen2_5_vl_7b()
         finally:
             torch.set_default_dtype(default)
     model.set_attn_implementation(attention)
-    inputs = {"qwen2.5-vl-7b": qwen_inputs, "internvl3-8b": internvl_inputs, "gemma3-12b": gemma3_inputs}.get(name, demo_inputs)(batch)
+    if name == "qwen3-vl-8b":
+        inputs = qwen_inputs(batch, side=QWEN3_IMAGE_SIDE, patch=QWEN3_PATCH)
+    else:
+        inputs = {"qwen2.5-vl-7b": qwen_inputs, "internvl3-8b": internvl_inputs, "gemma3-12b": gemma3_inputs}.get(name, demo_inputs)(batch)
     inputs = {k: v.to(device) for k, v in inputs.items()}
     inputs["pixel_values"] = inputs["pixel_values"].to(torch_dtype)
     return model, inputs

@@ -56,19 +56,26 @@ def freezes(name, kwargs) -> bool:
 
 
 def supported(family, name, kwargs) -> bool:
-    """Whether the family gives every signal the case's in_vision and pre-LLM methods ask for, and runs in-LLM stages
-    if the case has any."""
+    """Whether the family gives every signal the case's in_vision and pre-LLM methods ask for, runs in-LLM stages if
+    the case has any (Gemma3 refuses them), and lets them prune where they do (Qwen3-VL: after its DeepStack layers;
+    Qwen3.5: nowhere)."""
     method = method_for(name, kwargs)
     sieves = method.sieves if isinstance(method, ts.Chain) else (method,)
-    adapter = adapter_for(build_model(family))
+    model = build_model(family)
+    adapter = adapter_for(model)
     if any(s.stage == "in_llm" for s in sieves) and not serves_in_llm(family):
         return False
-    return not any(adapter.missing_signals(requests_of(s, adapter)) for s in sieves if s.stage in ("in_vision", "pre_llm"))
+    depth = model.config.get_text_config().num_hidden_layers
+    layers = [stage.layer for s in sieves if s.stage == "in_llm" for stage in s.schedule(depth)]
+    return not any(adapter.missing_signals(requests_of(s, adapter)) for s in sieves if s.stage in ("in_vision", "pre_llm")) \
+        and not any(adapter.stage_layer_problem(layer) for layer in layers)
 
 
 def serves_in_llm(family) -> bool:
-    """Whether the family runs in-LLM stages (Gemma3 refuses them: adapters' ``in_llm_problem``)."""
-    return adapter_for(build_model(family)).in_llm_problem() is None
+    """Whether the family runs in-LLM stages from decoder layer 1 on (Gemma3 refuses them: its adapter's
+    ``in_llm_problem``; Qwen3.5 too: ``stage_layer_problem``)."""
+    adapter = adapter_for(build_model(family))
+    return adapter.in_llm_problem() is None and adapter.stage_layer_problem(1) is None
 
 
 def family_method_params(want_supported: bool = True, stages=("in_vision", "pre_llm", "in_llm", "chain", "vision_chain")):

@@ -6,6 +6,7 @@ from tiny_internvl import INTERNVL
 from tiny_llava_next import LLAVA_NEXT, LLAVA_ONEVISION
 from tiny_models import LLAVA
 from tiny_qwen2_vl import QWEN2_5_VL, QWEN2_VL
+from tiny_qwen3_vl import QWEN3_5, QWEN3_VL
 
 FAMILIES = [
     LLAVA,
@@ -16,5 +17,7 @@ FAMILIES = [
     INTERNVL,
     QWEN2_VL,
     QWEN2_5_VL,
+    QWEN3_VL,
+    QWEN3_5,
     GEMMA3,
 ]

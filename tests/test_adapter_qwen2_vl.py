@@ -1,4 +1,4 @@
-"""Qwen2-VL / Qwen2.5-VL specifics: refusals, 3D positions of kept tokens, decode loops, signals.
+"""Qwen2-VL / Qwen2.5-VL (and Qwen3-VL, Qwen3.5) specifics: refusals, 3D positions of kept tokens, decode loops, signals.
 
 Loops that append tokens also append zeros (text) to ``mm_token_type_ids``, as ``generate()`` does:
 the stock models index one by the other and fail when their lengths differ.
@@ -13,11 +13,13 @@ import tokensieve as ts
 from conftest import build_model
 from test_contract import TEXTS, _assert_same, _snapshot, appended, greedy
 from tiny_qwen2_vl import QWEN2_5_VL, QWEN2_VL, VIDEO_TOKEN, VISION_END, VISION_START, flattened_patches
+from tiny_qwen3_vl import QWEN3_5, QWEN3_VL
 from tokensieve.adapters import adapter_for
 from tokensieve.engine.compat import CACHE_ARGUMENT, output_cache
 from tokensieve.sieve import Selection, Sieve
 
-QWEN = [pytest.param(family, id=family.name) for family in (QWEN2_VL, QWEN2_5_VL)]
+#: Qwen3-VL and Qwen3.5 share the layout these tests pin (their own specifics: test_adapter_qwen3_vl.py)
+QWEN = [pytest.param(family, id=family.name) for family in (QWEN2_VL, QWEN2_5_VL, QWEN3_VL, QWEN3_5)]
 
 
 @pytest.mark.parametrize("family", QWEN)

@@ -145,12 +145,36 @@ def test_prefill_equals_the_stock_decoder_with_dropped_tokens_masked(family, nam
     if family.masked_reference is not None:
         masked = family.masked_reference(model, inputs, embeds, mask, positions)
     else:
-        masked = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
+        deepstack = _deepstack_reference(stock, run) if stock.get("deepstack_visual_embeds") is not None else {}
+        masked = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, **deepstack).last_hidden_state
     for row in range(embeds.shape[0]):
         kept = keep[row].nonzero().squeeze(1)
         real = mask[row, kept].bool()
         got = pruned["output"][row, -len(kept) :][real]
-        torch.testing.assert_close(got, masked[row, kept][real], atol=2e-5, rtol=1e-4)
+        if family.reference == "gathered":  # the kept tokens alone, at their positions
+            alone = kept[real]
+            at = positions[..., row if positions.shape[-2] > 1 else 0, :][..., alone].unsqueeze(-2)
+            expected = decoder(inputs_embeds=embeds[row : row + 1, alone], attention_mask=torch.ones(1, len(alone), dtype=torch.long),
+                               position_ids=at).last_hidden_state[0]
+        else:
+            expected = masked[row, kept][real]
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+
+def _deepstack_reference(stock, run):
+    """Qwen3-VL's DeepStack inputs for the masked reference: the stock rows, with each kept token's group mean
+    where the pre-LLM stage recorded a merge map (dropped tokens are masked out, whatever their rows)."""
+    levels = [level.clone() for level in stock["deepstack_visual_embeds"]]
+    start = 0
+    for record in run.stats.images:  # images in batch-row order, as the rows are
+        image = slice(start, start + record.before)
+        start += record.before
+        stage = record.stages[-1]
+        if stage.assignment is not None:
+            selection = ts.Selection(stage.kept, assignment=stage.assignment, weights=stage.weights)
+            for level in levels:
+                level[image][stage.kept] = selection.group_means(level[image])
+    return {"visual_pos_masks": stock["visual_pos_masks"], "deepstack_visual_embeds": levels}
 
 
 @pytest.mark.parametrize("family, name, kwargs", CONTRACT)
@@ -270,7 +294,8 @@ def test_a_method_the_family_cannot_serve_is_refused_before_touching_the_model(f
     model = build_model(family)
     before = _snapshot(model)
     methods = "|".join(spec.split(":")[0] for spec in name.split("+"))  # a chain names the method that needs them
-    refusal = f"(needs signals {type(model).__name__} cannot give|prunes inside the LLM, which {type(model).__name__} cannot serve)"
-    with pytest.raises(ValueError, match=f"({methods}) {refusal}.*divprune"):
+    refusals = (f"needs signals {type(model).__name__} cannot give.*divprune|prunes inside the LLM, which {type(model).__name__} "
+                f"cannot serve.*divprune|prunes before decoder layer")
+    with pytest.raises(ValueError, match=f"({methods}) ({refusals})"):
         ts.apply(model, method_for(name, kwargs))
     _assert_same(model, before)

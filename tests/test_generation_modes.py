@@ -11,6 +11,7 @@ import torch
 
 import tokensieve as ts
 from conftest import build_model, method_for
+from families import FAMILIES
 from test_contract import CONTRACT, TEXTS
 
 MODES = {
@@ -66,6 +67,15 @@ ASSISTED_PROMPT = [[5, 6, 5, 6, 5]]  # a repeated n-gram, so prompt lookup propo
 _ASSISTANTS = {}
 
 
+def _stateful(family) -> bool:
+    """transformers refuses assisted decoding for a model with recurrent state (Qwen3.5's linear-attention layers),
+    whose cache cannot be cropped after rejected candidates."""
+    return getattr(build_model(family), "_is_stateful", False)
+
+
+ASSISTED_CONTRACT = [case for case in CONTRACT if not _stateful(case.values[0])]
+
+
 def assisted_options(family, mode: str) -> dict:
     if mode == "prompt_lookup":
         return dict(prompt_lookup_num_tokens=2)
@@ -80,7 +90,16 @@ def greedy(model, inputs, family, **options):
 
 
 @pytest.mark.parametrize("mode", ASSISTED_MODES)
-@pytest.mark.parametrize("family, name, kwargs", CONTRACT)
+@pytest.mark.parametrize("family", [family for family in FAMILIES if _stateful(family)], ids=lambda family: family.name)
+def test_stateful_families_are_left_out_of_assisted_decoding_because_transformers_refuses_it(family, mode):
+    # if a release serves them, this fails: put them back in ASSISTED_CONTRACT
+    model = build_model(family)
+    with pytest.raises(ValueError, match="stateful"):
+        greedy(model, family.make_inputs(ASSISTED_PROMPT), family, **assisted_options(family, mode))
+
+
+@pytest.mark.parametrize("mode", ASSISTED_MODES)
+@pytest.mark.parametrize("family, name, kwargs", ASSISTED_CONTRACT)
 def test_keep_all_assisted_decoding_generates_as_the_stock_model(family, name, kwargs, mode):
     model = build_model(family)
     inputs = family.make_inputs(ASSISTED_PROMPT)
@@ -91,7 +110,7 @@ def test_keep_all_assisted_decoding_generates_as_the_stock_model(family, name, k
 
 
 @pytest.mark.parametrize("mode", ASSISTED_MODES)
-@pytest.mark.parametrize("family, name, kwargs", CONTRACT)
+@pytest.mark.parametrize("family, name, kwargs", ASSISTED_CONTRACT)
 def test_assisted_decoding_under_pruning_gives_the_tokens_of_plain_greedy_decoding(family, name, kwargs, mode):
     model = build_model(family)
     inputs = family.make_inputs(ASSISTED_PROMPT)

@@ -19,7 +19,7 @@ from tokensieve.signals import Signal, instruction_positions
 from tokensieve.engine.flops import decoder_prefill_flops
 
 IN_LLM = family_method_params(stages=("in_llm", "chain"))
-IN_LLM_FAMILIES = [family for family in FAMILIES if serves_in_llm(family)]  # Gemma3 refuses in-LLM stages
+IN_LLM_FAMILIES = [family for family in FAMILIES if serves_in_llm(family)]  # Gemma3 and Qwen3.5 refuse in-LLM stages
 #: methods that drop keys: a freezing method keeps them, and is held against its own reference (test_skip_visual.py)
 DROPPING = [case for case in IN_LLM if not freezes(*case.values[1:])]
 TEXTS = [[5, 6, 7, 8], [9, 10]]

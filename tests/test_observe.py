@@ -28,8 +28,11 @@ BY_FAMILY = [pytest.param(family, id=family.name) for family in FAMILIES]
 
 
 def cache_bytes(cache) -> int:
-    """The key and value tensors' bytes, read here from the cache itself."""
-    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    """The key and value tensors' bytes, read here from the cache itself, and the fixed-size states of
+    linear-attention layers (Qwen3.5's), which hold no keys."""
+    return sum(layer.keys.nbytes + layer.values.nbytes if hasattr(layer, "keys")
+               else sum(t.nbytes for t in [*layer.conv_states.values(), *layer.recurrent_states.values()])
+               for layer in cache.layers)
 
 
 def prompt_flops(model, inputs) -> int:

@@ -18,6 +18,7 @@ import tokensieve as ts
 from conftest import build_model, family_method_params, method_for
 from families import FAMILIES
 from test_contract import TEXTS
+from test_observe import cache_bytes
 from tiny_models import LLAVA
 from tokensieve.engine.compat import CACHE_ARGUMENT, output_cache
 
@@ -82,11 +83,17 @@ def test_the_prefill_writes_only_the_kept_tokens_and_a_cache_sized_for_them_suff
     assert kept_width < width
     assert torch.equal(out.sequences, dynamic) and torch.equal(in_small, dynamic)
     cache = output_cache(out)
-    for layer in cache.layers:  # every layer: the kept prompt, then the decode steps (the last token is not fed back)
+    # every attention layer (Qwen3.5's linear-attention layers hold a fixed-size state): the kept prompt, then the
+    # decode steps (the last token is not fed back)
+    for layer in _attention_layers(cache):
         assert int(layer.cumulative_length) == kept_width + NEW - 1
         assert layer.keys.shape[2] >= width + NEW - 1  # generate() sized it for the unpruned prompt
         assert not layer.keys[:, :, kept_width + NEW - 1:].any()  # the slots past them were never written
-    assert all(int(layer.cumulative_length) == kept_width + NEW - 1 for layer in small.layers)
+    assert all(int(layer.cumulative_length) == kept_width + NEW - 1 for layer in _attention_layers(small))
+
+
+def _attention_layers(cache):
+    return [layer for layer in cache.layers if hasattr(layer, "keys")]
 
 
 @pytest.mark.parametrize("family", BY_FAMILY)
@@ -127,7 +134,7 @@ def test_observing_a_static_cache_is_the_stock_run_and_records_it(family):
     assert [(r.before, r.after) for r in run.stats.images] == [(family.tokens_per_image,) * 2] * len(TEXTS)
     # kv_bytes: the static cache's preallocated tensors, which pruning does not shrink
     for stats, cache in ((run.stats, output_cache(out)), (pruned_run.stats, output_cache(pruned))):
-        assert stats.kv_bytes == sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+        assert stats.kv_bytes == cache_bytes(cache)
 
 
 @pytest.mark.parametrize("family, name, kwargs", IN_LLM)

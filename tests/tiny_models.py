@@ -48,7 +48,10 @@ class Family:
     inputs for left-padded rows, row i holding ``n_images[i]`` images (default 1) and then the text
     ids ``texts[i]``; images come from a seeded stream (``random_image``) starting at
     ``image_offset``, so a batch row rebuilt alone gets the same pixels. Every image must give
-    exactly ``tokens_per_image`` placeholder tokens with id ``image_token``.
+    exactly ``tokens_per_image`` placeholder tokens with id ``image_token``. ``reference`` is what a pruned
+    prefill equals: "masked", the stock decoder with the dropped tokens masked out, or "gathered", the decoder
+    run on each row's kept tokens alone at their positions (recurrent layers, Qwen3.5: a masked token still
+    advances their state).
 
     ``masked_reference(model, inputs, embeds, mask, positions)``, for families whose decoder takes more than a 2D
     mask, runs the stock decoder on ``embeds`` with the 2D ``mask`` and ``positions`` as the stock model would
@@ -61,6 +64,7 @@ class Family:
     tokens_per_image: int
     image_token: int = IMAGE_TOKEN
     masked_reference: Callable[..., torch.Tensor] | None = None
+    reference: str = "masked"
 
 
 def random_image(seed: int, index: int, size: int) -> torch.Tensor:

@@ -113,8 +113,15 @@ class Selection:
     def merged(self, values: torch.Tensor) -> torch.Tensor | None:
         """What replaces the kept tokens' rows of ``values`` (N, d): ``features``, or the group means the merge
         map gives (None: the kept tokens keep their own)."""
-        if self.features is not None or self.assignment is None:
+        if self.features is not None:
             return self.features
+        return self.group_means(values)
+
+    def group_means(self, values: torch.Tensor) -> torch.Tensor | None:
+        """Each kept token's group mean of ``values`` (N, d) under the merge map (None: no merge map). The engine
+        applies it to every per-token tensor it carries besides the features (e.g. Qwen3-VL's DeepStack rows)."""
+        if self.assignment is None:
+            return None
         members = self.assignment >= 0
         weights = self.weights if self.weights is not None else torch.ones(len(values), device=values.device)
         weights = weights.float() * members

@@ -12,9 +12,10 @@ from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_vl import Qwen2VLAdapter
+from .qwen3_vl import Qwen3_5Adapter, Qwen3VLAdapter
 
 ADAPTERS: list[type[Adapter]] = [LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Idefics3Adapter, InternVLAdapter,
-                               Qwen2VLAdapter, Gemma3Adapter]
+                               Qwen2VLAdapter, Qwen3VLAdapter, Qwen3_5Adapter, Gemma3Adapter]
 
 
 def adapter_for(model: nn.Module) -> Adapter:

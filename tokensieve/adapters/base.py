@@ -159,6 +159,18 @@ class Adapter:
         them here for the packed sequence."""
         return mask
 
+    def pack_token_inputs(self, kwargs: dict, pack) -> dict:
+        """The decoder's keyword inputs, besides ``inputs_embeds``, positions and mask, that hold values per input
+        token (Qwen3-VL's DeepStack features and the mask of where they go), as the decoder must get them once the
+        engine has packed the sequence; ``kwargs`` are the decoder's. ``pack`` maps a (batch, length, ...) tensor
+        aligned with ``inputs_embeds`` to its packed (batch, width, ...) form: dropped tokens gone, merge maps'
+        group means in place, zero (False) at padding. Default: none."""
+        return {}
+
+    def stage_layer_problem(self, layer: int) -> str | None:
+        """Why an in-LLM stage cannot prune before decoder ``layer`` of this model (None: it can)."""
+        return None
+
     def continued_positions(self, kwargs: dict, logical_past: int) -> torch.Tensor | None:
         """Position ids for a forward that continues a pruned cache without bringing its own (a
         hand-written decode loop); ``logical_past`` is the unpruned length the cache stands for.

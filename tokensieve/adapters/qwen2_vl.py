@@ -25,6 +25,7 @@ Qwen2.5-VL does, averaged over the 4 patches of each merged token and put in ras
 from __future__ import annotations
 
 import sys
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -33,7 +34,7 @@ from transformers.vision_utils import get_vision_window_index
 from ..signals import Signal, attention_received
 from .base import Adapter, ImageSlot, VisionCapture
 
-_NO_CLS = "the Qwen2-VL vision tower has no [CLS] token (its merger pools 2x2 patches; no token stands for the image)"
+_NO_CLS = "the {} vision tower has no [CLS] token (its merger pools 2x2 patches; no token stands for the image)"
 
 
 class Qwen2VLAdapter(Adapter):
@@ -43,6 +44,7 @@ class Qwen2VLAdapter(Adapter):
     )
     signals = frozenset({"cls_attention", "vision_keys", "vision_attention", "vision_features", "project", "vision_tower"})
     aligned_inputs = ("mm_token_type_ids",)
+    model_name: ClassVar[str] = "Qwen2-VL"  # in messages
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -65,7 +67,7 @@ class Qwen2VLAdapter(Adapter):
             return ("its tower rotates each patch by its 2D position and attends within windows and images it lays out "
                     "from the grid, and its merger folds every 2x2 patches into one token: merging inside it is not served")
         if request.name in ("cls_attention", "vision_keys") or (request.name == "vision_attention" and request.queries == "cls"):
-            return _NO_CLS
+            return _NO_CLS.format(self.model_name)
         if request.name == "vision_attention":
             return self.layer_problem(request.layer)
         return None

@@ -59,7 +59,19 @@ def remember(cache, state: CacheState) -> None:
 
 
 def cache_bytes(cache) -> int:
-    """Bytes of every layer's key and value tensors in ``cache`` (each layer at the length it holds)."""
+    """Bytes of every layer's key and value tensors in ``cache`` (each layer at the length it holds), and of the
+    fixed-size states of linear-attention layers (Qwen3.5's), which hold no keys or values."""
     layers = getattr(cache, "layers", None) or ()
-    return sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values)
-               if isinstance(t, torch.Tensor))
+    return sum(t.numel() * t.element_size() for layer in layers for t in _cached_tensors(layer))
+
+
+def _cached_tensors(layer):
+    for name in ("keys", "values"):
+        tensor = getattr(layer, name, None)
+        if isinstance(tensor, torch.Tensor):
+            yield tensor
+    for name in ("conv_states", "recurrent_states"):
+        states = getattr(layer, name, None)
+        for tensor in (states.values() if isinstance(states, dict) else states or ()):
+            if isinstance(tensor, torch.Tensor):
+                yield tensor

@@ -151,6 +151,10 @@ class LayerPruning:
         if not isinstance(layers, nn.ModuleList):
             raise TypeError(f"{type(decoder).__name__} has no .layers list: this transformers version changed its layout")
         self.stages = schedule(methods, len(layers))
+        for stage in self.stages:
+            problem = adapter.stage_layer_problem(stage.layer) if adapter is not None else None
+            if problem is not None:
+                raise ValueError(f"{stage.method.name} prunes before decoder layer {stage.layer}, but {problem}")
         self.stats, self.config, self.decoder, self.n_layers = stats, decoder.config, decoder, len(layers)
         self._layers = layers
         self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> [LayerState | None] per stage

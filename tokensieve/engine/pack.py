@@ -10,6 +10,7 @@ and masked, as a tokenizer pads for generation.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -20,14 +21,19 @@ class Selections:
     def __init__(self, keep: torch.Tensor):
         self.keep = keep  # (batch, length) bool
         self._merged: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self._maps: list[tuple[int, torch.Tensor, torch.Tensor, Callable]] = []
 
-    def mark(self, row: int, positions: torch.Tensor, kept: torch.Tensor, features: torch.Tensor | None = None) -> None:
+    def mark(self, row: int, positions: torch.Tensor, kept: torch.Tensor, features: torch.Tensor | None = None,
+             group_means: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         """One image of ``row`` at ``positions`` keeps ``kept`` (indices into positions), with ``features`` (one row
-        per kept token) in place of its own if given."""
+        per kept token) in place of its own if given. ``group_means`` (the selection's merge map, from (N, d) values
+        of the image's tokens to (len(kept), d)) is what :meth:`carried` applies to other per-token tensors."""
         self.keep[row, positions] = False
         self.keep[row, positions[kept]] = True
         if features is not None:
             self._merged.append((row, positions[kept], features))
+        if group_means is not None:
+            self._maps.append((row, positions, positions[kept], group_means))
 
     @property
     def changes_nothing(self) -> bool:
@@ -40,6 +46,18 @@ class Selections:
         values = values.clone()
         for row, where, features in self._merged:
             values[row, where] = features.to(values.dtype)
+        return values
+
+    def carried(self, values: torch.Tensor) -> torch.Tensor:
+        """Another per-token tensor (batch, length, ...) than the features, with each merge map's group means in place
+        (a copy, if any are). The kept tokens of a selection without a merge map keep their own rows: a method that
+        wrote its own features says nothing about other tensors."""
+        if not self._maps:
+            return values
+        values = values.clone()
+        for row, positions, where, group_means in self._maps:
+            own = values[row, positions]
+            values[row, where] = group_means(own.reshape(len(own), -1)).view(-1, *own.shape[1:]).to(values.dtype)
         return values
 
     def packed(self, own_mask: torch.Tensor) -> Packing:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import inspect
 import weakref
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -337,6 +338,7 @@ class Run:
             removed = own_mask.sum(1) - packing.mask.sum(1)
             remember(cache, CacheState(past_logical + length, full_mask, pruned_before + removed.cpu()))
         self._hand_over(slots, records, packing.mask, packing, queries, state.mask if state is not None else None, cache)
+        kwargs.update(self.adapter.pack_token_inputs(kwargs, partial(_packed_rows, selections, packing)))
         kwargs.update(inputs_embeds=embeds, position_ids=positions, **{CACHE_ARGUMENT: cache})
         kwargs["attention_mask"] = self.adapter.decoder_mask(full_mask, kwargs, inner_inputs, packing)
         return args, kwargs
@@ -445,6 +447,14 @@ def _refuse_positions(positions: str, adapter, method, in_llm, ppe: int | None) 
         raise ValueError("ppe gives merged tokens the positions of what they merged, while positions='repack' renumbers "
                          "every kept token: pass one of them")
     check_repackable(adapter.decoder)
+
+
+def _packed_rows(selections, packing: Packing, values: torch.Tensor) -> torch.Tensor:
+    """A (batch, length, ...) per-token tensor of the decoder input as the packed sequence needs it: merge maps'
+    group means in place, the kept tokens' rows packed, zero (False) at the padding slots."""
+    packed = packing.gather(selections.carried(values), dim=1)
+    filled = packing.filled().view(*packing.index.shape, *[1] * (packed.ndim - 2))
+    return torch.where(filled.to(packed.device), packed, torch.zeros((), dtype=packed.dtype, device=packed.device))
 
 
 def _refuse_vision_signals_in_llm(model: nn.Module, adapter, vision: Sieve | None, in_llm, requests) -> None:

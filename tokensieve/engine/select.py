@@ -46,6 +46,17 @@ class _Selected:
     features: torch.Tensor | None = None
     merged: MergedImage | None = None
 
+    @property
+    def group_means(self):
+        """The pre-LLM sieve's merge map over the image's tokens, for other per-token tensors (None: none)."""
+        selection = self.selection
+        if selection is None or selection.assignment is None:
+            return None
+        if self.merged is None:
+            return selection.group_means
+        groups = self.merged.kept  # the sieve saw one token per group an in_vision stage left
+        return lambda values: selection.group_means(values[groups.to(values.device)])
+
 
 class BeforeLLM:
     """The stages before the LLM, on the image tokens at the decoder's input: the groups an ``in_vision`` stage
@@ -72,7 +83,7 @@ class BeforeLLM:
         for slot in slots:
             chosen = selected[slot.image]
             if self.pre is not None or self.vision is not None:
-                selections.mark(slot.row, slot.positions, chosen.kept, chosen.features)
+                selections.mark(slot.row, slot.positions, chosen.kept, chosen.features, chosen.group_means)
         if not slots:
             return selections, []
         records = self._record(firsts, selected)

@@ -31,7 +31,8 @@ class MustDropLLM(Sieve):
     ``mustdrop``'s vision stage; towers without [CLS]: the attention each token receives there). Each image gets
     its own count at each stage. The last stage keeps exactly ``keep`` when ``exact=True`` (the default, so that a
     budget holds: topped up, or cut, by the summed attention, key tokens first); ``exact=False`` keeps what the
-    filter leaves, as the code does.
+    filter leaves, as the code does. A ``keep`` that covers the image turns every stage off, the filter too, so that
+    keeping every token is the stock model.
 
     Paper: "Multi-Stage Vision Token Dropping: Towards Efficient Multimodal Large Language Model" (Liu et al.,
     arXiv 2411.10803); code liuting20/MustDrop 909afa5 (``dual_attention_filter`` and the prefill loop in
@@ -96,10 +97,12 @@ class MustDropStage(Sieve):
         return (TEXT_ROWS, KEY_SCORE)
 
     def select(self, tokens: VisualTokens) -> Selection:
+        entered = tokens.entered if tokens.entered is not None else len(tokens)
+        if self.budget.resolve(entered) >= entered:  # a budget that covers the image turns the filter off too
+            return Selection.every(tokens)
         rows = tokens[TEXT_ROWS].float().mean(dim=0)  # (text rows, N), head mean
         summed = rows.sum(dim=0)
         dropped = (summed < summed.sum() * self.global_thr) & (rows.max(dim=0).values < self.individual_thr)
-        entered = tokens.entered if tokens.entered is not None else len(tokens)
         key = key_tokens(tokens, math.ceil(self.key_share * entered))
         kept = ~dropped | key
         if self.exact:
