@@ -63,6 +63,9 @@ class Adapter:
 
     def __init__(self, model: nn.Module):
         self.model = model
+        # a ...ForConditionalGeneration wraps the model that sees the image inputs (and has the lm_head)
+        self.inner = model.model if hasattr(model, "lm_head") else model
+        self.config = model.config
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

@@ -57,11 +57,9 @@ class Gemma3Adapter(Adapter):
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        self.inner = model.model if hasattr(model, "lm_head") else model
         self.decoder = self.inner.language_model
         self.vision_tower = self.inner.vision_tower
         self.projector = self.inner.multi_modal_projector
-        self.config = model.config
         self._modeling = sys.modules[type(self.inner).__module__]  # the model's own mask functions
 
     def image_token_id(self) -> int:

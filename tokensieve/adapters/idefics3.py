@@ -40,11 +40,9 @@ class Idefics3Adapter(Adapter):
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        self.inner = model.model if hasattr(model, "lm_head") else model
         self.decoder = self.inner.text_model
         self.vision_tower = self.inner.vision_model
         self.projection = self.inner.connector.modality_projection
-        self.config = model.config
 
     def image_token_id(self) -> int:
         return self.config.image_token_id

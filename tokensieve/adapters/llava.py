@@ -50,11 +50,9 @@ class LlavaAdapter(Adapter):
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        self.inner = model.model if hasattr(model, "lm_head") else model
         self.decoder = self.inner.language_model
         self.vision_tower = self.inner.vision_tower
         self.projector = self.inner.multi_modal_projector
-        self.config = model.config
         self.vision_config = self.config.vision_config
 
     def image_token_id(self) -> int:

@@ -48,11 +48,9 @@ class Qwen2VLAdapter(Adapter):
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        self.inner = model.model if hasattr(model, "lm_head") else model
         self.decoder = self.inner.language_model
         self.vision_tower = self.inner.visual
         self.merger = self.vision_tower.merger
-        self.config = model.config
         self.vision_config = self.config.vision_config
         self.merge = self.vision_config.spatial_merge_size
 
