@@ -254,7 +254,8 @@ def test_write_outputs_writes_every_file(sweep):
     assert "fastervlm" in terminal.getvalue() and "75.0%" in terminal.getvalue()  # the k8 agreement
     summary = pd.read_csv(sweep / "summary.csv")
     assert list(summary["config"]) == ["baseline", "fastervlm-k4", "fastervlm-k8", "pool-k0.25", "pool-k0.5"]
-    assert "| pool | 0.25 | 4.0 | 0.333 | 0.061–0.792 | 50.0% | 33.3% |" in (sweep / "summary.md").read_text()
+    # records without tokens_llm_input and tokens_per_layer (written before they were): tokens kept stands for both
+    assert "| pool | 0.25 | 4.0 | 4.0 | 4.0 | 0.333 | 0.061–0.792 | 50.0% | 33.3% |" in (sweep / "summary.md").read_text()
     assert len(pd.read_csv(sweep / "per_category.csv")) == 9  # two categories each; pool-k0.5 has colour only
     assert len(pd.read_csv(sweep / "oracle.csv")) == 6
     for name in ["accuracy_vs_tokens", "accuracy_vs_latency", "retention_heatmap", "oracle_cdf"]:
@@ -404,7 +405,7 @@ def test_records_without_a_peak_memory_leave_the_column_empty(sweep):
         path.write_text(re.sub(r'"peak_memory_added_bytes": [^,]+, ', "", path.read_text()))
     write_outputs(sweep, Console(file=io.StringIO()))
     assert pd.read_csv(sweep / "summary.csv")["peak_memory_added_mib"].isna().all()
-    assert "| baseline | - | 16.0 | 0.750 | 0.301–0.954 | 100.0% | 100.0% | 26.00 | 100.0% | 5.00 | 50.0 | 1.00 | - |" in (
+    assert "| baseline | - | 16.0 | 16.0 | 16.0 | 0.750 | 0.301–0.954 | 100.0% | 100.0% | 26.00 | 100.0% | 5.00 | 50.0 | 1.00 | - |" in (
         sweep / "summary.md").read_text()
 
 

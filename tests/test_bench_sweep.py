@@ -19,7 +19,7 @@ from tokensieve.selection import grid_subsample
 
 FIXTURES = Path(__file__).parent / "fixtures" / "bench"
 FIELDS = {"config", "method", "keep", "sample", "category", "question", "target", "prediction", "correct", "score",
-          "tokens_before", "tokens_after", "kept", "grid", "groups", "prefill_flops", "prefill_flops_unreduced", "vision_flops",
+          "tokens_before", "tokens_after", "tokens_llm_input", "tokens_per_layer", "kept", "grid", "groups", "prefill_flops", "prefill_flops_unreduced", "vision_flops",
           "prefill_seconds", "decode_seconds_per_token", "new_tokens", "peak_memory_added_bytes", "kv_cache_bytes",
           "selection_seconds", "warmup"}
 SMALL = dict(methods="random,fastervlm", keeps="64,16", max_new_tokens=3, progress=False)

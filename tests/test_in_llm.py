@@ -494,3 +494,14 @@ def test_in_llm_stages_get_the_vision_towers_signals_at_the_tokens_still_there()
     with pytest.raises(ValueError, match=r"vision_probe needs signals Qwen2VLForConditionalGeneration cannot give \(cls_attention"):
         ts.apply(qwen, _VisionProbe(8, layer=1))
     assert not any(layer._forward_pre_hooks for layer in qwen.model.language_model.layers)
+
+
+def test_tokens_per_layer_average_what_each_decoder_layer_processes():
+    model = build_model(LLAVA)  # 4 decoder layers
+    with ts.apply(model, ts.build("uniform:32+fastv:8,layer=3")) as run:
+        model(**LLAVA.make_inputs([[5, 6, 7]]))
+    [record] = run.stats.images
+    assert (record.before, record.at_llm_input, record.after) == (64, 32, 8)
+    assert run.stats.decoder_layers == 4
+    assert run.stats.tokens_per_layer == (32 * 3 + 8 * 1) / 4  # layers 0-2 see the 32, layer 3 the 8
+    assert run.stats.tokens_at_llm_input == 32

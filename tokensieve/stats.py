@@ -62,6 +62,21 @@ class ImageRecord:
                 into = torch.where((into >= 0) & survives[into.clamp(min=0)], into, -1)
         return into
 
+    @property
+    def at_llm_input(self) -> int:
+        """Visual tokens that entered the LLM: what the last stage before it left (``before`` if none ran)."""
+        counts = [stage.after for stage in self.stages if stage.stage != "in_llm"]
+        return counts[-1] if counts else self.before
+
+    def tokens_per_layer(self, n_layers: int) -> float:
+        """The visual tokens each of the decoder's ``n_layers`` layers processes, on average: how in-LLM papers count
+        a budget (SparseVLM's "192 tokens" on LLaVA-1.5), where ``after`` is only what the last layers see."""
+        in_llm = [stage for stage in self.stages if stage.stage == "in_llm"]
+        starts = [0] + [stage.layer for stage in in_llm]
+        counts = [self.at_llm_input] + [stage.after for stage in in_llm]
+        ends = starts[1:] + [n_layers]
+        return sum(count * (end - start) for count, start, end in zip(counts, starts, ends)) / n_layers
+
     def __repr__(self) -> str:
         shown = ", ".join(str(i) for i in self.kept[:8].tolist()) + (", ..." if len(self.kept) > 8 else "")
         return (f"ImageRecord(call={self.call}, row={self.row}, grid={self.grid[0]}x{self.grid[1]}, "
@@ -78,6 +93,16 @@ class RunStats:
     # decoder layer at the length it holds (in-LLM pruning shortens layers K..), every batch row and padding
     kv_bytes: int = 0
     vision_flops: int | None = None  # vision tower + projector FLOPs; counted with apply(..., vision_flops=True)
+    decoder_layers: int = 0  # the language model's depth, for tokens_per_layer
+
+    @property
+    def tokens_at_llm_input(self) -> int:
+        return sum(r.at_llm_input for r in self.images)
+
+    @property
+    def tokens_per_layer(self) -> float:
+        """Visual tokens a decoder layer processes, on average over the layers (summed over images)."""
+        return sum(r.tokens_per_layer(self.decoder_layers) for r in self.images)
 
     @property
     def tokens_before(self) -> int:

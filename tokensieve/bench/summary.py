@@ -76,6 +76,11 @@ def _median_ms(seconds: pd.Series) -> float:
     return float(seconds.median() * 1e3) if len(seconds) else float("nan")
 
 
+def _mean_or(rows: pd.DataFrame, column: str, fallback: pd.Series) -> float:
+    values = rows[column].fillna(fallback) if column in rows else fallback
+    return float(values.mean())
+
+
 def _summarise_config(rows: pd.DataFrame) -> dict:
     timed = rows[~rows["warmup"].astype(bool)]  # warm-up samples pay one-off costs: no timings from them
     accuracy = rows["score"].mean()
@@ -89,6 +94,9 @@ def _summarise_config(rows: pd.DataFrame) -> dict:
         "keep": rows["keep_label"].iloc[0],
         "tokens_kept": rows["tokens_after"].mean(),
         "tokens_before": rows["tokens_before"].mean(),
+        # records written before these were recorded: the tokens after every stage stand for both
+        "tokens_llm_input": _mean_or(rows, "tokens_llm_input", rows["tokens_after"]),
+        "tokens_per_layer": _mean_or(rows, "tokens_per_layer", rows["tokens_after"]),
         "accuracy": accuracy,
         "accuracy_low": low,
         "accuracy_high": high,

@@ -223,6 +223,7 @@ class Worker:
             "category": sample.category, "question": sample.question, "target": sample.target,
             "prediction": prediction, "correct": score >= 1.0, "score": score,
             "tokens_before": stats.tokens_before, "tokens_after": stats.tokens_after,
+            "tokens_llm_input": stats.tokens_at_llm_input, "tokens_per_layer": stats.tokens_per_layer,
             "kept": first_image.kept.tolist(), "grid": list(first_image.grid),
             # where a stage merged: every patch's group, as the raster index of the token it ended in
             "groups": first_image.groups().tolist() if any(s.assignment is not None for s in first_image.stages) else None,

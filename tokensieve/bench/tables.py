@@ -18,6 +18,9 @@ SUMMARY_COLUMNS = {
     "method": ("method", "{}"),
     "keep": ("keep", "{}"),
     "tokens_kept": ("tokens kept", "{:.1f}"),
+    # in-LLM methods: tokens kept is what the last layers see; papers count the average over the layers
+    "tokens_llm_input": ("at LLM input", "{:.1f}"),
+    "tokens_per_layer": ("per layer", "{:.1f}"),
     "accuracy": ("accuracy", "{:.3f}"),
     **INTERVAL_COLUMN,
     "retention": ("retention", "{:.1%}"),

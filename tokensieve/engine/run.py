@@ -98,7 +98,7 @@ class Run:
         self._repack = positions == "repack"
         self.model, self.sieve, self.adapter = model, method if method is not None else OBSERVER, adapter
         self.removed = False
-        self.stats = RunStats()
+        self.stats = RunStats(decoder_layers=len(getattr(adapter.decoder, "layers", ())))
         self._text_config = model.config.get_text_config()
         self._capture = VisionCapture()
         self._call: _Call | None = None
