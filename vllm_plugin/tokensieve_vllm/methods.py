@@ -11,6 +11,7 @@ tower, or asks for a signal the plugin cannot compute is refused with the reason
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -26,6 +27,8 @@ from tokensieve.signals import Signal, attention_row, requests_of
 ENV_METHOD = "TOKENSIEVE_VLLM_METHOD"
 #: the per-request key: ``mm_processor_kwargs={"tokensieve_method": "divprune:64"}`` (or "none": every token)
 REQUEST_KEY = "tokensieve_method"
+#: the per-image fields the processor adds for the worker: the method's spelling and the count laid out
+METHOD_FIELD, COUNT_FIELD = "tokensieve_method", "tokensieve_count"
 #: a method spelling that keeps every token (the stock model)
 OFF = ("", "none", "off")
 #: the signals the plugin computes from vLLM's tower: the [CLS] row and keys of the feature layer (hooked on its
@@ -81,8 +84,14 @@ class _ServedSignals:
                 return "it needs the prompt's text, and vLLM's multimodal embedding function never sees the prompt"
             return f"the plugin computes only {', '.join(map(str, SERVED_SIGNALS))}"
         if request in CLS_SIGNALS and not self.has_cls:
-            return "the vision tower has no [CLS] token (SigLIP), or the model keeps it among the image tokens"
+            return ("the vision tower has no [CLS] token (SigLIP, Qwen2-VL), or the model keeps it among the image "
+                    "tokens")
         return None
+
+
+def server_default(hf_config) -> str | None:
+    """The server's method: ``--hf-overrides '{"tokensieve_method": ...}'``, else $TOKENSIEVE_VLLM_METHOD."""
+    return getattr(hf_config, "tokensieve_method", None) or os.environ.get(ENV_METHOD)
 
 
 def method_spelling(request_kwargs: dict | None, server_default: str | None) -> str:
@@ -175,11 +184,23 @@ def checked_count(spelling: str, shape: ImageShape) -> int:
 
 
 def kept_embeddings(method: Sieve, tokens: VisualTokens, grid: tuple[int, int]) -> torch.Tensor:
-    """The (K, d) embeddings ``method`` keeps of one image: its kept rows, merged ones replaced (tokensieve's own
-    ``select``, checked by ``timed_select``, as the engine applies it before the LLM)."""
+    """The (K, d) embeddings ``method`` keeps of one image (:func:`kept_tokens`)."""
+    return kept_tokens(method, tokens)[0]
+
+
+def kept_tokens(method: Sieve, tokens: VisualTokens) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (K, d) embeddings ``method`` keeps of one image, its kept rows with merged ones replaced (tokensieve's
+    own ``select``, checked by ``timed_select``, as the engine applies it before the LLM), and their (K,) indices
+    into the image's tokens, whose places on the grid the kept tokens keep (the engine's positions)."""
     selection, _ = timed_select(method, tokens)
+    kept = selection.kept.to(tokens.features.device)
     merged = selection.merged(tokens.features)
-    return merged if merged is not None else tokens.features[selection.kept.to(tokens.features.device)]
+    return (merged if merged is not None else tokens.features[kept]), kept
+
+
+def signals_asked(method: Sieve, has_cls: bool) -> list[Signal]:
+    """The signals ``method`` asks of the tower (an ``Either`` resolved as the plugin serves it)."""
+    return list(requests_of(method, _ServedSignals(has_cls)))
 
 
 def image_tokens(method: Sieve, embeddings: torch.Tensor, grid: tuple[int, int], *, qkv: torch.Tensor | None,
