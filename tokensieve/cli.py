@@ -252,7 +252,7 @@ def bench(
     from .extras import require
 
     with missing_extra_as_one_line():
-        require("bench", "datasets", "matplotlib", "skimage", purpose="tokensieve bench")
+        require("bench", "datasets", "matplotlib", "skimage", "pandas", "pyarrow", purpose="tokensieve bench")
         if ray is not None:
             from .bench.ray_sweep import RaySweepError  # names `pip install 'tokensieve[ray]'` if ray is missing
     task_died = RaySweepError if ray is not None else ()
