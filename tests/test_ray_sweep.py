@@ -111,6 +111,18 @@ def test_shards_split_only_the_samples_a_configuration_lacks(tmp_path):
     assert [t.samples for t in _tasks(tmp_path, configs, list("abcde"), shard=None)] == [["a", "c", "e"], list("abcde")]
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--shard", "2"], "shard splits a configuration into Ray tasks: it needs ray (--ray ADDRESS)"),
+    (["--ray", "local", "--workers", "2"], "workers=2 is for a run on this machine"),
+    (["--ray", "local", "--shard", "0"], "shard must be at least 1 sample, not 0"),
+])
+def test_options_a_ray_sweep_cannot_take_are_refused_before_any_work(tmp_path, args, message):
+    result = CliRunner().invoke(app, ["bench", "--out", str(tmp_path / "out"), "--limit", "1", *args],
+                                env={"COLUMNS": "250"})
+    assert result.exit_code == 2 and message in result.output
+    assert not (tmp_path / "out").exists() and not ray.is_initialized()
+
+
 def test_an_address_where_no_cluster_answers_is_one_line_before_any_work(tmp_path):
     result = CliRunner().invoke(app, ["bench", "--ray", f"127.0.0.1:{free_port()}", "--out", str(tmp_path / "out"),
                                       "--limit", "1", "--methods", "random", "--keep", "16"])

@@ -120,8 +120,13 @@ def sweep(model: str = "sieve-mini", suite: str = BUILTIN, methods: list[str] | 
     tasks (tokensieve/bench/ray_sweep.py), `shard` samples per task (default: a configuration's all).
     """
     if ray is None:
+        if shard is not None:
+            raise SweepSpecError("shard splits a configuration into Ray tasks: it needs ray (--ray ADDRESS)")
         return _sweep(model, suite, methods, keeps, limit, out, workers, data, split, device, dtype,
                       max_new_tokens, show, progress)
+    if workers != 1:
+        raise SweepSpecError(f"workers={workers} is for a run on this machine: with ray, every free GPU (or CPU) "
+                             f"of the cluster runs a task")
     if shard is not None and shard < 1:
         raise SweepSpecError(f"shard must be at least 1 sample, not {shard}")
     from .ray_sweep import cluster
