@@ -242,18 +242,32 @@ def bench(
     max_new_tokens: int = typer.Option(None, help="longest answer (default: 5 builtin, 16 benchmarks)"),
     show: int = typer.Option(6, help="save the first N images as the model saw them, for the report"),
     report: bool = typer.Option(True, help="write tables, plots and report.html when the sweep ends"),
+    ray: str = typer.Option(None, help="run the configurations as Ray tasks on the cluster at this address "
+                                       "(HOST:PORT, auto, or local to start one here); OUT stays on this machine"),
+    shard: int = typer.Option(None, help="with --ray: samples per task (default: a configuration's all)"),
 ) -> None:
     """Sweep model x method x budget over a suite; one JSON line per sample in OUT/runs, resumable."""
     for budget_text in budget.split_top_level(keep):
         parse_keep(budget_text)  # the sweep checks them too, after importing torch: refuse a typo at once
+    from .extras import require
+
+    with missing_extra_as_one_line():
+        require("bench", "datasets", "matplotlib", "skimage", "pandas", "pyarrow", purpose="tokensieve bench")
+        if ray is not None:
+            from .bench.ray_sweep import RaySweepError  # names `pip install 'tokensieve[ray]'` if ray is missing
+    task_died = RaySweepError if ray is not None else ()
     from .bench.datasets import BenchmarkDataMissing
     from .bench.sweep import SweepSpecError, sweep
 
     try:
         sweep(model=model, suite=suite, methods=methods, keeps=keep, limit=limit, out=out, workers=workers,
-              data=data, split=split, device=device, dtype=dtype, max_new_tokens=max_new_tokens, show=show)
+              data=data, split=split, device=device, dtype=dtype, max_new_tokens=max_new_tokens, show=show,
+              ray=ray, shard=shard)
     except (SweepSpecError, BenchmarkDataMissing) as err:
         raise typer.BadParameter(str(err)) from None
+    except task_died as err:  # on every attempt
+        typer.echo(f"Error: {err}", err=True)
+        raise typer.Exit(1) from None
     console.print(f"records: [bold]{out / 'runs'}[/] (one JSONL per configuration)")
     skipped = json.loads((out / "sweep.json").read_text())["skipped"]
     for config_id, reason in skipped.items():

@@ -109,15 +109,37 @@ def sweep(model: str = "sieve-mini", suite: str = BUILTIN, methods: list[str] | 
           keeps: list[int | float] | str = DEFAULT_KEEPS, limit: int | None = None, out: Path | str = "results",
           workers: int = 1, data: Path | str | None = None, split: str | None = None, device: str | None = None,
           dtype: str | None = None, max_new_tokens: int | None = None, show: int = 6,
-          progress: bool = True) -> Path:
+          progress: bool = True, ray: str | None = None, shard: int | None = None) -> Path:
     """Run the sweep into `out`, resuming what is there, and return `out`.
 
     `methods`: names, `name:keep` specs or "all"; `keeps`: counts and ratios; either may be one
-    comma-separated string. `device` defaults to CUDA when there is one; `dtype` to bfloat16 on
-    CUDA, float32 on the CPU; `max_new_tokens` to 5 for the builtin suite (one-word answers) and 16
-    for benchmarks. `show`: save the image as the model saw it for the first `show` samples.
+    comma-separated string. `device` defaults to CUDA when there is one (on a Ray cluster: when it has
+    GPUs); `dtype` to bfloat16 on CUDA, float32 on the CPU; `max_new_tokens` to 5 for the builtin suite
+    (one-word answers) and 16 for benchmarks. `show`: save the image as the model saw it for the first
+    `show` samples. `ray`: a Ray cluster's address, "auto" or "local", to run the configurations as Ray
+    tasks (tokensieve/bench/ray_sweep.py), `shard` samples per task (default: a configuration's all).
     """
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if ray is None:
+        if shard is not None:
+            raise SweepSpecError("shard splits a configuration into Ray tasks: it needs ray (--ray ADDRESS)")
+        return _sweep(model, suite, methods, keeps, limit, out, workers, data, split, device, dtype,
+                      max_new_tokens, show, progress)
+    if workers != 1:
+        raise SweepSpecError(f"workers={workers} is for a run on this machine: with ray, every free GPU (or CPU) "
+                             f"of the cluster runs a task")
+    if shard is not None and shard < 1:
+        raise SweepSpecError(f"shard must be at least 1 sample, not {shard}")
+    from .ray_sweep import cluster
+
+    with cluster(ray) as ray_cluster:  # an address that does not answer fails here, before any work
+        return _sweep(model, suite, methods, keeps, limit, out, workers, data, split, device, dtype,
+                      max_new_tokens, show, progress, ray_cluster, shard)
+
+
+def _sweep(model, suite, methods, keeps, limit, out, workers, data, split, device, dtype, max_new_tokens, show,
+           progress, ray_cluster=None, shard=None) -> Path:
+    if device is None:
+        device = ray_cluster.default_device() if ray_cluster else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     settings = Settings(model=model, suite=suite, split=split, data=None if data is None else str(data),
                         limit=limit, device=device, dtype=dtype, show=show, out=str(out),
@@ -135,15 +157,20 @@ def sweep(model: str = "sieve-mini", suite: str = BUILTIN, methods: list[str] | 
     (out / "runs").mkdir(parents=True, exist_ok=True)
     description = _describe(out, settings, configs, workers, len(samples))
 
+    retried = {}
     with SweepProgress(enabled=progress) as bar:
         for config in configs:
             bar.add(config.id, len(samples), len(read_done(out / "runs" / f"{config.id}.jsonl")))
-        if workers == 1:
+        if ray_cluster is not None:
+            skipped, retried = ray_cluster.run(settings, configs, [s.id for s in samples], shard, bar)
+        elif workers == 1:
             worker = Worker(settings, samples)
             skipped = {c.id: reason for c in configs if (reason := worker.run(c, bar.handle))}
         else:
             skipped = _run_in_processes(settings, configs, workers, bar)
     description.update(skipped=skipped, finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    if retried:  # a Ray task that died, and was run again on what its configuration still lacked
+        description["retried"] = retried
     (out / "sweep.json").write_text(json.dumps(description, indent=2) + "\n")
     return out
 
@@ -198,18 +225,28 @@ class Worker:
         todo = [sample for sample in self.samples if sample.id not in done]
         if not todo:
             return None
-        sieve = ts.build(config.method, keep=config.keep) if config.method else None
-        if sieve is not None and (reason := self.meter.refusal(sieve)):
+        sieve, reason = self.sieve(config)
+        if reason:
             report(config.id, "skipped", reason)
             return reason
+        with path.open("a") as file:
+            for record in self.records(config, sieve, todo):
+                file.write(json.dumps(record) + "\n")
+                file.flush()
+                report(config.id, "done", record["sample"])
+        return None
+
+    def sieve(self, config: Config):
+        """The configuration's sieve (None for the baseline), and why this model refuses it, if it does."""
+        sieve = ts.build(config.method, keep=config.keep) if config.method else None
+        return sieve, None if sieve is None else self.meter.refusal(sieve)
+
+    def records(self, config: Config, sieve, todo: list):
+        """One record per sample of `todo`, each yielded as soon as it is measured."""
         # Untimed warm-up on this configuration, so no record pays first-call costs.
         self.meter.generate(model_inputs(self.model, self.processor, todo[0]), WARMUP_NEW_TOKENS, sieve)
-        with path.open("a") as file:
-            for sample in todo:
-                file.write(json.dumps(self._record(config, sieve, sample)) + "\n")
-                file.flush()
-                report(config.id, "done", sample.id)
-        return None
+        for sample in todo:
+            yield self._record(config, sieve, sample)
 
     def _record(self, config: Config, sieve, sample) -> dict:
         inputs = model_inputs(self.model, self.processor, sample)
@@ -235,6 +272,10 @@ class Worker:
             "selection_seconds": stats.selection_seconds if sieve is not None else None, "warmup": False,
         }
 
+    def view(self, sample):
+        """The sample's image as the model saw it (resized, cropped), for the report's kept-patch pictures."""
+        return model_view(self.processor, model_inputs(self.model, self.processor, sample), sample)
+
     def _save_images(self, folder: Path) -> None:
         """The first `show` samples' images as the model saw them, for the report's kept-patch pictures."""
         folder.mkdir(exist_ok=True)
@@ -242,7 +283,7 @@ class Worker:
             target = folder / f"{sample.id}.png"
             if not target.is_file():
                 scratch = target.with_name(f"{target.stem}.{multiprocessing.current_process().pid}.tmp.png")
-                model_view(self.processor, model_inputs(self.model, self.processor, sample), sample).save(scratch)
+                self.view(sample).save(scratch)
                 scratch.replace(target)  # atomic: parallel workers may write the same picture
 
 
