@@ -56,11 +56,13 @@ def freezes(name, kwargs) -> bool:
 
 
 def supported(family, name, kwargs) -> bool:
-    """Whether the family gives every signal the case's in_vision and pre-LLM methods ask for, and runs in-LLM stages
-    if the case has any."""
+    """Whether the family gives every signal the case's in_vision and pre-LLM methods ask for, runs in-LLM stages
+    if the case has any, and has videos if a method acts on videos only."""
     method = method_for(name, kwargs)
     sieves = method.sieves if isinstance(method, ts.Chain) else (method,)
     adapter = adapter_for(build_model(family))
+    if any(s.needs_video for s in sieves) and not family.videos:
+        return False
     if any(s.stage == "in_llm" for s in sieves) and not serves_in_llm(family):
         return False
     return not any(adapter.missing_signals(requests_of(s, adapter)) for s in sieves if s.stage in ("in_vision", "pre_llm"))
@@ -71,7 +73,8 @@ def serves_in_llm(family) -> bool:
     return adapter_for(build_model(family)).in_llm_problem() is None
 
 
-def family_method_params(want_supported: bool = True, stages=("in_vision", "pre_llm", "in_llm", "chain", "vision_chain")):
+def family_method_params(want_supported: bool = True,
+                         stages=("frames", "in_vision", "pre_llm", "in_llm", "chain", "vision_chain")):
     """(family, method, kwargs) for every pair the family supports (or, with False, refuses), for cases
     of the given stages ("chain" for chains, "vision_chain" for chains that merge inside the vision tower)."""
     return [
