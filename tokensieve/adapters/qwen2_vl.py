@@ -92,7 +92,10 @@ class Qwen2VLAdapter(Adapter):
         return self.config.video_token_id
 
     def visual_placeholder_mask(self, inputs: dict) -> torch.Tensor:
-        return self.placeholder_mask(inputs) | self.placeholder_mask(inputs, self.video_token_id())
+        # only the kinds the call carries: the other kind's id is text there (a random model may draw it)
+        images = self.placeholder_mask(inputs)
+        videos = self.placeholder_mask(inputs, self.video_token_id())
+        return (images & _carries(inputs, "image")) | (videos & _carries(inputs, "video"))
 
     def check_inputs(self, kwargs: dict) -> None:
         types = kwargs.get("mm_token_type_ids")
