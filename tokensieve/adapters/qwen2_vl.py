@@ -71,6 +71,7 @@ class Qwen2VLAdapter(Adapter):
         self.config = model.config
         self.vision_config = self.config.vision_config
         self.merge = self.vision_config.spatial_merge_size
+        self._encoded_by: list[tuple[VisionCapture, int]] = []  # per slot of the latest call: its vision pass, its index there
 
     def image_token_id(self) -> int:
         return self.config.image_token_id
@@ -318,7 +319,8 @@ class Qwen2VLAdapter(Adapter):
                       for image, ((row, positions), (_, h, w)) in enumerate(zip(blocks, grid_thw.tolist()))]
         if video_pass is not None:
             slots += self._video_slots(inputs, video_pass, first=len(slots))
-        capture.inputs["passes"] = self._item_passes(slots, image_pass, video_pass)
+        # on the adapter, not the capture: a capture kept as the next pass's ``earlier`` must not chain the ones before
+        self._encoded_by = self._item_passes(slots, image_pass, video_pass)
         return slots
 
     def _video_slots(self, inputs: dict, video_pass: VisionCapture, first: int) -> list[ImageSlot]:
@@ -348,7 +350,7 @@ class Qwen2VLAdapter(Adapter):
 
     def image_signals(self, wanted, capture: VisionCapture, image: int) -> dict:
         signals = {}
-        encoded, item = capture.inputs["passes"][image]
+        encoded, item = self._encoded_by[image]
         counts = self._token_counts(encoded.inputs["grid_thw"])
         start = sum(counts[:item])
         for request in wanted:
