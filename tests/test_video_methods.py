@@ -202,3 +202,11 @@ def test_the_vision_flops_fall_with_the_frames_dropped():
             model(**inputs)
         counts.append(run.stats.vision_flops)
     assert counts[0] > counts[1] > counts[2] > 0
+
+
+def test_a_frames_stage_refuses_an_in_llm_method_that_reads_the_tower():
+    model = build_model(QWEN2_VL_VIDEO)
+    with pytest.raises(ValueError, match="after uniform_frames drops frames before the vision tower, mustdrop_llm would read"):
+        ts.apply(model, ts.Chain(ts.load("uniform_frames"), ts.load("mustdrop_llm")))
+    with ts.apply(model, ts.load("divprune")):  # refused before any hook stayed
+        pass

@@ -133,7 +133,8 @@ class Run:
                 self._vision = VisionPasses(vision_modules(adapter), repr(self.vision) if self.vision is not None else None)
             if self.in_llm:
                 self._layers = LayerPruning(self.in_llm, adapter.decoder, self.stats, adapter)
-                _refuse_vision_signals_in_llm(model, adapter, self.vision, self.in_llm, self._layers.vision_requests)
+                _refuse_vision_signals_in_llm(model, adapter, self.vision, self.in_llm, self._layers.vision_requests,
+                                              self.frames)
             self._handles += adapter.install_signal_hooks(self._requests + self._vision_requests, self._capture)
             if self.vision is not None:
                 self._merging = VisionMerging(self.vision, adapter.vision_tower, *adapter.merge_layout())
@@ -467,8 +468,10 @@ def _refuse_positions(positions: str, adapter, method, in_llm, ppe: int | None) 
     check_repackable(adapter.decoder)
 
 
-def _refuse_vision_signals_in_llm(model: nn.Module, adapter, vision: Sieve | None, in_llm, requests) -> None:
-    """In-LLM stages that ask for vision-tower signals: the model must give them, and of the unmerged tower."""
+def _refuse_vision_signals_in_llm(model: nn.Module, adapter, vision: Sieve | None, in_llm, requests,
+                                  frames: Sieve | None = None) -> None:
+    """In-LLM stages that ask for vision-tower signals: the model must give them, and of the unmerged tower over every
+    frame."""
     if not requests:
         return
     names = "+".join(sieve.name for sieve in in_llm)
@@ -480,6 +483,10 @@ def _refuse_vision_signals_in_llm(model: nn.Module, adapter, vision: Sieve | Non
         raise ValueError(f"after {vision.name} merges inside the vision tower, {names} would read signals "
                          f"({', '.join(map(str, requests))}) of the unmerged tower: chain {vision.name} with in-LLM "
                          f"methods that need none")
+    if frames is not None:
+        raise ValueError(f"after {frames.name} drops frames before the vision tower, {names} would read signals "
+                         f"({', '.join(map(str, requests))}) of a pass that no longer covers the video: chain "
+                         f"{frames.name} with in-LLM methods that need none")
 
 
 def _refuse_before_hooking(model: nn.Module, adapter, method, vision: Sieve | None, pre: Sieve | None, requests,
