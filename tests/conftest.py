@@ -57,12 +57,14 @@ def freezes(name, kwargs) -> bool:
 
 def supported(family, name, kwargs) -> bool:
     """Whether the family gives every signal the case's in_vision and pre-LLM methods ask for, runs in-LLM stages if
-    the case has any (Gemma3 refuses them), and lets them prune where they do (Qwen3-VL: after its DeepStack layers;
-    Qwen3.5: nowhere)."""
+    the case has any (Gemma3 refuses them), lets them prune where they do (Qwen3-VL: after its DeepStack layers;
+    Qwen3.5: nowhere), and has videos if a method acts on videos only."""
     method = method_for(name, kwargs)
     sieves = method.sieves if isinstance(method, ts.Chain) else (method,)
     model = build_model(family)
     adapter = adapter_for(model)
+    if any(s.needs_video for s in sieves) and not family.videos:
+        return False
     if any(s.stage == "in_llm" for s in sieves) and not serves_in_llm(family):
         return False
     depth = model.config.get_text_config().num_hidden_layers
@@ -78,7 +80,8 @@ def serves_in_llm(family) -> bool:
     return adapter.in_llm_problem() is None and adapter.stage_layer_problem(1) is None
 
 
-def family_method_params(want_supported: bool = True, stages=("in_vision", "pre_llm", "in_llm", "chain", "vision_chain")):
+def family_method_params(want_supported: bool = True,
+                         stages=("frames", "in_vision", "pre_llm", "in_llm", "chain", "vision_chain")):
     """(family, method, kwargs) for every pair the family supports (or, with False, refuses), for cases
     of the given stages ("chain" for chains, "vision_chain" for chains that merge inside the vision tower)."""
     return [

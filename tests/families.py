@@ -1,11 +1,12 @@
-"""Every model family the contract tests run on: one tiny model each (see tiny_*.py)."""
+"""Every model family the contract tests run on: one tiny model each (see tiny_*.py). A video-capable family
+runs again with videos as its inputs (``*_video``: the same model, one video where the images were)."""
 
 from tiny_gemma3 import GEMMA3
 from tiny_idefics3 import IDEFICS3, SMOLVLM
 from tiny_internvl import INTERNVL
 from tiny_llava_next import LLAVA_NEXT, LLAVA_ONEVISION
 from tiny_models import LLAVA
-from tiny_qwen2_vl import QWEN2_5_VL, QWEN2_VL
+from tiny_qwen2_vl import QWEN2_5_VL, QWEN2_5_VL_VIDEO, QWEN2_VL, QWEN2_VL_VIDEO
 from tiny_qwen3_vl import QWEN3_5, QWEN3_VL
 
 FAMILIES = [
@@ -20,4 +21,6 @@ FAMILIES = [
     QWEN3_VL,
     QWEN3_5,
     GEMMA3,
+    QWEN2_VL_VIDEO,
+    QWEN2_5_VL_VIDEO,
 ]

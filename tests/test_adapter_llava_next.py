@@ -165,9 +165,9 @@ def test_onevision_refuses_videos_and_is_left_untouched():
     model(**with_video)  # the stock model takes it
     before = _snapshot(model)
     with ts.apply(model, ts.load("uniform", keep=16)):
-        with pytest.raises(ValueError, match="act on images.*video"):
+        with pytest.raises(ValueError, match="carries a video.*serves videos only on Qwen2-VL"):
             model(**with_video)
-        with pytest.raises(ValueError, match="act on images.*video"):
+        with pytest.raises(ValueError, match="carries a video.*serves videos only on Qwen2-VL"):
             greedy(model, with_video)
     _assert_same(model, before)
 

@@ -22,8 +22,8 @@ from tokensieve.sieve import Selection, Sieve
 QWEN = [pytest.param(family, id=family.name) for family in (QWEN2_VL, QWEN2_5_VL, QWEN3_VL, QWEN3_5)]
 
 
-@pytest.mark.parametrize("family", QWEN)
-def test_videos_are_refused_and_the_model_is_untouched(family):
+@pytest.mark.parametrize("family", [QWEN3_VL, QWEN3_5], ids=lambda family: family.name)
+def test_qwen3_videos_are_refused_and_the_model_is_untouched(family):
     model = build_model(family)
     inputs = family.make_inputs(TEXTS[:1])
     video = [VISION_START] + [VIDEO_TOKEN] * family.tokens_per_image + [VISION_END]
@@ -37,9 +37,9 @@ def test_videos_are_refused_and_the_model_is_untouched(family):
     model(**with_video)  # the stock model takes it
     before = _snapshot(model)
     with ts.apply(model, ts.load("uniform", keep=16)):
-        with pytest.raises(ValueError, match="not videos"):
+        with pytest.raises(ValueError, match="videos only on Qwen2-VL and Qwen2.5-VL"):
             model(**with_video)
-        with pytest.raises(ValueError, match="not videos"):
+        with pytest.raises(ValueError, match="videos only on Qwen2-VL and Qwen2.5-VL"):
             greedy(model, with_video)
     _assert_same(model, before)
 

@@ -20,8 +20,9 @@ def with_embeds(model, inputs: dict) -> tuple[dict, dict]:
     by_embeds["inputs_embeds"] = model.get_input_embeddings()(inputs["input_ids"])
     rope_index = getattr(model.model, "get_rope_index", None)
     if rope_index is not None:
-        positions, _ = rope_index(inputs["input_ids"], inputs["mm_token_type_ids"], inputs["image_grid_thw"],
-                                  attention_mask=inputs["attention_mask"])
+        grids = {name: inputs[name] for name in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if name in inputs}
+        positions, _ = rope_index(inputs["input_ids"], inputs["mm_token_type_ids"], attention_mask=inputs["attention_mask"],
+                                  **grids)
         inputs, by_embeds["position_ids"] = {**inputs, "position_ids": positions}, positions
     return inputs, by_embeds
 

@@ -41,7 +41,7 @@ def test_list_methods_filters_by_stage_and_signal():
     assert "visionzip" in [info.name for info in ts.list_methods(needs=("cls_attention", "vision_keys"))]
     assert "divprune" not in [info.name for info in ts.list_methods(needs="cls_attention")]
     assert {info.stage for info in ts.list_methods(stage="pre_llm")} == {"pre_llm"}
-    with pytest.raises(ValueError, match="stage='vision': choose from in_vision, pre_llm, in_llm"):
+    with pytest.raises(ValueError, match="stage='vision': choose from frames, in_vision, pre_llm, in_llm"):
         ts.list_methods(stage="vision")
 
 

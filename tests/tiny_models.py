@@ -65,6 +65,7 @@ class Family:
     image_token: int = IMAGE_TOKEN
     masked_reference: Callable[..., torch.Tensor] | None = None
     reference: str = "masked"
+    videos: bool = False  # its inputs are videos (tokens_per_image: per video, image_token: the video placeholder)
 
 
 def random_image(seed: int, index: int, size: int) -> torch.Tensor:

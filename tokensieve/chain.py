@@ -6,8 +6,8 @@ from .sieve import STAGES, Sieve
 
 
 class Chain:
-    """Methods applied in stage order: at most one ``in_vision`` method (inside the vision tower), at most one
-    ``pre_llm`` method, then any number of ``in_llm`` methods whose stages prune before strictly increasing
+    """Methods applied in stage order: at most one ``frames`` method (a video's frames before the vision tower), at
+    most one ``in_vision`` method (inside the vision tower), at most one ``pre_llm`` method, then any number of ``in_llm`` methods whose stages prune before strictly increasing
     decoder layers. Each stage sees the tokens the ones before it kept; ``run.stats`` holds, per image, one
     record per stage (``ImageRecord.stages``).
 
@@ -25,11 +25,12 @@ class Chain:
         if stages != sorted(stages, key=STAGES.index) or len(set(singles)) != len(singles):
             described = ", ".join(f"{s.name} ({s.stage})" for s in sieves)
             raise ValueError(
-                f"a chain takes at most one in_vision method, first; then at most one pre_llm method; then in_llm "
-                f"methods at increasing layers; got {described}"
+                f"a chain takes at most one frames method, first; then at most one in_vision method; then at most one "
+                f"pre_llm method; then in_llm methods at increasing layers; got {described}"
             )
         self.sieves = sieves
         by_stage = {sieve.stage: sieve for sieve in sieves if sieve.stage != "in_llm"}
+        self.frames: Sieve | None = by_stage.get("frames")
         self.vision: Sieve | None = by_stage.get("in_vision")
         self.pre: Sieve | None = by_stage.get("pre_llm")
         self.in_llm: tuple[Sieve, ...] = tuple(sieve for sieve in sieves if sieve.stage == "in_llm")

@@ -148,7 +148,7 @@ def servable_methods(adapter, stage: str = "pre_llm") -> list[str]:
 
     servable = []
     for name, cls in sorted(_METHODS.items()):
-        if cls.stage != stage:
+        if cls.stage != stage or (cls.needs_video and not adapter.takes_video):
             continue
         try:
             requests = requests_of(cls(), adapter)

@@ -33,9 +33,9 @@ SIGNALS = {
     "layers start..K-1 (in_llm only): each sublayer adds |y|/|x| times the softmax over the row's tokens of 1 - cos(x, y), "
     "x its normalised input and y its output before the residual add",
 }
-#: where a sieve acts: between vision-tower layers, on the image tokens before the LLM, or between LLM
-#: layers ``layer - 1`` and ``layer``; a chain runs them in this order
-STAGES = ("in_vision", "pre_llm", "in_llm")
+#: where a sieve acts: on a video's frames before the vision tower (docs/video.md), between vision-tower layers, on
+#: the image tokens before the LLM, or between LLM layers ``layer - 1`` and ``layer``; a chain runs them in this order
+STAGES = ("frames", "in_vision", "pre_llm", "in_llm")
 
 
 @dataclass
@@ -48,7 +48,8 @@ class VisualTokens:
     ``tokens["cls_attention"]`` for a signal with its default parameters. An image made of
     several 2D pieces (LLaVA-NeXT: a base view, a high-res grid and a column of row-end newline
     tokens) has ``grid == (1, N)`` and lists the pieces in ``blocks``; methods that need 2D
-    structure read :meth:`layout`.
+    structure read :meth:`layout`. A video is such an image whose pieces are its frames (``frames``;
+    docs/video.md); video methods read :meth:`video`.
     """
 
     features: torch.Tensor
@@ -60,6 +61,11 @@ class VisualTokens:
     entered: int | None = None
     #: the prompt (batch row) the image belongs to, for a budget over a prompt's images (``Budget(total=...)``)
     prompt: int | None = None
+    #: a video: its (t, h, w) grid (t frames, each an h×w raster; for Qwen2-VL a frame is a temporal patch pair), with
+    #: ``grid == (1, t*h*w)`` and one block per frame, so image methods treat it as t pieces (a per-frame budget is
+    #: ``per_crop=True``); None for an image. ``timestamps``: each frame's start in seconds, where the model has them
+    frames: tuple[int, int, int] | None = None
+    timestamps: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.signals = {as_signal(request): value for request, value in self.signals.items()}
@@ -75,12 +81,30 @@ class VisualTokens:
         h, w = self.grid
         return (torch.arange(h * w).view(h, w),)
 
+    def video(self, method: str) -> tuple[int, int, int]:
+        """The (t, h, w) grid of a video, for a method that acts on videos only (``method`` names it in the refusal)."""
+        if self.frames is None:
+            raise ValueError(f"{method} acts on videos (frames over time), and this input is a still image: use an image "
+                             f"method for images (see `tokensieve methods`), or pass the video as pixel_values_videos")
+        return self.frames
+
     def __getitem__(self, signal: str | Signal):
         return self.signals[as_signal(signal)]
 
     def __contains__(self, signal: str | Signal) -> bool:
         """Whether the signal was given (of an :class:`~tokensieve.signals.Either` request, the option chosen)."""
         return as_signal(signal) in self.signals
+
+
+@dataclass
+class Frames:
+    """What a ``frames`` sieve sees of one video before the vision tower: its (t, h, w) grid of LLM tokens (t
+    frames; for Qwen2-VL a frame is a temporal patch pair), so that it picks frames by count and place."""
+
+    grid: tuple[int, int, int]
+
+    def __len__(self) -> int:
+        return self.grid[0]
 
 
 @dataclass
@@ -165,6 +189,9 @@ class Sieve:
     #: a dropped one with its hidden state at the input of the stage that dropped it, and its kept indices index
     #: that set; kept tokens return to their own positions. It cannot ask for ``llm_attention`` or ``llm_transition``
     restores: ClassVar[bool] = False
+    #: a method that acts on videos only (frames over time: evs, vidcom2): refused on images and on families that take
+    #: no video (docs/video.md)
+    needs_video: ClassVar[bool] = False
 
     #: the adaptive budgets (``ts.Adaptive``) the method honours: "mass" (it ranks by score) and/or
     #: "coverage"; a budget's ``per_crop=True`` needs ``crop_split``. Both count only where declared in the
@@ -186,6 +213,11 @@ class Sieve:
         check_budget(self)
 
     def select(self, tokens: VisualTokens) -> Selection:
+        raise NotImplementedError
+
+    def select_frames(self, frames: Frames) -> torch.Tensor:
+        """A ``frames`` sieve: the frames of one video to run the vision tower on, ascending indices into
+        ``range(len(frames))`` (at least one)."""
         raise NotImplementedError
 
     def select_all(self, images: list[VisualTokens]) -> list[Selection]:

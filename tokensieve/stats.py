@@ -44,6 +44,22 @@ class ImageRecord:
     grid: tuple[int, int]
     seconds: float  # time spent in every stage's select()
     stages: list[StageRecord] = field(default_factory=list)
+    frames: tuple[int, int, int] | None = None  # a video's (t, h, w) grid (kept indices run frame after frame); None: an image
+    timestamps: torch.Tensor | None = None  # a video's frame start times in seconds, where the model has them
+
+    @property
+    def frame_counts(self) -> torch.Tensor | None:
+        """A video's kept tokens in each of its t frames, (t,) (None for an image)."""
+        if self.frames is None:
+            return None
+        t, h, w = self.frames
+        return torch.bincount(self.kept // (h * w), minlength=t)
+
+    @property
+    def kept_frames(self) -> torch.Tensor | None:
+        """The frames of a video that kept at least one token, ascending (None for an image)."""
+        counts = self.frame_counts
+        return None if counts is None else counts.nonzero().squeeze(1)
 
     def groups(self) -> torch.Tensor:
         """(before,) for every token of the image, the raster index of the kept token it ended in, through every
@@ -79,7 +95,8 @@ class ImageRecord:
 
     def __repr__(self) -> str:
         shown = ", ".join(str(i) for i in self.kept[:8].tolist()) + (", ..." if len(self.kept) > 8 else "")
-        return (f"ImageRecord(call={self.call}, row={self.row}, grid={self.grid[0]}x{self.grid[1]}, "
+        grid = "x".join(map(str, self.frames)) if self.frames is not None else f"{self.grid[0]}x{self.grid[1]}"
+        return (f"ImageRecord(call={self.call}, row={self.row}, grid={grid}, "
                 f"{self.before} -> {' -> '.join(str(stage.after) for stage in self.stages) or self.after} tokens, kept=[{shown}])")
 
 

@@ -29,6 +29,12 @@ class ImageSlot:
     grid: tuple[int, int]
     image: int
     blocks: tuple[torch.Tensor, ...] = ()
+    #: a video: its (t, h, w) grid of LLM tokens (t frames, or temporal patches), ``blocks`` one (h, w) map per frame
+    frames: tuple[int, int, int] | None = None
+    #: a video: the time in seconds where each of its t frames starts, where the model has them (None: it has not)
+    timestamps: torch.Tensor | None = None
+    #: a video under a ``frames`` stage: the frames the vision tower ran on, ascending (None: every frame)
+    kept_frames: torch.Tensor | None = None
 
 
 @dataclass
@@ -38,8 +44,11 @@ class VisionCapture:
 
     inputs: dict = field(default_factory=dict)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: the pass before this one, kept by families that encode a call's images and its videos in two passes (Qwen2-VL)
+    earlier: VisionCapture | None = None
 
-    def reset(self, **inputs) -> None:
+    def reset(self, keep_earlier: bool = False, **inputs) -> None:
+        self.earlier = VisionCapture(self.inputs, self.tensors) if keep_earlier and self.seen else None
         self.inputs = inputs
         self.tensors = {}
 
@@ -60,6 +69,8 @@ class Adapter:
     signals: ClassVar[frozenset[str]] = frozenset()
     #: keyword inputs of the inner model aligned with ``input_ids`` on the sequence axis
     aligned_inputs: ClassVar[tuple[str, ...]] = ()
+    #: whether the engine serves this family's video inputs (``pixel_values_videos``); others are refused clearly
+    takes_video: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -141,7 +152,27 @@ class Adapter:
             kwargs[name] = torch.cat([aligned, missing], dim=-1)
 
     def check_inputs(self, kwargs: dict) -> None:
-        """Raise a clear error for inputs a pre-LLM image method cannot handle (e.g. video)."""
+        """Raise a clear error for inputs a pre-LLM image method cannot handle."""
+
+    def video_grid(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """For a ``frames`` stage, at a vision-tower call: the (videos, 3) grids of (t, h, w) LLM tokens of a pass of
+        videos, None for a pass of images."""
+        return None
+
+    def frame_pass(self, args: tuple, kwargs: dict, kept: list[torch.Tensor]) -> tuple[tuple, dict]:
+        """The vision-tower call's ``(args, kwargs)`` for only the ``kept`` frames of each video of the pass."""
+        raise NotImplementedError
+
+    def full_frames(self, output, grid: torch.Tensor, kept: list[torch.Tensor]):
+        """The tower's ``output`` for the ``kept`` frames given back the length of the full ``grid`` (as
+        ``video_grid`` gives it): zeros at the
+        dropped frames' tokens, so the model scatters it into every placeholder as it does unpruned."""
+        raise NotImplementedError
+
+    def passes_pending(self, inputs: dict, capture: VisionCapture) -> bool:
+        """Whether the call's visual inputs need a vision pass still to come (Qwen2-VL encodes a call's images, then
+        its videos), so that its placeholders cannot be checked yet."""
+        return False
 
     def in_llm_problem(self) -> str | None:
         """Why in-LLM stages cannot run on this model (None: they can). Checked before the model is touched."""
@@ -200,28 +231,39 @@ class Adapter:
         keyword inputs of the inner model's forward (``input_ids``, ``image_sizes``, ...)."""
         raise NotImplementedError
 
-    def placeholder_mask(self, inputs: dict) -> torch.Tensor:
-        """(batch, length) True at the image placeholder tokens, found as the model finds them: by their id in
-        ``input_ids`` or, for a call with ``inputs_embeds`` only, as the rows equal to the image token's embedding."""
+    def placeholder_mask(self, inputs: dict, token_id: int | None = None) -> torch.Tensor:
+        """(batch, length) True at the image placeholder tokens (or those of ``token_id``), found as the model finds
+        them: by their id in ``input_ids`` or, for a call with ``inputs_embeds`` only, as the rows equal to the
+        token's embedding."""
+        token_id = self.image_token_id() if token_id is None else token_id
         if inputs.get("input_ids") is not None:
-            return inputs["input_ids"] == self.image_token_id()
+            return inputs["input_ids"] == token_id
         embeds = inputs["inputs_embeds"]
-        token = torch.tensor(self.image_token_id(), device=embeds.device)
+        token = torch.tensor(token_id, device=embeds.device)
         return (embeds == self.model.get_input_embeddings()(token).to(embeds.dtype)).all(-1)
 
-    def placeholder_blocks(self, inputs: dict, counts: list[int], images: str, hint: str = "") -> list[tuple[int, torch.Tensor]]:
-        """(row, positions) of each image's placeholder tokens in the inner model's ``inputs``: image i takes
-        the next ``counts[i]`` of them in batch-row order. ``images`` describes the images for the error message."""
-        placed = self.placeholder_mask(inputs).nonzero()
+    def visual_placeholder_mask(self, inputs: dict) -> torch.Tensor:
+        """(batch, length) True at every visual placeholder token: the image ones, and a video family's video ones."""
+        return self.placeholder_mask(inputs)
+
+    def placeholder_blocks(self, inputs: dict, counts: list[int], images: str, hint: str = "",
+                           token_id: int | None = None) -> list[tuple[int, torch.Tensor]]:
+        """(row, positions) of each image's placeholder tokens (of ``token_id``, default the image token) in the inner
+        model's ``inputs``: image i takes the next ``counts[i]`` of them in batch-row order. ``images`` describes the
+        images for the error message."""
+        placed = self.placeholder_mask(inputs, token_id).nonzero()
         if len(placed) != sum(counts):
-            found = "input_ids has" if inputs.get("input_ids") is not None else "inputs_embeds has rows equal to the image token's embedding at"
+            kind = "image" if token_id is None else "video"
+            found = "input_ids has" if inputs.get("input_ids") is not None else f"inputs_embeds has rows equal to the {kind} token's embedding at"
             raise PlaceholderMismatch(
-                f"{images} need {sum(counts)} image placeholder tokens, but {found} {len(placed)}: build the "
+                f"{images} need {sum(counts)} {kind} placeholder tokens, but {found} {len(placed)}: build the "
                 f"inputs with the model's processor{hint}"
             )
         rows = placed[:, 0].tolist()  # one read back to the host, not two per image
         blocks, start = [], 0
         for image, count in enumerate(counts):
+            if count == 0:
+                raise ValueError(f"{images}: item {image} has no tokens (an empty grid): pass at least one frame of pixels")
             if rows[start] != rows[start + count - 1]:
                 raise ValueError(f"image {image}'s placeholder tokens span two batch rows: one image per row block")
             blocks.append((rows[start], placed[start : start + count, 1]))

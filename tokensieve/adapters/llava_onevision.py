@@ -9,7 +9,7 @@ tower (see llava_next.py), with two differences in how an image's placeholder to
 
 The layout comes from the model's own packing, as for NeXT, so both follow. SigLIP has no [CLS]
 token, so ``cls_attention`` and ``vision_keys`` are refused (fastervlm and visionzip with them).
-Videos (``pixel_values_videos``) are refused: these methods act on images.
+Videos (``pixel_values_videos``) are refused (``takes_video`` is False; docs/video.md).
 """
 
 from __future__ import annotations
@@ -22,14 +22,6 @@ from .llava_next import LlavaNextAdapter
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     family = "llava_onevision"
     model_classes = ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel")
-
-    def check_inputs(self, kwargs: dict) -> None:
-        encoded = kwargs.get("mm_encoder_outputs") or {}
-        if kwargs.get("pixel_values_videos") is not None or encoded.get("video") is not None:
-            raise ValueError(
-                "tokensieve methods act on images, and this LLaVA-OneVision call carries a video "
-                "(pixel_values_videos): run videos outside the apply() block"
-            )
 
     def _crop_counts(self, arguments: dict) -> list[int]:
         counts = super()._crop_counts(arguments)

@@ -13,6 +13,17 @@ silently falls back to 1D positions without it). After the prefill the model num
 from the cache length plus its cached ``rope_deltas``; a pruned cache is shorter, so forwards that
 continue it without positions get them from the unpruned length here.
 
+Videos (``pixel_values_videos``, ``video_grid_thw = (t, h, w)``): the processor pairs consecutive frames (the
+temporal patch), so each of a video's t frames here is two input frames, and a video is t*(h/2)*(w/2)
+``video_pad`` tokens, frame after frame, each frame in raster order; its slot has ``frames = (t, h/2, w/2)`` and
+one block per frame. The tower encodes a call's images in one pass and its videos in a second (in the model's
+forward and in generate()'s encoding before the prefill), so the capture keeps the image pass as
+``capture.earlier``. Qwen2.5-VL spaces frames by ``second_per_grid_ts`` on the temporal mrope axis; those seconds
+are the frames' ``timestamps`` (Qwen2-VL numbers frames 0, 1, ...: no timestamps). The temporal, height and width
+positions of every kept token are the unpruned video's, as for images. A ``frames`` stage (engine/frames_stage.py)
+gives the tower only the kept frame pairs' patch rows (``frame_pass``) and spreads the merger's output back over every
+frame (``full_frames``).
+
 Signals: the tower has no [CLS] token. ``vision_features`` is the merger's input with each LLM
 token's 2x2 patches concatenated, (N, 4*d_patch), in raster order; ``project`` is the merger, so
 ``project(vision_features)`` gives exactly the image's tokens. ``vision_attention(queries="mean")`` is
@@ -34,6 +45,13 @@ from transformers.vision_utils import get_vision_window_index
 from ..signals import Signal, attention_received
 from .base import Adapter, ImageSlot, VisionCapture
 
+
+def _carries(inputs: dict, kind: str) -> bool:
+    """Whether a call brings ``kind`` ("image" or "video"): its pixels, or its features encoded before (generate())."""
+    pixels = inputs.get("pixel_values" if kind == "image" else "pixel_values_videos")
+    return pixels is not None or (inputs.get("mm_encoder_outputs") or {}).get(kind) is not None
+
+
 _NO_CLS = "the {} vision tower has no [CLS] token (its merger pools 2x2 patches; no token stands for the image)"
 
 
@@ -45,6 +63,7 @@ class Qwen2VLAdapter(Adapter):
     signals = frozenset({"cls_attention", "vision_keys", "vision_attention", "vision_features", "project", "vision_tower"})
     aligned_inputs = ("mm_token_type_ids",)
     model_name: ClassVar[str] = "Qwen2-VL"  # in messages
+    takes_video: ClassVar[bool] = True  # Qwen3-VL and Qwen3.5 set it False (their videos carry timestamp tokens)
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -53,6 +72,7 @@ class Qwen2VLAdapter(Adapter):
         self.merger = self.vision_tower.merger
         self.vision_config = self.config.vision_config
         self.merge = self.vision_config.spatial_merge_size
+        self._encoded_by: list[tuple[VisionCapture, int]] = []  # per slot of the latest call: its vision pass, its index there
 
     def image_token_id(self) -> int:
         return self.config.image_token_id
@@ -70,21 +90,26 @@ class Qwen2VLAdapter(Adapter):
             return self.layer_problem(request.layer)
         return None
 
+    def video_token_id(self) -> int:
+        return self.config.video_token_id
+
+    def visual_placeholder_mask(self, inputs: dict) -> torch.Tensor:
+        # only the kinds the call carries: the other kind's id is text there (a random model may draw it)
+        images = self.placeholder_mask(inputs)
+        videos = self.placeholder_mask(inputs, self.video_token_id())
+        return (images & _carries(inputs, "image")) | (videos & _carries(inputs, "video"))
+
     def check_inputs(self, kwargs: dict) -> None:
-        encoded = kwargs.get("mm_encoder_outputs") or {}
-        videos = (kwargs.get("pixel_values_videos"), kwargs.get("video_grid_thw"), encoded.get("video"))
-        if any(video is not None for video in videos):
-            raise ValueError(
-                "tokensieve methods act on images, not videos: run video inputs (pixel_values_videos) outside the "
-                "apply() block"
-            )
         types = kwargs.get("mm_token_type_ids")
-        if kwargs.get("pixel_values") is None and encoded.get("image") is None:
+        images, videos = _carries(kwargs, "image"), _carries(kwargs, "video")
+        if not images and not videos:
             return
+        if videos:
+            self._check_video_grid(kwargs.get("video_grid_thw"), kwargs.get("pixel_values_videos"))
         if types is None:
             raise ValueError(
-                "images need mm_token_type_ids (the processor returns it with input_ids): without it Qwen2-VL "
-                "cannot give image tokens their 3D positions, and Qwen2.5-VL silently uses 1D ones"
+                "images and videos need mm_token_type_ids (the processor returns it with input_ids): without it "
+                "Qwen2-VL cannot give their tokens 3D positions, and Qwen2.5-VL silently uses 1D ones"
             )
         if kwargs.get("input_ids") is None and kwargs.get("position_ids") is None:
             raise ValueError(
@@ -98,9 +123,33 @@ class Qwen2VLAdapter(Adapter):
                 f"mm_token_type_ids has shape {tuple(types.shape)} but the input sequence {tuple(placeholders.shape)}: "
                 f"when appending tokens to input_ids, append zeros (text) to mm_token_type_ids, as generate() does"
             )
-        if not torch.equal(types == 1, placeholders):
+        # a kind the call does not carry is text wherever its id appears (a random model may answer with one)
+        if images and not torch.equal(types == 1, placeholders):
             raise ValueError(
                 "mm_token_type_ids must be 1 exactly at the image_pad tokens of input_ids: build both with the processor"
+            )
+        if videos and not torch.equal(types == 2, self.placeholder_mask(kwargs, self.video_token_id())):
+            raise ValueError(
+                "mm_token_type_ids must be 2 exactly at the video_pad tokens of input_ids: build both with the processor"
+            )
+
+    def _check_video_grid(self, grid_thw: torch.Tensor | None, pixels: torch.Tensor | None) -> None:
+        """Refuse, before the model runs, a video grid the tower would fail on or silently misread."""
+        if grid_thw is None:
+            if pixels is not None:
+                raise ValueError("pixel_values_videos need video_grid_thw, one (t, h, w) row per video: build both with "
+                                 "the processor")
+            return
+        if grid_thw.ndim != 2 or grid_thw.shape[-1] != 3:
+            raise ValueError(f"video_grid_thw must be (videos, 3) rows of (t, h, w), not of shape {tuple(grid_thw.shape)}")
+        if bool((grid_thw.prod(-1) == 0).any()):
+            raise ValueError(f"video_grid_thw {grid_thw.tolist()} has an empty video (a zero in t, h or w): pass at least "
+                             f"{self.vision_config.temporal_patch_size} frames of at least one merge block per video")
+        if pixels is not None and pixels.shape[0] != int(grid_thw.prod(-1).sum()):
+            raise ValueError(
+                f"pixel_values_videos has {pixels.shape[0]} patch rows but video_grid_thw {grid_thw.tolist()} needs "
+                f"{int(grid_thw.prod(-1).sum())}: every frame of a video must have the same size (the processor resizes "
+                f"them to one), and the grid must be the one the processor returned with the pixels"
             )
 
     def _rope_deltas(self, batch: int, device: torch.device) -> torch.Tensor | None:
@@ -136,7 +185,47 @@ class Qwen2VLAdapter(Adapter):
 
     def open_capture(self, capture: VisionCapture, args: tuple, kwargs: dict) -> None:
         grid_thw = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
-        capture.reset(grid_thw=grid_thw)
+        capture.reset(keep_earlier=True, grid_thw=grid_thw)  # a call's videos follow its images in a second pass
+
+    def video_grid(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        # a video of one frame pair is encoded as an image is; with nothing to drop, either reading is right
+        grid_thw = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        if grid_thw is None or not bool((grid_thw[:, 0] > 1).any()):
+            return None
+        return grid_thw // torch.tensor([1, self.merge, self.merge], device=grid_thw.device)
+
+    def frame_pass(self, args: tuple, kwargs: dict, kept: list[torch.Tensor]) -> tuple[tuple, dict]:
+        """The pixel rows of the kept frame pairs (each pair's h*w patch rows are consecutive, videos one after
+        another), and their grid."""
+        kwargs = dict(kwargs)
+        pixels = kwargs.pop("hidden_states", args[0] if args else None)
+        grid_thw = kwargs.pop("grid_thw", args[1] if len(args) > 1 else None)
+        rows, start = [], 0
+        for (t, h, w), frames in zip(grid_thw.tolist(), kept):
+            rows.append(start + (frames[:, None] * (h * w) + torch.arange(h * w)).flatten())
+            start += t * h * w
+        grid = grid_thw.clone()
+        grid[:, 0] = torch.tensor([len(frames) for frames in kept])
+        return (pixels[torch.cat(rows).to(pixels.device)], grid), kwargs
+
+    def full_frames(self, output, grid: torch.Tensor, kept: list[torch.Tensor]):
+        """The merger's output (``pooler_output``, one row per LLM token, each video frame after frame in raster
+        order) spread over every frame, zeros at the dropped ones; the patch-level states stay the kept frames'."""
+        merged = output.pooler_output
+        rows, start = [], 0
+        for (t, h, w), frames in zip(grid.tolist(), kept):
+            per_frame = h * w
+            rows.append(start + (frames[:, None] * per_frame + torch.arange(per_frame)).flatten())
+            start += t * per_frame
+        full = merged.new_zeros(start, merged.shape[-1])
+        full[torch.cat(rows).to(merged.device)] = merged
+        output.pooler_output = full
+        return output
+
+    def passes_pending(self, inputs: dict, capture: VisionCapture) -> bool:
+        # the model's forward encodes the images, then the videos: after the first pass the second is to come
+        both = inputs.get("pixel_values") is not None and inputs.get("pixel_values_videos") is not None
+        return both and capture.inputs.get("grid_thw") is not inputs.get("video_grid_thw")
 
     def _token_counts(self, grid_thw: torch.Tensor) -> list[int]:
         return (grid_thw.prod(-1) // self.merge**2).tolist()
@@ -205,31 +294,71 @@ class Qwen2VLAdapter(Adapter):
         patch_dim = self.merger.hidden_size // self.merge**2
         return self.merger(features.reshape(-1, patch_dim)).reshape(*features.shape[:-1], -1)
 
-    def slots(self, inputs: dict, capture: VisionCapture) -> list[ImageSlot]:
-        if not capture.seen or capture.inputs["grid_thw"] is None:
+    def _passes(self, inputs: dict, capture: VisionCapture) -> tuple[VisionCapture | None, VisionCapture | None]:
+        """The vision passes of the call's images and of its videos (None: it has none of them): the latest pass
+        for one kind, the one before it and the latest for both (images are encoded first)."""
+        images, videos = _carries(inputs, "image"), _carries(inputs, "video")
+        passes = [capture.earlier, capture] if images and videos else [capture] if images or videos else []
+        if any(p is None or not p.seen or p.inputs.get("grid_thw") is None for p in passes):
             raise ValueError(
-                "image tokens reached the model but tokensieve saw no vision pass: pass pixel_values and "
-                "image_grid_thw (not precomputed image features) to the model inside the apply() block"
+                "image or video tokens reached the model but tokensieve saw no vision pass for them: pass "
+                "pixel_values / pixel_values_videos with their grid_thw (not precomputed features) to the model inside "
+                "the apply() block"
             )
-        grid_thw = capture.inputs["grid_thw"]
-        if bool((grid_thw[:, 0] != 1).any()):
-            raise ValueError(f"image_grid_thw {grid_thw.tolist()} has images of several frames (t > 1): pass still images")
-        counts = self._token_counts(grid_thw)
-        blocks = self.placeholder_blocks(inputs, counts, f"images of image_grid_thw {grid_thw.tolist()}")
-        return [
-            ImageSlot(row, positions, (h // self.merge, w // self.merge), image)
-            for image, ((row, positions), (_, h, w)) in enumerate(zip(blocks, grid_thw.tolist()))
-        ]
+        return (passes[0] if images else None), (passes[-1] if videos else None)
+
+    def slots(self, inputs: dict, capture: VisionCapture) -> list[ImageSlot]:
+        image_pass, video_pass = self._passes(inputs, capture)
+        slots = []
+        if image_pass is not None:
+            grid_thw = image_pass.inputs["grid_thw"]
+            if bool((grid_thw[:, 0] != 1).any()):
+                raise ValueError(f"image_grid_thw {grid_thw.tolist()} has images of several frames (t > 1): pass still "
+                                 f"images, and videos as pixel_values_videos")
+            blocks = self.placeholder_blocks(inputs, self._token_counts(grid_thw), f"images of image_grid_thw {grid_thw.tolist()}")
+            slots += [ImageSlot(row, positions, (h // self.merge, w // self.merge), image)
+                      for image, ((row, positions), (_, h, w)) in enumerate(zip(blocks, grid_thw.tolist()))]
+        if video_pass is not None:
+            slots += self._video_slots(inputs, video_pass, first=len(slots))
+        # on the adapter, not the capture: a capture kept as the next pass's ``earlier`` must not chain the ones before
+        self._encoded_by = self._item_passes(slots, image_pass, video_pass)
+        return slots
+
+    def _video_slots(self, inputs: dict, video_pass: VisionCapture, first: int) -> list[ImageSlot]:
+        """One slot per video, numbered on from ``first`` (the call's images come first), with the frames a ``frames``
+        stage let the tower encode."""
+        grid_thw = video_pass.inputs["grid_thw"]
+        kept_frames = video_pass.inputs.get("kept_frames") or [None] * len(grid_thw)
+        blocks = self.placeholder_blocks(inputs, self._token_counts(grid_thw), f"videos of video_grid_thw {grid_thw.tolist()}",
+                                         token_id=self.video_token_id())
+        seconds = inputs.get("second_per_grid_ts")
+        slots = []
+        for video, ((row, positions), (t, h, w)) in enumerate(zip(blocks, grid_thw.tolist())):
+            h, w = h // self.merge, w // self.merge
+            frames = torch.arange(t * h * w).view(t, h, w)
+            timestamps = None
+            if seconds is not None and hasattr(self.vision_config, "tokens_per_second"):  # Qwen2.5-VL spaces frames by it
+                timestamps = torch.arange(t, dtype=torch.float32) * float(seconds[video])
+            slots.append(ImageSlot(row, positions, (1, t * h * w), first + video, tuple(frames), (t, h, w), timestamps,
+                                   kept_frames[video]))
+        return slots
+
+    @staticmethod
+    def _item_passes(slots: list[ImageSlot], image_pass, video_pass) -> list[tuple[VisionCapture, int]]:
+        """For each slot (by its index), the vision pass that encoded it and its index within that pass."""
+        images = sum(slot.frames is None for slot in slots)
+        return [(image_pass, i) if i < images else (video_pass, i - images) for i in range(len(slots))]
 
     def image_signals(self, wanted, capture: VisionCapture, image: int) -> dict:
         signals = {}
-        counts = self._token_counts(capture.inputs["grid_thw"])
-        start = sum(counts[:image])
+        encoded, item = self._encoded_by[image]
+        counts = self._token_counts(encoded.inputs["grid_thw"])
+        start = sum(counts[:item])
         for request in wanted:
             if request.name == "vision_features":
-                signals[request] = capture.tensors["vision_features"][start : start + counts[image]]
+                signals[request] = encoded.tensors["vision_features"][start : start + counts[item]]
             elif request.name == "vision_attention":
-                signals[request] = self._received(capture, self.block_index(request.layer))[:, start : start + counts[image]]
+                signals[request] = self._received(encoded, self.block_index(request.layer))[:, start : start + counts[item]]
             elif request.name == "project":
                 signals[request] = self._project
         return signals

@@ -38,6 +38,7 @@ from .qwen2_vl import Qwen2VLAdapter
 class Qwen3VLAdapter(Qwen2VLAdapter):
     family = "qwen3_vl"
     model_name = "Qwen3-VL"
+    takes_video = False  # its videos interleave timestamp tokens with the frames' tokens: not served yet (docs/video.md)
     model_classes = (
         "Qwen3VLForConditionalGeneration", "Qwen3VLModel", "Qwen3VLMoeForConditionalGeneration", "Qwen3VLMoeModel",
     )

@@ -7,15 +7,28 @@ row, so the images are found on each prompt's first row and their slots repeated
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..adapters import ImageSlot, PlaceholderMismatch
 
 
 def has_images(kwargs: dict) -> bool:
-    """Whether a call of the model (or its inner model) brings images: pixels, or features encoded before."""
+    """Whether a call of the model (or its inner model) brings images or videos: pixels, or features encoded before."""
     encoded = kwargs.get("mm_encoder_outputs") or {}
-    return kwargs.get("pixel_values") is not None or encoded.get("image") is not None
+    return kwargs.get("pixel_values") is not None or encoded.get("image") is not None or has_video(kwargs)
+
+
+def has_video(kwargs: dict) -> bool:
+    """Whether a call brings videos: ``pixel_values_videos``, or video features encoded before (generate() does)."""
+    encoded = kwargs.get("mm_encoder_outputs") or {}
+    return kwargs.get("pixel_values_videos") is not None or encoded.get("video") is not None
+
+
+def encoded_before(kwargs: dict) -> bool:
+    """Whether a call's visual features were encoded before it (no pixels of either kind): no vision pass follows."""
+    return kwargs.get("pixel_values") is None and kwargs.get("pixel_values_videos") is None
 
 
 def find_images(adapter, inputs: dict, capture) -> list[ImageSlot]:
@@ -24,14 +37,13 @@ def find_images(adapter, inputs: dict, capture) -> list[ImageSlot]:
     try:
         return adapter.slots(inputs, capture)
     except PlaceholderMismatch:
-        for copies in _copy_counts(inputs, adapter.placeholder_mask(inputs)):
+        for copies in _copy_counts(inputs, adapter.visual_placeholder_mask(inputs)):
             first_rows = {name: inputs[name][::copies] for name in ("input_ids", "inputs_embeds") if inputs.get(name) is not None}
             try:
                 firsts = adapter.slots({**inputs, **first_rows}, capture)
             except PlaceholderMismatch:
                 continue
-            return [ImageSlot(slot.row * copies + copy, slot.positions, slot.grid, slot.image, slot.blocks)
-                    for slot in firsts for copy in range(copies)]
+            return [replace(slot, row=slot.row * copies + copy) for slot in firsts for copy in range(copies)]
         raise
 
 
@@ -53,7 +65,8 @@ def _copy_counts(kwargs: dict, placeholders: torch.Tensor) -> list[int]:
     e > 1 that splits the batch into groups of e rows with the same image ``placeholders`` (batch, length),
     largest first. Only when the image features were encoded before the call, since generate() repeats them
     after encoding. (Copies differ in the tokens each has generated, so only the placeholders are compared.)"""
-    if not (kwargs.get("mm_encoder_outputs") or {}).get("image"):
+    encoded = kwargs.get("mm_encoder_outputs") or {}
+    if not (encoded.get("image") or encoded.get("video")):
         return []
     batch = placeholders.shape[0]
     return [e for e in range(batch, 1, -1)

@@ -33,6 +33,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..adapters import ImageSlot, VisionCapture, adapter_for
+from ..adapters.base import ENGINE_SIGNALS
 from ..chain import Chain
 from ..registry import servable_methods
 from ..sieve import Sieve
@@ -40,8 +41,9 @@ from ..signals import requests_of
 from ..stats import ImageRecord, RunStats
 from .cache import CacheState, cache_bytes, pruned_state, remember, unpruned_state
 from .compat import CACHE_ARGUMENT, cache_length, output_cache
-from .find_tokens import find_images, has_images
+from .find_tokens import encoded_before, find_images, has_images, has_video
 from .flops import count_prefill
+from .frames_stage import FrameDropping
 from .layer_stages import LayerPruning, PendingImage, check_repackable
 from .llm_signals import PromptQueries, prompt_ends
 from .pack import Packing, gather_sequence
@@ -91,9 +93,10 @@ class Run:
         chain = method if isinstance(method, Chain) or method is None else Chain(method)
         adapter = adapter_for(model)
         self.vision, self.pre, self.in_llm = (chain.vision, chain.pre, chain.in_llm) if chain is not None else (None, None, ())
+        self.frames = chain.frames if chain is not None else None
         self._observing = chain is None  # nothing to remove: every hook only records
         self._requests = requests_of(self.pre, adapter) if self.pre is not None else ()
-        _refuse_before_hooking(model, adapter, method, self.vision, self.pre, self._requests, self.in_llm)
+        _refuse_before_hooking(model, adapter, method, self.vision, self.pre, self._requests, self.in_llm, self.frames)
         _refuse_positions(positions, adapter, method, self.in_llm, ppe)
         self._repack = positions == "repack"
         self.model, self.sieve, self.adapter = model, method if method is not None else OBSERVER, adapter
@@ -106,6 +109,7 @@ class Run:
         self._prompts = PromptQueries()
         self._layers: LayerPruning | None = None
         self._merging: VisionMerging | None = None
+        self._dropping: FrameDropping | None = None
         self._ppe: PositionPreservation | None = None
         self._vision: VisionPasses | None = None
         self._kv_before: int | None = None  # the cache's bytes before a prefill's decoder call
@@ -122,17 +126,24 @@ class Run:
             adapter.decoder.register_forward_hook(self._cache_after, with_kwargs=True),
         ]
         try:
+            # after the capture's pre-hook (the capture keeps the pass's full grid), before the vision FLOPs' (which
+            # count the pass the tower runs)
+            if self.frames is not None:
+                self._dropping = FrameDropping(self.frames, adapter, self._capture)
             if vision_flops:
                 self._vision = VisionPasses(vision_modules(adapter), repr(self.vision) if self.vision is not None else None)
             if self.in_llm:
                 self._layers = LayerPruning(self.in_llm, adapter.decoder, self.stats, adapter)
-                _refuse_vision_signals_in_llm(model, adapter, self.vision, self.in_llm, self._layers.vision_requests)
+                _refuse_vision_signals_in_llm(model, adapter, self.vision, self.in_llm, self._layers.vision_requests,
+                                              self.frames)
             self._handles += adapter.install_signal_hooks(self._requests + self._vision_requests, self._capture)
             if self.vision is not None:
                 self._merging = VisionMerging(self.vision, adapter.vision_tower, *adapter.merge_layout())
+
             if ppe is not None:
                 self._ppe = PositionPreservation(adapter.decoder, ppe)
-            self._before_llm = BeforeLLM(self.vision, self.pre, self._requests, adapter, self._capture, self._merging, self.stats)
+            self._before_llm = BeforeLLM(self.vision, self.pre, self._requests, adapter, self._capture, self._merging, self.stats,
+                                         self._dropping)
         except Exception:
             self.remove()
             raise
@@ -156,6 +167,9 @@ class Run:
         if self._merging is not None:
             self._merging.remove()
             self._merging = None
+        if self._dropping is not None:
+            self._dropping.remove()
+            self._dropping = None
         if self._ppe is not None:
             self._ppe.remove()
             self._ppe = None
@@ -210,8 +224,9 @@ class Run:
     def _check_placeholders(self, *hook_args) -> None:
         """Once both the image inputs and the placeholder tokens are known, check that they agree, so
         a mismatch gets tokensieve's message (what to change) rather than a failure deep inside."""
-        if self._call is not None and self._call.images_pending:
-            find_images(self.adapter, self._call.inputs, self._capture)
+        call = self._call
+        if call is not None and call.images_pending and not self.adapter.passes_pending(call.inputs, self._capture):
+            find_images(self.adapter, call.inputs, self._capture)
 
     def _before_inner(self, module, args, kwargs):
         refuse_tracing(self.sieve.name)  # torch.compile(model.forward)
@@ -220,6 +235,12 @@ class Run:
             kwargs = {**inspect.signature(module.forward).bind_partial(*args).arguments, **kwargs}
             args = ()
         self.adapter.complete_aligned_inputs(kwargs)
+        if has_video(kwargs) and not self.adapter.takes_video:
+            raise ValueError(
+                f"this {type(self.model).__name__} call carries a video (pixel_values_videos), and tokensieve serves videos "
+                f"only on Qwen2-VL and Qwen2.5-VL (docs/video.md): run the {self.adapter.family} video outside the "
+                f"apply() block, or pass its frames as images"
+            )
         self.adapter.check_inputs(kwargs)
         with_images = has_images(kwargs)
         if with_images and kwargs.get("input_ids") is None and self._layers is not None:
@@ -239,7 +260,7 @@ class Run:
                 kwargs["position_ids"] = positions
         self._call = _Call(kwargs, with_images, self._candidates)
         self._candidates = 0  # read once: a direct call of the inner model has no logits_to_keep
-        if with_images and kwargs.get("pixel_values") is None:  # features were encoded before this call
+        if with_images and encoded_before(kwargs):  # features were encoded before this call
             self._check_placeholders()
         return args, kwargs
 
@@ -457,8 +478,10 @@ def _packed_rows(selections, packing: Packing, values: torch.Tensor) -> torch.Te
     return torch.where(filled.to(packed.device), packed, torch.zeros((), dtype=packed.dtype, device=packed.device))
 
 
-def _refuse_vision_signals_in_llm(model: nn.Module, adapter, vision: Sieve | None, in_llm, requests) -> None:
-    """In-LLM stages that ask for vision-tower signals: the model must give them, and of the unmerged tower."""
+def _refuse_vision_signals_in_llm(model: nn.Module, adapter, vision: Sieve | None, in_llm, requests,
+                                  frames: Sieve | None = None) -> None:
+    """In-LLM stages that ask for vision-tower signals: the model must give them, and of the unmerged tower over every
+    frame."""
     if not requests:
         return
     names = "+".join(sieve.name for sieve in in_llm)
@@ -470,12 +493,23 @@ def _refuse_vision_signals_in_llm(model: nn.Module, adapter, vision: Sieve | Non
         raise ValueError(f"after {vision.name} merges inside the vision tower, {names} would read signals "
                          f"({', '.join(map(str, requests))}) of the unmerged tower: chain {vision.name} with in-LLM "
                          f"methods that need none")
+    if frames is not None:
+        raise ValueError(f"after {frames.name} drops frames before the vision tower, {names} would read signals "
+                         f"({', '.join(map(str, requests))}) of a pass that no longer covers the video: chain "
+                         f"{frames.name} with in-LLM methods that need none")
 
 
 def _refuse_before_hooking(model: nn.Module, adapter, method, vision: Sieve | None, pre: Sieve | None, requests,
-                           in_llm=()) -> None:
+                           in_llm=(), frames: Sieve | None = None) -> None:
     """Everything that can refuse a method on a model, checked before the first hook, so a refusal leaves the
     model untouched (in-LLM schedules are checked by LayerPruning, before its own first hook)."""
+    for sieve in (frames, vision, pre, *in_llm):
+        if sieve is not None and sieve.needs_video and not adapter.takes_video:
+            raise ValueError(
+                f"{sieve.name} acts on videos, and tokensieve takes videos only on Qwen2-VL and Qwen2.5-VL, not on "
+                f"{type(model).__name__}: use an image method, such as {', '.join(servable_methods(adapter))} (see "
+                f"`tokensieve methods`)"
+            )
     for sieve in (vision, pre):
         missing = adapter.missing_signals(requests_of(sieve, adapter)) if sieve is not None else {}
         if missing:
@@ -489,6 +523,13 @@ def _refuse_before_hooking(model: nn.Module, adapter, method, vision: Sieve | No
             f"{'+'.join(sieve.name for sieve in in_llm)} prunes inside the LLM, which {type(model).__name__} cannot "
             f"serve: {why}. Use a method that acts before the LLM, such as {', '.join(servable_methods(adapter))} "
             f"(see `tokensieve methods`)"
+        )
+    tower_requests = [r for r in requests if r.name not in ENGINE_SIGNALS]
+    if frames is not None and tower_requests:
+        raise ValueError(
+            f"after {frames.name} drops frames before the vision tower, {pre.name} would read vision-tower signals "
+            f"({', '.join(map(str, tower_requests))}) of a pass that no longer covers the video: chain {frames.name} "
+            f"with a pre-LLM method that reads only the tokens (evs, vidcom2, divprune, uniform, random)"
         )
     if vision is not None and requests:
         raise ValueError(

@@ -18,6 +18,7 @@ from ..sieve import Selection, Sieve, VisualTokens, timed_select_all
 from ..signals import Signal
 from ..stats import ImageRecord, RunStats, StageRecord
 from .find_tokens import check_finite
+from .frames_stage import FrameDropping, frame_tokens
 from .llm_signals import instruction
 from .pack import Selections
 from .vision_stage import MergedImage, VisionMerging
@@ -45,6 +46,7 @@ class _Selected:
     selection: Selection | None = None
     features: torch.Tensor | None = None
     merged: MergedImage | None = None
+    framed: torch.Tensor | None = None  # a video under a frames stage: the tokens of the frames the tower ran on
 
     @property
     def group_means(self):
@@ -59,13 +61,15 @@ class _Selected:
 
 
 class BeforeLLM:
-    """The stages before the LLM, on the image tokens at the decoder's input: the groups an ``in_vision`` stage
-    merged (``merging``) keep one token each, then the ``pre`` sieve selects; with neither, every token stays."""
+    """The stages before the LLM, on the image tokens at the decoder's input: a video keeps the tokens of the frames a
+    ``frames`` stage let the tower encode (``dropping``), the groups an ``in_vision`` stage merged (``merging``) keep
+    one token each, then the ``pre`` sieve selects; with none of them, every token stays."""
 
     def __init__(self, vision: Sieve | None, pre: Sieve | None, requests: tuple[Signal, ...], adapter, capture,
-                 merging: VisionMerging | None, stats: RunStats):
+                 merging: VisionMerging | None, stats: RunStats, dropping: FrameDropping | None = None):
         self.vision, self.pre, self.requests = vision, pre, requests
         self.adapter, self.capture, self.merging, self.stats = adapter, capture, merging, stats
+        self.dropping = dropping
 
     @property
     def wants_text(self) -> bool:
@@ -82,7 +86,7 @@ class BeforeLLM:
         selected = self._select_images(firsts, slots, embeds, own_mask, prompt_ends)
         for slot in slots:
             chosen = selected[slot.image]
-            if self.pre is not None or self.vision is not None:
+            if self.pre is not None or self.vision is not None or self.dropping is not None:
                 selections.mark(slot.row, slot.positions, chosen.kept, chosen.features, chosen.group_means)
         if not slots:
             return selections, []
@@ -98,7 +102,23 @@ class BeforeLLM:
         for slot in firsts:
             features = embeds[slot.row, slot.positions]
             merged = self.merging.images[slot.image] if self.merging is not None else None
-            if merged is not None:
+            if self.dropping is not None:
+                framed = self._framed(slot, features.device)
+                if self.pre is None:
+                    selected[slot.image] = _Selected(framed, framed=framed)
+                else:
+                    t, h, w = slot.frames
+                    kept_frames = slot.kept_frames if slot.kept_frames is not None else torch.arange(t)
+                    grid = (len(kept_frames), h, w)
+                    blocks = tuple(torch.arange(len(framed)).view(grid))
+                    timestamps = slot.timestamps[kept_frames] if slot.timestamps is not None else None
+                    signals = {}
+                    if self.wants_text:
+                        signals[Signal("text_embeddings")] = instruction(slot, slots, embeds, own_mask, prompt_ends)
+                    tokens = VisualTokens(features[framed], (1, len(framed)), signals, blocks, prompt=slot.row,
+                                          frames=grid, timestamps=timestamps)
+                    given[slot.image] = (tokens, framed, None)
+            elif merged is not None:
                 groups = merged.kept.to(features.device)
                 if self.pre is None:
                     selected[slot.image] = _Selected(groups, merged=merged)
@@ -106,19 +126,35 @@ class BeforeLLM:
                     given[slot.image] = (VisualTokens(features[groups], (1, len(groups)), prompt=slot.row), groups, merged)
             elif self.pre is None:
                 selected[slot.image] = _Selected(torch.arange(len(features), device=features.device))
+            elif self.pre.needs_video and slot.frames is None:
+                raise ValueError(f"{self.pre.name} acts on videos (frames over time), and this call carries an image "
+                                 f"(image {slot.image}, row {slot.row}): apply an image method to prompts with images "
+                                 f"(see `tokensieve methods`)")
             else:
                 signals = self.adapter.image_signals(
                     tuple(r for r in self.requests if r.name not in ENGINE_SIGNALS), self.capture, slot.image
                 )
                 if self.wants_text:
                     signals[Signal("text_embeddings")] = instruction(slot, slots, embeds, own_mask, prompt_ends)
-                given[slot.image] = (VisualTokens(features, slot.grid, signals, slot.blocks, prompt=slot.row), None, None)
+                given[slot.image] = (VisualTokens(features, slot.grid, signals, slot.blocks, prompt=slot.row,
+                                                  frames=slot.frames, timestamps=slot.timestamps), None, None)
         if given:
+            _check_total_covers_frames(self.pre, [tokens for tokens, _, _ in given.values()])
             results = timed_select_all(self.pre, [tokens for tokens, _, _ in given.values()])
             for (image, (tokens, groups, merged)), (selection, seconds) in zip(given.items(), results):
                 kept = groups[selection.kept] if groups is not None else selection.kept
-                selected[image] = _Selected(kept, seconds, selection, selection.merged(tokens.features), merged)
+                framed = groups if self.dropping is not None else None
+                selected[image] = _Selected(kept, seconds, selection, selection.merged(tokens.features), merged, framed)
         return {slot.image: selected[slot.image] for slot in firsts}
+
+    def _framed(self, slot: ImageSlot, device: torch.device) -> torch.Tensor:
+        """A video's tokens in the frames the ``frames`` stage kept (every token if it kept all); an image is refused."""
+        if slot.frames is None:
+            raise ValueError(f"{self.dropping.sieve.name} acts on videos (frames over time), and this call carries an "
+                             f"image (image {slot.image}, row {slot.row}): apply an image method to prompts with images "
+                             f"(see `tokensieve methods`)")
+        kept_frames = slot.kept_frames if slot.kept_frames is not None else torch.arange(slot.frames[0])
+        return frame_tokens(slot.frames, kept_frames).to(device)
 
     def _record(self, firsts: list[ImageSlot], selected: dict[int, _Selected]) -> dict[int, ImageRecord]:
         """One record per image, with one stage record per stage that ran before the LLM."""
@@ -130,7 +166,14 @@ class BeforeLLM:
         for (image, chosen), kept in zip(selected.items(), on_host):
             slot, merged = first_slots[image], chosen.merged
             seconds = chosen.seconds + (merged.seconds if merged is not None else 0.0)
-            record = records[image] = ImageRecord(call_index, slot.row, len(slot.positions), len(kept), kept, slot.grid, seconds)
+            if chosen.framed is not None:
+                seconds += self.dropping.seconds
+            record = records[image] = ImageRecord(call_index, slot.row, len(slot.positions), len(kept), kept, slot.grid, seconds,
+                                                  frames=slot.frames, timestamps=slot.timestamps)
+            if chosen.framed is not None:
+                framed = chosen.framed.cpu()
+                record.stages.append(StageRecord(self.dropping.sieve.name, "frames", None, len(framed), framed,
+                                                 self.dropping.seconds))
             if merged is not None:
                 record.stages.append(StageRecord(self.vision.name, "in_vision", None, len(merged.kept), merged.kept,
                                                  merged.seconds, merged.sizes, merged.assignment))
@@ -139,3 +182,24 @@ class BeforeLLM:
         self.stats.images.extend(records.values())
         self.stats.calls += 1
         return records
+
+
+def _check_total_covers_frames(sieve: Sieve, images: list[VisualTokens]) -> None:
+    """A total budget per prompt (``Budget(total=...)``) must leave every frame of the prompt's videos a token (and
+    each image one): below that a frame would be dropped without a method having chosen to drop it."""
+    total = sieve.budget.total
+    if total is None:
+        return
+    needed: dict[int | None, list[int]] = {}
+    for tokens in images:
+        frames = tokens.frames[0] if tokens.frames is not None else 0
+        counts = needed.setdefault(tokens.prompt, [0, 0])
+        counts[0] += frames
+        counts[1] += frames or 1
+    for prompt, (frames, floor) in needed.items():
+        if frames and total < floor:
+            raise ValueError(
+                f"{sieve.name}'s total budget of {total} tokens per prompt is below one token per frame: prompt {prompt} "
+                f"has videos of {frames} frames in all (and {floor - frames} images): pass total={floor} or more, or drop "
+                f"frames first (uniform_frames), or give a per-frame budget (ts.Budget(k, per_crop=True))"
+            )
