@@ -25,14 +25,17 @@ def _tokens(rows, key_score):
 def test_the_filter_drops_what_no_text_row_attends_to_in_total_or_alone():
     # summed over the two text rows: 0.30, 0.02, 0.30, 0.02 (total 0.64); token 1 peaks at 0.015 in row 0
     rows = torch.tensor([[0.15, 0.015, 0.15, 0.005], [0.15, 0.005, 0.15, 0.015]])
-    stage = MustDropStage(keep=4, layer=3, global_thr=0.1, individual_thr=0.01, key_share=0.0, exact=False)
+    stage = MustDropStage(keep=2, layer=3, global_thr=0.1, individual_thr=0.01, key_share=0.0, exact=False)
     # global: 0.02 < 0.064 for tokens 1 and 3; individually both reach 0.015 >= 0.01 once: nothing dropped
     assert stage.select(_tokens(rows, torch.zeros(4))).kept.tolist() == [0, 1, 2, 3]
-    stage = MustDropStage(keep=4, layer=3, global_thr=0.1, individual_thr=0.02, key_share=0.0, exact=False)
+    stage = MustDropStage(keep=2, layer=3, global_thr=0.1, individual_thr=0.02, key_share=0.0, exact=False)
     assert stage.select(_tokens(rows, torch.zeros(4))).kept.tolist() == [0, 2]
     # the key set (the top ceil(0.25 * 4) = 1 by the tower's score) is never dropped
-    stage = MustDropStage(keep=4, layer=3, global_thr=0.1, individual_thr=0.02, key_share=0.25, exact=False)
+    stage = MustDropStage(keep=2, layer=3, global_thr=0.1, individual_thr=0.02, key_share=0.25, exact=False)
     assert stage.select(_tokens(rows, torch.tensor([0.0, 0.0, 0.1, 0.9]))).kept.tolist() == [0, 2, 3]
+    # a keep that covers the image turns the filter off (keeping every token is the stock model)
+    stage = MustDropStage(keep=4, layer=3, global_thr=0.1, individual_thr=0.02, key_share=0.0, exact=False)
+    assert stage.select(_tokens(rows, torch.zeros(4))).kept.tolist() == [0, 1, 2, 3]
 
 
 def test_an_exact_last_stage_keeps_key_tokens_first_then_survivors_then_the_rest():
