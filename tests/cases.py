@@ -26,4 +26,9 @@ def _tiny_arguments(info) -> dict:
     return {name: value for name, value in TINY_MODEL_ARGS.items() if name in info.defaults}
 
 
-METHOD_CASES = [(info.name, _tiny_arguments(info)) for info in ts.list_methods()] + CHAINS
+#: a method's other versions, spelled as ts.build spells them ("name:option=value")
+OPTIONS = [
+    ("sparsevlm:version=1", {}),  # the rank's adaptive count, four stages
+    ("sparsevlm:version=2", {}),  # SparseVLM+: debiased rater rows, top heads, no recycling
+]
+METHOD_CASES = [(info.name, _tiny_arguments(info)) for info in ts.list_methods()] + OPTIONS + CHAINS

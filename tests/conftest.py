@@ -37,9 +37,9 @@ def build_model(family):
 
 def method_for(name, kwargs, keep=16, pre_keep=0.5):
     """The method a case names; a chain "a+b+..." gives every method but its last ``pre_keep`` and its last
-    ``keep`` and ``kwargs``."""
+    ``keep`` and ``kwargs``; "name:option=value" is one method with those options (tests/cases.py OPTIONS)."""
     if "+" not in name:
-        return ts.load(name, keep=keep, **kwargs)
+        return ts.build(name, keep=keep, **kwargs) if ":" in name else ts.load(name, keep=keep, **kwargs)
     *early, last = name.split("+")
     return ts.Chain(*(ts.build(spec, keep=pre_keep) for spec in early), ts.build(last, keep=keep, **kwargs))
 

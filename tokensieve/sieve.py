@@ -28,7 +28,12 @@ SIGNALS = {
     "llm_attention": "(heads, N) softmax attention to each image token, in LLM layer K-1 or as layer K computes it on its "
     "input (in_llm only, see Sieve.llm_attention_at), of the prompt's last token (queries='last'), or averaged over the "
     "rows of the image's instruction tokens (queries='instruction') or of its own tokens (queries='image'); with "
-    "per_query=True, (heads, Q, N): each of those Q rows apart",
+    "per_query=True, (heads, Q, N): each of those Q rows apart; with debiased=True, each weight divided by the scaled dot "
+    "product of all-ones q and k rotated at the query's and the token's positions (SparseVLM+'s positional-bias correction)",
+    "llm_input": "(in_llm only) the decoder-input embeddings (what the decoder received, after the pre-LLM stage): (N, d_llm) "
+    "of the image's tokens still there (tokens='image'; a merged token: its slot's token's), (N0, d_llm) of every token "
+    "it had at the decoder input (tokens='whole_image', in sequence order), or (T, d_llm) of its "
+    "instruction tokens (tokens='instruction': the rows of llm_attention(queries='instruction'), in order)",
     "llm_transition": "(N,) token transition variation (TransPrune) summed over the attention and MLP sublayers of LLM "
     "layers start..K-1 (in_llm only): each sublayer adds |y|/|x| times the softmax over the row's tokens of 1 - cos(x, y), "
     "x its normalised input and y its output before the residual add",

@@ -25,7 +25,8 @@ from ._lazy import torch
 PARAMETERS: dict[str, dict] = {
     "cls_attention": {"layers": None},
     "vision_attention": {"layer": None, "queries": "mean"},
-    "llm_attention": {"queries": "last", "per_query": False},
+    "llm_attention": {"queries": "last", "per_query": False, "debiased": False},
+    "llm_input": {"tokens": "image"},
     "llm_transition": {"start": None},
     "vision_keys": {"missing": "refuse"},
     "vision_features": {"missing": "refuse"},
@@ -37,6 +38,9 @@ MISSING = ("refuse", "zeros")
 #: whose attention rows a signal averages: the vision [CLS] row or every row of the tower's sequence; in the LLM,
 #: the prompt's last token, the image's instruction tokens (the ``text_embeddings`` rule) or the image's own tokens
 QUERIES = {"vision_attention": ("cls", "mean"), "llm_attention": ("last", "instruction", "image")}
+#: whose decoder-input embeddings ``llm_input`` gives: the image's tokens still there, every token it had at the
+#: decoder input, or its instruction tokens
+INPUT_TOKENS = ("image", "whole_image", "instruction")
 
 
 def _check_layer(value, what: str):
@@ -82,6 +86,10 @@ class Signal:
             raise ValueError(f"{name}(start=...) must be a decoder layer index (0 is the first layer), not {values['start']!r}")
         if values.get("per_query") and values["queries"] == "last":
             raise ValueError(f"{name}(per_query=True) keeps each query's row apart: ask for queries='instruction' or 'image'")
+        if "debiased" in values and not isinstance(values["debiased"], bool):
+            raise ValueError(f"{name}(debiased=...) must be True or False, not {values['debiased']!r}")
+        if "tokens" in values and values["tokens"] not in INPUT_TOKENS:
+            raise ValueError(f"{name}(tokens=...) must be one of {INPUT_TOKENS}, not {values['tokens']!r}")
         if "queries" in values and values["queries"] not in QUERIES[name]:
             raise ValueError(f"{name}(queries=...) must be one of {QUERIES[name]}, not {values['queries']!r}")
         object.__setattr__(self, "name", name)

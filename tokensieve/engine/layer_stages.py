@@ -56,6 +56,7 @@ class PendingImage:
     entered: int = 0  # tokens the image had when the current method's first stage began
     vision: dict = field(default_factory=dict)  # vision-tower signals the stages asked for, over every raster index
     returns: _Returns | None = None  # for a method with a restoring stage: the tokens it may bring back
+    at_input: torch.Tensor | None = None  # the decoder-input positions of every token the image had there
 
 
 @dataclass
@@ -164,6 +165,7 @@ class LayerPruning:
         self._past, self._length, self._past_mask, self._input_mask = 0, 0, None, None
         self.stages_run, self._expected = 0, 0
         self._attention: dict[int, list[dict]] = {}  # stage -> per image of the view, its llm_attention signals
+        self._inputs: torch.Tensor | None = None  # (batch, length, d) the decoder input, kept when a stage asks for llm_input
         # everything that can refuse comes before the first hook, so a refusal leaves the model untouched
         asked = [requests_of(stage.sieve, adapter) for stage in self.stages]
         for stage, requests in zip(self.stages, asked):
@@ -173,6 +175,7 @@ class LayerPruning:
                                  f"{' and '.join(LLM_SIGNALS)} and the vision tower's {' and '.join(VISION_SIGNALS)}")
         self._asks = [tuple(r for r in requests if r.name == "llm_attention") for requests in asked]
         self._transition_asks = [tuple(r for r in requests if r.name == "llm_transition") for requests in asked]
+        self._input_asks = [tuple(r for r in requests if r.name == "llm_input") for requests in asked]
         _check_restoring(self.stages, asked)
         self._transitions = _transitions(self.stages, self._transition_asks, layers)
         self._vision_asks = [set(r for r in requests if r.name in VISION_SIGNALS) for requests in asked]
@@ -202,10 +205,14 @@ class LayerPruning:
         return self.stages_run < self._expected
 
     def begin(self, images: list[PendingImage], query: torch.Tensor, own_mask: torch.Tensor,
-              past_mask: torch.Tensor | None, cache) -> None:
+              past_mask: torch.Tensor | None, cache, embeds: torch.Tensor | None = None) -> None:
         """Called at the decoder input of every forward: this forward's images (at decoder positions), each row's
-        query position, the 2D masks of this forward's tokens and of what layer 0's cache already holds, and the cache."""
+        query position, the 2D masks of this forward's tokens and of what layer 0's cache already holds, the cache,
+        and the decoder input ``embeds`` (kept for ``llm_input`` only)."""
         self._view = _View(None, None, own_mask, query, images)
+        self._inputs = embeds if images and any(self._input_asks) else None
+        for image in images:
+            image.at_input = image.positions
         self._attention, self._frozen = {}, None
         self.stages_run, self._expected = 0, len(self.stages) if images else 0
         self._past = cache.get_seq_length() if cache is not None else 0
@@ -250,23 +257,23 @@ class LayerPruning:
         """Each view image's ``llm_attention`` requests of stage ``index``, as ``attention`` computes them on its input
         ``hidden``: the rows of the prompt's last token (``queries="last"``), of the image's instruction tokens
         (``"instruction"``, the ``text_embeddings`` rule) or of the image's own tokens (``"image"``), averaged (each
-        row apart with ``per_query=True``), at the image's tokens."""
+        row apart with ``per_query=True``; divided by the rotation's bias with ``debiased=True``), at the image's tokens."""
         view, asks = self._view, self._asks[index]
-        last = None
-        if any(request.queries == "last" for request in asks):
-            last = query_attention(attention, self._rotary, hidden, embeddings, view.query, view.own_mask)
+        last = {debiased: query_attention(attention, self._rotary, hidden, embeddings, view.query, view.own_mask,
+                                          debiased=debiased)
+                for debiased in {request.debiased for request in asks if request.queries == "last"}}
         per_image = []
         for image in view.images:
             given = {}
             for request in asks:
                 if request.queries == "last":
-                    rows = last[image.row]
+                    rows = last[request.debiased][image.row]
                 else:
                     queries = image.positions if request.queries == "image" else self._instruction(image)
                     row = slice(image.row, image.row + 1)
                     one = tuple(t[row] if t.shape[0] > 1 else t for t in embeddings)
                     rows = query_attention(attention, self._rotary, hidden[row], one, queries[None], view.own_mask[row],
-                                           average=not request.per_query)[0]
+                                           average=not request.per_query, debiased=request.debiased)[0]
                 given[request] = rows[..., image.positions]
             per_image.append(given)
         return per_image
@@ -281,6 +288,17 @@ class LayerPruning:
                 placeholders[other.positions] = True
         bounds = torch.stack([image.positions.max(), view.query[image.row].to(image.positions.device)]).tolist()
         return instruction_positions(view.own_mask[image.row], placeholders, *bounds)
+
+    def _llm_input(self, request, image: PendingImage) -> torch.Tensor:
+        """``llm_input``: the decoder-input rows of ``image``'s tokens in the current view (``tokens="image"``), of every
+        token it had at the decoder input (``"whole_image"``), or of its instruction (``"instruction"``, the slots of
+        ``_instruction``): each view slot's decoder-input position is ``_View.index``, so nothing is packed."""
+        if request.tokens == "whole_image":
+            return self._inputs[image.row, image.at_input.to(self._inputs.device)]
+        view = self._view
+        slots = image.positions if request.tokens == "image" else self._instruction(image)
+        positions = view.index[image.row, slots] if view.index is not None else slots
+        return self._inputs[image.row, positions.to(self._inputs.device)]
 
     # one stage
 
@@ -352,7 +370,7 @@ class LayerPruning:
         slots = packing.slots()
         query = slots.gather(1, query.unsqueeze(1)).squeeze(1) if query is not None else None
         images = [PendingImage(image.record, image.row, slots[image.row, image.positions[kept]], image.record.kept, image.entered,
-                               image.vision, image.returns)
+                               image.vision, image.returns, image.at_input)
                   for image, kept in zip(images, kept_per_image)]  # record.kept: this stage's raster indices
         return query, images
 
@@ -394,7 +412,7 @@ class LayerPruning:
         keep = torch.zeros(batch, self._length, dtype=torch.bool, device=hidden.device)
         keep[rows, columns_now] = True
         entered = [PendingImage(image.record, image.row, image.returns.origin, image.returns.raster, image.entered,
-                                image.vision, image.returns) for image in images]
+                                image.vision, image.returns, image.at_input) for image in images]
         for image in entered:
             full[image.row, image.positions] = image.returns.states.to(full.dtype)
         selections = Selections(keep)
@@ -428,6 +446,7 @@ class LayerPruning:
             features = hidden[image.row, image.positions]
             signals = dict(self._attention[index][number]) if self._asks[index] else {}
             signals.update((request, self._transitions.at(image.row, image.positions)) for request in self._transition_asks[index])
+            signals.update((request, self._llm_input(request, image)) for request in self._input_asks[index])
             raster = image.raster.to(features.device)
             signals.update((request, value[..., raster]) for request, value in image.vision.items()
                            if request in self._vision_asks[index])
@@ -546,7 +565,7 @@ class LayerPruning:
 
     def clear(self) -> None:
         """Forget the current forward's images and plans (it ended, or raised)."""
-        self._view, self._attention, self._held = None, {}, [None] * len(self.stages)
+        self._view, self._attention, self._held, self._inputs = None, {}, [None] * len(self.stages), None
         self._frozen = None
         self.stages_run = self._expected = 0
         if self._transitions is not None:
@@ -560,7 +579,7 @@ class LayerPruning:
 
 
 #: the signals an in-LLM stage may ask for that the engine computes inside the decoder
-LLM_SIGNALS = ("llm_attention", "llm_transition")
+LLM_SIGNALS = ("llm_attention", "llm_transition", "llm_input")
 #: the vision-tower signals an in-LLM stage may ask for: one value per image token on the last axis, which the
 #: engine gathers at the tokens still there (``PendingImage.raster``) at each stage
 VISION_SIGNALS = ("cls_attention", "vision_attention")

@@ -96,12 +96,14 @@ def rotary_function(attention: nn.Module):
 
 
 def query_attention(attention: nn.Module, rotary, hidden: torch.Tensor, position_embeddings, queries: torch.Tensor,
-                    own_mask: torch.Tensor, chunk: int = 128, average: bool = True) -> torch.Tensor:
+                    own_mask: torch.Tensor, chunk: int = 128, average: bool = True, debiased: bool = False) -> torch.Tensor:
     """(batch, heads, length) softmax attention of each row's query tokens to the forward's tokens, as the layer
     computes it (eager and SDPA agree on it), from the query projections of those tokens and the keys, averaged
     over the row's queries. ``queries``: (batch,), one query a row (the prompt's last token), or (batch, Q), -1
     where a row has fewer; taken ``chunk`` queries at a time, so heads x Q x length is never held, unless
-    ``average=False`` asks for every query's row: (batch, heads, Q, length), zero at a missing query."""
+    ``average=False`` asks for every query's row: (batch, heads, Q, length), zero at a missing query. ``debiased``:
+    each weight divided by the rotation's own bias between the query's and the key's positions, the scaled dot
+    product of all-ones q and k rotated as the layer rotates (SparseVLM+'s correction, ``positional_bias``)."""
     batch, length = hidden.shape[:2]
     queries = queries[:, None] if queries.ndim == 1 else queries
     rows = torch.arange(batch, device=hidden.device)[:, None]
@@ -124,12 +126,29 @@ def query_attention(attention: nn.Module, rotary, hidden: torch.Tensor, position
         logits = (q.float() @ keys.float().transpose(-1, -2)) * attention.scaling  # (batch, heads, queries, length)
         # causal and unpadded; a padding query sees everything, so its row is finite, and is then left out
         visible = ((torch.arange(length, device=hidden.device) <= part[:, :, None]) & real) | ~valid[:, :, None]
-        probabilities = logits.masked_fill(~visible[:, None], float("-inf")).softmax(dim=-1) * valid[:, None, :, None]
+        probabilities = logits.masked_fill(~visible[:, None], float("-inf")).softmax(dim=-1)
+        if debiased:
+            bias = positional_bias(rotary, cos[rows, part], sin[rows, part], cos, sin, head_dim)
+            probabilities = (probabilities / bias).masked_fill(~visible[:, None], 0.0)
+        probabilities = probabilities * valid[:, None, :, None]
         if not average:
             each.append(probabilities)
             continue
         summed = probabilities.sum(2) if summed is None else summed + probabilities.sum(2)
     return torch.cat(each, dim=2) if not average else summed / counted[:, None, None]
+
+
+def positional_bias(rotary, query_cos: torch.Tensor, query_sin: torch.Tensor, key_cos: torch.Tensor, key_sin: torch.Tensor,
+                    head_dim: int) -> torch.Tensor:
+    """(batch, 1, Q, length) ``q·k / sqrt(head_dim)`` of all-ones q and k rotated by ``rotary`` at the queries' cos/sin
+    (batch, Q, d) and the keys' (batch, length, d): what the rotation alone adds between two positions, the same for
+    every head (SparseVLM+ divides each attention weight by it: ``rope_weights`` in its modelling_sparse_llama.py)."""
+    batch = key_cos.shape[0]
+    ones_q = key_cos.new_ones(batch, 1, query_cos.shape[1], head_dim)
+    ones_k = key_cos.new_ones(batch, 1, key_cos.shape[1], head_dim)
+    q = rotary(ones_q, ones_q, query_cos, query_sin)[0]
+    k = rotary(ones_k, ones_k, key_cos, key_sin)[1]
+    return (q.float() @ k.float().transpose(-1, -2)) / head_dim ** 0.5
 
 
 def keys_and_values(layer: nn.Module, rotary, hidden: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:

@@ -340,7 +340,7 @@ class Run:
                 self._count_flops(own_mask.sum(1), own_mask.sum(1), state, pruned_before)
             past = cache_length(cache)
             past_mask = mask[:, :past] if mask is not None else own_mask.new_ones(batch, past)
-            self._hand_over(slots, records, own_mask, None, queries, past_mask, cache)
+            self._hand_over(slots, records, own_mask, None, queries, past_mask, cache, embeds)
             return None  # nothing removed before the LLM: the stock decoder input, bit for bit
         packing = selections.packed(own_mask)
         embeds = packing.gather(selections.written(embeds), dim=1)
@@ -358,7 +358,7 @@ class Run:
         if cache is not None:
             removed = own_mask.sum(1) - packing.mask.sum(1)
             remember(cache, CacheState(past_logical + length, full_mask, pruned_before + removed.cpu()))
-        self._hand_over(slots, records, packing.mask, packing, queries, state.mask if state is not None else None, cache)
+        self._hand_over(slots, records, packing.mask, packing, queries, state.mask if state is not None else None, cache, embeds)
         kwargs.update(self.adapter.pack_token_inputs(kwargs, partial(_packed_rows, selections, packing)))
         kwargs.update(inputs_embeds=embeds, position_ids=positions, **{CACHE_ARGUMENT: cache})
         kwargs["attention_mask"] = self.adapter.decoder_mask(full_mask, kwargs, inner_inputs, packing)
@@ -410,22 +410,22 @@ class Run:
         return prompt_ends(self._prompts, self._call.inputs, embeds, slots, own_mask, self._call.candidates)
 
     def _hand_over(self, slots: list[ImageSlot], records: list[ImageRecord], own_mask: torch.Tensor,
-                   packing: Packing | None, queries, past_mask, cache) -> None:
+                   packing: Packing | None, queries, past_mask, cache, embeds: torch.Tensor | None = None) -> None:
         """Tell the in-LLM stages (if any) where this forward's images and query tokens sit at the decoder
         input: their original positions, or where the pre-LLM ``packing`` put them; ``own_mask`` and
-        ``past_mask`` are the decoder's 2D masks of this forward and of its cache."""
+        ``past_mask`` are the decoder's 2D masks of this forward and of its cache; ``embeds`` the decoder input."""
         if self._layers is None:
             return
         vision = [self._vision_signals(s) for s in slots]
         if packing is None:
             pending = [PendingImage(r, s.row, s.positions[r.kept], r.kept, vision=v) for r, s, v in zip(records, slots, vision)]
-            self._layers.begin(pending, queries, own_mask, past_mask, cache)
+            self._layers.begin(pending, queries, own_mask, past_mask, cache, embeds)
             return
         moved = packing.slots()
         pending = [PendingImage(r, s.row, moved[s.row, s.positions[r.kept]], r.kept, vision=v)
                    for r, s, v in zip(records, slots, vision)]
         queries = moved.gather(1, queries.unsqueeze(1)).squeeze(1) if queries is not None else None
-        self._layers.begin(pending, queries, own_mask, past_mask, cache)
+        self._layers.begin(pending, queries, own_mask, past_mask, cache, embeds)
 
     def _cache_before(self, module, args, kwargs) -> None:
         """Before the decoder hook consumes the call's images: a prefill (a call with images) notes the bytes
