@@ -1,6 +1,7 @@
 """Every model family the contract tests run on: one tiny model each (see tiny_*.py)."""
 
 from tiny_gemma3 import GEMMA3
+from tiny_gemma4 import GEMMA4
 from tiny_idefics3 import IDEFICS3, SMOLVLM
 from tiny_internvl import INTERNVL
 from tiny_llava_next import LLAVA_NEXT, LLAVA_ONEVISION
@@ -20,4 +21,5 @@ FAMILIES = [
     QWEN3_VL,
     QWEN3_5,
     GEMMA3,
+    GEMMA4,
 ]

@@ -1,0 +1,201 @@
+"""Gemma 4 (``Gemma4ForConditionalGeneration``), images only: a vision tower with its own 2D rotary embedding and
+no [CLS] token, whose pooler averages each k x k square of patches (``pooling_kernel_size``, 3 in the released
+configs) into one soft token, a norm and linear map (``embed_vision``), and a decoder whose layers mix
+sliding-window and full attention.
+
+**Inputs.** The image processor cuts each image, at its own aspect ratio, into patches listed in raster order and
+padded to ``max_patches`` (``pixel_values``: images x max_patches x 3 p^2), with each patch's (x, y) in
+``image_position_ids`` ((-1, -1) at padding). So images of different sizes give different token counts: an image
+of h x w patches gives (h / k) x (w / k) soft tokens in raster order, the grid this adapter reads from the
+positions of the vision pass. The prompt holds ``BOI, image token x soft tokens, EOI`` per image, and
+``mm_token_type_ids`` is 1 at the image tokens.
+
+**Masks.** With ``use_bidirectional_attention="vision"`` the inner model turns ``mm_token_type_ids`` into one block
+per run of image tokens and hands the decoder a dict of prebuilt masks: ``full_attention`` is causal only (unlike
+Gemma3), ``sliding_attention`` is (causal OR block) AND window. As for Gemma3, the engine reads the call's 2D mask
+from the inner model's inputs (``flat_mask``) and rebuilds the dict for the packed sequence with the model's own
+mask functions, from the kept tokens' ``mm_token_type_ids`` and an explicit 2D mask (``decoder_mask``); an image's
+kept tokens stay one run, so one block. Sliding windows count indices, so the pruned prefill equals the stock
+model with the dropped tokens masked out only while the prompt fits in the window (512 or 1024 tokens in the
+released configs): beyond it a sliding layer reaches further back in the original prompt (see gemma3.py).
+
+**Per-layer inputs.** The small models (E2B, E4B) add a per-layer embedding of each token to the residual stream
+after every decoder layer. The inner model computes them from ``input_ids`` (image tokens read as the pad token)
+and hands the decoder ``per_layer_inputs`` (batch, length, layers, d), aligned with ``inputs_embeds``; the decoder
+mixes them with a projection of ``inputs_embeds``. So they are packed with the kept tokens (``pack_token_inputs``):
+left unpacked the decoder fails on a shape, and rows of other tokens would be silently wrong.
+
+**KV sharing.** In the small models the last ``num_kv_shared_layers`` layers attend with the keys and values that
+the last unshared layer of their type computed in the same forward, over what the cache holds: the packed sequence
+and the pruned cache, so nothing to do before the LLM.
+
+Traps this guards (tests/test_adapter_gemma4.py):
+
+- without ``mm_token_type_ids`` the model silently runs causal-only masks: images without them are refused, and so
+  are ones that do not mark exactly the image tokens of the sequence's tail (stale ones, silently misplaced blocks);
+- the rebuilt masks always get an explicit 2D mask (no mask and gapped positions read as packed sequences);
+- ``per_layer_inputs`` are gathered with the kept tokens (a pruned prefill equals the masked reference only so);
+- videos and audio are refused: a method acts on images only.
+
+Signals: ``vision_features`` is each soft token's pooled vision state (``embed_vision``'s input: the mean of its
+k x k patches, scaled and, where the config says so, standardised) and ``project`` is ``embed_vision``, so
+``project(vision_features)`` gives exactly the image's tokens. The tower has no [CLS] token (no ``cls_attention``,
+``vision_keys``), and its attention rows are not served (``vision_attention``): its queries and keys get a norm
+and a 2D rotary embedding inside the attention module, after the projections other adapters hook. In-LLM stages
+are refused (``in_llm_problem``), and merging inside the tower too.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_masks_for_generate
+
+from ..signals import Signal
+from .base import Adapter, ImageSlot, VisionCapture
+
+_NO_CLS = "the Gemma 4 vision tower has no [CLS] token"
+
+
+class Gemma4Adapter(Adapter):
+    family = "gemma4"
+    model_classes = ("Gemma4ForConditionalGeneration", "Gemma4Model")
+    signals = frozenset({"cls_attention", "vision_keys", "vision_attention", "vision_features", "project", "vision_tower"})
+    aligned_inputs = ("mm_token_type_ids",)
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.inner = model.model if hasattr(model, "lm_head") else model
+        self.decoder = self.inner.language_model
+        self.vision_tower = self.inner.vision_tower
+        self.projector = self.inner.embed_vision
+        self.config = model.config
+        self.kernel = self.config.vision_config.pooling_kernel_size
+        self._modeling = sys.modules[type(self.inner).__module__]  # the model's own mask functions
+
+    def image_token_id(self) -> int:
+        return self.config.image_token_id
+
+    def vision_layer_count(self) -> int:
+        return len(self.vision_tower.encoder.layers)
+
+    def why_not(self, request: Signal) -> str | None:
+        if request.name == "vision_tower":
+            return "its pooler averages a fixed grid of every patch, so merging inside the tower is not served"
+        if request.name in ("cls_attention", "vision_keys") or (request.name == "vision_attention" and request.queries == "cls"):
+            return _NO_CLS
+        if request.name == "vision_attention":
+            return ("its attention normalises queries and keys and turns them by a 2D rotary embedding inside the "
+                    "attention module, after the projections tokensieve hooks")
+        return None
+
+    def in_llm_problem(self) -> str | None:
+        return ("its decoder alternates sliding-window and full-attention layers, each type with its own prebuilt mask "
+                "and rotary embedding, adds per-layer input embeddings of every token after each layer, and lets its "
+                "last layers reuse the keys and values of earlier ones, while an in-LLM stage gathers one mask and one "
+                "rotary embedding for every layer after it")
+
+    # inputs and masks
+
+    def check_inputs(self, kwargs: dict) -> None:
+        encoded = kwargs.get("mm_encoder_outputs") or {}
+        if kwargs.get("pixel_values_videos") is not None or encoded.get("video") is not None:
+            raise ValueError("tokensieve methods act on images, not videos: run video inputs (pixel_values_videos) "
+                             "outside the apply() block")
+        if kwargs.get("input_features") is not None:
+            raise ValueError("tokensieve methods act on images, not audio: run audio inputs (input_features) outside "
+                             "the apply() block")
+        if kwargs.get("pixel_values") is None and encoded.get("image") is None:
+            return
+        types = kwargs.get("mm_token_type_ids")
+        if types is None:
+            raise ValueError(
+                "images need mm_token_type_ids (the Gemma 4 processor returns them with input_ids): without them the "
+                "model silently lets image tokens attend causally only, instead of both ways within each image"
+            )
+        placeholders = self.placeholder_mask(kwargs)
+        if types.shape[0] != placeholders.shape[0] or types.shape[-1] < placeholders.shape[-1] or not torch.equal(
+            types[:, -placeholders.shape[-1]:] == 1, placeholders
+        ):
+            raise ValueError(
+                f"mm_token_type_ids (shape {tuple(types.shape)}) must be 1 exactly at the image tokens of the input "
+                f"sequence {tuple(placeholders.shape)}: build both with the processor, and shorten both together"
+            )
+
+    def flat_mask(self, mask, inner_inputs: dict):
+        if not isinstance(mask, dict) or not inner_inputs:
+            return mask
+        given = inner_inputs.get("attention_mask")
+        # the inner model built the dict from the 2D mask it was given (or none); a dict it was given is generate()'s
+        # prebuilt static-cache masks, which the engine reads as such
+        return mask if isinstance(given, dict) else given
+
+    def decoder_mask(self, mask: torch.Tensor, decoder_inputs: dict, inner_inputs: dict, packing) -> dict:
+        """The decoder's dict of masks for the packed sequence, built as the inner model builds it: image blocks in
+        the sliding layers from the kept tokens' ``mm_token_type_ids`` (none given, or a config without
+        bidirectional vision attention: causal), with the explicit 2D ``mask``."""
+        embeds, positions = decoder_inputs["inputs_embeds"], decoder_inputs["position_ids"]
+        cache = next((decoder_inputs[name] for name in ("cache", "past_key_values") if name in decoder_inputs), None)
+        config = self.decoder.config
+        types = inner_inputs.get("mm_token_type_ids")
+        if types is None or getattr(config, "use_bidirectional_attention", None) != "vision":
+            return create_masks_for_generate(config, embeds, mask, cache, positions)
+        length = packing.keep.shape[1]
+        kept_types = packing.gather(types[:, -length:].to(embeds.device), dim=-1) * packing.filled()
+        # cached tokens (earlier turns) take no part in a block of this call's images
+        types = torch.cat([kept_types.new_zeros(kept_types.shape[0], mask.shape[1] - kept_types.shape[1]), kept_types], 1)
+        blocks = self._modeling.get_block_sequence_ids_for_mask(types, device=embeds.device)
+        return self._modeling.create_masks_for_vision_model(config, embeds, mask, cache, positions, blocks)
+
+    def pack_token_inputs(self, kwargs: dict, pack) -> dict:
+        per_layer = kwargs.get("per_layer_inputs")
+        return {} if per_layer is None else {"per_layer_inputs": pack(per_layer)}
+
+    # vision side
+
+    def open_capture(self, capture: VisionCapture, args: tuple, kwargs: dict) -> None:
+        pixels = args[0] if args else kwargs.get("pixel_values")
+        positions = args[1] if len(args) > 1 else kwargs.get("pixel_position_ids")
+        capture.reset(pixel_shape=tuple(pixels.shape), grids=self._grids(positions))
+
+    def _grids(self, positions: torch.Tensor) -> list[tuple[int, int]]:
+        """Each image's (rows, columns) of soft tokens, from its patches' (x, y) positions ((-1, -1): padding)."""
+        extent = positions.amax(dim=1) + 1  # (images, 2): columns and rows of patches
+        return [(rows // self.kernel, cols // self.kernel) for cols, rows in extent.tolist()]
+
+    def install_signal_hooks(self, wanted, capture: VisionCapture) -> list:
+        if not any(r.name == "vision_features" for r in wanted):
+            return []
+
+        def keep_pooled(module, args, kwargs):
+            # the first call after a vision pass: the pooled soft tokens of every image; a sieve's own `project`
+            # calls come later
+            capture.tensors.setdefault("vision_features", (args[0] if args else kwargs["inputs_embeds"]).detach())
+
+        return [self.projector.register_forward_pre_hook(keep_pooled, with_kwargs=True)]
+
+    def slots(self, inputs: dict, capture: VisionCapture) -> list[ImageSlot]:
+        if not capture.seen:
+            raise ValueError(
+                "image tokens reached the model but tokensieve saw no vision pass: pass pixel_values "
+                "(not precomputed image features) to the model inside the apply() block"
+            )
+        grids = capture.inputs["grids"]
+        described = ", ".join(f"{rows}x{cols}" for rows, cols in grids)
+        blocks = self.placeholder_blocks(inputs, [rows * cols for rows, cols in grids],
+                                         f"{len(grids)} image(s) of {described} tokens")
+        return [ImageSlot(row, positions, grid, image) for image, ((row, positions), grid) in enumerate(zip(blocks, grids))]
+
+    def image_signals(self, wanted, capture: VisionCapture, image: int) -> dict:
+        signals = {}
+        grids = capture.inputs["grids"]
+        start = sum(rows * cols for rows, cols in grids[:image])
+        count = grids[image][0] * grids[image][1]
+        for request in wanted:
+            if request.name == "vision_features":
+                signals[request] = capture.tensors["vision_features"][start : start + count]
+            elif request.name == "project":
+                signals[request] = self.projector
+        return signals
