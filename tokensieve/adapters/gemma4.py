@@ -39,21 +39,25 @@ Traps this guards (tests/test_adapter_gemma4.py):
 
 Signals: ``vision_features`` is each soft token's pooled vision state (``embed_vision``'s input: the mean of its
 k x k patches, scaled and, where the config says so, standardised) and ``project`` is ``embed_vision``, so
-``project(vision_features)`` gives exactly the image's tokens. The tower has no [CLS] token (no ``cls_attention``,
-``vision_keys``), and its attention rows are not served (``vision_attention``): its queries and keys get a norm
-and a 2D rotary embedding inside the attention module, after the projections other adapters hook. In-LLM stages
-are refused (``in_llm_problem``), and merging inside the tower too.
+``project(vision_features)`` gives exactly the image's tokens. ``vision_attention(queries="mean")`` is the attention
+each real patch receives from the image's real patches, averaged over each token's k x k patches as the pooler
+averages them. The attention module normalises its queries and keys and turns them by the tower's 2D rotary
+embedding after the projections (and scales by 1, not 1/sqrt(d)), so a pre-hook recomputes them from the block's
+input with the module's own parts, rather than tapping the projections as other towers do. The tower has no
+[CLS] token (no ``cls_attention``, ``vision_keys``). In-LLM stages are refused (``in_llm_problem``), and merging
+inside the tower too (the pooler averages a fixed grid of every patch).
 """
 
 from __future__ import annotations
 
 import sys
+from functools import partial
 
 import torch
 from torch import nn
 from transformers.masking_utils import create_masks_for_generate
 
-from ..signals import Signal
+from ..signals import Signal, attention_received
 from .base import Adapter, ImageSlot, VisionCapture
 
 _NO_CLS = "the Gemma 4 vision tower has no [CLS] token"
@@ -87,8 +91,7 @@ class Gemma4Adapter(Adapter):
         if request.name in ("cls_attention", "vision_keys") or (request.name == "vision_attention" and request.queries == "cls"):
             return _NO_CLS
         if request.name == "vision_attention":
-            return ("its attention normalises queries and keys and turns them by a 2D rotary embedding inside the "
-                    "attention module, after the projections tokensieve hooks")
+            return self.layer_problem(request.layer)
         return None
 
     def in_llm_problem(self) -> str | None:
@@ -158,7 +161,7 @@ class Gemma4Adapter(Adapter):
     def open_capture(self, capture: VisionCapture, args: tuple, kwargs: dict) -> None:
         pixels = args[0] if args else kwargs.get("pixel_values")
         positions = args[1] if len(args) > 1 else kwargs.get("pixel_position_ids")
-        capture.reset(pixel_shape=tuple(pixels.shape), grids=self._grids(positions))
+        capture.reset(pixel_shape=tuple(pixels.shape), positions=positions, grids=self._grids(positions))
 
     def _grids(self, positions: torch.Tensor) -> list[tuple[int, int]]:
         """Each image's (rows, columns) of soft tokens, from its patches' (x, y) positions ((-1, -1): padding)."""
@@ -166,15 +169,33 @@ class Gemma4Adapter(Adapter):
         return [(rows // self.kernel, cols // self.kernel) for cols, rows in extent.tolist()]
 
     def install_signal_hooks(self, wanted, capture: VisionCapture) -> list:
-        if not any(r.name == "vision_features" for r in wanted):
-            return []
+        layers = self.vision_tower.encoder.layers
+        blocks = {self.block_index(r.layer) for r in wanted if r.name == "vision_attention"}
+        handles = [layers[block].self_attn.register_forward_pre_hook(partial(self._keep_queries_and_keys, capture, block),
+                                                                     with_kwargs=True) for block in blocks]
+        if any(r.name == "vision_features" for r in wanted):
 
-        def keep_pooled(module, args, kwargs):
-            # the first call after a vision pass: the pooled soft tokens of every image; a sieve's own `project`
-            # calls come later
-            capture.tensors.setdefault("vision_features", (args[0] if args else kwargs["inputs_embeds"]).detach())
+            def keep_pooled(module, args, kwargs):
+                # the first call after a vision pass: the pooled soft tokens of every image; a sieve's own `project`
+                # calls come later
+                capture.tensors.setdefault("vision_features", (args[0] if args else kwargs["inputs_embeds"]).detach())
 
-        return [self.projector.register_forward_pre_hook(keep_pooled, with_kwargs=True)]
+            handles.append(self.projector.register_forward_pre_hook(keep_pooled, with_kwargs=True))
+        return handles
+
+    def _keep_queries_and_keys(self, capture: VisionCapture, block: int, attention, args, kwargs) -> None:
+        """The queries and keys of ``attention`` as its kernel gets them: projected, normalised and turned by the
+        tower's 2D rotary embedding (recomputed here from the block's input with the module's own parts)."""
+        hidden = args[0] if args else kwargs["hidden_states"]
+        cos, sin = kwargs["position_embeddings"]
+        where = kwargs.get("position_ids")
+        shape = (*hidden.shape[:-1], -1, attention.head_dim)
+        turn = self._modeling.apply_multidimensional_rope
+        with torch.no_grad():
+            queries = turn(attention.q_norm(attention.q_proj(hidden).view(shape)), cos, sin, where)
+            keys = turn(attention.k_norm(attention.k_proj(hidden).view(shape)), cos, sin, where)
+        capture.tensors[f"q{block}"], capture.tensors[f"k{block}"] = queries, keys  # (images, patches, heads, d)
+        capture.tensors[f"scale{block}"] = attention.scaling
 
     def slots(self, inputs: dict, capture: VisionCapture) -> list[ImageSlot]:
         if not capture.seen:
@@ -196,6 +217,26 @@ class Gemma4Adapter(Adapter):
         for request in wanted:
             if request.name == "vision_features":
                 signals[request] = capture.tensors["vision_features"][start : start + count]
+            elif request.name == "vision_attention":
+                signals[request] = self._pooled(self._received(capture, self.block_index(request.layer), image), capture, image)
             elif request.name == "project":
                 signals[request] = self.projector
         return signals
+
+    def _received(self, capture: VisionCapture, block: int, image: int) -> torch.Tensor:
+        """(heads, real patches) attention each real patch of ``image`` receives at ``block``, averaged over the
+        image's real patches as queries (the processor puts the padding patches last; they are masked as keys)."""
+        real = int((capture.inputs["positions"][image] >= 0).all(-1).sum())
+        queries = capture.tensors[f"q{block}"][image, :real].transpose(0, 1)
+        keys = capture.tensors[f"k{block}"][image, :real].transpose(0, 1)
+        keys = keys.repeat_interleave(queries.shape[0] // keys.shape[0], dim=0)  # grouped key heads
+        return attention_received(queries, keys, capture.tensors[f"scale{block}"])
+
+    def _pooled(self, per_patch: torch.Tensor, capture: VisionCapture, image: int) -> torch.Tensor:
+        """(heads, real patches) values averaged over each soft token's k x k patches, as the pooler averages
+        them: (heads, tokens) in raster order."""
+        rows, cols = capture.inputs["grids"][image]
+        where = capture.inputs["positions"][image, : per_patch.shape[1]].to(per_patch.device)
+        token = where[:, 0] // self.kernel + cols * (where[:, 1] // self.kernel)
+        pooled = per_patch.new_zeros(per_patch.shape[0], rows * cols)
+        return pooled.index_add_(1, token, per_patch) / self.kernel**2
