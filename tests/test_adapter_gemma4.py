@@ -304,3 +304,21 @@ def test_in_llm_stages_are_refused_before_the_model_is_touched(method):
                                          "decoder alternates sliding-window and full-attention layers.*per-layer"):
         ts.apply(model, ts.build(method, keep=16))
     _assert_same(model, before)
+
+
+def test_keep_all_by_inputs_embeds_is_the_stock_model_and_generate_refuses_them_as_stock_does():
+    """By inputs_embeds the model recovers each token's id for its per-layer inputs by matching the embedding
+    table (image tokens read as padding); keep-all is the stock forward, and generate() refuses them, stock or not."""
+    model = build_model(GEMMA4)
+    inputs = gemma4_inputs(TEXTS)
+    by_embeds = {name: value for name, value in inputs.items() if name != "input_ids"}
+    by_embeds["inputs_embeds"] = model.get_input_embeddings()(inputs["input_ids"])
+    expected = model(**by_embeds).logits
+    torch.testing.assert_close(expected, model(**inputs).logits, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="inputs_embeds.*doesn't have its forwarding implemented"):
+        greedy(model, by_embeds)
+    with ts.apply(model, ts.load("divprune", keep=1.0)) as run:
+        assert torch.equal(model(**by_embeds).logits, expected)
+        with pytest.raises(ValueError, match="inputs_embeds.*doesn't have its forwarding implemented"):
+            greedy(model, by_embeds)
+    assert [(r.before, r.after) for r in run.stats.images] == [(TOKENS_PER_IMAGE,) * 2] * 2

@@ -16,8 +16,7 @@ Gemma3), ``sliding_attention`` is (causal OR block) AND window. As for Gemma3, t
 from the inner model's inputs (``flat_mask``) and rebuilds the dict for the packed sequence with the model's own
 mask functions, from the kept tokens' ``mm_token_type_ids`` and an explicit 2D mask (``decoder_mask``); an image's
 kept tokens stay one run, so one block. Sliding windows count indices, so the pruned prefill equals the stock
-model with the dropped tokens masked out only while the prompt fits in the window (512 or 1024 tokens in the
-released configs): beyond it a sliding layer reaches further back in the original prompt (see gemma3.py).
+model with the dropped tokens masked out only while the prompt fits in the window (512 tokens by default): beyond it a sliding layer reaches further back in the original prompt (see gemma3.py).
 
 **Per-layer inputs.** The small models (E2B, E4B) add a per-layer embedding of each token to the residual stream
 after every decoder layer. The inner model computes them from ``input_ids`` (image tokens read as the pad token)
@@ -77,7 +76,7 @@ class Gemma4Adapter(Adapter):
         self.projector = self.inner.embed_vision
         self.config = model.config
         self.kernel = self.config.vision_config.pooling_kernel_size
-        self._modeling = sys.modules[type(self.inner).__module__]  # the model's own mask functions
+        self._modeling = sys.modules[type(self.inner).__module__]  # the model's own mask and rotary functions
 
     def image_token_id(self) -> int:
         return self.config.image_token_id
