@@ -322,3 +322,26 @@ def test_keep_all_by_inputs_embeds_is_the_stock_model_and_generate_refuses_them_
         with pytest.raises(ValueError, match="inputs_embeds.*doesn't have its forwarding implemented"):
             greedy(model, by_embeds)
     assert [(r.before, r.after) for r in run.stats.images] == [(TOKENS_PER_IMAGE,) * 2] * 2
+
+
+@pytest.mark.parametrize("variant", [
+    dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32),  # the 26B-A4B's MoE blocks
+    dict(use_bidirectional_attention=None),  # image tokens causal, as text: no blocks to rebuild
+    dict(hidden_size_per_layer_input=0, num_kv_shared_layers=0),  # the large models: no per-layer inputs, no sharing
+], ids=["moe", "causal-images", "no-per-layer-inputs"])
+def test_the_config_variants_prefill_as_the_stock_model_with_the_dropped_tokens_masked(variant):
+    model = tiny_gemma4(**variant)
+    inputs = gemma4_inputs(TEXTS)
+    stock, _ = _decoder_inputs(model, None, inputs)
+    pruned, stats = _decoder_inputs(model, ts.load("divprune", keep=16), inputs)
+    keep = _kept(inputs, stats)
+    again = {**pruned, "cache": None, "use_cache": False}  # the decoder input, rerun without the filled cache
+    out = model.model.language_model(**again).last_hidden_state
+    masked = model.model(
+        inputs_embeds=stock["inputs_embeds"], attention_mask=inputs["attention_mask"] * keep,
+        position_ids=stock["position_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+        per_layer_inputs=stock.get("per_layer_inputs"),
+    ).last_hidden_state
+    for row in range(len(TEXTS)):
+        kept = keep[row].nonzero().squeeze(1)
+        torch.testing.assert_close(out[row, -len(kept):], masked[row, kept], atol=2e-5, rtol=1e-4)

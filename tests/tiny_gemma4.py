@@ -29,7 +29,8 @@ TOKENS_PER_IMAGE = (SIZE // PATCH // KERNEL) ** 2
 LONG_WINDOW = 512
 
 
-def tiny_gemma4(seed: int = 0, window: int = LONG_WINDOW, shared_layers: int = 2) -> Gemma4ForConditionalGeneration:
+def tiny_gemma4(seed: int = 0, window: int = LONG_WINDOW, shared_layers: int = 2, **text_overrides) -> Gemma4ForConditionalGeneration:
+    """``text_overrides`` change the text config (the larger models' MoE blocks, the smaller ones' causal images)."""
     torch.manual_seed(seed)
     text = dict(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -38,7 +39,7 @@ def tiny_gemma4(seed: int = 0, window: int = LONG_WINDOW, shared_layers: int = 2
         layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
         vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=8, num_kv_shared_layers=shared_layers,
         use_bidirectional_attention="vision",
-    )
+    ) | text_overrides
     vision = dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
         head_dim=8, patch_size=PATCH, pooling_kernel_size=KERNEL, position_embedding_size=64,
