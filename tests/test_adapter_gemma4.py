@@ -345,3 +345,17 @@ def test_the_config_variants_prefill_as_the_stock_model_with_the_dropped_tokens_
     for row in range(len(TEXTS)):
         kept = keep[row].nonzero().squeeze(1)
         torch.testing.assert_close(out[row, -len(kept):], masked[row, kept], atol=2e-5, rtol=1e-4)
+
+
+def test_pixel_values_and_patch_positions_of_other_images_are_refused():
+    """One image's pixels with two images' patch positions: the stock tower broadcasts them into two images (the
+    first one's pixels at two sets of positions) and runs, silently."""
+    model = build_model(GEMMA4)
+    one, two = gemma4_inputs(TEXTS[:1]), gemma4_inputs(TEXTS)
+    mixed = {**two, "pixel_values": one["pixel_values"]}
+    assert model(**mixed).logits.shape == model(**two).logits.shape
+    before = _snapshot(model)
+    with ts.apply(model, ts.load("uniform", keep=16)):
+        with pytest.raises(ValueError, match="must hold the same images and patches"):
+            model(**mixed)
+    _assert_same(model, before)

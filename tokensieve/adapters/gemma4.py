@@ -1,6 +1,6 @@
 """Gemma 4 (``Gemma4ForConditionalGeneration``), images only: a vision tower with its own 2D rotary embedding and
-no [CLS] token, whose pooler averages each k x k square of patches (``pooling_kernel_size``, 3 in the released
-configs) into one soft token, a norm and linear map (``embed_vision``), and a decoder whose layers mix
+no [CLS] token, whose pooler averages each k x k square of patches (``pooling_kernel_size``, 3 by default) into
+one soft token, a norm and linear map (``embed_vision``), and a decoder whose layers mix
 sliding-window and full attention.
 
 **Inputs.** The image processor cuts each image, at its own aspect ratio, into patches listed in raster order and
@@ -34,6 +34,8 @@ Traps this guards (tests/test_adapter_gemma4.py):
   are ones that do not mark exactly the image tokens of the sequence's tail (stale ones, silently misplaced blocks);
 - the rebuilt masks always get an explicit 2D mask (no mask and gapped positions read as packed sequences);
 - ``per_layer_inputs`` are gathered with the kept tokens (a pruned prefill equals the masked reference only so);
+- ``pixel_values`` and ``image_position_ids`` of different image counts are refused (the stock tower broadcasts
+  them, silently encoding other images);
 - videos and audio are refused: a method acts on images only.
 
 Signals: ``vision_features`` is each soft token's pooled vision state (``embed_vision``'s input: the mean of its
@@ -111,6 +113,7 @@ class Gemma4Adapter(Adapter):
                              "the apply() block")
         if kwargs.get("pixel_values") is None and encoded.get("image") is None:
             return
+        self._check_patch_positions(kwargs)
         types = kwargs.get("mm_token_type_ids")
         if types is None:
             raise ValueError(
@@ -125,6 +128,17 @@ class Gemma4Adapter(Adapter):
                 f"mm_token_type_ids (shape {tuple(types.shape)}) must be 1 exactly at the image tokens of the input "
                 f"sequence {tuple(placeholders.shape)}: build both with the processor, and shorten both together"
             )
+
+    @staticmethod
+    def _check_patch_positions(kwargs: dict) -> None:
+        pixels, positions = kwargs.get("pixel_values"), kwargs.get("image_position_ids")
+        if pixels is None or positions is None or tuple(pixels.shape[:2]) == tuple(positions.shape[:2]):
+            return
+        raise ValueError(
+            f"pixel_values {tuple(pixels.shape)} and image_position_ids {tuple(positions.shape)} must hold the same "
+            f"images and patches (the processor returns them together): the stock tower broadcasts one over the "
+            f"other, silently encoding other images"
+        )
 
     def flat_mask(self, mask, inner_inputs: dict):
         if not isinstance(mask, dict) or not inner_inputs:
