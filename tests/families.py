@@ -2,6 +2,7 @@
 runs again with videos as its inputs (``*_video``: the same model, one video where the images were)."""
 
 from tiny_gemma3 import GEMMA3
+from tiny_gemma4 import GEMMA4
 from tiny_idefics3 import IDEFICS3, SMOLVLM
 from tiny_internvl import INTERNVL
 from tiny_llava_next import LLAVA_NEXT, LLAVA_ONEVISION
@@ -21,6 +22,7 @@ FAMILIES = [
     QWEN3_VL,
     QWEN3_5,
     GEMMA3,
+    GEMMA4,
     QWEN2_VL_VIDEO,
     QWEN2_5_VL_VIDEO,
 ]

@@ -44,6 +44,9 @@ MODULE_FUNCTIONS = [
     ("transformers.models.gemma3.modeling_gemma3", "get_block_sequence_ids_for_mask", "adapters/gemma3.py"),
     ("transformers.models.gemma3.modeling_gemma3", "create_masks_for_vision_model", "adapters/gemma3.py"),
     ("transformers.masking_utils", "create_masks_for_generate", "adapters/gemma3.py"),
+    ("transformers.models.gemma4.modeling_gemma4", "get_block_sequence_ids_for_mask", "adapters/gemma4.py"),
+    ("transformers.models.gemma4.modeling_gemma4", "create_masks_for_vision_model", "adapters/gemma4.py"),
+    ("transformers.models.gemma4.modeling_gemma4", "apply_multidimensional_rope", "adapters/gemma4.py"),
     ("transformers.masking_utils", "ALL_MASK_ATTENTION_FUNCTIONS", "engine/masks.py"),
     ("transformers.masking_utils", "causal_mask_function", "engine/masks.py"),
     ("transformers.generation.utils", "GenerationMixin._prepare_multimodal_encoder_kwargs_for_generation",
@@ -137,13 +140,23 @@ def test_own_model_loading_does_not_need_hub_kernels(tmp_path, monkeypatch):
         torch.testing.assert_close(model(tokens).logits, reference(tokens).logits, rtol=0, atol=0)
 
 
-def test_the_gemma3_mask_builders_take_their_arguments_in_the_order_the_adapter_passes_them():
+@pytest.mark.parametrize("family", ["gemma3", "gemma4"])
+def test_the_gemma_mask_builders_take_their_arguments_in_the_order_the_adapter_passes_them(family):
     from transformers.masking_utils import create_masks_for_generate
-    from transformers.models.gemma3 import modeling_gemma3
 
+    modeling = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
     expected = ["config", "inputs_embeds", "attention_mask", compat.CACHE_ARGUMENT, "position_ids"]
-    for builder, extra in ((modeling_gemma3.create_masks_for_vision_model, ["block_sequence_ids"]),
+    for builder, extra in ((modeling.create_masks_for_vision_model, ["block_sequence_ids"]),
                            (create_masks_for_generate, [])):
         names = list(inspect.signature(builder).parameters)[: len(expected) + len(extra)]
         assert names == expected + extra, moved(f"{builder.__name__}({', '.join(expected + extra)}) (it takes {names})",
-                                                "adapters/gemma3.py, which passes them by position")
+                                                f"adapters/{family}.py, which passes them by position")
+
+
+def test_the_gemma4_vision_rotary_takes_the_arguments_the_adapter_passes():
+    from transformers.models.gemma4 import modeling_gemma4
+
+    names = list(inspect.signature(modeling_gemma4.apply_multidimensional_rope).parameters)[:4]
+    assert names == ["x", "cos", "sin", "position_ids"], moved(
+        f"apply_multidimensional_rope(x, cos, sin, position_ids) (it takes {names})",
+        "adapters/gemma4.py, which recomputes the tower's queries and keys for vision_attention")

@@ -175,8 +175,8 @@ def test_the_handle_recovers_after_a_refused_call(family):
     model = build_model(family)
     good = family.make_inputs([[5, 6]])
     bad = family.make_inputs([[5, 6], [7]])
-    for name in ("pixel_values", "image_grid_thw", "image_sizes", "pixel_attention_mask", "pixel_values_videos", "video_grid_thw",
-                 "second_per_grid_ts"):
+    for name in ("pixel_values", "image_grid_thw", "image_sizes", "pixel_attention_mask", "image_position_ids",
+                 "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
         if name in bad and name in good:
             bad[name] = good[name]  # the second row's placeholders lose their image
     with ts.apply(model, ts.load("uniform", keep=16)) as fresh:

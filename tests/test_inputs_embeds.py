@@ -40,9 +40,9 @@ def test_a_forward_by_inputs_embeds_prunes_as_the_forward_by_input_ids(family, n
     assert all(torch.equal(a.kept, b.kept) for a, b in zip(ids_records, embeds_records))
 
 
-# Gemma3's generate() refuses inputs_embeds (its prepare_inputs_for_generation does not take them), stock and
-# pruned alike: test_adapter_gemma3.py checks its forwards by inputs_embeds
-GENERATES_BY_EMBEDS = [p for p in PRE_LLM if p.values[0].name != "gemma3"]
+# Gemma3's and Gemma 4's generate() refuse inputs_embeds (their prepare_inputs_for_generation does not take them),
+# stock and pruned alike: test_adapter_gemma3.py and test_adapter_gemma4.py check it
+GENERATES_BY_EMBEDS = [p for p in PRE_LLM if p.values[0].name not in ("gemma3", "gemma4")]
 
 
 @pytest.mark.parametrize("family, name, kwargs", GENERATES_BY_EMBEDS)

@@ -29,9 +29,10 @@ BY_FAMILY = [pytest.param(family, id=family.name) for family in FAMILIES]
 
 def cache_bytes(cache) -> int:
     """The key and value tensors' bytes, read here from the cache itself, and the fixed-size states of
-    linear-attention layers (Qwen3.5's), which hold no keys."""
-    return sum(layer.keys.nbytes + layer.values.nbytes if hasattr(layer, "keys")
+    linear-attention layers (Qwen3.5's), which hold no keys; Gemma 4's KV-shared layers hold nothing."""
+    return sum(layer.keys.nbytes + layer.values.nbytes if getattr(layer, "keys", None) is not None
                else sum(t.nbytes for t in [*layer.conv_states.values(), *layer.recurrent_states.values()])
+               if hasattr(layer, "conv_states") else 0
                for layer in cache.layers)
 
 

@@ -6,6 +6,7 @@ from torch import nn
 
 from .base import Adapter, ImageSlot, PlaceholderMismatch, VisionCapture
 from .gemma3 import Gemma3Adapter
+from .gemma4 import Gemma4Adapter
 from .idefics3 import Idefics3Adapter
 from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
@@ -15,7 +16,8 @@ from .qwen2_vl import Qwen2VLAdapter
 from .qwen3_vl import Qwen3_5Adapter, Qwen3VLAdapter
 
 ADAPTERS: list[type[Adapter]] = [LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Idefics3Adapter, InternVLAdapter,
-                               Qwen2VLAdapter, Qwen3VLAdapter, Qwen3_5Adapter, Gemma3Adapter]
+                               Qwen2VLAdapter, Qwen3VLAdapter, Qwen3_5Adapter, Gemma3Adapter,
+                               Gemma4Adapter]
 
 
 def adapter_for(model: nn.Module) -> Adapter:
