@@ -36,7 +36,7 @@ Traps this guards (tests/test_adapter_gemma4.py):
 - ``per_layer_inputs`` are gathered with the kept tokens (a pruned prefill equals the masked reference only so);
 - ``pixel_values`` and ``image_position_ids`` of different image counts are refused (the stock tower broadcasts
   them, silently encoding other images);
-- videos and audio are refused: a method acts on images only.
+- audio is refused: a method acts on images only (videos: by the engine, ``takes_video`` is False).
 
 Signals: ``vision_features`` is each soft token's pooled vision state (``embed_vision``'s input: the mean of its
 k x k patches, scaled and, where the config says so, standardised) and ``project`` is ``embed_vision``, so
@@ -72,11 +72,9 @@ class Gemma4Adapter(Adapter):
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        self.inner = model.model if hasattr(model, "lm_head") else model
         self.decoder = self.inner.language_model
         self.vision_tower = self.inner.vision_tower
         self.projector = self.inner.embed_vision
-        self.config = model.config
         self.kernel = self.config.vision_config.pooling_kernel_size
         self._modeling = sys.modules[type(self.inner).__module__]  # the model's own mask and rotary functions
 
@@ -105,9 +103,6 @@ class Gemma4Adapter(Adapter):
 
     def check_inputs(self, kwargs: dict) -> None:
         encoded = kwargs.get("mm_encoder_outputs") or {}
-        if kwargs.get("pixel_values_videos") is not None or encoded.get("video") is not None:
-            raise ValueError("tokensieve methods act on images, not videos: run video inputs (pixel_values_videos) "
-                             "outside the apply() block")
         if kwargs.get("input_features") is not None:
             raise ValueError("tokensieve methods act on images, not audio: run audio inputs (input_features) outside "
                              "the apply() block")
