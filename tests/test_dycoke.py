@@ -1,4 +1,4 @@
-"""dycoke: DyCoke's TTM, each window's first frame whole, the others keep their tokens least like their reference frame."""
+"""dycoke: DyCoke's TTM, each window's first frame whole, the others keep their tokens least like their reference."""
 
 from __future__ import annotations
 

@@ -26,7 +26,8 @@ def test_salient_tokens_stay_and_the_rest_merge_into_the_anchor_frame():
     attention = torch.tensor([[0.1, 0.9, 0.2, 0.1, 0.2, 0.9]])
     # keep 4: two per frame, one salient and one context each; the segment's two context tokens go to frame 1,
     # whose two non-salient tokens (3, 4) both become anchors; frame 0's tokens 0 and 2 join the nearer, token 3
-    selection = ts.load("fastvid", keep=4, segments=1, tau=-1.0, context=0.5).select(a_video(features, attention, 2, 1, 3))
+    method = ts.load("fastvid", keep=4, segments=1, tau=-1.0, context=0.5)
+    selection = method.select(a_video(features, attention, 2, 1, 3))
     assert selection.kept.tolist() == [1, 3, 4, 5]
     assert selection.assignment.tolist() == [1, 0, 1, 1, 2, 3]
     w = 0.6  # max(1 / (3 + 1), beta): token 3's group has three members

@@ -1,4 +1,4 @@
-"""temporal_merge: runs of near-identical tokens at one place of consecutive frames merge into their first frame's slot."""
+"""temporal_merge: runs of similar tokens at one place of consecutive frames merge into their first frame's slot."""
 
 from __future__ import annotations
 

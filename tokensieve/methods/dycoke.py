@@ -60,6 +60,7 @@ class DyCoke(Sieve):
         frames = tokens.features.float().view(t, per_frame, -1)
         similarity = F.cosine_similarity(frames, frames[reference], dim=-1)
         counts = torch.full((t,), per_frame, device=device)
-        counts[~anchor] = torch.tensor(split_budget([per_frame] * (t - anchors), k - anchors * per_frame), device=device)
+        shares = split_budget([per_frame] * (t - anchors), k - anchors * per_frame)
+        counts[~anchor] = torch.tensor(shares, device=device)
         rank = torch.sort(similarity, dim=1, stable=True).indices.argsort(dim=1)
         return Selection((rank < counts[:, None]).flatten().nonzero().squeeze(1))

@@ -41,10 +41,12 @@ class ProgressivePool(Pool):
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.group, bool) or not isinstance(self.group, int) or self.group < 1:
-            raise ValueError(f"group={self.group!r}: pass the frames per group, an int >= 1 (its first frame is the finest)")
-        if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)) or not 0 < self.decay <= 1:
-            raise ValueError(f"decay={self.decay!r}: pass each later frame's share relative to the one before, a number "
-                             f"in (0, 1] (1: every frame alike)")
+            raise ValueError(f"group={self.group!r}: pass the frames per group, an int >= 1 (its first frame is the "
+                             f"finest)")
+        decay = self.decay
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay <= 1:
+            raise ValueError(f"decay={decay!r}: pass each later frame's share relative to the one before, a number in "
+                             f"(0, 1] (1: every frame alike)")
 
     def select(self, tokens: VisualTokens) -> Selection:
         t, h, w = tokens.video(self.name)

@@ -42,11 +42,12 @@ class TemporalMerge(Sieve):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.threshold is not None and (isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float))
-                                           or not -1 <= self.threshold <= 1):
-            raise ValueError(f"threshold={self.threshold!r}: pass the cosine similarity at or above which two tokens at "
-                             f"one place of consecutive frames may merge, a number in [-1, 1] (0.9: near-identical), or None "
-                             f"to merge by the budget alone")
+        threshold = self.threshold
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                      or not -1 <= threshold <= 1):
+            raise ValueError(f"threshold={threshold!r}: pass the cosine similarity at or above which two tokens at one "
+                             f"place of consecutive frames may merge, a number in [-1, 1] (0.9: near-identical), or "
+                             f"None to merge by the budget alone")
 
     def select(self, tokens: VisualTokens) -> Selection:
         t, h, w = tokens.video(self.name)
