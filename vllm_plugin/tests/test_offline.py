@@ -9,7 +9,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 import tokensieve as ts
 from conftest import PROMPT, picture
-from tokensieve_vllm import ARCHITECTURE
+from tokensieve_vllm import ARCHITECTURE, QWEN2_5_VL_ARCHITECTURE, QWEN2_VL_ARCHITECTURE, QWEN3_VL_ARCHITECTURE
 from tokensieve_vllm.llava import image_shape
 from tokensieve_vllm.methods import UnservableMethod, checked_count
 
@@ -108,11 +108,13 @@ def test_bad_input_is_refused_before_the_request_runs(llm, spelling, message):
 
 
 def test_a_model_the_plugin_does_not_cover_is_refused():
-    from transformers import LlavaNextConfig, Qwen2VLConfig, SiglipVisionConfig, LlavaConfig
+    from transformers import LlavaNextConfig, Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig, SiglipVisionConfig, LlavaConfig
 
-    with pytest.raises(UnservableMethod, match="serves LLaVA-1.5 checkpoints"):
-        image_shape(Qwen2VLConfig())
-    with pytest.raises(UnservableMethod, match="serves LLaVA-1.5 checkpoints"):
+    for qwen, architecture in [(Qwen2VLConfig, QWEN2_VL_ARCHITECTURE), (Qwen2_5_VLConfig, QWEN2_5_VL_ARCHITECTURE),
+                               (Qwen3VLConfig, QWEN3_VL_ARCHITECTURE)]:  # the Qwen architecture that serves it
+        with pytest.raises(UnservableMethod, match=f"serves LLaVA-1.5 checkpoints.*: use {architecture}$"):
+            image_shape(qwen())
+    with pytest.raises(UnservableMethod, match="serves LLaVA-1.5 checkpoints.*: drop the architecture override"):
         image_shape(LlavaNextConfig())
     siglip = image_shape(LlavaConfig(vision_config=SiglipVisionConfig(image_size=224, patch_size=14).to_dict()))
     assert siglip.grid == (16, 16) and not siglip.has_cls

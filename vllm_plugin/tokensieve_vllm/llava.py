@@ -24,7 +24,7 @@ from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
-from . import methods
+from . import architecture_fix, methods
 from .methods import COUNT_FIELD, METHOD_FIELD, REQUEST_KEY, ImageShape, UnservableMethod, server_default
 
 ARCHITECTURE = "TokensieveLlavaForConditionalGeneration"
@@ -34,7 +34,7 @@ def image_shape(hf_config) -> ImageShape:
     """The token grid of a LLaVA-1.5 image, or :class:`UnservableMethod` for a model the plugin does not cover."""
     if not isinstance(hf_config, LlavaConfig):
         raise UnservableMethod(f"{ARCHITECTURE} serves LLaVA-1.5 checkpoints (LlavaConfig); this model's config is "
-                               f"{type(hf_config).__name__}: drop the architecture override for it")
+                               f"{type(hf_config).__name__}: {architecture_fix(hf_config)}")
     vision = hf_config.vision_config
     if not isinstance(vision, (CLIPVisionConfig, SiglipVisionConfig)) or not isinstance(hf_config.vision_feature_layer, int):
         raise UnservableMethod(f"{ARCHITECTURE} serves LLaVA-1.5 with a CLIP or SigLIP tower and one feature layer; this "

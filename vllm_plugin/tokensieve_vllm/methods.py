@@ -188,14 +188,23 @@ def kept_embeddings(method: Sieve, tokens: VisualTokens, grid: tuple[int, int]) 
     return kept_tokens(method, tokens)[0]
 
 
-def kept_tokens(method: Sieve, tokens: VisualTokens) -> tuple[torch.Tensor, torch.Tensor]:
+def kept_tokens(method: Sieve, tokens: VisualTokens, carried: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """The (K, d) embeddings ``method`` keeps of one image, its kept rows with merged ones replaced (tokensieve's
     own ``select``, checked by ``timed_select``, as the engine applies it before the LLM), and their (K,) indices
-    into the image's tokens, whose places on the grid the kept tokens keep (the engine's positions)."""
+    into the image's tokens, whose places on the grid the kept tokens keep (the engine's positions).
+
+    ``carried`` (N, c): other values per token that the method does not see (Qwen3-VL's DeepStack rows), appended to
+    the kept embeddings' columns as the engine carries them (``Selections.carried``): a merge map's group means,
+    else each kept token's own rows (a method that writes its own features says nothing about them)."""
     selection, _ = timed_select(method, tokens)
     kept = selection.kept.to(tokens.features.device)
     merged = selection.merged(tokens.features)
-    return (merged if merged is not None else tokens.features[kept]), kept
+    chosen = merged if merged is not None else tokens.features[kept]
+    if carried is None:
+        return chosen, kept
+    means = selection.group_means(carried)
+    return torch.cat([chosen, means if means is not None else carried[kept]], dim=1), kept
 
 
 def signals_asked(method: Sieve, has_cls: bool) -> list[Signal]:

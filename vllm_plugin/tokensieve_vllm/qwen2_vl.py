@@ -15,7 +15,7 @@ and ``TokensieveQwen2_5_VLForConditionalGeneration``.
   EVS never runs).
 
 Built on vLLM 0.32.0's Qwen2-VL internals (``_parse_and_validate_image_input``, ``_process_image_input``,
-``get_mrope_input_positions``, the runner's pruning path): pinned.
+``_apply_hf_processor_main``, ``get_mrope_input_positions``, the runner's pruning path): pinned.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-from transformers import BatchFeature, Qwen2_5_VLConfig, Qwen2VLConfig
+from transformers import BatchFeature
 from vllm.model_executor.models.qwen2_5_vl import (Qwen2_5_VLDummyInputsBuilder, Qwen2_5_VLForConditionalGeneration,
                                                    Qwen2_5_VLMultiModalProcessor, Qwen2_5_VLProcessingInfo)
 from vllm.model_executor.models.qwen2_vl import (Qwen2VLDummyInputsBuilder, Qwen2VLForConditionalGeneration,
@@ -34,7 +34,7 @@ from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
-from . import methods
+from . import CONFIGS, architecture_fix, methods
 from .methods import COUNT_FIELD, METHOD_FIELD, REQUEST_KEY, ImageShape, UnservableMethod, server_default
 from tokensieve.sieve import VisualTokens
 
@@ -48,12 +48,10 @@ PRUNING_SWITCH = 1e-6
 
 def check_config(hf_config, architecture: str) -> None:
     """:class:`UnservableMethod` for a checkpoint the architecture does not cover."""
-    expected = {QWEN2_VL: Qwen2VLConfig, QWEN2_5_VL: Qwen2_5_VLConfig}[architecture]
-    if type(hf_config) is not expected:
-        other = {Qwen2VLConfig: QWEN2_VL, Qwen2_5_VLConfig: QWEN2_5_VL}.get(type(hf_config))
-        fix = f"use {other}" if other else "drop the architecture override for it"
-        raise UnservableMethod(f"{architecture} serves {expected.__name__} checkpoints; this model's config is "
-                               f"{type(hf_config).__name__}: {fix}")
+    expected = CONFIGS[architecture]
+    if type(hf_config).__name__ != expected:
+        raise UnservableMethod(f"{architecture} serves {expected} checkpoints; this model's config is "
+                               f"{type(hf_config).__name__}: {architecture_fix(hf_config)}")
 
 
 def image_shape(grid_thw, merge: int) -> ImageShape:
@@ -100,12 +98,13 @@ class _ProcessingInfo:
 
 
 class _Processor:
-    def _call_hf_processor(self, hf_data, hf_kwargs) -> BatchFeature:
-        # the HF processor does not know the plugin's key
-        return super()._call_hf_processor(hf_data, {k: v for k, v in hf_kwargs.items() if k != REQUEST_KEY})
+    def _apply_hf_processor_main(self, mm_items: MultiModalDataItems, hf_kwargs: Mapping[str, object]) -> BatchFeature:
+        # the HF processor does not know the plugin's key (Qwen3-VL's vLLM processor calls it from here, not through
+        # _call_hf_processor); each image's method and count join its outputs after
+        processed_data = super()._apply_hf_processor_main(mm_items, {k: v for k, v in hf_kwargs.items() if k != REQUEST_KEY})
+        return self._with_kept_counts(processed_data, hf_kwargs)
 
-    def _postprocess_hf_mm_data(self, mm_inputs, hf_processor_mm_kwargs, processed_data: BatchFeature) -> BatchFeature:
-        processed_data = super()._postprocess_hf_mm_data(mm_inputs, hf_processor_mm_kwargs, processed_data)
+    def _with_kept_counts(self, processed_data: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]) -> BatchFeature:
         grids = processed_data.get("image_grid_thw")
         if grids is None:
             return processed_data
@@ -141,7 +140,7 @@ class _Processor:
 
 
 class _Model:
-    """What both architectures add to vLLM's model: the kept tokens with their positions, and the positions of a
+    """What the Qwen architectures add to vLLM's model: the kept tokens with their positions, and the positions of a
     prompt laid out with the kept counts."""
 
     architecture: str
@@ -172,18 +171,22 @@ class _Model:
         merge = self.config.vision_config.spatial_merge_size
         embeddings = self._process_image_input(image_input)  # per image (N, d), raster order
         kept = []
-        for index, (tokens, grid) in enumerate(zip(embeddings, image_input["image_grid_thw"].tolist())):
+        for index, (rows, grid) in enumerate(zip(embeddings, image_input["image_grid_thw"].tolist())):
             shape = image_shape(grid, merge)
             method = None if spellings is None else methods.served_method(methods.decode_spelling(spellings[index]), False)
             if method is None:
-                chosen, indices = tokens, torch.arange(len(tokens), device=tokens.device)
+                chosen, indices = rows, torch.arange(len(rows), device=rows.device)
             else:
-                chosen, indices = methods.kept_tokens(method, VisualTokens(tokens, shape.grid, {}))
+                chosen, indices = self.kept_rows(method, rows, shape)
                 if len(chosen) != int(counts[index]):
                     raise RuntimeError(f"{method!r} kept {len(chosen)} tokens where the processor laid out "
                                        f"{int(counts[index])} placeholders: a tokensieve_vllm bug (methods.EXACT_COUNT)")
             kept.append(torch.cat([chosen, kept_positions(indices, shape).to(chosen.dtype)], dim=1))
         return kept
+
+    def kept_rows(self, method, rows: torch.Tensor, shape: ImageShape) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows ``method`` keeps of one image's (N, d) merger output, and their indices."""
+        return methods.kept_tokens(method, VisualTokens(rows, shape.grid, {}))
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features) -> tuple[torch.Tensor, int]:
         """Stock Qwen2-VL numbers every cell of each image's grid, but the prompt holds only the kept count: the
