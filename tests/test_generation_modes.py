@@ -67,15 +67,6 @@ ASSISTED_PROMPT = [[5, 6, 5, 6, 5]]  # a repeated n-gram, so prompt lookup propo
 _ASSISTANTS = {}
 
 
-def _stateful(family) -> bool:
-    """transformers refuses assisted decoding for a model with recurrent state (Qwen3.5's linear-attention layers),
-    whose cache cannot be cropped after rejected candidates."""
-    return getattr(build_model(family), "_is_stateful", False)
-
-
-ASSISTED_CONTRACT = [case for case in CONTRACT if not _stateful(case.values[0])]
-
-
 def assisted_options(family, mode: str) -> dict:
     if mode == "prompt_lookup":
         return dict(prompt_lookup_num_tokens=2)
@@ -89,17 +80,39 @@ def greedy(model, inputs, family, **options):
                           suppress_tokens=[family.image_token], **options)
 
 
-@pytest.mark.parametrize("mode", ASSISTED_MODES)
-@pytest.mark.parametrize("family", [family for family in FAMILIES if _stateful(family)], ids=lambda family: family.name)
-def test_stateful_families_are_left_out_of_assisted_decoding_because_transformers_refuses_it(family, mode):
-    # if a release serves them, this fails: put them back in ASSISTED_CONTRACT
+def _stock_assisted(family, mode: str) -> str:
+    """How the stock model's own assisted decoding in ``mode`` goes on the assisted prompt: "faithful" (plain greedy's
+    tokens), "refused" (transformers 5.24 refuses models with recurrent state, Qwen3.5's linear-attention layers) or
+    "unfaithful" (5.25 runs them, but Qwen3.5's prompt lookup then leaves plain greedy's tokens: its recurrent state
+    is not rolled back after rejected candidates)."""
     model = build_model(family)
-    with pytest.raises(ValueError, match="stateful"):
-        greedy(model, family.make_inputs(ASSISTED_PROMPT), family, **assisted_options(family, mode))
+    inputs = family.make_inputs(ASSISTED_PROMPT)
+    try:
+        assisted = greedy(model, inputs, family, **assisted_options(family, mode))
+    except ValueError as error:
+        if "stateful" not in str(error):
+            raise
+        return "refused"
+    return "faithful" if torch.equal(assisted, greedy(model, inputs, family)) else "unfaithful"
 
 
-@pytest.mark.parametrize("mode", ASSISTED_MODES)
-@pytest.mark.parametrize("family, name, kwargs", ASSISTED_CONTRACT)
+STOCK_ASSISTED = {(family.name, mode): _stock_assisted(family, mode) for family in FAMILIES for mode in ASSISTED_MODES}
+#: families whose stock assisted decoding transformers refuses or runs unfaithfully: left out of the cases below
+KNOWN_LEFT_OUT = {"qwen3_5"}
+
+
+def _assisted_cases(*stock: str) -> list:
+    return [pytest.param(*case.values, mode, id=f"{case.id}-{mode}") for case in CONTRACT for mode in ASSISTED_MODES
+            if STOCK_ASSISTED[(case.values[0].name, mode)] in stock]
+
+
+def test_only_the_known_families_are_left_out_of_assisted_decoding():
+    # a transformers release that breaks another family's assisted decoding shows here, not as fewer test cases
+    left_out = {name for (name, mode), stock in STOCK_ASSISTED.items() if stock != "faithful"}
+    assert left_out <= KNOWN_LEFT_OUT, f"the stock model's assisted decoding is refused or unfaithful on {left_out - KNOWN_LEFT_OUT}"
+
+
+@pytest.mark.parametrize("family, name, kwargs, mode", _assisted_cases("faithful", "unfaithful"))
 def test_keep_all_assisted_decoding_generates_as_the_stock_model(family, name, kwargs, mode):
     model = build_model(family)
     inputs = family.make_inputs(ASSISTED_PROMPT)
@@ -109,8 +122,7 @@ def test_keep_all_assisted_decoding_generates_as_the_stock_model(family, name, k
     assert torch.equal(tokens, expected)
 
 
-@pytest.mark.parametrize("mode", ASSISTED_MODES)
-@pytest.mark.parametrize("family, name, kwargs", ASSISTED_CONTRACT)
+@pytest.mark.parametrize("family, name, kwargs, mode", _assisted_cases("faithful"))
 def test_assisted_decoding_under_pruning_gives_the_tokens_of_plain_greedy_decoding(family, name, kwargs, mode):
     model = build_model(family)
     inputs = family.make_inputs(ASSISTED_PROMPT)

@@ -99,7 +99,7 @@ def test_r_per_layer_and_bad_arguments():
     model = build_model(LLAVA)
     with pytest.raises(ValueError, match="start_layer=2, but the model reads the output of layer 1"):
         ts.apply(model, ts.ToMeViT(start_layer=2))
-    with pytest.raises(ValueError, match="at most one in_vision method, first"):
+    with pytest.raises(ValueError, match="then at most one in_vision method"):
         ts.Chain(ts.Uniform(), ts.ToMeViT())
 
 
