@@ -20,8 +20,6 @@ DeepStack column layout of ``_compute_deepstack_embeds``, ``_apply_hf_processor_
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 from vllm.model_executor.models.qwen3_vl import (Qwen3VLDummyInputsBuilder, Qwen3VLForConditionalGeneration,
                                                  Qwen3VLMultiModalProcessor, Qwen3VLProcessingInfo)
