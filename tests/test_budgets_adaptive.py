@@ -405,6 +405,19 @@ def test_the_sweep_plans_an_adaptive_spelling_and_records_it_as_text():
     assert ts.build(configs[1].method, keep=configs[1].keep).budget == Adaptive(0.9)
 
 
+def test_the_sweep_of_every_method_runs_an_adaptive_budget_where_a_method_takes_one():
+    from tokensieve.bench.sweep import SweepSpecError, parse_keep, plan
+
+    takers = {info.name for info in ts.list_methods()
+              if "mass" in getattr(ts.build(info.name), "adaptive_rules", ())}
+    assert {"fastervlm", "vtc_cls"} <= takers
+    configs = plan(["all"], [parse_keep("32"), parse_keep("adaptive(0.9)")])
+    assert {c.method for c in configs if isinstance(c.keep, Adaptive)} == takers
+    assert sum(c.keep == 32 for c in configs) == len(ts.list_methods())
+    with pytest.raises(SweepSpecError, match="random cannot take an adaptive budget"):
+        plan(["random"], [parse_keep("adaptive(0.9)")])
+
+
 def test_the_summary_places_an_adaptive_run_at_its_mean_count(tmp_path):
     """The plots' x axis is the summary's tokens_kept: the mean of each sample's kept tokens."""
     import json

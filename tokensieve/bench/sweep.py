@@ -84,8 +84,11 @@ def plan(methods: list[str], keeps: list[int | float]) -> list[Config]:
     `name:keep,arg=value` passes it arguments too).
 
     Every method is built here once, so an unknown name or a bad budget fails before a model loads.
+    With "all", an adaptive budget runs for the methods that take one (their `adaptive_rules`): the
+    others have no score to threshold, and asking for one of them by name is refused as usual.
     """
-    names = [info.name for info in ts.list_methods()] if methods == ["all"] else methods
+    every_method = methods == ["all"]
+    names = [info.name for info in ts.list_methods()] if every_method else methods
     configs = [Config()]
     for spec in names:
         try:
@@ -100,6 +103,8 @@ def plan(methods: list[str], keeps: list[int | float]) -> list[Config]:
             try:
                 ts.build(spec, keep=budget)
             except (TypeError, ValueError) as err:
+                if every_method and isinstance(budget, ts.Adaptive):
+                    continue
                 raise SweepSpecError(str(err)) from None
             configs.append(Config(spec, budget))
     return list(dict.fromkeys(configs))  # a configuration asked for twice runs once
