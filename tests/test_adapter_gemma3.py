@@ -1,5 +1,5 @@
-"""Gemma3 specifics: the masks rebuilt for the kept tokens (image blocks from the gathered token_type_ids, an
-explicit 2D mask), refused inputs that would give silently wrong logits, the sliding window's semantics, signals.
+"""Gemma3 specifics: the masks rebuilt for the kept tokens (image blocks from the gathered token_type_ids), the
+sliding window's semantics, signals (what it shares with Gemma 4, refused type ids among them: test_image_blocks.py).
 
 The equivalence reference: while the prompt fits in the sliding window, the pruned prefill equals the stock model
 with the dropped tokens masked out (test_contract.py, on the tiny model with a 512-token window). Beyond the
@@ -14,11 +14,10 @@ import torch
 
 import tokensieve as ts
 from conftest import build_model
-from test_contract import TEXTS, _assert_same, _snapshot, appended, greedy
-from test_signals import MEAN, eager, probed
+from test_contract import TEXTS, appended, greedy
+from test_signals import MEAN, ProjectionCheck, eager, probed
 from tiny_gemma3 import BOI, EOI, GEMMA3, TOKENS_PER_IMAGE, gemma3_inputs, tiny_gemma3
 from tokensieve.engine.compat import CACHE_ARGUMENT, output_cache
-from tokensieve.sieve import Selection, Sieve
 
 SHORT_WINDOW = 8  # shorter than an image's 64 tokens
 
@@ -28,7 +27,7 @@ def short_window():
     return tiny_gemma3(window=SHORT_WINDOW)
 
 
-def _decoder_inputs(model, method, inputs):
+def decoder_inputs(model, method, inputs):
     """The keyword inputs the decoder gets in one forward under ``method`` (None: stock), after tokensieve's hook,
     and the run's stats."""
     calls = []
@@ -46,7 +45,7 @@ def _decoder_inputs(model, method, inputs):
     return calls[0], run.stats
 
 
-def _allowed(mask: torch.Tensor) -> torch.Tensor:
+def allowed(mask: torch.Tensor) -> torch.Tensor:
     """(batch, queries, keys) True where a 4D mask (boolean, or float with 0 where allowed) lets a query attend."""
     return (mask if mask.dtype == torch.bool else mask == 0)[:, 0]
 
@@ -57,7 +56,7 @@ def test_each_kept_image_attends_to_all_its_kept_tokens_and_text_stays_causal():
     kept tokens) put the blocks elsewhere."""
     model = build_model(GEMMA3)
     inputs = gemma3_inputs([[5, 6, 7, 8]], n_images=[2])
-    decoder, stats = _decoder_inputs(model, ts.load("random", keep=16), inputs)
+    decoder, stats = decoder_inputs(model, ts.load("random", keep=16), inputs)
     masks = decoder["attention_mask"]
     assert set(masks) == {"full_attention", "sliding_attention"}
     width = decoder["inputs_embeds"].shape[1]
@@ -67,56 +66,11 @@ def test_each_kept_image_attends_to_all_its_kept_tokens_and_text_stays_causal():
     for start in (2, 2 + 18):
         expected[start : start + 16, start : start + 16] = True
     for name in ("full_attention", "sliding_attention"):  # the window (512) covers the prompt
-        assert torch.equal(_allowed(masks[name])[0], expected), name
+        assert torch.equal(allowed(masks[name])[0], expected), name
     assert [r.after for r in stats.images] == [16, 16]
 
 
-def test_images_without_token_type_ids_are_refused():
-    model = build_model(GEMMA3)
-    inputs = gemma3_inputs(TEXTS)
-    del inputs["token_type_ids"]
-    model(**inputs)  # the stock model runs, silently causal over the image tokens
-    with ts.apply(model, ts.load("uniform", keep=16)):
-        with pytest.raises(ValueError, match="images need token_type_ids"):
-            model(**inputs)
-        with pytest.raises(ValueError, match="images need token_type_ids"):
-            greedy(model, inputs)
 
-
-@pytest.mark.parametrize("stale", ["longer", "shifted"])
-def test_token_type_ids_that_miss_the_image_tokens_are_refused(stale):
-    model = build_model(GEMMA3)
-    inputs = gemma3_inputs(TEXTS[:1])
-    types = inputs["token_type_ids"]
-    if stale == "longer":  # a shortened prompt with the unpruned token_type_ids: no error from the stock model
-        keep = torch.ones(types.shape[1], dtype=torch.bool)
-        keep[3:10] = False
-        inputs = {**inputs, "input_ids": inputs["input_ids"][:, keep], "attention_mask": inputs["attention_mask"][:, keep]}
-        inputs["pixel_values"] = None
-    else:
-        inputs["token_type_ids"] = types.roll(1, dims=1)
-    before = _snapshot(model)
-    with ts.apply(model, ts.load("uniform", keep=16)):
-        with pytest.raises(ValueError, match="token_type_ids .* must be 1 exactly at the image tokens"):
-            if stale == "longer":  # with features encoded before the call, as generate() passes them
-                features = model.model.get_image_features(gemma3_inputs(TEXTS[:1])["pixel_values"])
-                model(**inputs, mm_encoder_outputs={"image": features})
-            else:
-                model(**inputs)
-    _assert_same(model, before)
-
-
-def test_a_pruned_forward_without_a_mask_equals_one_with_an_explicit_mask():
-    """With no 2D mask and no cache, transformers reads the gaps pruning leaves in the positions as packed
-    sequences (an IndexError in the block overlay, or silently wrong masks): the engine rebuilds the decoder's
-    masks with an explicit 2D mask."""
-    model = build_model(GEMMA3)
-    inputs = gemma3_inputs(TEXTS[:1])
-    without = {name: value for name, value in inputs.items() if name != "attention_mask"}
-    with ts.apply(model, ts.load("random", keep=16)):
-        explicit = model(**inputs, use_cache=False).logits
-        implicit = model(**without, use_cache=False).logits
-    assert torch.equal(implicit, explicit)
 
 
 def test_a_short_sliding_window_reaches_further_back_after_pruning(short_window):
@@ -124,8 +78,8 @@ def test_a_short_sliding_window_reaches_further_back_after_pruning(short_window)
     embeddings, original positions and token_type_ids), not the stock model with the dropped tokens masked out."""
     model = short_window
     inputs = gemma3_inputs(TEXTS[:1])
-    stock, _ = _decoder_inputs(model, None, inputs)
-    pruned, stats = _decoder_inputs(model, ts.load("random", keep=16), inputs)
+    stock, _ = decoder_inputs(model, None, inputs)
+    pruned, stats = decoder_inputs(model, ts.load("random", keep=16), inputs)
     keep = torch.ones(inputs["input_ids"].shape[1], dtype=torch.bool)
     image = (inputs["input_ids"][0] == GEMMA3.image_token).nonzero().squeeze(1)
     keep[image] = False
@@ -190,29 +144,13 @@ def test_a_second_turn_with_a_new_image_continues_the_pruned_cache():
     assert [r.after for r in run.stats.images] == [16, 16, 16, 16]
 
 
-class _ProjectionCheck(Sieve):
-    """Keeps every token; records how far ``project(vision_features)`` is from the LLM's tokens."""
-
-    name, paper = "projection-check", "test"
-    signals = ("vision_features", "project")
-
-    def __init__(self):
-        super().__init__(keep=1.0)
-        self.widths, self.errors = [], []
-
-    def select(self, tokens):
-        projected = tokens["project"](tokens["vision_features"])
-        self.widths.append(tokens["vision_features"].shape[-1])
-        self.errors.append(float((projected - tokens.features).abs().max()))
-        return Selection(torch.arange(len(tokens)))
-
 
 def test_projecting_the_vision_features_gives_the_llm_tokens():
     model = build_model(GEMMA3)
-    sieve = _ProjectionCheck()
+    sieve = ProjectionCheck()
     with ts.apply(model, sieve):
         model.generate(**gemma3_inputs([[5, 6], [7]], n_images=[2, 1]), max_new_tokens=2, do_sample=False)
-    assert sieve.widths == [model.config.vision_config.hidden_size] * 3
+    assert [shape[-1] for shape in sieve.shapes] == [model.config.vision_config.hidden_size] * 3
     assert max(sieve.errors) < 1e-6
 
 
@@ -236,27 +174,3 @@ def test_the_inputs_are_laid_out_as_the_processor_lays_them_out():
     assert ids == [1] + block * 2 + [5]
     assert torch.equal(inputs["token_type_ids"], (inputs["input_ids"] == GEMMA3.image_token).long())
 
-
-@pytest.mark.parametrize("method", ["fastv", "uniform+pyramiddrop"])
-def test_in_llm_stages_are_refused_before_the_model_is_touched(method):
-    model = build_model(GEMMA3)
-    before = _snapshot(model)
-    with pytest.raises(ValueError, match="prunes inside the LLM, which Gemma3ForConditionalGeneration cannot serve: its "
-                                         "decoder alternates sliding-window and full-attention layers.*divprune"):
-        ts.apply(model, ts.build(method, keep=16))
-    _assert_same(model, before)
-
-
-def test_keep_all_by_inputs_embeds_is_the_stock_model_and_generate_refuses_them_as_stock_does():
-    model = build_model(GEMMA3)
-    inputs = gemma3_inputs(TEXTS)
-    by_embeds = {name: value for name, value in inputs.items() if name != "input_ids"}
-    by_embeds["inputs_embeds"] = model.get_input_embeddings()(inputs["input_ids"])
-    expected = model(**by_embeds).logits
-    with pytest.raises(ValueError, match="inputs_embeds.*doesn't have its forwarding implemented"):
-        greedy(model, by_embeds)
-    with ts.apply(model, ts.load("divprune", keep=1.0)) as run:
-        assert torch.equal(model(**by_embeds).logits, expected)
-        with pytest.raises(ValueError, match="inputs_embeds.*doesn't have its forwarding implemented"):
-            greedy(model, by_embeds)
-    assert [(r.before, r.after) for r in run.stats.images] == [(TOKENS_PER_IMAGE,) * 2] * 2

@@ -1,6 +1,6 @@
 """Gemma 4 specifics: the masks rebuilt for the kept tokens (image blocks in the sliding layers only, from the
 gathered mm_token_type_ids), per-layer inputs packed with the kept tokens, refused inputs that would give silently
-wrong logits (or that a method does not act on: videos, audio), images of different sizes (different token
+wrong logits (or that a method does not act on: videos, audio; the type ids Gemma3 shares: test_image_blocks.py), images of different sizes (different token
 counts and grids), the sliding window's semantics, KV-shared layers, signals.
 
 The equivalence reference: while the prompt fits in the sliding window, the pruned prefill equals the stock model
@@ -18,7 +18,8 @@ from transformers.models.gemma4 import image_processing_pil_gemma4 as processing
 import tokensieve as ts
 from conftest import build_model
 from test_contract import TEXTS, _assert_same, _snapshot, appended, greedy
-from test_signals import MEAN, eager, probed
+from test_adapter_gemma3 import allowed, decoder_inputs
+from test_signals import MEAN, ProjectionCheck, eager, probed
 from tiny_gemma4 import (
     BOI, EOI, GEMMA4, KERNEL, PATCH, SIZE, TOKENS_PER_IMAGE, gemma4_inputs, patches, per_layer_inputs, tiny_gemma4,
 )
@@ -31,29 +32,6 @@ MIXED_SIZES = [(64, 64), (32, 64), (64, 32)]  # 8x8, 4x8 and 8x4 tokens
 @pytest.fixture(scope="module")
 def short_window():
     return tiny_gemma4(window=SHORT_WINDOW)
-
-
-def _decoder_inputs(model, method, inputs):
-    """The keyword inputs the decoder gets in one forward under ``method`` (None: stock), after tokensieve's hook,
-    and the run's stats."""
-    calls = []
-    record = lambda module, args, kwargs: calls.append(dict(kwargs))  # noqa: E731
-    decoder = model.model.language_model
-    if method is None:
-        handle = decoder.register_forward_pre_hook(record, with_kwargs=True)
-        model(**inputs)
-        handle.remove()
-        return calls[0], None
-    with ts.apply(model, method) as run:
-        handle = decoder.register_forward_pre_hook(record, with_kwargs=True)
-        model(**inputs)
-        handle.remove()
-    return calls[0], run.stats
-
-
-def _allowed(mask: torch.Tensor) -> torch.Tensor:
-    """(batch, queries, keys) True where a 4D mask (boolean, or float with 0 where allowed) lets a query attend."""
-    return (mask if mask.dtype == torch.bool else mask == 0)[:, 0]
 
 
 def _kept(inputs, stats) -> torch.Tensor:
@@ -74,7 +52,7 @@ def test_kept_image_tokens_attend_both_ways_in_sliding_layers_and_causally_in_fu
     tokens attend to each other both ways; the full-attention layers are causal."""
     model = build_model(GEMMA4)
     inputs = gemma4_inputs([[5, 6, 7, 8]], n_images=[2])
-    decoder, stats = _decoder_inputs(model, ts.load("random", keep=16), inputs)
+    decoder, stats = decoder_inputs(model, ts.load("random", keep=16), inputs)
     masks = decoder["attention_mask"]
     assert set(masks) == {"full_attention", "sliding_attention"}
     width = decoder["inputs_embeds"].shape[1]
@@ -83,8 +61,8 @@ def test_kept_image_tokens_attend_both_ways_in_sliding_layers_and_causally_in_fu
     blocks = causal.clone()  # packed layout: bos, (BOI, 16 kept, EOI) x 2, text
     for start in (2, 2 + 18):
         blocks[start : start + 16, start : start + 16] = True
-    assert torch.equal(_allowed(masks["sliding_attention"])[0], blocks)  # the window (512) covers the prompt
-    assert masks["full_attention"] is None or torch.equal(_allowed(masks["full_attention"])[0], causal)
+    assert torch.equal(allowed(masks["sliding_attention"])[0], blocks)  # the window (512) covers the prompt
+    assert masks["full_attention"] is None or torch.equal(allowed(masks["full_attention"])[0], causal)
     assert [r.after for r in stats.images] == [16, 16]
 
 
@@ -93,8 +71,8 @@ def test_per_layer_inputs_are_packed_with_the_kept_tokens():
     tokens' own rows (text rows differ token by token), in a left-padded batch."""
     model = build_model(GEMMA4)
     inputs = gemma4_inputs(TEXTS)
-    stock, _ = _decoder_inputs(model, None, inputs)
-    pruned, stats = _decoder_inputs(model, ts.load("divprune", keep=16), inputs)
+    stock, _ = decoder_inputs(model, None, inputs)
+    pruned, stats = decoder_inputs(model, ts.load("divprune", keep=16), inputs)
     assert torch.equal(stock["per_layer_inputs"], per_layer_inputs(model, inputs["input_ids"]))
     keep = _kept(inputs, stats)
     for row in range(len(TEXTS)):
@@ -106,40 +84,6 @@ def test_per_layer_inputs_are_packed_with_the_kept_tokens():
     assert not torch.equal(text[0], text[1])
 
 
-def test_images_without_mm_token_type_ids_are_refused():
-    model = build_model(GEMMA4)
-    inputs = gemma4_inputs(TEXTS)
-    without = {name: value for name, value in inputs.items() if name != "mm_token_type_ids"}
-    silently = model(**without).logits  # the stock model runs, causal over the image tokens
-    assert not torch.allclose(silently, model(**inputs).logits, atol=1e-3)
-    with ts.apply(model, ts.load("uniform", keep=16)):
-        with pytest.raises(ValueError, match="images need mm_token_type_ids"):
-            model(**without)
-        with pytest.raises(ValueError, match="images need mm_token_type_ids"):
-            greedy(model, without)
-
-
-@pytest.mark.parametrize("stale", ["longer", "shifted"])
-def test_mm_token_type_ids_that_miss_the_image_tokens_are_refused(stale):
-    model = build_model(GEMMA4)
-    inputs = gemma4_inputs(TEXTS[:1])
-    types = inputs["mm_token_type_ids"]
-    if stale == "longer":  # a shortened prompt with the unpruned mm_token_type_ids: no error from the stock model
-        keep = torch.ones(types.shape[1], dtype=torch.bool)
-        keep[3:10] = False
-        inputs = {**inputs, "input_ids": inputs["input_ids"][:, keep], "attention_mask": inputs["attention_mask"][:, keep]}
-        pixels = {name: inputs.pop(name) for name in ("pixel_values", "image_position_ids")}
-    else:
-        inputs["mm_token_type_ids"] = types.roll(1, dims=1)
-    before = _snapshot(model)
-    with ts.apply(model, ts.load("uniform", keep=16)):
-        with pytest.raises(ValueError, match="mm_token_type_ids .* must be 1 exactly at the image tokens"):
-            if stale == "longer":  # with features encoded before the call, as generate() passes them
-                features = model.model.get_image_features(pixels["pixel_values"], pixels["image_position_ids"])
-                model(**inputs, mm_encoder_outputs={"image": features})
-            else:
-                model(**inputs)
-    _assert_same(model, before)
 
 
 @pytest.mark.parametrize("modality", ["video", "audio"])
@@ -185,17 +129,6 @@ def test_images_of_different_sizes_give_their_own_token_counts_and_grids():
     assert torch.equal(cached, ids)
 
 
-def test_a_pruned_forward_without_a_mask_equals_one_with_an_explicit_mask():
-    """With no 2D mask and no cache, transformers would read the gaps pruning leaves in the positions as packed
-    sequences: the engine rebuilds the decoder's masks with an explicit 2D mask."""
-    model = build_model(GEMMA4)
-    inputs = gemma4_inputs(TEXTS[:1])
-    without = {name: value for name, value in inputs.items() if name != "attention_mask"}
-    with ts.apply(model, ts.load("random", keep=16)):
-        explicit = model(**inputs, use_cache=False).logits
-        implicit = model(**without, use_cache=False).logits
-    assert torch.equal(implicit, explicit)
-
 
 def test_a_short_sliding_window_reaches_further_back_after_pruning(short_window):
     """Window 8, prompt of 71 tokens: the pruned prefill is the stock model run on the kept tokens alone (their
@@ -203,8 +136,8 @@ def test_a_short_sliding_window_reaches_further_back_after_pruning(short_window)
     tokens masked out."""
     model = short_window
     inputs = gemma4_inputs(TEXTS[:1])
-    stock, _ = _decoder_inputs(model, None, inputs)
-    pruned, stats = _decoder_inputs(model, ts.load("random", keep=16), inputs)
+    stock, _ = decoder_inputs(model, None, inputs)
+    pruned, stats = decoder_inputs(model, ts.load("random", keep=16), inputs)
     keep = _kept(inputs, stats)[0]
     positions = torch.arange(len(keep))[None]
     kept_only = model.model(
@@ -240,26 +173,10 @@ def test_a_short_sliding_window_generates_as_a_no_cache_loop(shared_layers):
     assert torch.equal(cached, ids)
 
 
-class _ProjectionCheck(Sieve):
-    """Keeps every token; records how far ``project(vision_features)`` is from the LLM's tokens."""
-
-    name, paper = "projection-check", "test"
-    signals = ("vision_features", "project")
-
-    def __init__(self):
-        super().__init__(keep=1.0)
-        self.shapes, self.errors = [], []
-
-    def select(self, tokens):
-        projected = tokens["project"](tokens["vision_features"])
-        self.shapes.append(tuple(tokens["vision_features"].shape))
-        self.errors.append(float((projected - tokens.features).abs().max()))
-        return Selection(torch.arange(len(tokens)))
-
 
 def test_projecting_the_vision_features_gives_the_llm_tokens():
     model = build_model(GEMMA4)
-    sieve = _ProjectionCheck()
+    sieve = ProjectionCheck()
     with ts.apply(model, sieve):
         model.generate(**gemma4_inputs([[5, 6], [7]], n_images=[2, 1], sizes=MIXED_SIZES), max_new_tokens=2, do_sample=False)
     width = model.config.vision_config.hidden_size
@@ -297,32 +214,6 @@ def test_the_inputs_are_laid_out_as_the_processor_lays_them_out():
     assert (positions[len(flat):] == -1).all()
 
 
-@pytest.mark.parametrize("method", ["fastv", "uniform+pyramiddrop"])
-def test_in_llm_stages_are_refused_before_the_model_is_touched(method):
-    model = build_model(GEMMA4)
-    before = _snapshot(model)
-    with pytest.raises(ValueError, match="prunes inside the LLM, which Gemma4ForConditionalGeneration cannot serve: its "
-                                         "decoder alternates sliding-window and full-attention layers.*per-layer"):
-        ts.apply(model, ts.build(method, keep=16))
-    _assert_same(model, before)
-
-
-def test_keep_all_by_inputs_embeds_is_the_stock_model_and_generate_refuses_them_as_stock_does():
-    """By inputs_embeds the model recovers each token's id for its per-layer inputs by matching the embedding
-    table (image tokens read as padding); keep-all is the stock forward, and generate() refuses them, stock or not."""
-    model = build_model(GEMMA4)
-    inputs = gemma4_inputs(TEXTS)
-    by_embeds = {name: value for name, value in inputs.items() if name != "input_ids"}
-    by_embeds["inputs_embeds"] = model.get_input_embeddings()(inputs["input_ids"])
-    expected = model(**by_embeds).logits
-    torch.testing.assert_close(expected, model(**inputs).logits, atol=1e-5, rtol=1e-4)
-    with pytest.raises(ValueError, match="inputs_embeds.*doesn't have its forwarding implemented"):
-        greedy(model, by_embeds)
-    with ts.apply(model, ts.load("divprune", keep=1.0)) as run:
-        assert torch.equal(model(**by_embeds).logits, expected)
-        with pytest.raises(ValueError, match="inputs_embeds.*doesn't have its forwarding implemented"):
-            greedy(model, by_embeds)
-    assert [(r.before, r.after) for r in run.stats.images] == [(TOKENS_PER_IMAGE,) * 2] * 2
 
 
 @pytest.mark.parametrize("variant", [
@@ -333,8 +224,8 @@ def test_keep_all_by_inputs_embeds_is_the_stock_model_and_generate_refuses_them_
 def test_the_config_variants_prefill_as_the_stock_model_with_the_dropped_tokens_masked(variant):
     model = tiny_gemma4(**variant)
     inputs = gemma4_inputs(TEXTS)
-    stock, _ = _decoder_inputs(model, None, inputs)
-    pruned, stats = _decoder_inputs(model, ts.load("divprune", keep=16), inputs)
+    stock, _ = decoder_inputs(model, None, inputs)
+    pruned, stats = decoder_inputs(model, ts.load("divprune", keep=16), inputs)
     keep = _kept(inputs, stats)
     again = {**pruned, "cache": None, "use_cache": False}  # the decoder input, rerun without the filled cache
     out = model.model.language_model(**again).last_hidden_state

@@ -7,8 +7,8 @@ import torch
 
 import tokensieve as ts
 from conftest import build_model
+from test_signals import ProjectionCheck
 from tiny_idefics3 import IDEFICS3, SMOLVLM, split_image_inputs
-from tokensieve.sieve import Selection, Sieve
 
 FAMILIES = [pytest.param(family, id=family.name) for family in (IDEFICS3, SMOLVLM)]
 
@@ -38,32 +38,15 @@ def test_a_row_without_images_beside_one_with_an_image(family):
     assert torch.equal(batch_tokens[1, -3:], alone_tokens[0, -3:])
 
 
-class _ProjectionCheck(Sieve):
-    """Keeps every token; records how far ``project(vision_features)`` is from the LLM's tokens."""
-
-    name = "projection-check"
-    paper = "test"
-    signals = ("vision_features", "project")
-
-    def __init__(self):
-        super().__init__(keep=1.0)
-        self.widths, self.errors = [], []
-
-    def select(self, tokens):
-        projected = tokens["project"](tokens["vision_features"])
-        self.widths.append(tokens["vision_features"].shape[-1])
-        self.errors.append(float((projected - tokens.features).abs().max()))
-        return Selection(torch.arange(len(tokens)))
-
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_projecting_the_vision_features_gives_the_llm_tokens(family):
     model = build_model(family)
-    sieve = _ProjectionCheck()
+    sieve = ProjectionCheck()
     with ts.apply(model, sieve):
         model.generate(**family.make_inputs([[5, 6], [7]], n_images=[2, 1]), max_new_tokens=2, do_sample=False)
     vision_width = model.config.vision_config.hidden_size * model.config.scale_factor**2
-    assert sieve.widths == [vision_width] * 3
+    assert [shape[-1] for shape in sieve.shapes] == [vision_width] * 3
     assert max(sieve.errors) < 1e-6
 
 

@@ -38,6 +38,24 @@ class Probe(Sieve):
         return Selection(torch.arange(len(tokens)))
 
 
+class ProjectionCheck(Sieve):
+    """Keeps every token and records, per image, the shape of ``vision_features`` and how far ``project`` of them
+    lies from the image's LLM tokens (not registered)."""
+
+    name, paper = "projection-check", "test"
+    signals = ("vision_features", "project")
+
+    def __init__(self):
+        super().__init__(keep=1.0)
+        self.shapes, self.errors = [], []
+
+    def select(self, tokens):
+        projected = tokens["project"](tokens["vision_features"])
+        self.shapes.append(tuple(tokens["vision_features"].shape))
+        self.errors.append(float((projected - tokens.features).abs().max()))
+        return Selection(torch.arange(len(tokens)))
+
+
 def probed(family, inputs, *asks):
     probe = Probe(*asks)
     with ts.apply(build_model(family), probe):

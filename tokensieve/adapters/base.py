@@ -108,6 +108,18 @@ class Adapter:
         """Why this model cannot give ``request``, a signal in ``signals`` (None: it can)."""
         return None
 
+    def why_not_without_cls(self, request: Signal, no_cls: str, no_tower_merge: str) -> str | None:
+        """``why_not`` of a tower with no [CLS] token (``no_cls`` says so) whose output the model folds or pools
+        on a fixed grid (``no_tower_merge``: why merging inside it is not served): the attention each patch
+        receives, at any block, is all it gives."""
+        if request.name == "vision_tower":
+            return no_tower_merge
+        if request.name in ("cls_attention", "vision_keys") or (request.name == "vision_attention" and request.queries == "cls"):
+            return no_cls
+        if request.name == "vision_attention":
+            return self.layer_problem(request.layer)
+        return None
+
     def merge_layout(self) -> tuple[nn.ModuleList, int, bool, int]:
         """For an ``in_vision`` stage (the ``vision_tower`` signal): the tower's blocks, the index of the block
         whose output the model projects, whether token 0 is a [CLS] token, and the attention heads."""

@@ -10,7 +10,7 @@ from the inner model's inputs (``flat_mask``) and, once it has packed the kept t
 packed sequence with the model's own mask functions, from the kept tokens' ``token_type_ids`` and the 2D mask over
 what the cache holds (``decoder_mask``). An image's kept tokens stay one contiguous run, so one block.
 
-Traps this guards (tests/test_adapter_gemma3.py):
+Traps this guards (tests/test_adapter_gemma3.py, the ones shared with Gemma 4 in tests/test_image_blocks.py):
 
 - without ``token_type_ids`` the model silently runs causal-only masks: images without them are refused, and so
   are ``token_type_ids`` that do not mark exactly the image tokens of the sequence's tail (unpruned ones passed
@@ -35,35 +35,27 @@ projector pools a fixed grid of every patch.
 
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import nn
-from transformers.masking_utils import create_masks_for_generate
 
 from ..signals import Signal
 from .attention import block_attention, tap_blocks
-from .base import Adapter, ImageSlot, VisionCapture
+from .base import ImageSlot, VisionCapture
+from .image_blocks import ImageBlockAdapter
 from .llava import attention_with_qk
 
-_NO_CLS = "the Gemma3 vision tower (SigLIP) has no [CLS] token"
 
-
-class Gemma3Adapter(Adapter):
+class Gemma3Adapter(ImageBlockAdapter):
     family = "gemma3"
+    model_name = "Gemma3"
     model_classes = ("Gemma3ForConditionalGeneration", "Gemma3Model")
     signals = frozenset({"cls_attention", "vision_keys", "vision_attention", "vision_features", "project", "vision_tower"})
-    aligned_inputs = ("token_type_ids",)
+    type_ids = "token_type_ids"
+    aligned_inputs = (type_ids,)
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        self.decoder = self.inner.language_model
-        self.vision_tower = self.inner.vision_tower
         self.projector = self.inner.multi_modal_projector
-        self._modeling = sys.modules[type(self.inner).__module__]  # the model's own mask functions
-
-    def image_token_id(self) -> int:
-        return self.config.image_token_id
 
     def _blocks(self) -> nn.ModuleList:
         tower = getattr(self.vision_tower, "vision_model", self.vision_tower)
@@ -73,63 +65,19 @@ class Gemma3Adapter(Adapter):
         return len(self._blocks())
 
     def why_not(self, request: Signal) -> str | None:
-        if request.name == "vision_tower":
-            return "its projector average-pools a fixed grid of every patch, so merging inside the tower is not served"
-        if request.name in ("cls_attention", "vision_keys") or (request.name == "vision_attention" and request.queries == "cls"):
-            return _NO_CLS
-        if request.name == "vision_attention":
-            return self.layer_problem(request.layer)
-        return None
+        return self.why_not_without_cls(
+            request, "the Gemma3 vision tower (SigLIP) has no [CLS] token",
+            "its projector average-pools a fixed grid of every patch, so merging inside the tower is not served")
 
     def in_llm_problem(self) -> str | None:
         return ("its decoder alternates sliding-window and full-attention layers, each type with its own prebuilt mask "
                 "and rotary embedding, and caches only a window of keys in the sliding ones, while an in-LLM stage "
                 "gathers one mask and one rotary embedding for every layer after it")
 
-    # inputs and masks
-
     def check_inputs(self, kwargs: dict) -> None:
         encoded = kwargs.get("mm_encoder_outputs") or {}
-        if kwargs.get("pixel_values") is None and encoded.get("image") is None:
-            return
-        types = kwargs.get("token_type_ids")
-        if types is None:
-            raise ValueError(
-                "images need token_type_ids (the Gemma3 processor returns them with input_ids): without them the model "
-                "silently lets image tokens attend causally only, instead of both ways within each image"
-            )
-        placeholders = self.placeholder_mask(kwargs)
-        if types.shape[0] != placeholders.shape[0] or types.shape[-1] < placeholders.shape[-1] or not torch.equal(
-            types[:, -placeholders.shape[-1]:] == 1, placeholders
-        ):
-            raise ValueError(
-                f"token_type_ids (shape {tuple(types.shape)}) must be 1 exactly at the image tokens of the input sequence "
-                f"{tuple(placeholders.shape)}: build both with the processor, and shorten both together"
-            )
-
-    def flat_mask(self, mask, inner_inputs: dict):
-        if not isinstance(mask, dict) or not inner_inputs:
-            return mask
-        given = inner_inputs.get("attention_mask")
-        # the inner model built the dict from the 2D mask it was given (or none); a dict it was given is generate()'s
-        # prebuilt static-cache masks, which the engine reads as such
-        return mask if isinstance(given, dict) else given
-
-    def decoder_mask(self, mask: torch.Tensor, decoder_inputs: dict, inner_inputs: dict, packing) -> dict:
-        """The decoder's dict of masks for the packed sequence: the inner model's own construction, from the kept
-        tokens' ``token_type_ids`` (none given: causal, as the stock model does), with the explicit 2D ``mask``."""
-        embeds, positions = decoder_inputs["inputs_embeds"], decoder_inputs["position_ids"]
-        cache = next((decoder_inputs[name] for name in ("cache", "past_key_values") if name in decoder_inputs), None)
-        config = self.decoder.config
-        types = inner_inputs.get("token_type_ids")
-        if types is None:
-            return create_masks_for_generate(config, embeds, mask, cache, positions)
-        length = packing.keep.shape[1]
-        kept_types = packing.gather(types[:, -length:].to(embeds.device), dim=-1) * packing.filled()
-        # cached tokens (earlier turns) take no part in a block of this call's images
-        types = torch.cat([kept_types.new_zeros(kept_types.shape[0], mask.shape[1] - kept_types.shape[1]), kept_types], 1)
-        blocks = self._modeling.get_block_sequence_ids_for_mask(types, device=embeds.device)
-        return self._modeling.create_masks_for_vision_model(config, embeds, mask, cache, positions, blocks)
+        if kwargs.get("pixel_values") is not None or encoded.get("image") is not None:
+            self.check_type_ids(kwargs)
 
     # vision side
 

@@ -28,7 +28,7 @@ left unpacked the decoder fails on a shape, and rows of other tokens would be si
 the last unshared layer of their type computed in the same forward, over what the cache holds: the packed sequence
 and the pruned cache, so nothing to do before the LLM.
 
-Traps this guards (tests/test_adapter_gemma4.py):
+Traps this guards (tests/test_adapter_gemma4.py, the ones shared with Gemma3 in tests/test_image_blocks.py):
 
 - without ``mm_token_type_ids`` the model silently runs causal-only masks: images without them are refused, and so
   are ones that do not mark exactly the image tokens of the sequence's tail (stale ones, silently misplaced blocks);
@@ -51,53 +51,46 @@ inside the tower too (the pooler averages a fixed grid of every patch).
 
 from __future__ import annotations
 
-import sys
 from functools import partial
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_masks_for_generate
 
 from ..signals import Signal, attention_received
-from .base import Adapter, ImageSlot, VisionCapture
+from .base import ImageSlot, VisionCapture
+from .image_blocks import ImageBlockAdapter
 
-_NO_CLS = "the Gemma 4 vision tower has no [CLS] token"
 
-
-class Gemma4Adapter(Adapter):
+class Gemma4Adapter(ImageBlockAdapter):
     family = "gemma4"
+    model_name = "Gemma 4"
     model_classes = ("Gemma4ForConditionalGeneration", "Gemma4Model")
     signals = frozenset({"cls_attention", "vision_keys", "vision_attention", "vision_features", "project", "vision_tower"})
-    aligned_inputs = ("mm_token_type_ids",)
+    type_ids = "mm_token_type_ids"
+    aligned_inputs = (type_ids,)
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        self.decoder = self.inner.language_model
-        self.vision_tower = self.inner.vision_tower
         self.projector = self.inner.embed_vision
         self.kernel = self.config.vision_config.pooling_kernel_size
-        self._modeling = sys.modules[type(self.inner).__module__]  # the model's own mask and rotary functions
-
-    def image_token_id(self) -> int:
-        return self.config.image_token_id
 
     def vision_layer_count(self) -> int:
         return len(self.vision_tower.encoder.layers)
 
     def why_not(self, request: Signal) -> str | None:
-        if request.name == "vision_tower":
-            return "its pooler averages a fixed grid of every patch, so merging inside the tower is not served"
-        if request.name in ("cls_attention", "vision_keys") or (request.name == "vision_attention" and request.queries == "cls"):
-            return _NO_CLS
-        if request.name == "vision_attention":
-            return self.layer_problem(request.layer)
-        return None
+        return self.why_not_without_cls(
+            request, "the Gemma 4 vision tower has no [CLS] token",
+            "its pooler averages a fixed grid of every patch, so merging inside the tower is not served")
 
     def in_llm_problem(self) -> str | None:
         return ("its decoder alternates sliding-window and full-attention layers, each type with its own prebuilt mask "
                 "and rotary embedding, adds per-layer input embeddings of every token after each layer, and lets its "
                 "last layers reuse the keys and values of earlier ones, while an in-LLM stage gathers one mask and one "
                 "rotary embedding for every layer after it")
+
+    def bidirectional_images(self) -> bool:
+        # full-attention layers stay causal; the sliding ones get the image blocks, when the config asks for them
+        return getattr(self.decoder.config, "use_bidirectional_attention", None) == "vision"
 
     # inputs and masks
 
@@ -109,20 +102,7 @@ class Gemma4Adapter(Adapter):
         if kwargs.get("pixel_values") is None and encoded.get("image") is None:
             return
         self._check_patch_positions(kwargs)
-        types = kwargs.get("mm_token_type_ids")
-        if types is None:
-            raise ValueError(
-                "images need mm_token_type_ids (the Gemma 4 processor returns them with input_ids): without them the "
-                "model silently lets image tokens attend causally only, instead of both ways within each image"
-            )
-        placeholders = self.placeholder_mask(kwargs)
-        if types.shape[0] != placeholders.shape[0] or types.shape[-1] < placeholders.shape[-1] or not torch.equal(
-            types[:, -placeholders.shape[-1]:] == 1, placeholders
-        ):
-            raise ValueError(
-                f"mm_token_type_ids (shape {tuple(types.shape)}) must be 1 exactly at the image tokens of the input "
-                f"sequence {tuple(placeholders.shape)}: build both with the processor, and shorten both together"
-            )
+        self.check_type_ids(kwargs)
 
     @staticmethod
     def _check_patch_positions(kwargs: dict) -> None:
@@ -134,31 +114,6 @@ class Gemma4Adapter(Adapter):
             f"images and patches (the processor returns them together): the stock tower broadcasts one over the "
             f"other, silently encoding other images"
         )
-
-    def flat_mask(self, mask, inner_inputs: dict):
-        if not isinstance(mask, dict) or not inner_inputs:
-            return mask
-        given = inner_inputs.get("attention_mask")
-        # the inner model built the dict from the 2D mask it was given (or none); a dict it was given is generate()'s
-        # prebuilt static-cache masks, which the engine reads as such
-        return mask if isinstance(given, dict) else given
-
-    def decoder_mask(self, mask: torch.Tensor, decoder_inputs: dict, inner_inputs: dict, packing) -> dict:
-        """The decoder's dict of masks for the packed sequence, built as the inner model builds it: image blocks in
-        the sliding layers from the kept tokens' ``mm_token_type_ids`` (none given, or a config without
-        bidirectional vision attention: causal), with the explicit 2D ``mask``."""
-        embeds, positions = decoder_inputs["inputs_embeds"], decoder_inputs["position_ids"]
-        cache = next((decoder_inputs[name] for name in ("cache", "past_key_values") if name in decoder_inputs), None)
-        config = self.decoder.config
-        types = inner_inputs.get("mm_token_type_ids")
-        if types is None or getattr(config, "use_bidirectional_attention", None) != "vision":
-            return create_masks_for_generate(config, embeds, mask, cache, positions)
-        length = packing.keep.shape[1]
-        kept_types = packing.gather(types[:, -length:].to(embeds.device), dim=-1) * packing.filled()
-        # cached tokens (earlier turns) take no part in a block of this call's images
-        types = torch.cat([kept_types.new_zeros(kept_types.shape[0], mask.shape[1] - kept_types.shape[1]), kept_types], 1)
-        blocks = self._modeling.get_block_sequence_ids_for_mask(types, device=embeds.device)
-        return self._modeling.create_masks_for_vision_model(config, embeds, mask, cache, positions, blocks)
 
     def pack_token_inputs(self, kwargs: dict, pack) -> dict:
         per_layer = kwargs.get("per_layer_inputs")

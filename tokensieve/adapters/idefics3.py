@@ -51,13 +51,9 @@ class Idefics3Adapter(Adapter):
         return len(self.vision_tower.encoder.layers)
 
     def why_not(self, request: Signal) -> str | None:
-        if request.name == "vision_tower":
-            return "its connector folds each square of patches into one token by pixel shuffle, which needs every patch"
-        if request.name in ("cls_attention", "vision_keys") or (request.name == "vision_attention" and request.queries == "cls"):
-            return f"the vision tower ({self.config.vision_config.model_type}, SigLIP-like) has no [CLS] token"
-        if request.name == "vision_attention":
-            return self.layer_problem(request.layer)
-        return None
+        return self.why_not_without_cls(
+            request, f"the vision tower ({self.config.vision_config.model_type}, SigLIP-like) has no [CLS] token",
+            "its connector folds each square of patches into one token by pixel shuffle, which needs every patch")
 
     def install_signal_hooks(self, wanted, capture: VisionCapture) -> list:
         layers = self.vision_tower.encoder.layers

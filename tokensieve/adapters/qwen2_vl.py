@@ -81,14 +81,10 @@ class Qwen2VLAdapter(Adapter):
         return len(self.vision_tower.blocks)
 
     def why_not(self, request: Signal) -> str | None:
-        if request.name == "vision_tower":
-            return ("its tower rotates each patch by its 2D position and attends within windows and images it lays out "
-                    "from the grid, and its merger folds every 2x2 patches into one token: merging inside it is not served")
-        if request.name in ("cls_attention", "vision_keys") or (request.name == "vision_attention" and request.queries == "cls"):
-            return _NO_CLS.format(self.model_name)
-        if request.name == "vision_attention":
-            return self.layer_problem(request.layer)
-        return None
+        return self.why_not_without_cls(
+            request, _NO_CLS.format(self.model_name),
+            "its tower rotates each patch by its 2D position and attends within windows and images it lays out "
+            "from the grid, and its merger folds every 2x2 patches into one token: merging inside it is not served")
 
     def video_token_id(self) -> int:
         return self.config.video_token_id
