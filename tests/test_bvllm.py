@@ -102,3 +102,34 @@ def test_on_a_tiny_qwen2_vl_video_at_most_the_chosen_frames_keep_tokens():
     for record in run.stats.images:
         assert len(record.kept_frames) <= 2
         assert int(record.frame_counts.sum()) == 16
+
+
+def code_temporal_merge(frames: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The frames zhuqiangLu/B-VLLM's ``merge_temporal`` leaves (merge.py ``threshold_soft_matching`` at 51ccbf0, as
+    read), written as plain loops: each frame's best earlier frame by ``(cos + 1) / 2`` of the flattened frames; a
+    frame above the threshold goes into it; each frame that did not go is the mean of itself and the frames that went
+    into it."""
+    flat = frames.flatten(1)
+    t = len(flat)
+    target = [None] * t
+    for i in range(1, t):
+        scores = [(torch.nn.functional.cosine_similarity(flat[i], flat[j], dim=0) + 1) / 2 for j in range(i)]
+        best = max(range(i), key=lambda j: scores[j])
+        if scores[best] > threshold:
+            target[i] = best
+    return torch.stack([torch.stack([frames[i]] + [frames[j] for j in range(t) if target[j] == i]).mean(0)
+                        for i in range(t) if target[i] is None])
+
+
+def test_repeated_frames_merge_as_the_code_merges_them():
+    generator = torch.Generator().manual_seed(0)
+    frames = torch.randn(6, 4, 8, generator=generator)
+    frames[2] = frames[0] + 0.1 * torch.randn(4, 8, generator=generator)  # two repeats, no chain
+    frames[5] = frames[3] + 0.1 * torch.randn(4, 8, generator=generator)
+    question = torch.randn(3, 8, generator=generator)
+    video = VisualTokens(frames.reshape(24, 8), (1, 24), signals={"text_embeddings": question}, frames=(6, 2, 2))
+    expected = code_temporal_merge(frames, 0.75)
+    assert len(expected) == 4
+    selection = ts.load("bvllm", keep=16, frames=6).select(video)  # every chosen frame's share is its four tokens
+    assert selection.kept.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 12, 13, 14, 15, 16, 17, 18, 19]
+    assert torch.allclose(selection.group_means(video.features).view(4, 4, 8), expected)
