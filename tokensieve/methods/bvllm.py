@@ -31,9 +31,13 @@ class BVLLM(Sieve):
        code's lower triangle); a frame whose best earlier match exceeds ``threshold`` merges into it, token by token
        at the same place (a merge map: each place's group mean, every frame at weight 1 as the code's adjacency mean).
     3. Spatial merging, ``multi_layer_merge``: ``keep`` is split evenly over the frames left (remainders to the
-       earlier ones; the code gives each ``max(1, 576 / T')``), and each frame's tokens (after step 2) are merged by
-       ToMe's bipartite soft matching, repeated, to its share (``selection.bipartite_merge``); a merged token stands
-       at its B token's place and carries its group's mean. Frames not chosen are dropped.
+       earlier ones, so a budget below one token per frame drops the later frames; the code gives each
+       ``max(1, 576 / T')``), and each frame's tokens (after step 2) are merged by ToMe's bipartite soft matching,
+       repeated, to its share (``selection.bipartite_merge``); a merged token stands at its B token's place and
+       carries its group's mean. Frames not chosen are dropped. (In the code the 16 temporal
+       queries leave at most 16 frames, whose target, at least 36, exceeds the spatial Q-Former's 32 tokens, so its
+       merge does not act by default; here each frame holds the model's own h×w tokens and the merge brings them to
+       ``keep``.)
 
     ``keep`` is a ceiling: when the frames left hold fewer tokens, all of them stay. Defaults: ``frames=16`` (the
     code's 16 temporal queries, ``vlm_att_query_temporal[:, :16]``), ``threshold=0.75`` (``merge_temporal``'s);
@@ -88,11 +92,11 @@ class BVLLM(Sieve):
         relevance = (descriptors @ F.normalize(text.float().to(frames.device), dim=-1).T).mean(dim=1)
         return torch.sort(relevance, descending=True, stable=True).indices[: self.frames].sort().values
 
-    def _roots(self, chosen: torch.Tensor) -> list[int]:
-        """For each chosen frame, the chosen frame (an index into ``chosen``) its group stands at: itself, or the
-        earlier one it merges into (``threshold_soft_matching``), followed to a frame that did not merge."""
-        unit = F.normalize(chosen.flatten(1), dim=-1)
-        similarity = ((unit @ unit.T + 1) / 2).tril(diagonal=-1)
+    def _roots(self, chosen_frames: torch.Tensor) -> list[int]:
+        """For each chosen frame, the chosen frame (an index into ``chosen_frames``) its group stands at: itself, or
+        the earlier one it merges into (``threshold_soft_matching``), followed to a frame that did not merge."""
+        unit = F.normalize(chosen_frames.flatten(1), dim=-1)
+        similarity = (unit @ unit.T + 1) / 2
         earlier = torch.ones_like(similarity, dtype=torch.bool).tril(diagonal=-1)
         best, match = similarity.masked_fill(~earlier, -1.0).max(dim=1)
         merges = (best > self.threshold).tolist()
