@@ -95,9 +95,10 @@ def test_bad_arguments_are_refused(arguments, message):
         ts.load("bvllm", **arguments)
 
 
-def test_on_a_tiny_qwen2_vl_video_at_most_the_chosen_frames_keep_tokens():
+@pytest.mark.parametrize("ppe", [None, 8])  # merged tokens may carry their members' positions (a merge map)
+def test_on_a_tiny_qwen2_vl_video_at_most_the_chosen_frames_keep_tokens(ppe):
     model = build_model(QWEN2_VL_VIDEO)
-    with ts.apply(model, ts.load("bvllm", keep=0.25, frames=2)) as run:  # four frames of 16 tokens: 16 over two
+    with ts.apply(model, ts.load("bvllm", keep=0.25, frames=2), ppe=ppe) as run:  # four frames of 16: 16 over two
         model(**QWEN2_VL_VIDEO.make_inputs(TEXTS))
     for record in run.stats.images:
         assert len(record.kept_frames) <= 2
