@@ -31,7 +31,7 @@ from tokensieve.bench.oracle import NEVER, distribution, oracle
 from tokensieve.bench.outputs import write_outputs
 from tokensieve.bench import plots
 from tokensieve.bench.plots import pareto_front
-from tokensieve.bench.summary import chance_level, headline, per_category, read_runs, summarise, wilson_interval
+from tokensieve.bench.summary import by_budget, chance_level, headline, per_category, read_runs, summarise, wilson_interval
 from tokensieve.qa import CHANCE
 
 MIB = 2**20
@@ -157,6 +157,24 @@ def test_headline_names_the_most_accurate_configuration_per_budget():
     assert list(table["leader"]) == ["baseline", "c (= b)", "c", "a (alone at this budget)"]
     assert list(table["config"]) == ["baseline", "c-k8", "c-k4", "a-k0.1"]
     assert list(table["speedup"]) == [1.0, 100 / 35, 5.0, 10.0]
+
+
+def test_by_budget_puts_every_method_at_every_budget_in_one_table():
+    rows = pd.DataFrame([
+        # config, method, keep, tokens kept, tokens per layer, accuracy, retention
+        ("baseline", "baseline", "", 16.0, 16.0, 0.8, 1.0),
+        ("a-k8", "a", "8", 8.0, 8.0, 0.6, 0.75),
+        ("a-k4", "a", "4", 4.0, 4.0, 0.4, 0.5),
+        ("b-k8", "b", "8", 8.0, 12.4, 0.7, 0.875),  # an in-LLM method: its layers saw 12.4 tokens on average
+        ("b-kadaptive(mass=0.9)", "b", "adaptive(mass=0.9)", 5.25, 5.25, 0.5, 0.625),
+    ], columns=["config", "method", "keep", "tokens_kept", "tokens_per_layer", "accuracy", "retention"])
+    table = by_budget(rows)
+    assert list(table.columns) == ["method", "8", "adaptive(mass=0.9)", "4"]  # the most tokens first
+    assert table.values.tolist() == [
+        ["baseline (16 tokens)", "0.800", "0.800", "0.800"],
+        ["b", "0.700 (88%, 12 per layer)", "0.500 (62%, 5.2 tokens)", ""],  # mean retention 0.75 > a's 0.625
+        ["a", "0.600 (75%)", "", "0.400 (50%)"],
+    ]
 
 
 def test_flops_memory_and_kv_cache(summary):

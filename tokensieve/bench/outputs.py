@@ -16,7 +16,7 @@ from . import plots
 from .gallery import gallery
 from .oracle import distribution, oracle
 from .report import write_report
-from .summary import BASELINE, chance_level, headline, per_category, read_runs, summarise
+from .summary import BASELINE, by_budget, chance_level, headline, per_category, read_runs, summarise
 from .tables import print_summary, write_tables
 
 
@@ -25,7 +25,7 @@ def write_outputs(out: Path, console: Console | None = None) -> None:
     runs = read_runs(out)
     summary, categories = summarise(runs), per_category(runs)
     leaders = headline(summary)
-    write_tables(out, summary, categories, leaders)
+    write_tables(out, summary, categories, leaders, by_budget(summary))
     print_summary(summary, console)
 
     oracle_table = oracle(runs)

@@ -188,6 +188,35 @@ def headline(summary: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+def by_budget(summary: pd.DataFrame) -> pd.DataFrame:
+    """Every method's accuracy at every budget in one table: a row per method (the most retained first, by mean
+    retention over its budgets), a column per budget (the most tokens first), the baseline's accuracy above.
+
+    A cell reads `accuracy (retention)`; where the budget is no token count (a ratio, an adaptive budget) it adds
+    the tokens kept, and where an in-LLM method's layers saw a different number on average, the tokens per layer
+    (the way those papers count)."""
+    base = summary[summary["config"] == BASELINE]
+    reduced = summary[summary["config"] != BASELINE]
+    reduced = reduced.assign(budget=[budget_label(k, t) for k, t in zip(reduced["keep"], reduced["tokens_kept"])])
+    budgets = (reduced.groupby("budget")["tokens_kept"].mean().reset_index()
+               .sort_values(["tokens_kept", "budget"], ascending=[False, True])["budget"])
+    methods = reduced.groupby("method")["retention"].mean().sort_values(ascending=False, kind="stable").index
+    cells = {(row.method, row.budget): _budget_cell(row) for row in reduced.itertuples()}
+    table = pd.DataFrame([[cells.get((method, budget), "") for budget in budgets] for method in methods],
+                         index=pd.Index(methods, name="method"), columns=list(budgets))
+    if len(base):
+        table.loc[f"baseline ({base['tokens_kept'].iloc[0]:.0f} tokens)"] = f"{base['accuracy'].iloc[0]:.3f}"
+        table = table.iloc[[-1, *range(len(table) - 1)]]
+    return table.reset_index()
+
+
+def _budget_cell(row) -> str:
+    notes = [] if row.budget == f"{row.tokens_kept:.0f}" else [f"{row.tokens_kept:.1f} tokens"]
+    if abs(row.tokens_per_layer - row.tokens_kept) >= 0.5:
+        notes.append(f"{row.tokens_per_layer:.0f} per layer")
+    return f"{row.accuracy:.3f} ({row.retention:.0%}" + "".join(f", {note}" for note in notes) + ")"
+
+
 def _leader(budget: pd.DataFrame) -> dict:
     """The budget's most accurate configuration (ties: the lower time to first token), naming the other equals."""
     ranked = budget.sort_values(["accuracy", "prefill_ms", "config"], ascending=[False, True, True],

@@ -92,6 +92,11 @@ def markdown(table: pd.DataFrame, columns: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+BY_BUDGET_NOTE = ("Accuracy (retention against the baseline) of each method at each budget, the most retained "
+                  "methods first. A budget that is no token count adds the tokens kept; an in-LLM method whose layers "
+                  "saw another number on average adds its tokens per layer, as those papers count them.")
+
+
 def print_summary(summary: pd.DataFrame, console: Console | None = None) -> None:
     """The columns that fit a terminal; summary.md has them all."""
     columns = {name: (heading, SUMMARY_COLUMNS[name][1]) for name, heading in TERMINAL_COLUMNS.items()}
@@ -105,11 +110,14 @@ def print_summary(summary: pd.DataFrame, console: Console | None = None) -> None
     (console or Console()).print(table)
 
 
-def write_tables(out: Path, summary: pd.DataFrame, categories: pd.DataFrame, headline: pd.DataFrame) -> None:
-    """`summary.csv`, `summary.md` and `per_category.csv` in `out`."""
+def write_tables(out: Path, summary: pd.DataFrame, categories: pd.DataFrame, headline: pd.DataFrame,
+                 budgets: pd.DataFrame) -> None:
+    """`summary.csv`, `summary.md` and `per_category.csv` in `out`; `budgets` is summary.by_budget's table."""
     summary.to_csv(out / "summary.csv", index=False)
     (out / "summary.md").write_text(
         "## Most accurate per budget\n\n" + markdown(headline, HEADLINE_COLUMNS)
-        + f"\n{HEADLINE_NOTE}\n\n## Summary\n\n" + markdown(summary, SUMMARY_COLUMNS)
+        + f"\n{HEADLINE_NOTE}\n\n## Accuracy by budget\n\n"
+        + markdown(budgets, {column: (column, "{}") for column in budgets.columns})
+        + f"\n{BY_BUDGET_NOTE}\n\n## Summary\n\n" + markdown(summary, SUMMARY_COLUMNS)
         + "\n## Per category\n\n" + markdown(categories, CATEGORY_COLUMNS))
     categories.to_csv(out / "per_category.csv", index=False)
