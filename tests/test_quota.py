@@ -27,13 +27,22 @@ def video(relevant: list[int], question: torch.Tensor = QUESTION) -> VisualToken
                         blocks=tuple(torch.arange(t * 4).view(t, 2, 2)), frames=(t, 2, 2))
 
 
-def test_budgets_follow_squared_relevance_and_each_frame_is_pooled_to_its_own():
+def test_budgets_follow_squared_relevance_and_each_frame_is_merged_to_its_own():
     # relevance 0, 1/4, 1/2, 1 -> p = 0, 1/4, 1/2, 1 -> weights 0, 1, 4, 16 (/21): shares of 8 are 0, 0.38, 1.52, 6.10;
     # frame 3 is capped at its 4 tokens, its 2.10 more go to frames 1 and 2 as 1 : 4 -> 0, 0.8, 3.2, 4; largest
-    # remainder: 0, 1, 3, 4. Frame 1 pools to 1x1 (its mean at token 0 of the frame), frame 2 to 1x2 (its columns'
-    # means at its top row), frame 3 stays whole, frame 0 is dropped
+    # remainder: 0, 1, 3, 4. Frame 0 is dropped; frame 1 (x y / y y) merges whole: A = {0, 2} both join B token 1,
+    # then 1 joins 3; frame 2 (x x / y y) loses one token: A 0 -> B 1 and A 2 -> B 3 tie at cosine 1, the earlier
+    # merges; frame 3 stays whole
+    selection = ts.load("quota", keep=8).select(video([0, 1, 2, 4]))
+    assert selection.kept.tolist() == [7, 9, 10, 11, 12, 13, 14, 15]
+    assert selection.assignment.tolist() == [-1, -1, -1, -1, 0, 0, 0, 0, 1, 1, 2, 3, 4, 5, 6, 7]
+
+
+def test_pooled_each_frame_is_pooled_to_its_own_share():
+    # the shares above, 0, 1, 3, 4: frame 1 pools to 1x1 (its mean at token 0 of the frame), frame 2 to 1x2 (its
+    # columns' means at its top row; pool's grid of at most 3), frame 3 stays whole: 7 tokens
     tokens = video([0, 1, 2, 4])
-    selection = ts.load("quota", keep=8).select(tokens)
+    selection = ts.load("quota", keep=8, reduce="pool").select(tokens)
     assert selection.kept.tolist() == [4, 8, 9, 12, 13, 14, 15]
     frames = tokens.features.view(4, 2, 2, 2)
     expected = torch.cat([frames[1].reshape(4, 2).mean(0, keepdim=True), frames[2].mean(0), frames[3].reshape(4, 2)])
@@ -48,7 +57,7 @@ def test_the_question_decides_which_frames_get_the_budget():
 
 def test_equally_relevant_frames_are_pool_per_frame():
     tokens = video([2, 2, 2])
-    quota, pool = ts.load("quota", keep=6).select(tokens), ts.load("pool", keep=6).select(tokens)
+    quota, pool = ts.load("quota", keep=6, reduce="pool").select(tokens), ts.load("pool", keep=6).select(tokens)
     assert torch.equal(quota.kept, pool.kept) and torch.allclose(quota.features, pool.features)
 
 
@@ -78,12 +87,13 @@ def test_on_a_tiny_qwen2_vl_video_the_budget_follows_the_frames():
         model(**QWEN2_VL_VIDEO.make_inputs(TEXTS))
     for record in run.stats.images:
         counts = record.frame_counts.tolist()
-        assert 0 < sum(counts) <= 24 and max(counts) <= 16 and len(set(counts)) > 1
+        assert sum(counts) == 24 and max(counts) <= 16 and len(set(counts)) > 1
 
 
-@pytest.mark.parametrize("argument", [dict(power=0), dict(power=-1.0), dict(power=True), dict(power=float("inf"))])
+@pytest.mark.parametrize("argument", [dict(power=0), dict(power=-1.0), dict(power=True), dict(power=float("inf")),
+                                      dict(reduce="bilinear"), dict(reduce=None)])
 def test_refuses_bad_arguments(argument):
-    with pytest.raises(ValueError, match="power=.*pass"):
+    with pytest.raises(ValueError, match=f"{next(iter(argument))}=.*pass"):
         ts.load("quota", **argument)
 
 
