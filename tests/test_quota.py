@@ -107,3 +107,14 @@ def test_refuses_a_prompt_without_text():
     tokens = video([0, 1, 2, 4], torch.zeros(0, 2))
     with pytest.raises(ValueError, match="quota ranks a video's frames by their relevance to the question.*no text"):
         ts.load("quota", keep=8).select(tokens)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_shares_fill_the_budget_within_the_caps_and_follow_the_weights(seed):
+    generator = torch.Generator().manual_seed(seed)
+    t, cap = 9, int(torch.randint(2, 10, (1,), generator=generator))
+    weights = (torch.rand(t, generator=generator) * (torch.rand(t, generator=generator) > 0.3)).tolist()  # some zero
+    k = int(torch.randint(1, t * cap + 1, (1,), generator=generator))
+    shares = frame_shares(weights, k, cap)
+    assert sum(shares) == k and max(shares) <= cap
+    assert all(shares[i] >= shares[j] for i in range(t) for j in range(t) if weights[i] > weights[j])

@@ -44,11 +44,11 @@ class F2C(Pool):
     Differences: the paper scores frames with a contrastive encoder (CLIP/SigLIP image embedding against the text
     embedding of the question and options), which HF models do not carry; here the model's own projected tokens are
     scored against its input embeddings of the prompt's text after the video (as ``cdpruner``). It acts before the
-    LLM on the tokens of frames the tower has already encoded (the paper samples candidate frames and encodes only
-    the chosen clips): chain a ``frames`` stage (``uniform_frames``) first to bound the tower's work. The paper's
-    adaptive module picks the clip length per video, trading length against resolution; here ``clip_frames`` is
-    fixed and the resolution follows from the budget. A prompt without text tokens is refused; a still image too
-    (``needs_video``).
+    LLM on the tokens of frames the tower has already encoded (the paper chooses the clips with its separate encoder
+    before the video LLM sees any frame): chain a ``frames`` stage (``uniform_frames``) first to bound the tower's
+    work. The paper's adaptive module picks the clip length per video, trading length against resolution; here
+    ``clip_frames`` is fixed and the resolution follows from the budget. A prompt without text tokens is refused; a
+    still image too (``needs_video``).
     """
 
     name = "f2c"

@@ -129,6 +129,6 @@ def frame_shares(weights: list[float], k: int, cap: int) -> list[int]:
         open_frames = [f for f in open_frames if exact[f] < cap]
     shares = [min(int(share + 1e-9), cap) for share in exact]
     short = min(k, cap * len(weights)) - sum(shares)
-    for f in sorted(range(len(weights)), key=lambda f: shares[f] - exact[f])[:short]:
+    for f in sorted((f for f in range(len(weights)) if shares[f] < cap), key=lambda f: shares[f] - exact[f])[:short]:
         shares[f] += 1
     return shares
