@@ -34,9 +34,9 @@ class Goldfish(Sieve):
     own on the retrieved clips' visual tokens (not on their descriptions). The budget ``keep`` decides how many
     clips are kept (the code's fixed 3), and a budget that ends inside a clip keeps that clip's most relevant frames
     and tokens. It acts before the LLM on frames the tower has already encoded (chain a ``frames`` stage first to
-    bound the tower's work). Defaults (ours): ``keep=0.25``; ``clip_frames=4`` (the code's 90 s clips are 90 of
-    Qwen2-VL's frames at its default 2 fps, more than most sampled videos have). A prompt without text tokens is
-    refused; a still image too (``needs_video``).
+    bound the tower's work). Defaults (ours): ``keep=0.25``; ``clip_frames=4`` (the code's 90 s clips would be 90
+    Qwen2-VL frames at 2 fps sampling, two input frames a frame: more than most sampled videos have). A prompt
+    without text tokens is refused; a still image too (``needs_video``).
     """
 
     name = "goldfish"
