@@ -8,6 +8,7 @@ import torch
 
 import tokensieve as ts
 from conftest import build_model
+import test_contract
 from test_contract import TEXTS
 from tiny_qwen2_vl import QWEN2_VL_VIDEO
 from tokensieve.methods.holitom import ATTENTION, HoliTom
@@ -158,10 +159,26 @@ def test_the_chain_runs_on_the_tiny_video_model():
     model = build_model(QWEN2_VL_VIDEO)
     inputs = QWEN2_VL_VIDEO.make_inputs(TEXTS)
     n = QWEN2_VL_VIDEO.tokens_per_image
-    with ts.apply(model, ts.Chain(ts.load("holitom", keep=0.5, tau=0.5), ts.load("holitom_llm", keep=0.5, layer=1))) as run:
+    with ts.apply(model, ts.Chain(ts.load("holitom", keep=0.5, tau=0.9), ts.load("holitom_llm", keep=0.5, layer=1))) as run:
         model(**inputs)
     for record in run.stats.images:
         pre, inside = record.stages
         assert (pre.stage, inside.stage, inside.layer) == ("pre_llm", "in_llm", 1)
         assert pre.after <= n // 2 and inside.after == round(pre.after / 2)
-        assert pre.sizes.sum() <= n and inside.sizes.sum() == pre.after
+        assert pre.sizes.sum() <= n and int(pre.sizes.max()) > 1  # static places merged across frames
+        assert inside.sizes.sum() == pre.after
+
+
+#: the contract's cases run with tau=1.0 (tests/cases.py), where no token is static; at 0.9 the tiny videos have static
+#: and dynamic places (tau=0.8 makes every place static)
+STATIC_CASES = [("holitom:tau=0.9", {}), ("holitom:tau=0.9+holitom_llm", {"layer": 1})]
+CONTRACT_CHECKS = ["test_generate_with_cache_equals_a_no_cache_loop", "test_left_padded_batch_equals_each_row_alone",
+                   "test_each_stage_keeps_a_subset_of_what_the_stage_before_it_kept"]
+
+
+@pytest.mark.parametrize("check", CONTRACT_CHECKS)
+@pytest.mark.parametrize("name, kwargs", STATIC_CASES, ids=[name for name, _ in STATIC_CASES])
+def test_the_contract_with_static_merging(check, name, kwargs):
+    getattr(test_contract, check)(QWEN2_VL_VIDEO, name, kwargs)
+    if "+" not in name:
+        test_contract.test_prefill_equals_the_stock_decoder_with_dropped_tokens_masked(QWEN2_VL_VIDEO, name, kwargs)

@@ -11,6 +11,7 @@ import torch
 
 import tokensieve as ts
 from conftest import build_model
+import test_contract
 from test_contract import TEXTS
 from tiny_qwen2_vl import QWEN2_VL_VIDEO
 from tokensieve.methods.prunevid import PruneVid, refine
@@ -188,9 +189,24 @@ def test_the_chain_runs_on_the_tiny_video_model():
     model = build_model(QWEN2_VL_VIDEO)
     inputs = QWEN2_VL_VIDEO.make_inputs(TEXTS)
     n = QWEN2_VL_VIDEO.tokens_per_image
-    with ts.apply(model, ts.Chain(ts.load("prunevid", keep=10), ts.load("prunevid_llm", keep=0.4, layer=1))) as run:
+    with ts.apply(model, ts.Chain(ts.load("prunevid", keep=10, tau=0.9), ts.load("prunevid_llm", keep=0.4, layer=1))) as run:
         model(**inputs)
     for record in run.stats.images:
         pre, inside = record.stages
         assert (pre.stage, pre.after, inside.stage, inside.layer) == ("pre_llm", 10, "in_llm", 1)
         assert inside.after == 4 and pre.sizes.sum() == n  # 0.4 of the 10 the video entered the LLM with
+
+
+#: the contract's cases run with tau=1.0 (tests/cases.py), where no token is static; at 0.9 the tiny videos have static
+#: and dynamic places (tau=0.8 makes every place static)
+STATIC_CASES = [("prunevid:tau=0.9", {}), ("prunevid:tau=0.9+prunevid_llm", {"layer": 1})]
+CONTRACT_CHECKS = ["test_generate_with_cache_equals_a_no_cache_loop", "test_left_padded_batch_equals_each_row_alone",
+                   "test_each_stage_keeps_a_subset_of_what_the_stage_before_it_kept"]
+
+
+@pytest.mark.parametrize("check", CONTRACT_CHECKS)
+@pytest.mark.parametrize("name, kwargs", STATIC_CASES, ids=[name for name, _ in STATIC_CASES])
+def test_the_contract_with_static_merging(check, name, kwargs):
+    getattr(test_contract, check)(QWEN2_VL_VIDEO, name, kwargs)
+    if "+" not in name:
+        test_contract.test_prefill_equals_the_stock_decoder_with_dropped_tokens_masked(QWEN2_VL_VIDEO, name, kwargs)
