@@ -50,8 +50,9 @@ class HoliTom(Sieve):
     Deviations: the parts share the budget by largest remainder, so the count is exact unless static merging alone
     goes below it (the code rounds each part's count, ``round`` for static and ``ceil`` for dynamic parts, and keeps
     about ``keep``); a part may get no token. The code's ``MAX_WINDOW_SIZE`` (1024 frames) is not applied. Density ties
-    go to the lower index (the code adds noise of 1e-6). LLaVA-OneVision's 2D pooling and newline tokens are the
-    model's (here the tokens are the family's own). Videos only (``needs_video``).
+    go to the lower index (the code adds noise of 1e-6). Kept tokens stay in the video's order at their own positions
+    (the code's LLaVA-OneVision lays a segment's static tokens out before its dynamic ones, or sorts them into the
+    first frame's grid with newline tokens); its 2D pooling is the model's. Videos only (``needs_video``).
     """
 
     name = "holitom"

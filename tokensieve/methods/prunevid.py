@@ -45,7 +45,10 @@ class PruneVid(Sieve):
     Deviations: the code clusters each part to ``int(0.5 * size)`` tokens and leaves parts of 14 tokens or fewer whole,
     so its count is about half of what static merging leaves; here the parts share ``keep`` (largest remainder), so
     the count is exact unless static merging alone goes below it (pass ``int(0.5 * (N - merged))`` to match the code's
-    count on a video). Density ties go to the lower index (the code adds noise of 1e-6). Videos only (``needs_video``).
+    count on a video). Kept tokens stay in the video's order at their own positions (the code's PLLaVA lays each
+    segment's static tokens out before its dynamic ones, numbered on in one sequence). The code's ``k=7`` neighbours
+    assume at least 7 frames and tokens; here fewer take them all. Density ties go to the lower index (the code adds
+    noise of 1e-6). Videos only (``needs_video``).
     """
 
     name = "prunevid"
