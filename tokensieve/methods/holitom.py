@@ -95,8 +95,8 @@ class HoliTom(Sieve):
         weight = frames.new_zeros(t, per_frame)
         for (a, b), mask in zip(segments, static):
             self._merge_static(frames, owner, weight, a, b, mask.nonzero().squeeze(1), next(shares))
+            dynamic = (~mask).nonzero().squeeze(1)
             for f in range(a, b + 1):
-                dynamic = (~mask).nonzero().squeeze(1)
                 self._prune_dynamic(frames[f], attention[f], owner[f], weight[f], f * per_frame, dynamic, next(shares))
         return _merge_map(owner.flatten(), weight.flatten())
 
