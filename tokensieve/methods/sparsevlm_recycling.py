@@ -24,15 +24,17 @@ def split_count(count: int, n: int) -> tuple[int, int]:
     return (count, 0) if fits is None else (fits, count - fits)
 
 
-def dpc_knn(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Density-peak clustering with k-nearest-neighbour density (the code's ``cluster_and_merge``, k = ``clusters``)
-    of ``x`` (m, d): distances ``|x_i - x_j| / sqrt(d)``, density ``exp(-mean of the k nearest squared)`` (itself
+def dpc_knn(x: torch.Tensor, clusters: int, neighbours: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Density-peak clustering with k-nearest-neighbour density (the code's ``cluster_and_merge``; k = ``neighbours``,
+    None: ``clusters`` as in SparseVLM's code; HoliTom and PruneVid pass their own k) of ``x`` (m, d): distances
+    ``|x_i - x_j| / sqrt(d)``, density ``exp(-mean of the k nearest squared)`` (itself
     included), each token's distance to its nearest denser token (the largest distance for the densest), centres the
     ``clusters`` largest ``distance · density``, every token to its nearest centre. Returns (centres (clusters,)
     indices into x, assignment (m,) into centres); ties to the lower index."""
     x = x.float()
     dist = torch.cdist(x[None], x[None], compute_mode="donot_use_mm_for_euclid_dist")[0] / math.sqrt(x.shape[-1])
-    density = (-(dist.topk(clusters, dim=-1, largest=False).values ** 2).mean(dim=-1)).exp()
+    k = clusters if neighbours is None else neighbours
+    density = (-(dist.topk(k, dim=-1, largest=False).values ** 2).mean(dim=-1)).exp()
     index = torch.arange(len(x), device=x.device)
     denser = (density[None, :] > density[:, None]) | ((density[None, :] == density[:, None]) & (index[None, :] < index[:, None]))
     parent = torch.where(denser, dist, dist.max()).min(dim=-1).values
