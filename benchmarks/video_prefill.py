@@ -15,15 +15,17 @@ full in both, as the method needs them. Once per method the ideal's last logits 
 computation. Runs alternate (ideal, method, ...) and each pair gives one ratio; the figure is the median paired ratio
 with a distribution-free 95% interval, and "vs stock" the speed-up over the stock model given every token.
 
-Frames: ``uniform_frames`` keeping t, t/2 and t/4 of the video's t frame pairs before the tower, against the stock model
-given a video of only those frames (its ideal: the tower and the decoder both run on fewer; on Qwen2.5-VL its pairs are
-spaced as the kept ones, so their positions agree). The vision tower's own time is read by hooks around its forward, in
-both and in a stock pass of the tower over the whole video in each repeat: "tower vs stock", the median paired ratio of
-the method's tower time to that, should be close to the share of frames kept. Once per frame count the method's last
-logits are checked against the stock model on the whole video whose decoder is fed only the kept frames' tokens (each
-frame pair is encoded on its own, so dropping frames before the tower or after it gives the same tokens).
+Frames: ``uniform_frames`` keeping t, t/2 and t/4 of the video's t frame pairs before the tower, against the stock
+model given a video of only those frames (its ideal: the tower and the decoder both run on fewer; on Qwen2.5-VL its
+pairs are spaced as the kept ones, so the video's tokens sit at the same temporal positions). The vision tower's own
+time is read by hooks around its forward, in both and in a stock pass of the tower over the whole video in each repeat:
+"tower vs stock", the median paired ratio of the method's tower time to that, should be close to the share of frames
+kept. Once per frame count the method's last logits are checked against the stock model on the whole video whose
+decoder is fed only the kept frames' tokens (each frame pair is encoded on its own, so dropping frames before the tower
+or after it gives the same tokens).
 
-Prefill computes the last position's logits only, as ``generate()`` does; on a GPU its time is the time to first token.
+Prefill computes the last position's logits only, as ``generate()`` does; on a GPU its time is the time to first
+token (the processor aside).
 
     python benchmarks/video_prefill.py
     python benchmarks/video_prefill.py --methods evs,vidcom2 --parts methods --repeats 15
