@@ -27,6 +27,7 @@ import tokensieve as ts
 from shapes import (
     QWEN3_IMAGE_SIDE,
     QWEN3_PATCH,
+    decoder_fed_only,
     describe,
     gemma3_12b,
     gemma3_inputs,
@@ -46,33 +47,6 @@ FAMILIES = {
     "internvl": (lambda: internvl3_8b(wide=True), lambda: internvl_inputs(1)),
     "gemma3": (lambda: gemma3_12b(wide=True), lambda: gemma3_inputs(1)),
 }
-
-
-def decoder_fed_only(model, inputs: dict, kept: torch.Tensor):
-    """A pre-hook for the language model that keeps the text and the image tokens at ``kept`` (indices among the
-    image's placeholders) of every per-token input: the decoder then runs as if the prompt held only those."""
-    ids = inputs["input_ids"][0]
-    image = (ids == model.config.image_token_id).nonzero().squeeze(1)
-    keep = torch.ones_like(ids, dtype=torch.bool)
-    keep[image] = False
-    keep[image[kept]] = True
-    index = keep.nonzero().squeeze(1)
-
-    def gather(module, args, kwargs):
-        kwargs = dict(kwargs, inputs_embeds=kwargs["inputs_embeds"][:, index])
-        mask = kwargs.get("attention_mask")
-        if isinstance(mask, dict):  # Gemma3: full and sliding masks, (batch, 1, query, key)
-            kwargs["attention_mask"] = {name: m[:, :, index][..., index] if m is not None else None for name, m in mask.items()}
-        elif mask is not None:
-            kwargs["attention_mask"] = mask[:, index]
-        positions = kwargs.get("position_ids")
-        kwargs["position_ids"] = positions[..., index] if positions is not None else index.unsqueeze(0)
-        if kwargs.get("visual_pos_masks") is not None:  # Qwen3-VL's DeepStack rows: one per image token, in order
-            kwargs["visual_pos_masks"] = kwargs["visual_pos_masks"][:, index]
-            kwargs["deepstack_visual_embeds"] = [level[kept] for level in kwargs["deepstack_visual_embeds"]]
-        return args, kwargs
-
-    return gather
 
 
 def main(

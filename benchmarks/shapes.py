@@ -5,6 +5,9 @@ shapes of real checkpoints), a prompt with one image, and a timer.
 - ``llava-1.5-7b``: LLaVA-1.5-7B's shapes: CLIP ViT-L/336 (24x1024) and a 32x4096 Llama decoder.
 - ``qwen2.5-vl-7b``: Qwen2.5-VL-7B-Instruct's shapes (its config.json): a 32x1280 windowed tower and
   a 28x3584 decoder with 4 key-value heads; a 1008-px square image gives 36x36 = 1,296 tokens.
+- ``qwen2-vl-7b`` (benchmarks/video_prefill.py): Qwen2-VL-7B-Instruct's shapes (its config.json): a 32x1280 tower
+  with full attention within each frame and the same decoder; a 360p video (644x364 after the processor's resize)
+  gives 23x13 = 299 tokens per pair of frames.
 - ``internvl3-8b``: InternVL3-8B's shapes (``OpenGVLab/InternVL3-8B-hf``): a 24x1024 InternViT-300M tower
   with a [CLS] token on 448-px tiles, pixel shuffle to 256 tokens per tile, and a 28x3584 Qwen2.5 decoder
   with 4 key-value heads; an 896-px square image is 2x2 crops and a thumbnail, 5 tiles, 1,280 tokens.
@@ -32,6 +35,8 @@ from transformers import (
     InternVLForConditionalGeneration,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
     Qwen3_5Config,
     Qwen3_5ForConditionalGeneration,
     Qwen3VLConfig,
@@ -50,15 +55,37 @@ QWEN_TOKENS = {"image_token_id": 151655, "video_token_id": 151656, "vision_start
                "vision_end_token_id": 151653}
 
 
-def qwen2_5_vl_7b() -> Qwen2_5_VLForConditionalGeneration:
+def qwen2_5_vl_7b(wide: bool = False) -> Qwen2_5_VLForConditionalGeneration:
     text = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                 num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000, rms_norm_eps=1e-6,
                 rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
     vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
                   patch_size=QWEN_PATCH, spatial_merge_size=QWEN_MERGE, temporal_patch_size=QWEN_TEMPORAL,
                   window_size=112, fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2)
+    if wide:  # the shrunk tower's second block attends in full; the rotary sections halved with head_dim
+        _tiny_but_wide(text, vision, fullatt_block_indexes=[1], rope_parameters=_halved_mrope(text))
     config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **QWEN_TOKENS)
     return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def qwen2_vl_7b(wide: bool = False) -> Qwen2VLForConditionalGeneration:
+    """Qwen2-VL-7B-Instruct: its tower is ``embed_dim`` wide and its ``hidden_size`` is the decoder's (the merger's
+    output)."""
+    text = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
+    vision = dict(depth=32, embed_dim=1280, hidden_size=3584, mlp_ratio=4, num_heads=16, patch_size=QWEN_PATCH,
+                  spatial_merge_size=QWEN_MERGE, temporal_patch_size=QWEN_TEMPORAL)
+    if wide:
+        _tiny_but_wide(text, vision, rope_parameters=_halved_mrope(text))
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **QWEN_TOKENS)
+    return Qwen2VLForConditionalGeneration(config).eval()
+
+
+def _halved_mrope(text: dict) -> dict:
+    """Qwen2(.5)-VL's rope parameters with the t, h, w sections halved, for :func:`_tiny_but_wide`'s head_dim of 64
+    (half of 128)."""
+    return {**text["rope_parameters"], "mrope_section": [section // 2 for section in text["rope_parameters"]["mrope_section"]]}
 
 
 def _qwen3_vl_8b_configs(wide: bool) -> tuple[dict, dict]:
@@ -103,8 +130,12 @@ def _tiny_but_wide(text: dict, vision: dict, **overrides) -> None:
     text.update(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2)
     if "head_dim" in text:
         text["head_dim"] = 64
-    vision.update({"depth" if "depth" in vision else "num_hidden_layers": 2, "hidden_size": 128, "intermediate_size": 512,
+    vision.update({"depth" if "depth" in vision else "num_hidden_layers": 2,
                    "num_heads" if "num_heads" in vision else "num_attention_heads": 2})
+    if "embed_dim" in vision:  # Qwen2-VL: the tower's width is embed_dim (mlp_ratio 4: 512), hidden_size its output
+        vision.update(embed_dim=128, hidden_size=512)
+    else:
+        vision.update(hidden_size=128, intermediate_size=512)
     if "out_hidden_size" in vision:
         vision["out_hidden_size"] = 512
     for key, value in overrides.items():
@@ -129,6 +160,38 @@ def qwen_inputs(batch: int, prompt_tokens: int = 40, seed: int = 0, side: int = 
         "pixel_values": torch.randn(batch * grid * grid, 3 * QWEN_TEMPORAL * patch**2, generator=generator),
         "image_grid_thw": torch.tensor([[1, grid, grid]] * batch),
     }
+
+
+#: a 640x360 video as the Qwen2-VL processor resizes it (sides to multiples of 28): 26x46 patches, 13x23 = 299 tokens
+#: per pair of frames; sampled at 2 fps, a pair spans one second (Qwen2.5-VL's ``second_per_grid_ts``)
+QWEN_VIDEO_HEIGHT, QWEN_VIDEO_WIDTH, QWEN_VIDEO_SECONDS_PER_PAIR = 364, 644, 1.0
+
+
+def qwen_video_inputs(frames: int, prompt_tokens: int = 40, seed: int = 0, seconds_per_pair: float | None = None) -> dict:
+    """``vision_start, t*h*w x video_pad, vision_end`` after 5 text tokens, as the processor lays out a 360p video of
+    ``frames`` frames (t = frames / 2 pairs; 2,392 tokens for 16 frames), ``mm_token_type_ids`` 2 at the video tokens;
+    batch 1. The pixels are a random first pair of frames that drifts a little from pair to pair (so the pairs are
+    alike, as a video's are), already flattened (t * grid_h * grid_w, 3 * 2 * patch * patch), each patch at the same
+    row of every pair. ``seconds_per_pair``: Qwen2.5-VL's ``second_per_grid_ts`` (Qwen2-VL has none)."""
+    generator = torch.Generator().manual_seed(seed)
+    t, grid_h, grid_w = frames // QWEN_TEMPORAL, QWEN_VIDEO_HEIGHT // QWEN_PATCH, QWEN_VIDEO_WIDTH // QWEN_PATCH
+    tokens = t * (grid_h // QWEN_MERGE) * (grid_w // QWEN_MERGE)
+    text = torch.randint(3, 150000, (1, prompt_tokens), generator=generator)
+    video = torch.tensor([[QWEN_TOKENS["vision_start_token_id"]] + [QWEN_TOKENS["video_token_id"]] * tokens
+                          + [QWEN_TOKENS["vision_end_token_id"]]])
+    input_ids = torch.cat([text[:, :5], video, text[:, 5:]], dim=1)
+    first = torch.randn(grid_h * grid_w, 3 * QWEN_TEMPORAL * QWEN_PATCH**2, generator=generator)
+    steps = 0.3 * torch.randn(t, *first.shape, generator=generator)
+    steps[0] = 0
+    inputs = {
+        "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+        "mm_token_type_ids": (input_ids == QWEN_TOKENS["video_token_id"]).int() * 2,
+        "pixel_values_videos": (first + steps.cumsum(0)).flatten(0, 1),
+        "video_grid_thw": torch.tensor([[t, grid_h, grid_w]]),
+    }
+    if seconds_per_pair is not None:
+        inputs["second_per_grid_ts"] = torch.tensor([seconds_per_pair])
+    return inputs
 
 
 INTERNVL_TILE, INTERNVL_TILES, INTERNVL_TOKENS_PER_TILE = 448, 5, 256
@@ -198,6 +261,17 @@ def gemma3_inputs(batch: int, prompt_tokens: int = 40, seed: int = 0) -> dict:
     }
 
 
+def built_on(device: str, dtype: str, build) -> torch.nn.Module:
+    """``build()``'s model made directly on ``device`` in ``dtype``, not first in float32 on the CPU."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        with torch.device(device):
+            return build()
+    finally:
+        torch.set_default_dtype(default)
+
+
 def model_and_inputs(name: str, device: str, dtype: str, batch: int = 1,
                      attention: str = "sdpa") -> tuple[torch.nn.Module, dict]:
     """Model ``name`` (one of MODELS) on ``device`` in ``dtype`` with its prompt, gradients off."""
@@ -208,22 +282,11 @@ def model_and_inputs(name: str, device: str, dtype: str, batch: int = 1,
     if name == "demo":
         model = demo_llava().to(device=device, dtype=torch_dtype)
     else:
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(torch_dtype)
-        try:
-            with torch.device(device):
-                if name == "llava-1.5-7b":
-                    model = demo_llava(vision_layers=24, llm_hidden=4096, llm_layers=32, vision_hidden=1024, llm_heads=32)
-                elif name == "internvl3-8b":
-                    model = internvl3_8b()
-                elif name == "gemma3-12b":
-                    model = gemma3_12b()
-                elif name == "qwen3-vl-8b":
-                    model = qwen3_vl_8b()
-                else:
-                    model = qwen2_5_vl_7b()
-        finally:
-            torch.set_default_dtype(default)
+        model = built_on(device, dtype, {
+            "llava-1.5-7b": lambda: demo_llava(vision_layers=24, llm_hidden=4096, llm_layers=32, vision_hidden=1024,
+                                               llm_heads=32),
+            "internvl3-8b": internvl3_8b, "gemma3-12b": gemma3_12b, "qwen3-vl-8b": qwen3_vl_8b,
+            "qwen2.5-vl-7b": qwen2_5_vl_7b}[name])
     model.set_attn_implementation(attention)
     if name == "qwen3-vl-8b":
         inputs = qwen_inputs(batch, side=QWEN3_IMAGE_SIDE, patch=QWEN3_PATCH)
@@ -243,12 +306,51 @@ def describe(model: torch.nn.Module, inputs: dict, device: str, dtype: str) -> s
     """One line saying what is measured: tower and LLM sizes, tokens, batch, device, dtype and attention kernel."""
     vision, text = model.config.vision_config, model.config.text_config
     depth = getattr(vision, "num_hidden_layers", None) or vision.depth
+    width = getattr(vision, "embed_dim", None) or vision.hidden_size  # Qwen2-VL's hidden_size is its output's
     batch, length = inputs["input_ids"].shape
-    image = image_token_count(model, inputs)
+    visual = image_token_count(model, inputs)
+    tokens = f"{visual} image"
+    if "video_grid_thw" in inputs:
+        video = int((inputs["input_ids"][0] == model.config.video_token_id).sum())
+        t, h, w = inputs["video_grid_thw"][0].tolist()
+        tokens, visual = f"{video} video ({t} frame pairs of {h}x{w} patches)", visual + video
     name = device if device == "cpu" else torch.cuda.get_device_name()
-    return (f"model: vision {depth}x{vision.hidden_size}, LLM {text.num_hidden_layers}x{text.hidden_size}, "
-            f"{image} image + {length - image} text tokens, batch {batch}, {name} {dtype}, "
+    return (f"model: vision {depth}x{width}, LLM {text.num_hidden_layers}x{text.hidden_size}, "
+            f"{tokens} + {length - visual} text tokens, batch {batch}, {name} {dtype}, "
             f"attention {model.config._attn_implementation}, torch {torch.__version__}")
+
+
+def kept_positions(ids: torch.Tensor, token_id: int, kept: torch.Tensor) -> torch.Tensor:
+    """The positions in the prompt ``ids`` of its text and of the placeholders of ``token_id`` at ``kept`` (indices
+    among those placeholders), ascending."""
+    visual = (ids == token_id).nonzero().squeeze(1)
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    keep[visual] = False
+    keep[visual[kept]] = True
+    return keep.nonzero().squeeze(1)
+
+
+def decoder_fed_only(model, inputs: dict, kept: torch.Tensor, token_id: int | None = None):
+    """A pre-hook for the language model that keeps the text and the visual tokens at ``kept`` (indices among the
+    placeholders of ``token_id``, the image's by default) of every per-token input: the decoder then runs as if the
+    prompt held only those."""
+    index = kept_positions(inputs["input_ids"][0], model.config.image_token_id if token_id is None else token_id, kept)
+
+    def gather(module, args, kwargs):
+        kwargs = dict(kwargs, inputs_embeds=kwargs["inputs_embeds"][:, index])
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, dict):  # Gemma3: full and sliding masks, (batch, 1, query, key)
+            kwargs["attention_mask"] = {name: m[:, :, index][..., index] if m is not None else None for name, m in mask.items()}
+        elif mask is not None:
+            kwargs["attention_mask"] = mask[:, index]
+        positions = kwargs.get("position_ids")
+        kwargs["position_ids"] = positions[..., index] if positions is not None else index.unsqueeze(0)
+        if kwargs.get("visual_pos_masks") is not None:  # Qwen3-VL's DeepStack rows: one per image token, in order
+            kwargs["visual_pos_masks"] = kwargs["visual_pos_masks"][:, index]
+            kwargs["deepstack_visual_embeds"] = [level[kept] for level in kwargs["deepstack_visual_embeds"]]
+        return args, kwargs
+
+    return gather
 
 
 def timed(fn, device: str) -> float:
