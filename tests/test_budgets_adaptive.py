@@ -266,7 +266,7 @@ def test_bad_budgets_are_refused_when_built(make, error, words):
 
 @pytest.mark.parametrize("make, words", [
     (lambda: ts.DivPrune(keep=Adaptive(0.9)), "divprune cannot take an adaptive budget keep=Adaptive\\(mass=0.9\\): "
-                                              "divprune does not rank .* pass a count \\(keep=64\\) or a ratio"),
+                                              "divprune does not decide its count .* pass a count \\(keep=64\\) or a ratio"),
     (lambda: ts.PyramidDrop(keep=Adaptive(0.9)), "pyramiddrop cannot take an adaptive budget"),
     (lambda: ts.Pool(keep=Adaptive(0.9)), "pool cannot take an adaptive budget"),
     (lambda: ts.FasterVLM(keep=Adaptive(coverage=0.9)), "fastervlm takes Adaptive\\(mass=...\\)"),
