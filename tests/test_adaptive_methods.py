@@ -12,6 +12,7 @@ import test_fopru
 import test_mustdrop
 import test_prumerge
 import test_recoverable
+import test_scope
 import test_visiondrop
 import test_vispruner
 import tokensieve as ts
@@ -19,7 +20,7 @@ from conftest import build_model
 from test_contract import TEXTS
 from tiny_models import LLAVA
 from tokensieve.budget import Adaptive, mass_count
-from tokensieve.sieve import Selection
+from tokensieve.sieve import Selection, VisualTokens
 
 
 def same(a: Selection, b: Selection) -> bool:
@@ -46,6 +47,12 @@ def mustdrop_tokens():
     return test_mustdrop.tokens_for(test_mustdrop.six_by_six(e[0], e[1]), torch.arange(36.0), (6, 6))
 
 
+def skip_visual_tokens():
+    # the last prompt token's head-mean attention: 0.4 0.3 0.1 0.1 0.05 0.05 0 0; the top two hold 70%, three 80%
+    mean = torch.tensor([0.05, 0.3, 0.1, 0.0, 0.4, 0.1, 0.05, 0.0])
+    return VisualTokens(torch.zeros(8, 4), (2, 4), {"llm_attention": torch.stack([2 * mean, torch.zeros(8)])})
+
+
 # (method, its grid, a mass, the count it gives, by hand). PruMerge's [CLS] attention in 64ths, sorted: 18 12 9
 # (39 = 60.9%) 3 3 3 (48) 2 2 2 2 2 (58 = 90.6%) ...; VisionZip's head sums on VisionDrop's grid: top 6 hold 86.6%,
 # top 7 95.2%; VisPruner's head means 16..1 (136): top 7 hold 91 (66.9%); Recoverable's [CLS] row: 5 and 10 hold
@@ -62,6 +69,7 @@ HAND_WORKED = [
     pytest.param(ts.FoPru, dict(strategy="row"), fopru_tokens, 0.75, 3, id="fopru-row"),
     pytest.param(ts.RecoverableCompression, dict(neighbours=3), test_recoverable.hand_worked_tokens, 0.8, 3, id="recoverable"),
     pytest.param(ts.MustDrop, {}, mustdrop_tokens, 0.55, 12, id="mustdrop"),
+    pytest.param(ts.SkipVisual, dict(layer=1), skip_visual_tokens, 0.7, 2, id="skip_visual"),
 ]
 
 
@@ -84,6 +92,29 @@ def test_hand_worked_selections():
     assert recoverable.select(test_recoverable.hand_worked_tokens()).kept.tolist() == [5, 6, 10]
     mustdrop = ts.MustDrop(keep=Adaptive(0.55, min=1)).select(mustdrop_tokens())
     assert mustdrop.kept.tolist() == [16, 17, 21, 22, 23, 25, 27, 28, 29, 33, 34, 35]
+    assert ts.SkipVisual(keep=Adaptive(0.7, min=1), layer=1).select(skip_visual_tokens()).kept.tolist() == [1, 4]
+    # 2 and 5 tie at 0.1: the lower index goes first
+    assert ts.SkipVisual(keep=Adaptive(0.75, min=1), layer=1).select(skip_visual_tokens()).kept.tolist() == [1, 2, 4]
+
+
+def test_scope_keeps_the_fewest_of_its_greedy_picks_reaching_the_coverage():
+    """SCOPE's 2×3 grid: sky 0 1 2, an object 3 4, a small object 5; cosines 1 within a group, 0 across, so each
+    token covers its group and every token's coverage is 6. With saliency the picks go 4 (covers 2 of 6), 0 (5 of
+    6), 5 (6); without (alpha=0) 0 (3 of 6), 3 (5), 5."""
+    tokens = test_scope.hand_worked_tokens([0.1, 0.1, 0.05, 0.3, 0.4, 0.05])
+
+    def kept(coverage, **kwargs):
+        return ts.SCOPE(keep=Adaptive(coverage=coverage, **{"min": 1, **kwargs})).select(tokens).kept.tolist()
+
+    assert kept(0.3) == [4] and kept(0.34) == [0, 4] and kept(0.8) == [0, 4] and kept(0.9) == [0, 4, 5]
+    assert kept(0.3, min=2) == [0, 4] and kept(0.9, max=2) == [0, 4]
+    assert [ts.SCOPE(keep=Adaptive(coverage=c, min=1), alpha=0).select(tokens).kept.tolist() for c in (0.5, 0.6)] == [[0], [0, 3]]
+    # the picks are the prefix of a fixed keep's (the order does not depend on the count)
+    assert kept(0.8) == ts.SCOPE(keep=2).select(tokens).kept.tolist()
+    every = ts.SCOPE(keep=Adaptive(coverage=1.0)).select(tokens)
+    assert every.kept.tolist() == list(range(6)) and every.features is None
+    with pytest.raises(ValueError, match="scope takes Adaptive\\(coverage=...\\)"):
+        ts.SCOPE(keep=Adaptive(mass=0.9))
 
 
 @pytest.mark.parametrize("method, kwargs, tokens, mass, count", HAND_WORKED)
@@ -112,7 +143,7 @@ def test_two_adaptive_counts_are_refused(method):
 
 
 @pytest.mark.parametrize("name", ["prumerge", "prumerge_plus", "visionzip", "visiondrop", "vispruner", "fopru",
-                                  "recoverable", "mustdrop"])
+                                  "recoverable", "mustdrop", "skip_visual"])
 def test_coverage_is_refused_naming_the_rule_taken(name):
     with pytest.raises(ValueError, match=f"{name} takes Adaptive\\(mass=...\\)"):
         ts.load(name, keep=Adaptive(coverage=0.9))

@@ -186,6 +186,11 @@ class Budget:
         """The number of tokens to keep of an image whose tokens score ``scores`` (N,): ``resolve(N)``."""
         return self.resolve(len(scores))
 
+    def coverage_steps(self, n_tokens: int) -> tuple[int, int, None]:
+        """A greedy coverage method's ``(at_least, k, fraction)`` (``selection.coverage_greedy``): ``k = resolve(N)``
+        steps, no coverage threshold."""
+        return 1, self.resolve(n_tokens), None
+
     def __repr__(self) -> str:
         shown = [f"total={self.total}"] if self.total is not None else [repr(self.value)]
         return f"Budget({', '.join(shown + (['per_crop=True'] if self.per_crop else []))})"
@@ -313,6 +318,16 @@ class Adaptive:
             raise TypeError(f"keep={self!r} covers, it does not rank: coverage budgets are for coverage methods "
                             f"(mmtok); pass Adaptive(mass=...) to a scoring method")
         return self.clamp(mass_count(scores, self.mass), len(scores))
+
+    def coverage_steps(self, n_tokens: int) -> tuple[int, int, float | None]:
+        """A greedy coverage method's ``(at_least, at_most, fraction)`` (``selection.coverage_greedy``), by the
+        coverage rule: between ``min`` and ``max`` steps, stopping at ``coverage`` of the coverage of every token;
+        ``coverage=1.0`` gives no fraction, so it keeps every token (up to ``max``), as ``keep=1.0``."""
+        if self.coverage is None:
+            raise TypeError(f"keep={self!r} ranks, it does not cover: mass budgets are for methods that rank by a "
+                            f"score; pass Adaptive(coverage=...) to a coverage method")
+        low, high = self.bounds(n_tokens)
+        return low, high, self.coverage if self.coverage < 1.0 else None
 
     def __repr__(self) -> str:
         shown = [f"{self.adaptive}={self.threshold}"]
