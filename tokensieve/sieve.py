@@ -322,7 +322,7 @@ def check_budget(sieve: Sieve) -> None:
     """Refuse, when a method is built, a budget it cannot honour: an adaptive rule it does not declare
     (``adaptive_rules``), or ``per_crop=True`` without ``crop_split``."""
     name, budget = getattr(sieve, "name", type(sieve).__name__), sieve.budget
-    rules = _declared(type(sieve), "adaptive_rules", ())
+    rules = adaptive_rules_of(type(sieve))
     if budget.adaptive is not None and budget.adaptive not in rules:
         if rules:
             fix = f"{name} takes " + " or ".join(f"Adaptive({rule}=...)" for rule in rules)
@@ -342,11 +342,16 @@ def check_budget(sieve: Sieve) -> None:
                          f"do; pass per_crop=False, one budget over the whole image")
 
 
+def adaptive_rules_of(cls: type) -> tuple[str, ...]:
+    """The adaptive rules a method class honours: its ``adaptive_rules`` as :data:`Sieve.adaptive_rules` says they count."""
+    return _declared(cls, "adaptive_rules", ())
+
+
 def adaptive_methods(rule: str) -> str:
     """The registered methods that take the adaptive ``rule`` ("mass" or "coverage"), comma-separated."""
     from .registry import _METHODS  # the registry imports this module
 
-    return ", ".join(name for name, cls in sorted(_METHODS.items()) if rule in _declared(cls, "adaptive_rules", ()))
+    return ", ".join(name for name, cls in sorted(_METHODS.items()) if rule in adaptive_rules_of(cls))
 
 
 def _declared(cls: type, attribute: str, default):
