@@ -246,8 +246,8 @@ class Adaptive:
       lowest one first (``s - min(s)``: the lowest token holds no mass, and the count does not depend on
       the scores' offset or scale). Non-finite scores (-inf) hold no mass. An image whose total mass is 0
       (all scores equal after the shift) keeps ``min``.
-    - ``coverage`` (greedy coverage methods: ``mmtok``, ``catp``, ``scope``): the fewest greedily chosen tokens whose coverage
-      ``f(S)`` reaches ``coverage`` of the coverage of every token (``selection.coverage_greedy``).
+    - ``coverage`` (greedy coverage methods: ``mmtok``, ``catp``, ``scope``): the fewest greedily chosen tokens
+      whose coverage ``f(S)`` reaches ``coverage`` of the coverage of every token (``selection.coverage_greedy``).
 
     Either threshold is in (0, 1]; ``1.0`` keeps every token (also those with zero score), as ``keep=1.0``.
     The count is then clamped to ``[min, max]`` (``max=None``: no cap) and to the image's token count, so

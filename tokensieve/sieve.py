@@ -343,7 +343,7 @@ def check_budget(sieve: Sieve) -> None:
 
 
 def adaptive_rules_of(cls: type) -> tuple[str, ...]:
-    """The adaptive rules a method class honours: its ``adaptive_rules`` as :data:`Sieve.adaptive_rules` says they count."""
+    """The adaptive rules a method class honours: its ``adaptive_rules``, counted as :data:`Sieve.adaptive_rules` says."""
     return _declared(cls, "adaptive_rules", ())
 
 
