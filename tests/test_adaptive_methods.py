@@ -177,3 +177,13 @@ def test_run_stats_report_each_images_adaptive_count(name):
     assert [r.after for r in run.stats.images] == [len(r.kept) for r in run.stats.images] == counts
     assert all(1 < count < 64 for count in counts)
     assert run.stats.tokens_after == sum(counts)
+
+
+def test_coverage_steps():
+    """What a greedy coverage method runs: a count's steps, or the coverage rule's bounds and share."""
+    assert ts.Budget(4).coverage_steps(10) == (1, 4, None) and ts.Budget(0.5).coverage_steps(10) == (1, 5, None)
+    assert Adaptive(coverage=0.9, min=2, max=6).coverage_steps(10) == (2, 6, 0.9)
+    assert Adaptive(coverage=0.9).coverage_steps(10) == (10, 10, 0.9)  # min 16 above the image: every token
+    assert Adaptive(coverage=1.0, min=2).coverage_steps(10) == (2, 10, None)  # 1.0 keeps every token
+    with pytest.raises(TypeError, match="mass budgets are for methods that rank by a score"):
+        Adaptive(mass=0.9).coverage_steps(10)
