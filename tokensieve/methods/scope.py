@@ -46,7 +46,7 @@ class SCOPE(Sieve):
 
     Adaptive budget (this library's): ``keep=ts.Adaptive(coverage=0.9, min=16, max=None)`` keeps the fewest of
     SCOPE's greedy picks (the same order as any ``keep``) whose coverage ``sum_i max(0, max_{j kept} cos(x_i,
-    x_j))`` reaches 90% of every token's (``N``: each token covers itself), clamped to ``[min, max]``; as
+    x_j))`` reaches 90% of every token's together (``N`` where no feature is zero), clamped to ``[min, max]``; as
     ``mmtok``'s. The saliency weights the order, not the coverage. ``Adaptive(mass=...)`` is refused: the
     picks are not the top of one score.
     """
