@@ -12,14 +12,16 @@ import torch
 
 import test_contract
 import tokensieve as ts
+from cases import _tiny_arguments
 from conftest import build_model
 from test_contract import TEXTS, greedy
 from test_mmtok import brute_force_greedy, cover
 from tiny_llava_next import LLAVA_NEXT
 from tiny_models import LLAVA
 from tokensieve.budget import Adaptive, Budget, as_budget, mass_count, parse_keep, split_top_level
+from tokensieve.registry import method_class
 from tokensieve.selection import coverage_greedy, split_budget, top_k_in_order
-from tokensieve.sieve import ScoringSieve, Selection, VisualTokens
+from tokensieve.sieve import ScoringSieve, Selection, VisualTokens, adaptive_rules_of
 
 
 @dataclass
@@ -266,7 +268,7 @@ def test_bad_budgets_are_refused_when_built(make, error, words):
 
 @pytest.mark.parametrize("make, words", [
     (lambda: ts.DivPrune(keep=Adaptive(0.9)), "divprune cannot take an adaptive budget keep=Adaptive\\(mass=0.9\\): "
-                                              "divprune does not rank .* pass a count \\(keep=64\\) or a ratio"),
+                                              "divprune does not decide its count .* pass a count \\(keep=64\\) or a ratio"),
     (lambda: ts.PyramidDrop(keep=Adaptive(0.9)), "pyramiddrop cannot take an adaptive budget"),
     (lambda: ts.Pool(keep=Adaptive(0.9)), "pool cannot take an adaptive budget"),
     (lambda: ts.FasterVLM(keep=Adaptive(coverage=0.9)), "fastervlm takes Adaptive\\(mass=...\\)"),
@@ -358,11 +360,22 @@ def test_per_crop_on_llava_next_splits_over_the_models_own_pieces():
     assert whole.stats.images[0].kept.tolist() != expected  # one budget over the image picks otherwise here
 
 
-ADAPTIVE_CASES = [
-    pytest.param(LLAVA, lambda keep: ts.FasterVLM(keep=keep), id="llava-fastervlm"),
-    pytest.param(LLAVA, lambda keep: ts.FastV(keep=keep, layer=1), id="llava-fastv"),
-    pytest.param(LLAVA_NEXT, lambda keep: ts.FasterVLM(keep=keep), id="llava_next-fastervlm-per_crop"),
-]
+def adaptive_cases() -> list:
+    """Every registered method that declares an adaptive rule (read from the registry, as tests/cases.py reads the
+    contract's), on the tiny LLaVA with the contract's arguments, each with its rule; and one per-crop case."""
+    params = []
+    for info in ts.list_methods():
+        cls = method_class(info.class_name)
+        if cls.needs_video:
+            continue
+        for rule in adaptive_rules_of(cls):
+            def make(keep, name=info.name, kwargs=_tiny_arguments(info)):
+                return ts.load(name, keep=keep, **kwargs)
+            params.append(pytest.param(LLAVA, make, rule, id=f"llava-{info.name}-{rule}"))
+    return params + [pytest.param(LLAVA_NEXT, lambda keep: ts.FasterVLM(keep=keep), "mass", id="llava_next-fastervlm-per_crop")]
+
+
+ADAPTIVE_CASES = adaptive_cases()
 CONTRACT_TESTS = [
     "test_generate_with_cache_equals_a_no_cache_loop", "test_left_padded_batch_equals_each_row_alone",
     "test_second_turn_reusing_the_pruned_cache_equals_a_fresh_prefill", "test_sampling_is_reproducible_under_a_seed",
@@ -370,26 +383,26 @@ CONTRACT_TESTS = [
 ]
 
 
-@pytest.mark.parametrize("family, make", ADAPTIVE_CASES)
+@pytest.mark.parametrize("family, make, rule", ADAPTIVE_CASES)
 @pytest.mark.parametrize("test", CONTRACT_TESTS)
-def test_the_shared_contract_holds_with_an_adaptive_budget(family, make, test, monkeypatch):
+def test_the_shared_contract_holds_with_an_adaptive_budget(family, make, rule, test, monkeypatch):
     """The contract tests themselves, with the method they build swapped for one with an adaptive budget."""
     per_crop = family is LLAVA_NEXT
 
     def method_for(name, kwargs, keep=16, pre_keep=0.5):
         if keep == 16:  # the contract's pruning budget: adaptive instead
-            return make(Adaptive(mass=0.5, min=4, per_crop=per_crop))
-        return make(Adaptive(mass=1.0, per_crop=per_crop))  # its keep-all budgets
+            return make(Adaptive(**{rule: 0.5}, min=4, per_crop=per_crop))
+        return make(Adaptive(**{rule: 1.0}, per_crop=per_crop))  # its keep-all budgets
 
     monkeypatch.setattr(test_contract, "method_for", method_for)
     arguments = {"texts": TEXTS} if "second_turn" in test else {}
     getattr(test_contract, test)(family, "adaptive", {}, **arguments)
 
 
-@pytest.mark.parametrize("family, make", ADAPTIVE_CASES)
-def test_keep_all_contract_with_mass_one(family, make, monkeypatch):
+@pytest.mark.parametrize("family, make, rule", ADAPTIVE_CASES)
+def test_keep_all_contract_with_mass_one(family, make, rule, monkeypatch):
     monkeypatch.setattr(test_contract, "method_for", lambda name, kwargs, keep=16, pre_keep=0.5: make(
-        Adaptive(mass=1.0, per_crop=family is LLAVA_NEXT)))
+        Adaptive(**{rule: 1.0}, per_crop=family is LLAVA_NEXT)))
     test_contract.test_keep_all_is_the_stock_model_bit_for_bit(family, "adaptive", {}, 1.0)
 
 

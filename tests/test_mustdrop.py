@@ -193,7 +193,7 @@ def test_the_engine_accepts_its_map():
     ({"key": "mean"}, "key must be one of"),
     ({"key_layer": 0}, "key_layer must be a vision layer"),
     ({"key_layer": True}, "key_layer must be a vision layer"),
-    ({"keep": ts.Adaptive(mass=0.9)}, "cannot take an adaptive budget"),
+    ({"keep": ts.Adaptive(coverage=0.9)}, "mustdrop takes Adaptive\\(mass=...\\)"),
 ])
 def test_bad_arguments_are_refused(kwargs, words):
     with pytest.raises(ValueError, match=words):

@@ -186,6 +186,11 @@ class Budget:
         """The number of tokens to keep of an image whose tokens score ``scores`` (N,): ``resolve(N)``."""
         return self.resolve(len(scores))
 
+    def coverage_steps(self, n_tokens: int) -> tuple[int, int, None]:
+        """A greedy coverage method's ``(at_least, k, fraction)`` (``selection.coverage_greedy``): ``k = resolve(N)``
+        steps, no coverage threshold."""
+        return 1, self.resolve(n_tokens), None
+
     def __repr__(self) -> str:
         shown = [f"total={self.total}"] if self.total is not None else [repr(self.value)]
         return f"Budget({', '.join(shown + (['per_crop=True'] if self.per_crop else []))})"
@@ -233,15 +238,16 @@ def share_total(total: int, weights: list[float], sizes: list[int]) -> list[int]
 class Adaptive:
     """An adaptive budget: per image, the fewest tokens that reach a threshold, between ``min`` and ``max``.
 
-    - ``mass`` (scoring methods, ``ScoringSieve``): the fewest top-scoring tokens whose scores sum to at least
+    - ``mass`` (methods that rank by one score: every ``ScoringSieve`` and those that declare it, docs/usage.md):
+      the fewest top-scoring tokens whose scores sum to at least
       ``mass`` of the image's total score (its "score mass"). Mass is defined on non-negative scores: scores
       that are all >= 0 (attention, the usual case) count as they are, so ``mass=0.9`` of a [CLS] attention row
       is the patches holding 90% of that attention; if any score is negative, every score is shifted by the
       lowest one first (``s - min(s)``: the lowest token holds no mass, and the count does not depend on
       the scores' offset or scale). Non-finite scores (-inf) hold no mass. An image whose total mass is 0
       (all scores equal after the shift) keeps ``min``.
-    - ``coverage`` (coverage methods: ``mmtok``): the fewest greedily chosen tokens whose coverage
-      ``f(S)`` reaches ``coverage`` of the coverage of every token (``selection.coverage_greedy``).
+    - ``coverage`` (greedy coverage methods: ``mmtok``, ``catp``, ``scope``): the fewest greedily chosen tokens
+      whose coverage ``f(S)`` reaches ``coverage`` of the coverage of every token (``selection.coverage_greedy``).
 
     Either threshold is in (0, 1]; ``1.0`` keeps every token (also those with zero score), as ``keep=1.0``.
     The count is then clamped to ``[min, max]`` (``max=None``: no cap) and to the image's token count, so
@@ -268,7 +274,7 @@ class Adaptive:
         if len(given) != 1:
             raise ValueError(
                 "an adaptive budget takes one threshold: mass=0.9 (the fewest top-scoring tokens holding 90% of "
-                "the score mass; scoring methods) or coverage=0.9 (coverage methods: mmtok), not "
+                "the score mass; methods that rank by a score) or coverage=0.9 (coverage methods: mmtok, catp, scope), not "
                 + ("both" if given else "none")
             )
         threshold = getattr(self, given[0])
@@ -311,8 +317,18 @@ class Adaptive:
         ``mass`` of the total, clamped to ``[min, max]``. One read back to the host (the count)."""
         if self.mass is None:
             raise TypeError(f"keep={self!r} covers, it does not rank: coverage budgets are for coverage methods "
-                            f"(mmtok); pass Adaptive(mass=...) to a scoring method")
+                            f"(mmtok, catp, scope); pass Adaptive(mass=...) to a scoring method")
         return self.clamp(mass_count(scores, self.mass), len(scores))
+
+    def coverage_steps(self, n_tokens: int) -> tuple[int, int, float | None]:
+        """A greedy coverage method's ``(at_least, at_most, fraction)`` (``selection.coverage_greedy``), by the
+        coverage rule: between ``min`` and ``max`` steps, stopping at ``coverage`` of the coverage of every token;
+        ``coverage=1.0`` gives no fraction, so it keeps every token (up to ``max``), as ``keep=1.0``."""
+        if self.coverage is None:
+            raise TypeError(f"keep={self!r} ranks, it does not cover: mass budgets are for methods that rank by a "
+                            f"score; pass Adaptive(coverage=...) to a coverage method")
+        low, high = self.bounds(n_tokens)
+        return low, high, self.coverage if self.coverage < 1.0 else None
 
     def __repr__(self) -> str:
         shown = [f"{self.adaptive}={self.threshold}"]

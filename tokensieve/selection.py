@@ -192,7 +192,8 @@ def dpp_map(kernel: torch.Tensor, k: int, eps: float = 1e-10) -> torch.Tensor:
 COVERAGE_CHECK_EVERY = 16
 
 
-def coverage_greedy(coverage: torch.Tensor, k: int, fraction: float | None = None, at_least: int = 1) -> torch.Tensor:
+def coverage_greedy(coverage: torch.Tensor, k: int, fraction: float | None = None, at_least: int = 1,
+                    weight: torch.Tensor | None = None, add: bool = False) -> torch.Tensor:
     """Greedy maximum coverage (facility location): ``k`` column indices of the (R, N) non-negative
     ``coverage`` matrix, in the order chosen, maximising ``f(S) = sum_r max_{j in S} coverage[r, j]``.
 
@@ -206,6 +207,10 @@ def coverage_greedy(coverage: torch.Tensor, k: int, fraction: float | None = Non
     relative 1e-6 for float rounding). The greedy order does not depend on ``k``, so this is the prefix of
     the plain greedy's choice; the loop reads ``f`` back once every :data:`COVERAGE_CHECK_EVERY` steps and
     trims the few steps past the threshold.
+
+    With ``weight`` (N,): each step picks the largest ``gain_j * weight_j`` (``gain_j + weight_j`` with ``add``):
+    SCOPE's saliency-weighted greedy, no longer a set function's greedy; ``fraction`` still measures the
+    unweighted ``f``.
     """
     coverage = coverage.float()
     n = coverage.shape[1]
@@ -217,7 +222,10 @@ def coverage_greedy(coverage: torch.Tensor, k: int, fraction: float | None = Non
         reach = (fraction - 1e-6) * coverage.max(dim=1).values.clamp(min=0).sum()
         covered = coverage.new_zeros(k)  # f after each step
     for step in range(k):
-        gains = (coverage - best[:, None]).clamp_(min=0).sum(dim=0) + taken
+        gains = (coverage - best[:, None]).clamp_(min=0).sum(dim=0)
+        if weight is not None:
+            gains = gains + weight if add else gains * weight
+        gains = gains + taken
         # picks stay one-element tensors: indexing with a 0-d tensor would stall a GPU once per step
         pick = gains.argmax(dim=0, keepdim=True)
         chosen[step : step + 1] = pick

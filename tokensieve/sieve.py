@@ -322,7 +322,7 @@ def check_budget(sieve: Sieve) -> None:
     """Refuse, when a method is built, a budget it cannot honour: an adaptive rule it does not declare
     (``adaptive_rules``), or ``per_crop=True`` without ``crop_split``."""
     name, budget = getattr(sieve, "name", type(sieve).__name__), sieve.budget
-    rules = _declared(type(sieve), "adaptive_rules", ())
+    rules = adaptive_rules_of(type(sieve))
     if budget.adaptive is not None and budget.adaptive not in rules:
         if rules:
             fix = f"{name} takes " + " or ".join(f"Adaptive({rule}=...)" for rule in rules)
@@ -330,8 +330,9 @@ def check_budget(sieve: Sieve) -> None:
             fix = (f"{name} overrides ScoringSieve.select without declaring adaptive_rules; pass a count (keep=64) "
                    f"or a ratio (keep=0.25)")
         else:
-            fix = (f"{name} does not rank tokens by one score (it is no ScoringSieve), so no threshold decides its "
-                   f"count; pass a count (keep=64) or a ratio (keep=0.25)")
+            fix = (f"{name} does not decide its count by one ranking of the image's tokens (docs/usage.md, Adaptive "
+                   f"budgets), so no threshold can; pass a count (keep=64) or a ratio (keep=0.25), or use a method "
+                   f"that takes it ({adaptive_methods(budget.adaptive)})")
         raise ValueError(f"{name} cannot take an adaptive budget keep={budget!r}: {fix}")
     if budget.total is not None and sieve.stage != "pre_llm":
         raise ValueError(f"{name} cannot take a total budget per prompt (keep={budget}): only pre-LLM methods share one "
@@ -339,6 +340,18 @@ def check_budget(sieve: Sieve) -> None:
     if budget.per_crop and not _declared(type(sieve), "crop_split", False):
         raise ValueError(f"{name} cannot split its budget per crop (keep={budget!r}): only scoring and grid methods "
                          f"do; pass per_crop=False, one budget over the whole image")
+
+
+def adaptive_rules_of(cls: type) -> tuple[str, ...]:
+    """The adaptive rules a method class honours: its ``adaptive_rules``, counted as :data:`Sieve.adaptive_rules` says."""
+    return _declared(cls, "adaptive_rules", ())
+
+
+def adaptive_methods(rule: str) -> str:
+    """The registered methods that take the adaptive ``rule`` ("mass" or "coverage"), comma-separated."""
+    from .registry import _METHODS  # the registry imports this module
+
+    return ", ".join(name for name, cls in sorted(_METHODS.items()) if rule in adaptive_rules_of(cls))
 
 
 def _declared(cls: type, attribute: str, default):

@@ -116,9 +116,8 @@ class CATP(Sieve):
 
     def _select(self, tokens: VisualTokens, text: torch.Tensor, k: int | None) -> Selection:
         n = len(tokens)
-        if k is None:  # coverage 1.0 keeps all (up to max), as keep=1.0
-            low, k = self.budget.bounds(n)
-            fraction = self.budget.coverage if self.budget.coverage < 1.0 else None
+        if k is None:  # an adaptive coverage budget
+            low, k, fraction = self.budget.coverage_steps(n)
         else:
             low, fraction = 1, None
         if k >= n and fraction is None:

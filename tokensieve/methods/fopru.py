@@ -66,11 +66,16 @@ class FoPru(Sieve):
     paper's significance is attention received, the column mean). Attention rows are recomputed from
     hooked q/k in chunks (HydraInfer runs that layer eagerly); sorts are stable (ties to the lower index).
     Serves every family (no [CLS] needed); LLaVA-NeXT/OneVision get one budget per image over all crops.
+
+    Adaptive budget (this library's): ``keep=ts.Adaptive(mass=0.9, min=16, max=None)`` keeps the fewest tokens
+    whose significance holds 90% of its mass (clamped to ``[min, max]``): with ``strategy="rank"`` exactly those
+    tokens; with ``"row"`` that many tokens, filled by rows as a fixed ``keep`` is.
     """
 
     name = "fopru"
     paper = "FoPru (arXiv 2411.14164)"
     signals = ("vision_attention",)
+    adaptive_rules = ("mass",)  # keep=ts.Adaptive(mass=0.9): the count holds 90% of the significance
 
     strategy: str = "rank"
     vision_layer: int | None = None
@@ -90,10 +95,10 @@ class FoPru(Sieve):
 
     def select(self, tokens: VisualTokens) -> Selection:
         n = len(tokens)
-        k = self.budget.resolve(n)
+        significance = self.significance(tokens)
+        k = self.budget.count(significance)
         if k >= n:
             return Selection.every(tokens)
-        significance = self.significance(tokens)
         if self.strategy == "rank":
             return Selection(top_k_in_order(significance, k))
         return Selection(focal_rows(significance, tokens.layout(), k))

@@ -89,11 +89,7 @@ class MMTok(Sieve):
 
     def select(self, tokens: VisualTokens) -> Selection:
         n = len(tokens)
-        if self.budget.adaptive == "coverage":  # coverage 1.0 keeps all (up to max), as keep=1.0
-            low, k = self.budget.bounds(n)
-            fraction = self.budget.coverage if self.budget.coverage < 1.0 else None
-        else:
-            low, k, fraction = 1, self.budget.resolve(n), None
+        low, k, fraction = self.budget.coverage_steps(n)
         if k >= n and fraction is None:
             return Selection.every(tokens)
         return Selection(coverage_greedy(self.coverage(tokens), k, fraction, low).sort().values)

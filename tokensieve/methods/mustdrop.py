@@ -62,11 +62,16 @@ class MustDrop(Sieve):
     The code needs a square grid divisible by the window and one merge count for the whole batch (the
     smallest); here any grid (edge windows are partial), each image its own count. Pieces one token wide
     or tall (LLaVA-NeXT's newline column: no image patches) never merge; each 2D piece merges on its own.
+
+    Adaptive budget (this library's): ``keep=ts.Adaptive(mass=0.9, min=16, max=None)`` sets the count ``keep``
+    to the fewest tokens whose key score (before merging) holds 90% of its mass, clamped to ``[min, max]``;
+    merging and the key-token fill then run as for a fixed ``keep`` of that count.
     """
 
     name = "mustdrop"
     paper = "MustDrop (arXiv 2411.10803)"
     signals = ("cls_attention", "vision_attention")
+    adaptive_rules = ("mass",)  # keep=ts.Adaptive(mass=0.9): the count holds 90% of the key scores
 
     threshold: float = 0.8
     window: int = 3
@@ -133,7 +138,8 @@ class MustDrop(Sieve):
 
     def select(self, tokens: VisualTokens) -> Selection:
         n = len(tokens)
-        k = self.budget.resolve(n)
+        scores = self.key_scores(tokens)
+        k = self.budget.count(scores)
         device = tokens.features.device
         if k >= n:
             return Selection.every(tokens)
@@ -152,7 +158,6 @@ class MustDrop(Sieve):
         merged[order[fits.long().cumprod(0).bool()]] = True
         arange = torch.arange(n, device=device)
         group = torch.where(merged[window], centre[window], arange)  # the token each token's unit stands at
-        scores = self.key_scores(tokens)
         totals = torch.zeros(n, device=device).index_add_(0, group, scores)
         counts = torch.bincount(group, minlength=n)
         unit_scores = torch.where(group == arange, totals / counts.clamp(min=1), float("-inf"))

@@ -30,6 +30,11 @@ class PruMerge(Sieve):
     means something and ``keep=1.0`` is the stock model. ``adaptive=True`` is the paper's count, at
     least 1 and at most ``keep`` (``keep=1.0``: no cap, as the paper).
 
+    Adaptive budget (this library's, not the paper's): ``keep=ts.Adaptive(mass=0.9, min=16, max=None)`` keeps
+    the fewest top patches whose [CLS] attention (the one-head ``a`` below) holds 90% of its mass, clamped to
+    ``[min, max]``; each then merges as above. It replaces the IQR as the rule that sets the count, so it is
+    refused with ``adaptive=True``.
+
     Defaults: ``keep=64`` (this library's budget), ``neighbours=32`` (the code's ``topk(k=32)``),
     ``attention_layer=-1``: the [CLS] attention of the last vision block (the code's ``layers[23]`` of
     CLIP-L's 24; ``None``: the feature layer). The code's attention is one head over the whole q/k,
@@ -50,6 +55,7 @@ class PruMerge(Sieve):
     name = "prumerge"
     paper = "LLaVA-PruMerge (arXiv 2403.15388)"
     signals = ("cls_attention", "vision_keys", "vision_features", "project")
+    adaptive_rules = ("mass",)  # keep=ts.Adaptive(mass=0.9): the fewest top patches holding 90% of the [CLS] attention
 
     adaptive: bool = False
     neighbours: int = 32
@@ -59,6 +65,10 @@ class PruMerge(Sieve):
         super().__post_init__()
         if not isinstance(self.adaptive, bool):
             raise ValueError(f"adaptive must be True (the paper's IQR count, at most keep) or False (exactly keep), not {self.adaptive!r}")
+        if self.adaptive and self.budget.adaptive is not None:
+            raise ValueError(f"{self.name}: adaptive=True (the paper's IQR count) and keep={self.budget!r} (the mass "
+                             f"count) are two rules for one count; pass adaptive=False with the adaptive budget, or "
+                             f"a count (keep=64) as the IQR count's cap")
         count = self.neighbours
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise ValueError(f"neighbours must be a count >= 0 (0: no merging), not {count!r}")
@@ -80,11 +90,11 @@ class PruMerge(Sieve):
 
     def select(self, tokens: VisualTokens) -> Selection:
         n = len(tokens)
-        k = self.budget.resolve(n)
-        if k >= n and not self.adaptive:
-            return Selection.every(tokens)
         rows = tokens[self._attention_request()]
         attention = single_head_attention(rows if self.attention_layer is None else rows[0])
+        k = self.budget.count(attention)
+        if k >= n and not self.adaptive:
+            return Selection.every(tokens)
         kept = self.pick(attention, k).sort().values
         keys = tokens["vision_keys"]
         keys = keys.transpose(0, 1).reshape(keys.shape[1], -1)  # heads concatenated, as k_proj's output
@@ -108,7 +118,8 @@ class PruMergePlus(PruMerge):
     centres of ``keep // 2`` even raster strides. Difference there: the code strides over every patch
     (``range(s // 2, N - 1, s)``, which is ``floor((i + 1/2)·N/m)`` when ``m`` divides ``N``) and lets a
     sample repeat an attention pick; here the strides run over the patches attention did not pick, so
-    the count is exact.
+    the count is exact. ``keep=ts.Adaptive(mass=...)``: the mass count of the [CLS] attention (as
+    :class:`PruMerge`'s) is the total kept, split half by attention, half spatial as a fixed ``keep`` is.
     """
 
     name = "prumerge_plus"

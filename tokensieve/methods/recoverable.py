@@ -64,11 +64,17 @@ class RecoverableCompression(Sieve):
     ``adaptive=True`` an image where no score has outliers keeps its single highest-attention token. Towers
     without [CLS] (SigLIP, Qwen, Idefics3) and LLaVA-NeXT/OneVision (no keys for newline tokens, no [CLS]) are
     refused through their signals.
+
+    Adaptive budget (this library's): ``keep=ts.Adaptive(mass=0.9, min=16, max=None)`` sets the count ``keep``
+    to the fewest patches whose [CLS] attention ``a`` holds 90% of its mass, clamped to ``[min, max]``; steps
+    1-4 then fill it as a fixed ``keep`` of that count. It replaces the code's LOF count of the centres, so it is
+    refused with ``adaptive=True``.
     """
 
     name = "recoverable"
     paper = "Recoverable Compression (arXiv 2409.01179)"
     signals = ("cls_attention", "vision_keys", "text_embeddings")
+    adaptive_rules = ("mass",)  # keep=ts.Adaptive(mass=0.9): the count holds 90% of the [CLS] attention
 
     adaptive: bool = False
     neighbours: int = 20
@@ -79,6 +85,10 @@ class RecoverableCompression(Sieve):
         super().__post_init__()
         if not isinstance(self.adaptive, bool):
             raise ValueError(f"adaptive must be True (the code's LOF count, at most keep) or False (exactly keep), not {self.adaptive!r}")
+        if self.adaptive and self.budget.adaptive is not None:
+            raise ValueError(f"recoverable: adaptive=True (the code's LOF count) and keep={self.budget!r} (the mass "
+                             f"count) are two rules for one count; pass adaptive=False with the adaptive budget, or "
+                             f"a count (keep=64) as the LOF count's cap")
         for field, value in (("neighbours", self.neighbours), ("centre_neighbours", self.centre_neighbours)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{field} must be a count of LOF neighbours >= 1, not {value!r}")
@@ -121,11 +131,11 @@ class RecoverableCompression(Sieve):
 
     def select(self, tokens: VisualTokens) -> Selection:
         n = len(tokens)
-        k = self.budget.resolve(n)
+        attention = self.attention(tokens)
+        k = self.budget.count(attention)
         device = tokens.features.device
         if k >= n and not self.adaptive:
             return Selection.every(tokens)
-        attention = self.attention(tokens)
         picked, centre = self.groups(attention, self.relevance(tokens), k)
         kept_mask = picked | centre
         kept = kept_mask.nonzero().squeeze(1)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from .._lazy import F, torch
 from ..registry import register
+from ..selection import coverage_greedy
 from ..sieve import Selection, Sieve, VisualTokens
 
 COMBINE = ("multiply", "add")
@@ -39,15 +40,21 @@ class SCOPE(Sieve):
     once). LLaVA-NeXT (``vision_space="projected"``): one budget per image over every crop, cosine of the
     projected tokens; newline tokens have saliency 0, so they score 0 when multiplied; the code selects
     ``int(keep / crops)`` in each crop on its vision features and drops every newline token (its LLaVA-NeXT
-    run script sets ``BASELINE=VISIONZIPSUB``, which its model builder does not handle). The
-    weighted gain is not a fixed set function's greedy, so ``coverage_greedy`` (which takes no per-column
-    weight) is not reused: its loop is repeated here with the weight. Towers without [CLS] (SigLIP, so
+    run script sets ``BASELINE=VISIONZIPSUB``, which its model builder does not handle). The greedy is
+    ``selection.coverage_greedy`` with the saliency as its per-column weight. Towers without [CLS] (SigLIP, so
     LLaVA-OneVision; Qwen; Idefics3) are refused.
+
+    Adaptive budget (this library's): ``keep=ts.Adaptive(coverage=0.9, min=16, max=None)`` keeps the fewest of
+    SCOPE's greedy picks (the same order as any ``keep``) whose coverage ``sum_i max(0, max_{j kept} cos(x_i,
+    x_j))`` reaches 90% of every token's together (``N`` where no feature is zero), clamped to ``[min, max]``; as
+    ``mmtok``'s. The saliency weights the order, not the coverage. ``Adaptive(mass=...)`` is refused: the
+    picks are not the top of one score.
     """
 
     name = "scope"
     paper = "SCOPE (arXiv 2510.24214)"
     signals = ("cls_attention", "vision_features")
+    adaptive_rules = ("coverage",)  # keep=ts.Adaptive(coverage=0.9): the fewest picks covering 90% of the tokens
 
     alpha: float = 1.0
     combine: str = "multiply"
@@ -70,29 +77,22 @@ class SCOPE(Sieve):
 
     def select(self, tokens: VisualTokens) -> Selection:
         n = len(tokens)
-        k = self.budget.resolve(n)
-        if k >= n:
+        low, k, fraction = self.budget.coverage_steps(n)
+        if k >= n and fraction is None:
             return Selection.every(tokens)
         features = tokens["vision_features"] if self.vision_space == "vision" else tokens.features
         unit = F.normalize(features.float(), dim=-1)
         saliency = tokens["cls_attention"].float().sum(dim=0) ** self.alpha
-        return Selection(scope_greedy(unit @ unit.T, saliency, k, self.combine == "add").sort().values)
+        chosen = scope_greedy(unit @ unit.T, saliency, k, self.combine == "add", fraction, low)
+        return Selection(chosen.sort().values)
 
 
-def scope_greedy(similarity: torch.Tensor, saliency: torch.Tensor, k: int, add: bool = False) -> torch.Tensor:
+def scope_greedy(similarity: torch.Tensor, saliency: torch.Tensor, k: int, add: bool = False,
+                 fraction: float | None = None, at_least: int = 1) -> torch.Tensor:
     """``k`` indices of the (N, N) ``similarity`` in the order chosen: each step the largest
     ``gain_j * saliency_j`` (``gain_j + saliency_j`` with ``add``), ``gain_j = sum_i max(0, similarity[i, j] -
     best_i)``, ``best_i`` row i's largest similarity to a chosen index (0 at the start); ties to the lower
-    index, chosen indices never again. A step costs O(N²); picks stay on the device (no host read)."""
-    n = similarity.shape[1]
-    best = similarity.new_zeros(similarity.shape[0])
-    taken = similarity.new_zeros(n)  # -inf at the chosen columns
-    chosen = torch.empty(k, dtype=torch.long, device=similarity.device)
-    for step in range(k):
-        gains = (similarity - best[:, None]).clamp_(min=0).sum(dim=0)
-        score = (gains + saliency if add else gains * saliency) + taken
-        pick = score.argmax(dim=0, keepdim=True)
-        chosen[step : step + 1] = pick
-        best = torch.maximum(best, similarity.index_select(1, pick).squeeze(1))
-        taken.index_fill_(0, pick, float("-inf"))
-    return chosen
+    index, chosen indices never again. A step costs O(N²); picks stay on the device (no host read). With
+    ``fraction``: the fewest of them (at least ``at_least``) whose coverage reaches that share of every
+    index's (``coverage_greedy``'s threshold)."""
+    return coverage_greedy(similarity, k, fraction, at_least, weight=saliency, add=add)

@@ -30,6 +30,8 @@ class SkipVisual(Sieve):
     first: no per-head choice, no trained parts; ``layer=None`` (half the depth) is this library's choice, not a
     paper's. ``run.stats`` reports the frozen tokens as dropped (``after`` counts the tokens still updated), while
     the KV cache keeps them (``kv_bytes`` shows it). Needs SDPA or eager attention and must be the last in-LLM stage.
+    ``keep=ts.Adaptive(mass=0.9, min=16, max=None)``: the fewest tokens holding 90% of that head-mean attention
+    stay updated (clamped to ``[min, max]``), as FastV's adaptive count.
     """
 
     name = "skip_visual"
@@ -38,6 +40,7 @@ class SkipVisual(Sieve):
     signals = ("llm_attention",)
     may_keep_none = True
     freezes = True
+    adaptive_rules = ("mass",)  # keep=ts.Adaptive(mass=0.9): the tokens holding 90% of the attention stay updated
 
     keep: int | float = 0
     layer: int | None = None
@@ -59,5 +62,6 @@ class SkipVisual(Sieve):
         if self.keeps_none:
             return Selection(torch.zeros(0, dtype=torch.long, device=tokens.features.device))
         n = len(tokens)
-        k = self.budget.resolve(n)
-        return Selection.every(tokens) if k >= n else Selection(top_k_in_order(tokens["llm_attention"].mean(dim=0), k))
+        scores = tokens["llm_attention"].mean(dim=0)
+        k = self.budget.count(scores)
+        return Selection.every(tokens) if k >= n else Selection(top_k_in_order(scores, k))

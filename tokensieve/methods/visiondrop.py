@@ -41,11 +41,16 @@ class VisionDrop(Sieve):
     pipeline is the chain ``visiondrop+visiondrop_llm``. Needs what
     ``visionzip`` needs: towers without [CLS] (SigLIP, Qwen, Idefics3) and LLaVA-NeXT/OneVision (newline
     tokens have no keys or vision features) are refused.
+
+    Adaptive budget (this library's): ``keep=ts.Adaptive(mass=0.9, min=16, max=None)`` sets ``dominant +
+    contextual`` to the fewest patches whose head-summed [CLS] attention holds 90% of its mass (clamped to
+    ``[min, max]``), split 7:1 as a fixed ``keep`` of that count is (as ``visionzip``'s).
     """
 
     name = "visiondrop"
     paper = "VisionDrop (arXiv 2506.22283)"
     signals = VisionZip.signals
+    adaptive_rules = ("mass",)  # keep=ts.Adaptive(mass=0.9): the total holds 90% of the [CLS] attention
 
     keep: int | float = 48
     contextual: int | None = None
@@ -62,5 +67,5 @@ class VisionDrop(Sieve):
         return k - contextual, contextual
 
     def select(self, tokens: VisualTokens) -> Selection:
-        k = self.budget.resolve(len(tokens))
+        k = self.budget.count(tokens["cls_attention"].sum(dim=0))
         return VisionZip(keep=k, contextual=self.split(k)[1]).select(tokens)

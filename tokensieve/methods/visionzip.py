@@ -61,12 +61,18 @@ class VisionZip(Sieve):
     dominant patches, the crops' [CLS], the crops' contextual tokens) is replaced by the tokens' own positions.
     It asks for ``vision_keys`` and ``vision_features`` with ``missing="zeros"``: LLaVA-NeXT's newline tokens
     have neither and get zero rows, which it never keeps or merges by.
+
+    Adaptive budget (this library's): ``keep=ts.Adaptive(mass=0.9, min=16, max=None)`` sets the image's total
+    ``dominant + contextual`` to the fewest patches whose head-summed [CLS] attention (the dominant tokens'
+    ranking, every crop's row together) holds 90% of its mass, clamped to ``[min, max]``; that total is then
+    split and shared over the crops as a fixed ``keep`` of that count is (54:10 by default).
     """
 
     name = "visionzip"
     paper = "VisionZip (arXiv 2412.04467)"
     signals = ("cls_attention", "vision_keys", "vision_features", "project")
     crop_split = True
+    adaptive_rules = ("mass",)  # keep=ts.Adaptive(mass=0.9): the total holds 90% of the [CLS] attention
 
     contextual: int | None = None
 
@@ -112,7 +118,8 @@ class VisionZip(Sieve):
 
     def select(self, tokens: VisualTokens) -> Selection:
         n = len(tokens)
-        k = self.budget.resolve(n)
+        scores = _signal(tokens, "cls_attention").sum(dim=0)
+        k = self.budget.count(scores)
         if k >= n:
             return Selection.every(tokens)
         device = tokens.features.device
@@ -121,7 +128,6 @@ class VisionZip(Sieve):
             contextual = [self.split(share)[1] for share in shares]
         else:
             contextual = split_budget(shares, min(self.contextual, k - 1))
-        scores = _signal(tokens, "cls_attention").sum(dim=0)
         own, targets, merged = [], [], []
         crops = torch.cat(crops).to(device).split([len(crop) for crop in crops])  # one copy to the device per image
         for crop, share, merging in zip(crops, shares, contextual):  # one pass per crop (a handful per image)

@@ -43,11 +43,17 @@ class VisPruner(Sieve):
     the code's fallback: each patch's attention received, averaged over every query row of the last
     layer (``vision_attention(layer=-1, queries="mean")``), then over heads. LLaVA-NeXT is refused, as its newline tokens have no vision features
     (the code runs each crop on its own with the full budget, keeping every newline).
+
+    Adaptive budget (this library's): ``keep=ts.Adaptive(mass=0.9, min=16, max=None)`` sets the total ``keep``
+    to the fewest patches whose head-mean attention (the important tokens' ranking) holds 90% of its mass,
+    clamped to ``[min, max]``; that total is split into important and diverse ones by ``important_ratio`` as a
+    fixed ``keep`` is.
     """
 
     name = "vispruner"
     paper = "VisPruner (arXiv 2412.01818)"
     signals = ("cls_attention", "vision_attention", "vision_features")
+    adaptive_rules = ("mass",)  # keep=ts.Adaptive(mass=0.9): the total holds 90% of the attention
 
     important_ratio: float = 0.5
     removed_per_round: int = 8
@@ -69,12 +75,13 @@ class VisPruner(Sieve):
 
     def select(self, tokens: VisualTokens) -> Selection:
         n = len(tokens)
-        k = self.budget.resolve(n)
+        attention = tokens["cls_attention"] if "cls_attention" in tokens else tokens[RECEIVED_AT_LAST_LAYER]
+        attention = attention.float().mean(dim=0)
+        k = self.budget.count(attention)
         if k >= n:
             return Selection.every(tokens)
         important_count, diverse_count = self.split(k)
-        attention = tokens["cls_attention"] if "cls_attention" in tokens else tokens[RECEIVED_AT_LAST_LAYER]
-        by_attention = torch.sort(attention.float().mean(dim=0), descending=True, stable=True).indices
+        by_attention = torch.sort(attention, descending=True, stable=True).indices
         residual = by_attention[important_count:]
         if diverse_count > 0:
             residual = remove_duplicates(tokens["vision_features"], residual, diverse_count, self.removed_per_round)
