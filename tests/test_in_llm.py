@@ -31,7 +31,7 @@ def _image_blocks(inputs, family, records):
     blocks, start = [], 0
     for record in records:
         block = placed[start : start + record.before]
-        start += record.before
+        start += record.before + family.trailing_placeholders
         blocks.append((int(block[0, 0]), block[:, 1]))
     return blocks
 
