@@ -17,8 +17,10 @@ size S; ``get_video_features``): the tower encodes each frame on its own, the pr
 thus t*h*w + 1 ``video`` placeholder tokens: its frames one after another, each in raster order, then the newline.
 Its slot has ``frames = (t, h, w)`` and one block per frame; the newline token is in no slot, so every method keeps
 it, as text (one token per video, which budgets do not count): the LLM still sees where the video ends. Kept tokens
-keep their positions (1D here). A call's images and its videos reach the tower in two passes (images first), so the
-capture keeps the earlier pass (``capture.earlier``), and each pass is told apart by the model method that started it
+keep their positions (1D here). Being in no slot, the newline also counts as text in a video's instruction
+(``text_embeddings``, ``llm_attention(queries="instruction")``: the prompt's text after the video's last frame token,
+tests/test_in_llm.py). A call's images and its videos reach the tower in two passes (images first), so the capture
+keeps the earlier pass (``capture.earlier``), and each pass is told apart by the model method that started it
 (``get_image_features``, ``get_video_features``, wrapped on the instance as NeXT wraps the first).
 
 A ``frames`` stage gives the tower only the kept frames (``frame_pass``) and spreads its output back over every frame
@@ -100,7 +102,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                 shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
                 raise ValueError(
                     f"pixel_values_videos must be one (videos, frames, channels, {size}, {size}) tensor, not {shape}: "
-                    f"every frame of a video must have the same size (the processor resizes them all to {size}x{size})")
+                    f"every frame of a video must have the same size (the processor resizes them all to {size}x{size}), and the "
+                    f"videos of one call the same number of frames (else pass them in separate calls)")
             if pixels.shape[0] == 0 or pixels.shape[1] == 0:
                 raise ValueError(f"pixel_values_videos of shape {tuple(pixels.shape)} holds an empty video (no frames): "
                                  f"pass at least one frame per video")
@@ -188,7 +191,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             slots = super().slots(inputs, capture)
             self._encoded_by = [(capture, index) for index in range(len(slots))]
             return slots
-        passes = {"video" in p.inputs: p for p in ((capture.earlier, capture) if images else (capture,)) if p is not None and p.seen}
+        latest = (capture.earlier, capture) if images else (capture,)  # the images' pass comes first
+        passes = {"video" in p.inputs: p for p in latest if p is not None and p.seen}
         image_pass, video_pass = passes.get(False), passes.get(True)
         if video_pass is None or (images and image_pass is None):
             raise ValueError(
