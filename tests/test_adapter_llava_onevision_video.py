@@ -236,3 +236,19 @@ def test_vision_features_and_project_are_refused_for_a_video_and_given_for_an_im
     with ts.apply(build_model(LLAVA_ONEVISION), sieve):
         build_model(LLAVA_ONEVISION)(**anyres_inputs(TEXTS[:1]))
     assert sieve.seen[0][asks[0]].shape[0] == anyres_tokens(IMAGE_SIZE)
+
+
+def test_the_released_grid_27x27_patches_pool_to_196_tokens_per_frame():
+    """The released towers' 27x27 patches (384 / 14) pool to 14x14 = 196 tokens a frame, as the processor counts them."""
+    model = tiny_llava_onevision_video(crop=27 * 8)
+    processor = SimpleNamespace(num_image_tokens=27 * 27, video_token="<video>")
+    pixels = torch.stack([random_video(1, 0, 2, 27 * 8)])
+    placeholders = LlavaOnevisionProcessor.replace_video_token(processor, {"pixel_values_videos": pixels}, 0).count("<video>")
+    assert placeholders == 2 * 196 + 1
+    ids = torch.tensor([[1] + [VIDEO_TOKEN] * placeholders + [5, 6]])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values_videos": pixels}
+    stock = model(**inputs).logits
+    with ts.apply(model, ts.load("evs", keep=1.0)) as run:
+        assert torch.equal(model(**inputs).logits, stock)
+    (record,) = run.stats.images
+    assert record.frames == (2, 14, 14) and record.before == record.after == 2 * 196
