@@ -6,6 +6,7 @@ from tiny_gemma4 import GEMMA4
 from tiny_idefics3 import IDEFICS3, SMOLVLM
 from tiny_internvl import INTERNVL
 from tiny_llava_next import LLAVA_NEXT, LLAVA_ONEVISION
+from tiny_llava_onevision_video import LLAVA_ONEVISION_VIDEO
 from tiny_models import LLAVA
 from tiny_qwen2_vl import QWEN2_5_VL, QWEN2_5_VL_VIDEO, QWEN2_VL, QWEN2_VL_VIDEO
 from tiny_qwen3_vl import QWEN3_5, QWEN3_VL
@@ -25,4 +26,5 @@ FAMILIES = [
     GEMMA4,
     QWEN2_VL_VIDEO,
     QWEN2_5_VL_VIDEO,
+    LLAVA_ONEVISION_VIDEO,
 ]

@@ -1,5 +1,6 @@
 """LLaVA-NeXT / LLaVA-OneVision specifics: the anyres layout against the model's own packing, [CLS]
-scores per crop, refusals, images of different sizes, multi-image prompts and anyres_max on OneVision."""
+scores per crop, refusals, images of different sizes, multi-image prompts and anyres_max on OneVision
+(OneVision's videos: test_adapter_llava_onevision_video.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from cases import METHOD_CASES
 from conftest import _stage, build_model, supported
 from test_contract import TEXTS, _assert_same, _snapshot, greedy
 from tiny_llava_next import (
-    IMAGE_SIZE, LLAVA_NEXT, LLAVA_ONEVISION, VIDEO_TOKEN, anyres_inputs, anyres_pixels, anyres_tokens,
+    IMAGE_SIZE, LLAVA_NEXT, LLAVA_ONEVISION, anyres_inputs, anyres_pixels, anyres_tokens,
     tiny_llava_next, tiny_llava_onevision,
 )
 from tiny_models import IMAGE_TOKEN, left_padded
@@ -153,22 +154,6 @@ def test_methods_it_cannot_serve_are_refused(family, name, words):
     before = _snapshot(model)
     with pytest.raises(ValueError, match=f"{name} needs signals .*{words}"):
         ts.apply(model, ts.load(name, keep=16))
-    _assert_same(model, before)
-
-
-def test_onevision_refuses_videos_and_is_left_untouched():
-    model = build_model(LLAVA_ONEVISION)
-    inputs = LLAVA_ONEVISION.make_inputs(TEXTS[:1])
-    frames = 2  # each frame pools 4x4 patches to 2x2, then one newline for the video
-    ids = torch.cat([inputs["input_ids"], torch.tensor([[VIDEO_TOKEN] * (frames * 4 + 1)])], dim=1)
-    with_video = {**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values_videos": torch.randn(1, frames, 3, 32, 32)}
-    model(**with_video)  # the stock model takes it
-    before = _snapshot(model)
-    with ts.apply(model, ts.load("uniform", keep=16)):
-        with pytest.raises(ValueError, match="carries a video.*serves videos only on Qwen2-VL"):
-            model(**with_video)
-        with pytest.raises(ValueError, match="carries a video.*serves videos only on Qwen2-VL"):
-            greedy(model, with_video)
     _assert_same(model, before)
 
 

@@ -37,9 +37,9 @@ def test_qwen3_videos_are_refused_and_the_model_is_untouched(family):
     model(**with_video)  # the stock model takes it
     before = _snapshot(model)
     with ts.apply(model, ts.load("uniform", keep=16)):
-        with pytest.raises(ValueError, match="videos only on Qwen2-VL and Qwen2.5-VL"):
+        with pytest.raises(ValueError, match="videos only on Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision"):
             model(**with_video)
-        with pytest.raises(ValueError, match="videos only on Qwen2-VL and Qwen2.5-VL"):
+        with pytest.raises(ValueError, match="videos only on Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision"):
             greedy(model, with_video)
     _assert_same(model, before)
 

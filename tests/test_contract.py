@@ -132,7 +132,7 @@ def test_prefill_equals_the_stock_decoder_with_dropped_tokens_masked(family, nam
     start = 0
     for record in run.stats.images:
         block = image_positions[start : start + record.before]
-        start += record.before
+        start += record.before + family.trailing_placeholders
         keep[block[:, 0], block[:, 1]] = False
         keep[block[record.kept, 0], block[record.kept, 1]] = True
     mask = mask * keep
@@ -297,7 +297,7 @@ def test_a_method_the_family_cannot_serve_is_refused_before_touching_the_model(f
     model_name = type(model).__name__
     # the alternatives a refusal may take; each but the layer's names a servable method after it
     refusal = (f"(needs signals {model_name} cannot give.*divprune|prunes inside the LLM, which {model_name} cannot serve.*divprune"
-               f"|acts on videos, and tokensieve takes videos only on Qwen2-VL and Qwen2.5-VL, not on {model_name}.*divprune"
+               f"|acts on videos, and tokensieve takes videos only on Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision, not on {model_name}.*divprune"
                f"|prunes before decoder layer)")
     method = method_for(name, kwargs)
     if adapter_for(model).takes_video and any(s.needs_video for s in getattr(method, "sieves", (method,))):

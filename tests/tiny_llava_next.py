@@ -76,10 +76,11 @@ def tiny_llava_next(seed: int = 0) -> LlavaNextForConditionalGeneration:
     return _for_tests(LlavaNextForConditionalGeneration(config))
 
 
-def tiny_llava_onevision(seed: int = 0, **overrides) -> LlavaOnevisionForConditionalGeneration:
+def tiny_llava_onevision(seed: int = 0, crop: int = CROP, **overrides) -> LlavaOnevisionForConditionalGeneration:
+    """``crop``: the tower's image size (a video's frame size), the pinpoints scaled with it."""
     torch.manual_seed(seed)
     vision = SiglipVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=CROP,
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=crop,
         patch_size=PATCH,
     )
     text = Qwen2Config(
@@ -88,7 +89,7 @@ def tiny_llava_onevision(seed: int = 0, **overrides) -> LlavaOnevisionForConditi
     )
     config = LlavaOnevisionConfig(
         vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
-        image_grid_pinpoints=PINPOINTS, **overrides,
+        image_grid_pinpoints=[[side * crop // CROP for side in pinpoint] for pinpoint in PINPOINTS], **overrides,
     )
     return _for_tests(LlavaOnevisionForConditionalGeneration(config))
 

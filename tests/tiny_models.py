@@ -66,6 +66,8 @@ class Family:
     masked_reference: Callable[..., torch.Tensor] | None = None
     reference: str = "masked"
     videos: bool = False  # its inputs are videos (tokens_per_image: per video, image_token: the video placeholder)
+    #: placeholders after each video's tokens that its record does not count (LLaVA-OneVision's newline, kept always)
+    trailing_placeholders: int = 0
 
 
 def random_image(seed: int, index: int, size: int) -> torch.Tensor:

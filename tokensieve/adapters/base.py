@@ -14,6 +14,12 @@ from ..signals import Signal, as_signal
 ENGINE_SIGNALS = frozenset({"text_embeddings"})
 
 
+def carries(inputs: dict, kind: str) -> bool:
+    """Whether a call brings ``kind`` ("image" or "video"): its pixels, or its features encoded before (generate())."""
+    pixels = inputs.get("pixel_values" if kind == "image" else "pixel_values_videos")
+    return pixels is not None or (inputs.get("mm_encoder_outputs") or {}).get(kind) is not None
+
+
 class PlaceholderMismatch(ValueError):
     """The image placeholder tokens of the input do not match the images of the vision pass."""
 

@@ -43,13 +43,7 @@ from torch import nn
 from transformers.vision_utils import get_vision_window_index
 
 from ..signals import Signal, attention_received
-from .base import Adapter, ImageSlot, VisionCapture
-
-
-def _carries(inputs: dict, kind: str) -> bool:
-    """Whether a call brings ``kind`` ("image" or "video"): its pixels, or its features encoded before (generate())."""
-    pixels = inputs.get("pixel_values" if kind == "image" else "pixel_values_videos")
-    return pixels is not None or (inputs.get("mm_encoder_outputs") or {}).get(kind) is not None
+from .base import Adapter, ImageSlot, VisionCapture, carries
 
 
 _NO_CLS = "the {} vision tower has no [CLS] token (its merger pools 2x2 patches; no token stands for the image)"
@@ -93,11 +87,11 @@ class Qwen2VLAdapter(Adapter):
         # only the kinds the call carries: the other kind's id is text there (a random model may draw it)
         images = self.placeholder_mask(inputs)
         videos = self.placeholder_mask(inputs, self.video_token_id())
-        return (images & _carries(inputs, "image")) | (videos & _carries(inputs, "video"))
+        return (images & carries(inputs, "image")) | (videos & carries(inputs, "video"))
 
     def check_inputs(self, kwargs: dict) -> None:
         types = kwargs.get("mm_token_type_ids")
-        images, videos = _carries(kwargs, "image"), _carries(kwargs, "video")
+        images, videos = carries(kwargs, "image"), carries(kwargs, "video")
         if not images and not videos:
             return
         if videos:
@@ -293,7 +287,7 @@ class Qwen2VLAdapter(Adapter):
     def _passes(self, inputs: dict, capture: VisionCapture) -> tuple[VisionCapture | None, VisionCapture | None]:
         """The vision passes of the call's images and of its videos (None: it has none of them): the latest pass
         for one kind, the one before it and the latest for both (images are encoded first)."""
-        images, videos = _carries(inputs, "image"), _carries(inputs, "video")
+        images, videos = carries(inputs, "image"), carries(inputs, "video")
         passes = [capture.earlier, capture] if images and videos else [capture] if images or videos else []
         if any(p is None or not p.seen or p.inputs.get("grid_thw") is None for p in passes):
             raise ValueError(

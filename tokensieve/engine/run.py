@@ -238,7 +238,7 @@ class Run:
         if has_video(kwargs) and not self.adapter.takes_video:
             raise ValueError(
                 f"this {type(self.model).__name__} call carries a video (pixel_values_videos), and tokensieve serves videos "
-                f"only on Qwen2-VL and Qwen2.5-VL (docs/video.md): run the {self.adapter.family} video outside the "
+                f"only on Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision (docs/video.md): run the {self.adapter.family} video outside the "
                 f"apply() block, or pass its frames as images"
             )
         self.adapter.check_inputs(kwargs)
@@ -506,7 +506,7 @@ def _refuse_before_hooking(model: nn.Module, adapter, method, vision: Sieve | No
     for sieve in (frames, vision, pre, *in_llm):
         if sieve is not None and sieve.needs_video and not adapter.takes_video:
             raise ValueError(
-                f"{sieve.name} acts on videos, and tokensieve takes videos only on Qwen2-VL and Qwen2.5-VL, not on "
+                f"{sieve.name} acts on videos, and tokensieve takes videos only on Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision, not on "
                 f"{type(model).__name__}: use an image method, such as {', '.join(servable_methods(adapter))} (see "
                 f"`tokensieve methods`)"
             )
