@@ -30,5 +30,7 @@ def _tiny_arguments(info) -> dict:
 OPTIONS = [
     ("sparsevlm:version=1", {}),  # the rank's adaptive count, four stages
     ("sparsevlm:version=2", {}),  # SparseVLM+: debiased rater rows, top heads, no recycling
+    ("mustdrop_llm:decode=True", {}),  # the KV cache evicted after the prefill (decode_stage.py)
+    ("dycoke:kv_keep=0.2", {}),  # the decode steps' image keys picked step by step (decode_stage.py)
 ]
 METHOD_CASES = [(info.name, _tiny_arguments(info)) for info in ts.list_methods()] + OPTIONS + CHAINS
