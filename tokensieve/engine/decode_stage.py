@@ -46,7 +46,7 @@ class _Held:
 
     images: list[list[torch.Tensor]] = field(default_factory=list)  # per row, each image's layer-0 columns (per_step)
     totals: list[list[int]] = field(default_factory=list)  # per row, each image's token count before any stage
-    before: list[list] = field(default_factory=list)  # per row, each image's attention of the last decode token
+    before: list[dict] = field(default_factory=list)  # per row: the last forward's decode tokens' rows by layer-0 column
     first: LayerState | None = None  # last_stage: what the first evicted layer holds after an eviction
 
 
@@ -135,17 +135,21 @@ class DecodeStage:
         blocked = torch.zeros(batch, length, forward.past + length, dtype=torch.bool, device=hidden.device)
         held = forward.held
         for b, positions in enumerate(rows):
-            before = list(held.before[b])
+            # each decode token's rows by its layer-0 column: the token before one is the previous column, which
+            # assisted decoding's crops may have taken off with its rejected drafts (then: a prompt token, none)
+            rows_of = dict(held.before[b])
             for number, position in enumerate(positions.tolist()):
+                column = forward.past + position
+                before = rows_of.get(column - 1, [None] * len(held.images[b]))
+                now = [attention[b, number, columns.to(attention.device)] for columns in held.images[b]]
                 for image, columns in enumerate(held.images[b]):
-                    now = attention[b, number, columns.to(attention.device)]
-                    kept = self.method.decode_step(now, before[image], held.totals[b][image])
-                    before[image] = now
+                    kept = self.method.decode_step(now[image], before[image], held.totals[b][image])
                     if kept is not None:
                         dropped = torch.ones(len(columns), dtype=torch.bool, device=blocked.device)
                         dropped[kept.to(blocked.device)] = False
                         blocked[b, position, columns.to(blocked.device)[dropped]] = True
-            held.before[b] = before
+                rows_of[column] = now
+            held.before[b] = {column: now for column, now in rows_of.items() if column >= forward.past}
         forward.blocked = blocked
 
     # last_stage
@@ -228,13 +232,16 @@ class DecodeStage:
         batch, length = decode.shape
         blocked = torch.zeros(batch, length, past + length, dtype=torch.bool, device=decode.device)
         for row, prompt in enumerate(self._forward.prompts):
-            if not bool(decode[row].any()):
+            own = [image for image in images if image.row == row]
+            if not own or not bool(decode[row].any()):
                 continue
             kept = self._memory.get(prompt)
-            own = [image for image in images if image.row == row]
-            if kept is None or len(kept) != len(own):
-                raise RuntimeError(f"{self.method.name} evicts after each prompt's prefill, but this forward continues a "
-                                   f"prompt whose selection it no longer holds: run the prompt alone first")
+            if kept is None or len(kept) != len(own):  # a prompt not scored before: assisted decoding's drafts follow it
+                raise ValueError(
+                    f"{self.method.name} (decode=True) evicts the KV cache to what its last stage keeps, but this forward "
+                    f"has tokens after a prompt it has not scored (assisted decoding's draft tokens, verified in the "
+                    f"prefill), which would attend the image tokens before that stage selects: generate without "
+                    f"assistant_model or prompt_lookup_num_tokens, or pass decode=False")
             for image, final in zip(own, kept):
                 dropped = ~torch.isin(image.raster.to(final.device), final)
                 columns = image.positions[dropped.to(image.positions.device)] + past
@@ -256,7 +263,7 @@ class DecodeStage:
         for image in images:
             held.images[image.row].append(image.positions + past)
             held.totals[image.row].append(image.record.before)
-        held.before = [[None] * len(row) for row in held.images]
+        held.before = [{} for _ in held.images]
         return held
 
     def _block(self, layer: int, module, args, kwargs, columns: torch.Tensor | None = None):

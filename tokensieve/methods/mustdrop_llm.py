@@ -85,7 +85,8 @@ class MustDropLLM(Sieve):
         raise TypeError("mustdrop_llm runs as stages inside the LLM: apply it with ts.apply(model, ts.load('mustdrop_llm'))")
 
     def decode_rule(self, n_layers: int) -> DecodeRule | None:
-        return DecodeRule("last_stage") if self.decode else None
+        keeps_all = isinstance(self.keep, float) and self.keep >= 1  # a ratio of 1 keeps every token: nothing to evict
+        return DecodeRule("last_stage") if self.decode and not keeps_all else None
 
     def schedule(self, n_layers: int) -> tuple[Sieve, ...]:
         layers = self.layers or tuple(sorted({min(max(round(n_layers * layer / 32), 1), n_layers - 1) for layer in REFERENCE_LAYERS}))
