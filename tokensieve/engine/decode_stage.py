@@ -106,6 +106,10 @@ class DecodeStage:
         if self.rule.kind == "last_stage" and images and bool(decode.any()):
             self._forward.blocked = self._remembered_blocks(images, decode, past)
 
+    def check_cache(self, cache) -> None:
+        """Refuse, before the model runs, a cache the rule cannot act on (a static one)."""
+        _check_cache(cache, self.method)
+
     def clear(self) -> None:
         self._forward = None
 
@@ -346,5 +350,6 @@ def _refuse(method: Sieve, rule: DecodeRule, decoder: nn.Module, layers: LayerPr
 def _check_cache(cache, method: Sieve) -> None:
     layers = getattr(cache, "layers", None) if cache is not None else []
     if any(type(layer) is not DynamicLayer for layer in layers or ()):
-        raise ValueError(f"{method.name} acts on the KV cache at decode steps, and needs a DynamicCache of full "
-                         f"attention layers, not {type(cache).__name__}: generate with the default cache")
+        raise ValueError(f"{method.name} acts on the KV cache at decode steps, and needs the default dynamic cache of "
+                         f"full-attention layers, not a {type(cache).__name__}: generate without cache_implementation "
+                         f"inside the apply() block")

@@ -256,6 +256,8 @@ class Run:
             )
         # a static cache serves pre-LLM methods and observing (tokensieve/engine/static_cache.py), not in-LLM stages
         refuse_static_cache_with_in_llm(kwargs.get(CACHE_ARGUMENT), self._layers.stages if self._layers is not None else (), with_images)
+        if self._decode is not None:
+            self._decode.check_cache(kwargs.get(CACHE_ARGUMENT))
         state = pruned_state(kwargs.get(CACHE_ARGUMENT))
         if state is not None and kwargs.get("input_ids") is not None:
             self._drop_cached_prefix(kwargs, state)

@@ -75,7 +75,8 @@ class DyCoke(Sieve):
             raise ValueError(f"kv_layer={self.kv_layer!r}: pass the decoder layer the KV pruning starts at, 1 or more (the code's: 3)")
 
     def decode_rule(self, n_layers: int) -> DecodeRule | None:
-        return DecodeRule("per_step", self.kv_layer) if self.kv_keep is not None else None
+        keeps_all = isinstance(self.keep, float) and self.keep >= 1  # a ratio of 1 keeps every token: no pruning
+        return DecodeRule("per_step", self.kv_layer) if self.kv_keep is not None and not keeps_all else None
 
     def decode_step(self, now: torch.Tensor, before: torch.Tensor | None, total: int) -> torch.Tensor | None:
         if self.budget.resolve(total) >= total:  # a budget that covers the video turns the KV pruning off too
