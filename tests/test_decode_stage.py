@@ -30,20 +30,28 @@ def test_mustdrop_evicts_the_first_stages_layers_to_what_the_last_stage_kept(lay
     model = build_model(LLAVA)
     inputs = LLAVA.make_inputs(TEXTS[:1])
     plain_out, plain, plain_run = _cached_prefill(model, inputs, ts.load("mustdrop_llm", keep=16, layers=layers))
-    out, cache, run = _cached_prefill(model, inputs, ts.load("mustdrop_llm", keep=16, layers=layers, decode=True))
+    with ts.apply(model, ts.load("mustdrop_llm", keep=16, layers=layers, decode=True)) as run:
+        out = model(**inputs, use_cache=True)
+        cache = output_cache(out)
+        snapshot = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+        # a decode step on the evicted cache adds its one token to every layer
+        token = out.logits[:, -1:].argmax(-1)
+        model(input_ids=token, attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(token)], dim=1),
+              **{CACHE_ARGUMENT: cache})
     assert torch.equal(out.logits, plain_out.logits)  # the prefill itself is untouched
     kept = run.stats.images[0].kept
     image = (inputs["input_ids"][0] == LLAVA.image_token).nonzero().squeeze(1)
     text = (inputs["input_ids"][0] != LLAVA.image_token).nonzero().squeeze(1)
     columns = torch.cat([text, image[kept]]).sort().values  # what an evicted layer keeps, in sequence order
-    for number, (ours, theirs) in enumerate(zip(cache.layers, plain.layers)):
+    for number, ((keys, values), theirs) in enumerate(zip(snapshot, plain.layers)):
         if number in evicted:
-            assert torch.equal(ours.keys, theirs.keys[:, :, columns]) and torch.equal(ours.values, theirs.values[:, :, columns])
+            assert torch.equal(keys, theirs.keys[:, :, columns]) and torch.equal(values, theirs.values[:, :, columns])
         else:
-            assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
+            assert torch.equal(keys, theirs.keys) and torch.equal(values, theirs.values)
     per_layer_token = 2 * plain.layers[0].keys[0, :, 0].numel() * plain.layers[0].keys.element_size()
     dropped = LLAVA.tokens_per_image - len(kept)
     assert run.stats.kv_bytes == plain_run.stats.kv_bytes - len(evicted) * dropped * per_layer_token
+    assert [layer.keys.shape[2] for layer in cache.layers] == [keys.shape[2] + 1 for keys, _ in snapshot]
 
 
 def test_mustdrop_decode_steps_match_a_no_cache_loop_and_a_fresh_prefill_with_a_layer_before_the_stages():
@@ -153,6 +161,17 @@ def test_dycoke_masks_each_decode_token_to_the_image_tokens_it_attends_to_most_i
         assert blocked.tolist() == sorted(set(video.tolist()) - set(top.tolist()))
     layer_1 = seen[1]
     assert not bool((layer_1 < -1).any() if layer_1.dtype != torch.bool else (~layer_1).any())  # the layer before: all
+
+
+def test_dycoke_keeps_every_token_in_the_cache():
+    model = build_model(QWEN2_VL_VIDEO)
+    inputs = QWEN2_VL_VIDEO.make_inputs(TEXTS)
+    lengths = {}
+    for kv_keep in (None, 0.2):
+        with ts.apply(model, ts.load("dycoke", keep=0.5, kv_keep=kv_keep, kv_layer=1)) as run:
+            out = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
+        lengths[kv_keep] = ([layer.keys.shape[2] for layer in output_cache(out).layers], run.stats.kv_bytes)
+    assert lengths[0.2] == lengths[None]
 
 
 def test_decode_rules_refuse_what_they_cannot_serve():
