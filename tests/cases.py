@@ -19,6 +19,7 @@ CHAINS = [
     ("fastv:layer=1+pyramiddrop", {"layers": (2, 3)}),  # two in-LLM methods, three stages
     ("tome_vit+divprune+fastv", {"layer": 1}),  # merged inside the vision tower, then pruned before and in the LLM
     ("uniform+csp", {"clusters": 8}),  # csp's scattering brings back what it received: the tokens kept before the LLM
+    ("mustdrop+mustdrop_llm:decode=True", {}),  # MustDrop's three stages: merged before the LLM, filtered, evicted
 ]
 
 
