@@ -212,7 +212,9 @@ class DecodeStage:
             return
         for layer in range(self._first, self._last):
             held = self._layer_columns(layer, states, final.columns.shape[0])
-            slots = (held[:, None, :] == final.columns[:, :, None]).long().argmax(-1)  # (batch, final slots)
+            # each final column's slot in the layer (columns ascend along a row, padding's -1 first); a padding slot
+            # of the final state takes any slot, which its mask blocks
+            slots = torch.searchsorted(held.contiguous(), final.columns.contiguous()).clamp(max=held.shape[1] - 1)
             stored = cache.layers[layer]
             at = slots[:, None, :, None].expand(-1, stored.keys.shape[1], -1, stored.keys.shape[-1])
             stored.keys, stored.values = stored.keys.gather(2, at), stored.values.gather(2, at)
