@@ -19,6 +19,7 @@ CHAINS = [
     ("fastv:layer=1+pyramiddrop", {"layers": (2, 3)}),  # two in-LLM methods, three stages
     ("tome_vit+divprune+fastv", {"layer": 1}),  # merged inside the vision tower, then pruned before and in the LLM
     ("uniform+csp", {"clusters": 8}),  # csp's scattering brings back what it received: the tokens kept before the LLM
+    ("mustdrop+mustdrop_llm:decode=True", {}),  # MustDrop's three stages: merged before the LLM, filtered, evicted
 ]
 
 
@@ -30,5 +31,7 @@ def _tiny_arguments(info) -> dict:
 OPTIONS = [
     ("sparsevlm:version=1", {}),  # the rank's adaptive count, four stages
     ("sparsevlm:version=2", {}),  # SparseVLM+: debiased rater rows, top heads, no recycling
+    ("mustdrop_llm:decode=True", {}),  # the KV cache evicted after the prefill (decode_stage.py)
+    ("dycoke:kv_keep=0.2", {}),  # the decode steps' image keys picked step by step (decode_stage.py)
 ]
 METHOD_CASES = [(info.name, _tiny_arguments(info)) for info in ts.list_methods()] + OPTIONS + CHAINS

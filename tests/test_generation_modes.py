@@ -101,9 +101,18 @@ STOCK_ASSISTED = {(family.name, mode): _stock_assisted(family, mode) for family 
 KNOWN_LEFT_OUT = {"qwen3_5"}
 
 
-def _assisted_cases(*stock: str) -> list:
+def _assisted_cases(*stock: str, evicting: bool = False) -> list:
     return [pytest.param(*case.values, mode, id=f"{case.id}-{mode}") for case in CONTRACT for mode in ASSISTED_MODES
-            if STOCK_ASSISTED[(case.values[0].name, mode)] in stock]
+            if STOCK_ASSISTED[(case.values[0].name, mode)] in stock and _evicts(*case.values[1:]) == evicting]
+
+
+def _evicts(name, kwargs) -> bool:
+    """Whether the case's method evicts the KV cache to what its last stage kept after the prefill
+    (``DecodeRule("last_stage")``): assisted decoding's drafts, verified in the prefill, would attend the image tokens
+    before that stage selects, so it is refused (below)."""
+    method = method_for(name, kwargs)
+    rules = [sieve.decode_rule(4) for sieve in getattr(method, "sieves", (method,))]
+    return any(rule is not None and rule.kind == "last_stage" for rule in rules)
 
 
 def test_only_the_known_families_are_left_out_of_assisted_decoding():
@@ -133,4 +142,15 @@ def test_assisted_decoding_under_pruning_gives_the_tokens_of_plain_greedy_decodi
     assert torch.equal(assisted, plain)
     # the verification forwards saw the image pruned as plain decoding prunes it
     assert [(r.after, r.kept.tolist()) for r in assisted_run.stats.images] == [(16, r.kept.tolist()) for r in plain_run.stats.images]
+
+
+@pytest.mark.parametrize("family, name, kwargs, mode", _assisted_cases("faithful", evicting=True))
+def test_assisted_decoding_is_refused_where_the_cache_is_evicted_after_the_prefill(family, name, kwargs, mode):
+    model = build_model(family)
+    inputs = family.make_inputs(ASSISTED_PROMPT)
+    with ts.apply(model, method_for(name, kwargs)):
+        with pytest.raises(ValueError, match="draft tokens.*generate without assistant_model or prompt_lookup_num_tokens"):
+            greedy(model, inputs, family, **assisted_options(family, mode))
+        plain = greedy(model, inputs, family)  # the refusal left the run usable
+    assert plain.shape[1] == inputs["input_ids"].shape[1] + 6
 

@@ -22,7 +22,18 @@ from test_observe import cache_bytes
 from tiny_models import LLAVA
 from tokensieve.engine.compat import CACHE_ARGUMENT, output_cache
 
-SERVED = family_method_params(stages=("in_vision", "pre_llm"))
+BEFORE_LLM = family_method_params(stages=("in_vision", "pre_llm"))
+
+
+def _acts_at_decode(name, kwargs) -> bool:
+    """Whether the case's method also acts on the KV cache at decode steps (``Sieve.decode_rule``: dycoke:kv_keep),
+    which needs the dynamic cache (refused below)."""
+    method = method_for(name, kwargs)
+    return any(sieve.decode_rule(4) is not None for sieve in getattr(method, "sieves", (method,)))
+
+
+SERVED = [case for case in BEFORE_LLM if not _acts_at_decode(*case.values[1:])]
+AT_DECODE = [case for case in BEFORE_LLM if _acts_at_decode(*case.values[1:])]
 IN_LLM = family_method_params(stages=("in_llm", "chain", "vision_chain"))
 BY_FAMILY = [pytest.param(family, id=family.name) for family in FAMILIES]
 MODES = {
@@ -151,6 +162,18 @@ def test_in_llm_stages_refuse_a_static_cache_before_the_prefill_and_the_handle_r
             model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0, **{CACHE_ARGUMENT: cache})
         assert run.stats.images == []  # refused before any image was pruned
         assert all(not layer.is_initialized for layer in cache.layers)  # and before any slot was written
+        tokens = model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert tokens.shape == (2, inputs["input_ids"].shape[1] + 2)
+
+
+@pytest.mark.parametrize("family, name, kwargs", AT_DECODE)
+def test_a_method_acting_at_decode_steps_refuses_a_static_cache_before_the_prefill(family, name, kwargs):
+    model = build_model(family)
+    inputs = family.make_inputs(TEXTS)
+    with ts.apply(model, method_for(name, kwargs)) as run:
+        with pytest.raises(ValueError, match="acts on the KV cache at decode steps, and needs the default dynamic cache"):
+            model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0, cache_implementation="static")
+        assert run.stats.images == []  # refused before any image was pruned
         tokens = model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0)
     assert tokens.shape == (2, inputs["input_ids"].shape[1] + 2)
 

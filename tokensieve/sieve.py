@@ -161,6 +161,18 @@ class Selection:
         return (summed / totals[:, None]).to(values.dtype)
 
 
+@dataclass(frozen=True)
+class DecodeRule:
+    """A method's policy at decode steps (docs/engine.md, tokensieve/engine/decode_stage.py). ``"last_stage"``
+    (MustDrop's decoding stage): after a prefill, the layers from its first stage's ``layer - 1`` up to its last
+    stage keep in their KV cache only the image tokens its last stage kept, so every later token attends those.
+    ``"per_step"`` (DyCoke's): each token after the prompt attends, from decoder ``layer`` on, to the image tokens
+    ``Sieve.decode_step`` picks from its attention in layer ``layer - 1``; the cache keeps every token."""
+
+    kind: str
+    layer: int | None = None
+
+
 @dataclass
 class Sieve:
     """Base class of every method: a dataclass whose fields are the method's arguments.
@@ -245,6 +257,18 @@ class Sieve:
         """In-LLM methods: the stages this method runs on a decoder of ``n_layers`` layers, each a sieve with its
         ``layer``: the method itself (one stage) or several at increasing layers (PyramidDrop)."""
         return (self,)
+
+    def decode_rule(self, n_layers: int) -> DecodeRule | None:
+        """What the tokens after the prompt (decode steps, and every later token) attend to of the image tokens, where
+        the method acts there too (tokensieve/engine/decode_stage.py); None: what the prefill's stages left them."""
+        return None
+
+    def decode_step(self, now: torch.Tensor, before: torch.Tensor | None, total: int) -> torch.Tensor | None:
+        """A ``DecodeRule("per_step")`` method: the image tokens one decode token attends to from the rule's layer on,
+        ascending indices, given its head-mean attention to the image's N tokens in the layer before (``now``, (N,))
+        and the previous decode token's (``before``; None for the first after the prompt); ``total``: the image's tokens
+        before any stage (a budget that covers them turns the rule off). None: every token."""
+        raise NotImplementedError
 
     def defaults(self) -> dict:
         """The arguments of this instance (its fields), for display and for the benchmark log."""

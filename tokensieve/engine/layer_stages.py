@@ -87,6 +87,7 @@ class _Plan:
     position_embeddings: tuple | None
     position_ids: torch.Tensor | None
     attention_mask: torch.Tensor | None
+    columns: torch.Tensor | None = None  # (batch, keys) the decoder-input column of each key slot (-1: padding)
 
 
 @dataclass
@@ -506,10 +507,10 @@ class LayerPruning:
         mask = kwargs.get("attention_mask")
         keys = self._past + self._length
         if mask is None and not out_of_order and bool((columns >= 0).all()):
-            return _Plan(index, embeddings, positions, None)  # causal over the kept tokens, which stay in order
+            return _Plan(index, embeddings, positions, None, columns)  # causal over the kept tokens, which stay in order
         if mask is None:
             mask = full_causal_mask(self.config, columns.shape[0], self._length, keys, columns.device, embeddings[0].dtype)
-        return _Plan(index, embeddings, positions, mapped_mask(mask, index, columns, keys))
+        return _Plan(index, embeddings, positions, mapped_mask(mask, index, columns, keys), columns)
 
     def _repacked(self, kwargs: dict, index, packed_mask: torch.Tensor, filled: torch.Tensor, past_dropped: torch.Tensor):
         """Positions without gaps (PyramidDrop's policy): each kept token's original position less the real tokens
@@ -562,6 +563,14 @@ class LayerPruning:
             if state is not None and held < state.columns.shape[1]:
                 states[index] = LayerState(state.columns[:, :held], state.dropped)
         return list(states)
+
+    def current_plan(self) -> _Plan | None:
+        """The plan the current stage's layers apply (None: they see the decoder's own sequence and keys)."""
+        return self._view.plan if self._view is not None else None
+
+    def cache_states(self, cache) -> list[LayerState | None] | None:
+        """What each stage's layers hold of ``cache`` (decode_stage.py evicts from them); None: no stage pruned it."""
+        return self._states.get(cache) if cache is not None else None
 
     def clear(self) -> None:
         """Forget the current forward's images and plans (it ended, or raised)."""

@@ -29,6 +29,7 @@ class PromptQueries:
 
     def __init__(self):
         self._seen: OrderedDict[int, list[tuple[int, ...]]] = OrderedDict()
+        self.last: list[tuple] = []  # each row's prompt at the last call: (image features' key, its token ids)
 
     def query_positions(self, inputs: dict, embeds: torch.Tensor, slots: list, own_mask: torch.Tensor,
                         candidates: int = 0) -> torch.Tensor:
@@ -37,7 +38,7 @@ class PromptQueries:
         ids, real_rows = inputs["input_ids"].tolist(), own_mask.bool().tolist()  # two reads back to the host in all
         sums = [embeds[slot.row, slot.positions].detach().float().sum(-1) for slot in slots]
         sums = torch.cat(sums).cpu().split([len(slot.positions) for slot in slots]) if slots else []
-        queries = []
+        queries, self.last = [], []
         for row, (row_ids, row_real) in enumerate(zip(ids, real_rows)):
             real = [i for i, is_real in enumerate(row_real) if is_real]
             real = real[: max(len(real) - candidates, 1)]
@@ -49,6 +50,7 @@ class PromptQueries:
             if prompt is None:
                 prompts.append(prompt := tokens)
             queries.append(real[len(prompt) - 1])
+            self.last.append((key, prompt))
         while len(self._seen) > self.LIMIT:
             self._seen.popitem(last=False)
         return torch.tensor(queries, device=own_mask.device)
@@ -62,6 +64,7 @@ def prompt_ends(prompts: PromptQueries, inputs: dict, embeds: torch.Tensor, slot
     conversation selects as the cached run did. Without input_ids: each row's last real token."""
     if inputs.get("input_ids") is not None:
         return prompts.query_positions(inputs, embeds, slots, own_mask, candidates)
+    prompts.last = []  # no prompt to recognise without token ids
     real = own_mask.bool()
     last = real.shape[1] - 1 - real.flip(1).long().argmax(1)
     return (last - candidates).clamp(min=0)
@@ -136,6 +139,38 @@ def query_attention(attention: nn.Module, rotary, hidden: torch.Tensor, position
             continue
         summed = probabilities.sum(2) if summed is None else summed + probabilities.sum(2)
     return torch.cat(each, dim=2) if not average else summed / counted[:, None, None]
+
+
+def attention_rows(attention: nn.Module, rotary, hidden: torch.Tensor, position_embeddings, queries: torch.Tensor,
+                   mask: torch.Tensor | None, keys: torch.Tensor | None = None) -> torch.Tensor:
+    """(batch, Q, S) head-mean softmax attention of the ``queries`` slots (batch, Q; -1: none, a zero row) of ``hidden``
+    (what ``attention`` received) to the S keys it attends: ``keys`` (batch, kv_heads, S, head_dim: the cache's, after
+    this forward's update) or, without a cache, this forward's own, under the layer's 4D ``mask`` (None: causal). The
+    decode stage's rows (decode_stage.py), as eager attention gives them (tests/test_decode_stage.py)."""
+    batch, length = hidden.shape[:2]
+    head_dim = attention.head_dim
+    cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)
+    if keys is None:
+        k = attention.k_proj(hidden).view(batch, length, -1, head_dim)
+        if hasattr(attention, "k_norm"):
+            k = attention.k_norm(k)
+        keys = rotary(k.transpose(1, 2), k.transpose(1, 2), cos, sin)[1]
+    total = keys.shape[2]
+    valid, part = queries >= 0, queries.clamp(min=0)
+    rows = torch.arange(batch, device=hidden.device)[:, None]
+    q = attention.q_proj(hidden[rows, part]).view(batch, part.shape[1], -1, head_dim)
+    if hasattr(attention, "q_norm"):
+        q = attention.q_norm(q)
+    q = rotary(q.transpose(1, 2), q.transpose(1, 2), cos[rows, part], sin[rows, part])[0]
+    keys = keys.repeat_interleave(q.shape[1] // keys.shape[1], dim=1)
+    logits = (q.float() @ keys.float().transpose(-1, -2)) * attention.scaling  # (batch, heads, Q, S)
+    if mask is None:
+        allowed = torch.arange(total, device=hidden.device)[None, None, :] <= (part + total - length)[:, :, None]
+    else:
+        rows_of = mask[:, 0].expand(batch, -1, -1).gather(1, part[:, :, None].expand(-1, -1, mask.shape[-1]))
+        allowed = rows_of if rows_of.dtype == torch.bool else rows_of > torch.finfo(rows_of.dtype).min / 2
+    probabilities = logits.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1)
+    return probabilities.mean(1) * valid[:, :, None]
 
 
 def positional_bias(rotary, query_cos: torch.Tensor, query_sin: torch.Tensor, key_cos: torch.Tensor, key_sin: torch.Tensor,

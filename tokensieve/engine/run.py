@@ -40,6 +40,7 @@ from ..sieve import Sieve
 from ..signals import requests_of
 from ..stats import ImageRecord, RunStats
 from .cache import CacheState, cache_bytes, pruned_state, remember, unpruned_state
+from .decode_stage import DecodeStage, decode_rules
 from .compat import CACHE_ARGUMENT, cache_length, output_cache
 from .find_tokens import encoded_before, find_images, has_images, has_video
 from .flops import count_prefill
@@ -108,6 +109,7 @@ class Run:
         self._candidates = 0
         self._prompts = PromptQueries()
         self._layers: LayerPruning | None = None
+        self._decode: DecodeStage | None = None
         self._merging: VisionMerging | None = None
         self._dropping: FrameDropping | None = None
         self._ppe: PositionPreservation | None = None
@@ -136,6 +138,7 @@ class Run:
                 self._layers = LayerPruning(self.in_llm, adapter.decoder, self.stats, adapter)
                 _refuse_vision_signals_in_llm(model, adapter, self.vision, self.in_llm, self._layers.vision_requests,
                                               self.frames)
+            self._decode = _decode_stage(chain, adapter.decoder, self._layers, self._prompts)
             self._handles += adapter.install_signal_hooks(self._requests + self._vision_requests, self._capture)
             if self.vision is not None:
                 self._merging = VisionMerging(self.vision, adapter.vision_tower, *adapter.merge_layout())
@@ -155,7 +158,9 @@ class Run:
             handle.remove()
         if self._layers is not None:
             self._layers.remove()
-        self._handles, self._layers = [], None
+        if self._decode is not None:
+            self._decode.remove()
+        self._handles, self._layers, self._decode = [], None, None
         self._call = None
         self._capture.reset()
         _HOOKED_MODELS.discard(self.model)
@@ -251,6 +256,8 @@ class Run:
             )
         # a static cache serves pre-LLM methods and observing (tokensieve/engine/static_cache.py), not in-LLM stages
         refuse_static_cache_with_in_llm(kwargs.get(CACHE_ARGUMENT), self._layers.stages if self._layers is not None else (), with_images)
+        if self._decode is not None:
+            self._decode.check_cache(kwargs.get(CACHE_ARGUMENT))
         state = pruned_state(kwargs.get(CACHE_ARGUMENT))
         if state is not None and kwargs.get("input_ids") is not None:
             self._drop_cached_prefix(kwargs, state)
@@ -270,6 +277,8 @@ class Run:
             self._capture.reset()
             if self._layers is not None:
                 self._layers.clear()
+            if self._decode is not None:
+                self._decode.clear()
             if self._ppe is not None:
                 self._ppe.clear()
             return
@@ -405,7 +414,7 @@ class Run:
     def _prompt_ends(self, embeds: torch.Tensor, slots: list[ImageSlot], own_mask: torch.Tensor) -> torch.Tensor | None:
         """Each row's prompt's last position, where a stage needs it: the query of in-LLM stages, the end of
         ``text_embeddings``' instruction."""
-        if not slots or not (self._layers or self._before_llm.wants_text):
+        if not slots or not (self._layers or self._decode or self._before_llm.wants_text):
             return None
         return prompt_ends(self._prompts, self._call.inputs, embeds, slots, own_mask, self._call.candidates)
 
@@ -414,18 +423,20 @@ class Run:
         """Tell the in-LLM stages (if any) where this forward's images and query tokens sit at the decoder
         input: their original positions, or where the pre-LLM ``packing`` put them; ``own_mask`` and
         ``past_mask`` are the decoder's 2D masks of this forward and of its cache; ``embeds`` the decoder input."""
-        if self._layers is None:
+        if self._layers is None and self._decode is None:
             return
         vision = [self._vision_signals(s) for s in slots]
         if packing is None:
             pending = [PendingImage(r, s.row, s.positions[r.kept], r.kept, vision=v) for r, s, v in zip(records, slots, vision)]
+        else:
+            moved = packing.slots()
+            pending = [PendingImage(r, s.row, moved[s.row, s.positions[r.kept]], r.kept, vision=v)
+                       for r, s, v in zip(records, slots, vision)]
+            queries = moved.gather(1, queries.unsqueeze(1)).squeeze(1) if queries is not None else None
+        if self._decode is not None:
+            self._decode.begin(pending, queries, own_mask, cache)
+        if self._layers is not None:
             self._layers.begin(pending, queries, own_mask, past_mask, cache, embeds)
-            return
-        moved = packing.slots()
-        pending = [PendingImage(r, s.row, moved[s.row, s.positions[r.kept]], r.kept, vision=v)
-                   for r, s, v in zip(records, slots, vision)]
-        queries = moved.gather(1, queries.unsqueeze(1)).squeeze(1) if queries is not None else None
-        self._layers.begin(pending, queries, own_mask, past_mask, cache, embeds)
 
     def _cache_before(self, module, args, kwargs) -> None:
         """Before the decoder hook consumes the call's images: a prefill (a call with images) notes the bytes
@@ -450,6 +461,15 @@ def _dropped_before(packing: Packing, own_mask: torch.Tensor, pruned_before: tor
     dropped = (~packing.keep & own_mask.bool()).long()
     before = packing.gather(dropped.cumsum(1) - dropped, dim=-1)
     return before + pruned_before.to(before.device)[:, None]
+
+
+def _decode_stage(chain: Chain | None, decoder: nn.Module, layers: LayerPruning | None, prompts: PromptQueries):
+    """The decode stage of the one method of ``chain`` that acts at decode steps (``Sieve.decode_rule``), if any."""
+    sieves = (chain.frames, chain.vision, chain.pre, *chain.in_llm) if chain is not None else ()
+    rules = decode_rules(sieves, len(decoder.layers))
+    if len(rules) > 1:
+        raise ValueError(f"{' and '.join(sieve.name for sieve, _ in rules)} both act at decode steps: chain one of them")
+    return DecodeStage(*rules[0], decoder, layers, prompts) if rules else None
 
 
 def _refuse_positions(positions: str, adapter, method, in_llm, ppe: int | None) -> None:

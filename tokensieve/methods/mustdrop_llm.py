@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from .._lazy import torch
 from ..registry import register
 from ..selection import top_k_in_order
-from ..sieve import Selection, Sieve, VisualTokens, check_layers
+from ..sieve import DecodeRule, Selection, Sieve, VisualTokens, check_layers
 from ..signals import Either, Signal
 
 PAPER = "MustDrop (arXiv 2411.10803), prefill stage"
@@ -42,10 +42,20 @@ class MustDropLLM(Sieve):
     nothing). The method as the paper runs it is the chain ``mustdrop+mustdrop_llm``. Original positions are kept
     (the code narrows the position ids, which keeps the survivors' own).
 
-    Differences: the code's decoding stage (after the prefill, every pruned layer's KV cache cut to the tokens the
-    last stage kept) is not done: each layer keeps the tokens its stage kept; the rows are recomputed under SDPA
+    ``decode=True`` adds the code's decoding stage ("output-aware cache policy", the end of ``LlamaDynamicvitModel
+    .forward``): after the prefill, the KV cache of every layer from the first stage's scoring layer (``layer - 1``;
+    the code's 0-based layer 2) up to the last stage's is cut to the image tokens the last stage kept (layers before it
+    keep every token, later ones hold that set already), so decode steps attend those alone there; the cache's bytes
+    (``run.stats.kv_bytes``) count what stays. Without a cache the tokens after the prompt are masked alike, so a
+    no-cache loop and a fresh prefill of a longer conversation give the cached run's tokens
+    (tokensieve/engine/decode_stage.py). It is off by default, so that ``mustdrop_llm`` stays the prefill stage alone.
+
+    Differences: the rows are recomputed under SDPA
     (equal to eager's); the key score is read from the unmerged tower at each token still there (the code's, on the
-    merged tokens at its last block); several images each get their own key set and counts.
+    merged tokens at its last block); several images each get their own key set and counts. Decode steps keep their
+    original positions (the code rotates a decode token at each layer by the length that layer's cache holds, so
+    after its cut at a position that differs from layer to layer); every token after the prompt is treated as a
+    decode step (the code cuts after each forward of more than one token that carries images).
     """
 
     name = "mustdrop_llm"
@@ -59,10 +69,13 @@ class MustDropLLM(Sieve):
     individual_thr: float = 0.01
     key_share: float = 0.08
     exact: bool = True
+    decode: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.layers = check_layers(self.layers, "the code's: (3, 7, 11, 15)")
+        if not isinstance(self.decode, bool):
+            raise ValueError(f"decode={self.decode!r}: pass True (evict after the prefill, the code's decoding stage) or False")
         for name in ("global_thr", "individual_thr", "key_share"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
@@ -70,6 +83,10 @@ class MustDropLLM(Sieve):
 
     def select(self, tokens: VisualTokens) -> Selection:
         raise TypeError("mustdrop_llm runs as stages inside the LLM: apply it with ts.apply(model, ts.load('mustdrop_llm'))")
+
+    def decode_rule(self, n_layers: int) -> DecodeRule | None:
+        keeps_all = isinstance(self.keep, float) and self.keep >= 1  # a ratio of 1 keeps every token: nothing to evict
+        return DecodeRule("last_stage") if self.decode and not keeps_all else None
 
     def schedule(self, n_layers: int) -> tuple[Sieve, ...]:
         layers = self.layers or tuple(sorted({min(max(round(n_layers * layer / 32), 1), n_layers - 1) for layer in REFERENCE_LAYERS}))
