@@ -14,7 +14,7 @@ from conftest import build_model
 import test_contract
 from test_contract import TEXTS
 from tiny_qwen2_vl import QWEN2_VL_VIDEO
-from tokensieve.methods.prunevid import PruneVid, refine
+from tokensieve.methods.prunevid import refine
 from tokensieve.methods.prunevid_llm import QUESTION
 from tokensieve.methods.sparsevlm_recycling import dpc_knn
 from tokensieve.sieve import VisualTokens
