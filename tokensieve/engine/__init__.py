@@ -7,7 +7,11 @@
 - ``select.py``: run a stage's sieve on each image and record what it kept (before the LLM: in_vision groups,
   then the pre-LLM sieve);
 - ``vision_stage.py``: the ``in_vision`` stage, merging tokens between vision-tower layers;
-- ``layer_stages.py``: the ``in_llm`` stages, each before one decoder layer;
+- ``schedule.py`` and ``layer_stages.py``: the ``in_llm`` stages, each before one decoder layer: their schedule and
+  its checks, then the hooks that run them;
+- ``frames_stage.py``: the ``frames`` stage, the vision tower run on a video's kept frames only;
+- ``decode_stage.py``: decode-time rules of in-LLM methods (MustDrop's cache eviction after the prefill, DyCoke's
+  per-step choice of the video tokens a new token attends to);
 - ``pack.py``: apply the selections and pack each row's kept tokens (shared by every stage);
 - ``masks.py`` and ``cache.py``: remap the decoder's mask onto what each stage sees, and follow what a pruned
   KV cache holds across decode steps and turns;

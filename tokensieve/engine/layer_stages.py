@@ -42,7 +42,10 @@ from .llm_signals import attention_module, input_norm, keys_and_values, query_at
 from .masks import full_causal_mask, mapped_mask
 from .pack import Packing, Selections, gather_sequence
 from .select import stage_record
-from .transitions import Transitions
+from .schedule import (
+    LLM_SIGNALS, VISION_SIGNALS, Stage, check_freezing, check_repackable, check_restoring, positions_of, schedule, scored_at,
+    transition_tracker,
+)
 
 
 @dataclass
@@ -113,38 +116,6 @@ class _Frozen:
     cache: object  # what the layers write their keys to: the forward's cache, or one for this forward alone
 
 
-@dataclass
-class Stage:
-    """One in-LLM stage of the schedule: the sieve that selects, and the method it belongs to."""
-
-    sieve: Sieve
-    method: Sieve
-
-    @property
-    def layer(self) -> int:
-        return self.sieve.layer
-
-
-def schedule(methods: tuple[Sieve, ...], n_layers: int) -> list[Stage]:
-    """The stages of ``methods`` (in-LLM sieves, in chain order) on a decoder of ``n_layers`` layers, checked:
-    every stage prunes before a layer from 1 to ``n_layers - 1``, at strictly increasing layers."""
-    stages = [Stage(sieve, method) for method in methods for sieve in method.schedule(n_layers)]
-    for stage in stages:
-        if not 1 <= stage.layer < n_layers:
-            raise ValueError(
-                f"{stage.method.name} prunes after layer={stage.layer}, but this language model has {n_layers} layers: "
-                f"pass a layer from 1 to {n_layers - 1}"
-            )
-    layers = [stage.layer for stage in stages]
-    if layers != sorted(set(layers)):
-        described = ", ".join(f"{stage.method.name} at layer {stage.layer}" for stage in stages)
-        raise ValueError(
-            f"in-LLM stages must prune before strictly increasing decoder layers, in chain order; got {described}: "
-            f"give each method its own layers"
-        )
-    return stages
-
-
 class LayerPruning:
     """Hooks of the in-LLM stages on one decoder; fed by the engine at every decoder forward."""
 
@@ -177,8 +148,8 @@ class LayerPruning:
         self._asks = [tuple(r for r in requests if r.name == "llm_attention") for requests in asked]
         self._transition_asks = [tuple(r for r in requests if r.name == "llm_transition") for requests in asked]
         self._input_asks = [tuple(r for r in requests if r.name == "llm_input") for requests in asked]
-        _check_restoring(self.stages, asked)
-        self._transitions = _transitions(self.stages, self._transition_asks, layers)
+        check_restoring(self.stages, asked)
+        self.transition_tracker = transition_tracker(self.stages, self._transition_asks, layers)
         self._vision_asks = [set(r for r in requests if r.name in VISION_SIGNALS) for requests in asked]
         # a stage stashes its tokens' hidden states when it or a later stage of its method restores
         self._stashes = [any(later.sieve.restores for later in self.stages[index:] if later.method is stage.method)
@@ -186,10 +157,10 @@ class LayerPruning:
         self.vision_requests = tuple(dict.fromkeys(r for asks in self._vision_asks for r in asks))
         self._rotary = rotary_function(attention_module(layers[0]))
         scored = {index: attention_module(layers[stage.layer - 1]) for index, stage in enumerate(self.stages)
-                  if self._asks[index] and _scored_at(stage.sieve) == "previous"}
-        if any(_positions(stage.method) == "repack" for stage in self.stages):
+                  if self._asks[index] and scored_at(stage.sieve) == "previous"}
+        if any(positions_of(stage.method) == "repack" for stage in self.stages):
             check_repackable(decoder)
-        _check_freezing(self.stages, decoder)
+        check_freezing(self.stages, decoder)
         at_layer = {stage.layer: index for index, stage in enumerate(self.stages)}
         self.handles = [
             layers[j].register_forward_pre_hook(partial(self._layer_input, at_layer.get(j), j), with_kwargs=True)
@@ -197,8 +168,8 @@ class LayerPruning:
         ]
         self.handles += [attention.register_forward_pre_hook(partial(self._score, index), with_kwargs=True)
                          for index, attention in scored.items()]
-        if self._transitions is not None:
-            self.handles += self._transitions.handles
+        if self.transition_tracker is not None:
+            self.handles += self.transition_tracker.handles
 
     @property
     def pending(self) -> bool:
@@ -219,10 +190,10 @@ class LayerPruning:
         self._past = cache.get_seq_length() if cache is not None else 0
         self._length, self._past_mask, self._input_mask = own_mask.shape[1], past_mask, own_mask
         self._held = self._cache_states(cache)
-        if self._transitions is not None and images:
-            self._transitions.begin(own_mask, query)
-        elif self._transitions is not None:
-            self._transitions.clear()
+        if self.transition_tracker is not None and images:
+            self.transition_tracker.begin(own_mask, query)
+        elif self.transition_tracker is not None:
+            self.transition_tracker.clear()
 
     # hooks
 
@@ -316,7 +287,7 @@ class LayerPruning:
             self._stash(images, hidden)
         if stage.sieve.restores and view.index is not None and images:  # else nothing was dropped: nothing comes back
             return self._restore(index, images, hidden, args, kwargs)
-        if images and _scored_at(stage.sieve) == "input" and self._asks[index]:
+        if images and scored_at(stage.sieve) == "input" and self._asks[index]:
             layer = self._layers[stage.layer]
             embeddings = view.plan.position_embeddings if view.plan is not None else kwargs["position_embeddings"]
             self._attention[index] = self._image_attention(index, attention_module(layer), input_norm(layer, hidden), embeddings)
@@ -347,8 +318,8 @@ class LayerPruning:
         self._view = _View(index_now, None if keep.all() else filled, packing.mask, query, images, plan, dropped)
         if keep.all():
             return _with_hidden(args, kwargs, hidden)
-        if self._transitions is not None:
-            self._transitions.packed(partial(packing.gather, dim=1), packing.mask)
+        if self.transition_tracker is not None:
+            self.transition_tracker.packed(partial(packing.gather, dim=1), packing.mask)
         return _with_hidden(args, kwargs, packing.gather(hidden, dim=1))
 
     def _freeze(self, stage: Stage, kwargs: dict, hidden: torch.Tensor, keep: torch.Tensor, view: _View) -> torch.Tensor | None:
@@ -446,7 +417,7 @@ class LayerPruning:
         for number, image in enumerate(images):
             features = hidden[image.row, image.positions]
             signals = dict(self._attention[index][number]) if self._asks[index] else {}
-            signals.update((request, self._transitions.at(image.row, image.positions)) for request in self._transition_asks[index])
+            signals.update((request, self.transition_tracker.at(image.row, image.positions)) for request in self._transition_asks[index])
             signals.update((request, self._llm_input(request, image)) for request in self._input_asks[index])
             raster = image.raster.to(features.device)
             signals.update((request, value[..., raster]) for request, value in image.vision.items()
@@ -499,7 +470,7 @@ class LayerPruning:
         """What layers of this stage get: cos/sin and position ids of the kept tokens, and the decoder's mask (over
         this forward's tokens and layer 0's keys) mapped onto the slots they cache."""
         embeddings, positions = kwargs.get("position_embeddings"), kwargs.get("position_ids")
-        if _positions(stage.method) == "repack":
+        if positions_of(stage.method) == "repack":
             positions, embeddings = self._repacked(kwargs, index, packed_mask, filled, past_dropped)
         elif index is not None:
             embeddings = tuple(gather_sequence(t, index, dim=-2) for t in embeddings)
@@ -577,78 +548,14 @@ class LayerPruning:
         self._view, self._attention, self._held, self._inputs = None, {}, [None] * len(self.stages), None
         self._frozen = None
         self.stages_run = self._expected = 0
-        if self._transitions is not None:
-            self._transitions.clear()
+        if self.transition_tracker is not None:
+            self.transition_tracker.clear()
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles = []
         self.clear()
-
-
-#: the signals an in-LLM stage may ask for that the engine computes inside the decoder
-LLM_SIGNALS = ("llm_attention", "llm_transition", "llm_input")
-#: the vision-tower signals an in-LLM stage may ask for: one value per image token on the last axis, which the
-#: engine gathers at the tokens still there (``PendingImage.raster``) at each stage
-VISION_SIGNALS = ("cls_attention", "vision_attention")
-
-
-def _transitions(stages: list[Stage], asks: list[tuple], layers: nn.ModuleList) -> Transitions | None:
-    """The one ``llm_transition`` tracker the stages' requests share (None: no stage asks), from the first layer
-    any request starts at (its own previous layer, for ``start=None``) to the last asking stage's layer."""
-    starts = {}
-    for stage, requests in zip(stages, asks):
-        for request in requests:
-            start = request.start if request.start is not None else stage.layer - 1
-            if start >= stage.layer:
-                raise ValueError(f"{stage.method.name} asks for llm_transition(start={start}) at a stage before layer {stage.layer}: "
-                                 f"pass a start below {stage.layer}")
-            starts[start] = stage
-    if not starts:
-        return None
-    if len(starts) > 1:
-        raise ValueError(f"in-LLM stages ask for llm_transition from layers {sorted(starts)}: one start per run")
-    end = max(stage.layer for stage, requests in zip(stages, asks) if requests)
-    return Transitions(layers, next(iter(starts)), end, attention_module)
-
-
-def _check_restoring(stages: list[Stage], asked: list[tuple]) -> None:
-    """A restoring stage (``Sieve.restores``) sees tokens absent from the layers before it: no signal computed over
-    the present tokens reaches it, no stage of its method may drop an image whole, and no stage follows tokens
-    across layers (``llm_transition``), which restored tokens missed."""
-    restoring = [stage for stage in stages if stage.sieve.restores]
-    if not restoring:
-        return
-    for stage, requests in zip(stages, asked):
-        names = {r.name for r in requests}
-        if stage.sieve.restores and names & set(LLM_SIGNALS):
-            raise ValueError(f"{stage.method.name} brings tokens back at layer {stage.layer} (restores = True), so it "
-                             f"cannot ask for {', '.join(sorted(names & set(LLM_SIGNALS)))}, computed over the tokens "
-                             f"still there: score the tokens at a later stage")
-        if "llm_transition" in names:
-            raise ValueError(f"{stage.method.name} asks for llm_transition, which restored tokens ({restoring[0].method.name} "
-                             f"at layer {restoring[0].layer}) have no value of: run them in separate calls")
-        if stage.sieve.may_keep_none and any(other.method is stage.method for other in restoring):
-            raise ValueError(f"{stage.method.name} may keep no token of an image (may_keep_none) and also brings tokens "
-                             f"back: an image a stage drops whole leaves the schedule")
-
-
-def _check_freezing(stages: list[Stage], decoder: nn.Module) -> None:
-    """A freezing stage (``Sieve.freezes``) writes its tokens' keys ahead of the others in each later layer's cache:
-    it must be the last stage, keep original positions, and run where masks name keys by position (SDPA, eager)."""
-    for number, stage in enumerate(stages):
-        if not stage.sieve.freezes:
-            continue
-        if number + 1 < len(stages):
-            raise ValueError(f"{stage.method.name} freezes image tokens from layer {stage.layer} on: it must be the last "
-                             f"in-LLM stage, but {stages[number + 1].method.name} prunes at layer {stages[number + 1].layer}")
-        if _positions(stage.method) != "original":
-            raise ValueError(f"{stage.method.name} keeps the frozen tokens at their positions: use positions='original'")
-        implementation = decoder.config._attn_implementation
-        if implementation not in ("sdpa", "eager"):
-            raise ValueError(f"{stage.method.name} needs the decoder's attention in sdpa or eager (its masks name the frozen "
-                             f"keys by position), not {implementation!r}: load the model with attn_implementation='sdpa'")
 
 
 def frozen_key_flops(text_config, tokens: int) -> int:
@@ -658,26 +565,6 @@ def frozen_key_flops(text_config, tokens: int) -> int:
     kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
     head_dim = getattr(text_config, "head_dim", None) or d // heads
     return 2 * tokens * d * head_dim * 2 * kv_heads
-
-
-def check_repackable(decoder: nn.Module) -> None:
-    """positions='repack' renumbers 1D rotary positions with the decoder's own rotary embedding."""
-    rope = getattr(decoder.config, "rope_parameters", None) or getattr(decoder.config, "rope_scaling", None) or {}
-    if "mrope_section" in rope:
-        raise ValueError(
-            f"positions='repack' renumbers 1D positions, but {type(decoder).__name__} uses multi-row (mrope) positions: "
-            f"use positions='original'"
-        )
-    if not hasattr(decoder, "rotary_emb"):
-        raise TypeError(f"{type(decoder).__name__} has no rotary_emb to renumber positions with: use positions='original'")
-
-
-def _scored_at(sieve: Sieve) -> str:
-    return getattr(sieve, "llm_attention_at", "previous")
-
-
-def _positions(method: Sieve) -> str:
-    return getattr(method, "positions", "original")
 
 
 def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:

@@ -45,7 +45,8 @@ from .compat import CACHE_ARGUMENT, cache_length, output_cache
 from .find_tokens import encoded_before, find_images, has_images, has_video
 from .flops import count_prefill
 from .frames_stage import FrameDropping
-from .layer_stages import LayerPruning, PendingImage, check_repackable
+from .layer_stages import LayerPruning, PendingImage
+from .schedule import check_repackable
 from .llm_signals import PromptQueries, prompt_ends
 from .pack import Packing, gather_sequence
 from .ppe import PositionPreservation, group_members
@@ -394,7 +395,7 @@ class Run:
 
     @property
     def _vision_requests(self) -> tuple:
-        """The vision-tower signals in-LLM stages asked for (``layer_stages.VISION_SIGNALS``)."""
+        """The vision-tower signals in-LLM stages asked for (``schedule.VISION_SIGNALS``)."""
         return tuple(r for r in (self._layers.vision_requests if self._layers is not None else ()) if r not in self._requests)
 
     def _vision_signals(self, slot: ImageSlot) -> dict:
