@@ -188,3 +188,6 @@ def test_a_local_checkpoint_runs_and_a_method_it_refuses_is_skipped(tmp_path):
     assert records(out, "random-k16")[0]["tokens_after"] == 16
     skipped = json.loads((out / "sweep.json").read_text())["skipped"]
     assert list(skipped) == ["fastervlm-k16"] and "no [CLS] token" in skipped["fastervlm-k16"]
+    # a later run into the same OUT (other methods) keeps the earlier refusal
+    sweep(model=str(checkpoint), methods="uniform", keeps="16", limit=1, out=out, max_new_tokens=2, progress=False)
+    assert json.loads((out / "sweep.json").read_text())["skipped"] == skipped

@@ -173,7 +173,9 @@ def _sweep(model, suite, methods, keeps, limit, out, workers, data, split, devic
             skipped = {c.id: reason for c in configs if (reason := worker.run(c, bar.handle))}
         else:
             skipped = _run_in_processes(settings, configs, workers, bar)
-    description.update(skipped=skipped, finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    # refusals of earlier runs into this OUT stay, unless this run ran the configuration again
+    earlier = {config: why for config, why in description["skipped"].items() if config not in {c.id for c in configs}}
+    description.update(skipped={**earlier, **skipped}, finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
     if retried:  # a Ray task that died, and was run again on what its configuration still lacked
         description["retried"] = retried
     (out / "sweep.json").write_text(json.dumps(description, indent=2) + "\n")
@@ -193,7 +195,8 @@ def _describe(out: Path, settings: Settings, configs: list[Config], workers: int
     description = {**fixed, "limit": settings.limit, "samples": n_samples, "configs": configs_ever,
                    "workers": workers, "torch": torch.__version__, "transformers": transformers.__version__,
                    "tokensieve": ts.__version__, "command": shlex.join(sys.argv),
-                   "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "finished": None, "skipped": {}}
+                   "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "finished": None,
+                   "skipped": before.get("skipped", {})}
     path.write_text(json.dumps(description, indent=2) + "\n")
     return description
 
