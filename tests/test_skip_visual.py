@@ -15,11 +15,10 @@ IN_LLM_FAMILIES = [family for family in FAMILIES if serves_in_llm(family)]  # Ge
 TEXTS = [[5, 6, 7, 8], [9, 10]]
 
 
-def _frozen_reference(model, inputs, layer, image_token):
-    """The stock model's logits with every image position's hidden state put back, after each layer from ``layer``
+def _frozen_reference(model, inputs, layer, placed):
+    """The stock model's logits with the hidden state at every ``placed`` (image) position put back, after each layer from ``layer``
     on, to what it was at ``layer``'s input: image tokens not updated, still attended to."""
     decoder = adapter_for(model).decoder
-    placed = inputs["input_ids"] == image_token
     saved = {}
 
     def keep_input(module, args, kwargs):
@@ -43,7 +42,7 @@ def _frozen_reference(model, inputs, layer, image_token):
 def test_frozen_image_tokens_equal_the_stock_model_with_their_states_held(family):
     model = build_model(family)
     inputs = family.make_inputs(TEXTS)
-    expected = _frozen_reference(model, inputs, 2, family.image_token)
+    expected = _frozen_reference(model, inputs, 2, family.visual_positions(inputs["input_ids"]))
     stock = model(**inputs).logits[:, -1]
     with ts.apply(model, ts.load("skip_visual", layer=2)) as run:
         cached = model(**inputs).logits[:, -1]

@@ -74,7 +74,7 @@ def test_llm_transition_is_the_papers_formula_summed_over_the_layers(family):
     with ts.apply(model, recorder):
         model(**inputs)
     expected = _hand_transitions(model, inputs, layers=(1, 2))
-    placed = inputs["input_ids"] == family.image_token
+    placed = family.visual_positions(inputs["input_ids"])
     for row, values in enumerate(recorder.values):
         torch.testing.assert_close(values, expected[row, placed[row]], rtol=1e-4, atol=1e-7)
 

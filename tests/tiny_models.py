@@ -69,6 +69,15 @@ class Family:
     #: placeholders after each video's tokens that its record does not count (LLaVA-OneVision's newline, kept always)
     trailing_placeholders: int = 0
 
+    def visual_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(batch, length) True at the tokens a method acts on: every placeholder but the trailing ones of each run."""
+        placed = input_ids == self.image_token
+        ahead = torch.cat([placed, placed.new_zeros(placed.shape[0], self.trailing_placeholders)], dim=1)
+        acted_on = placed.clone()
+        for step in range(1, self.trailing_placeholders + 1):  # followed by a placeholder at each of the next steps
+            acted_on &= ahead[:, step : step + placed.shape[1]]
+        return acted_on
+
 
 def random_image(seed: int, index: int, size: int) -> torch.Tensor:
     """Image ``index`` of a seeded stream, so a row built alone gets the pixels it has in a batch."""
