@@ -20,7 +20,8 @@ _HOMES = {
     "ImageRecord": "stats", "RunStats": "stats",
     "MethodInfo": "registry", "build": "registry", "list_methods": "registry", "load": "registry",
     "parse_spec": "registry", "register": "registry", "split_specs": "registry",
-    "GridSieve": "sieve", "ScoringSieve": "sieve", "Selection": "sieve", "Sieve": "sieve", "VisualTokens": "sieve",
+    "GridSieve": "sieve", "ScoringSieve": "sieve", "Selection": "sieve", "Sieve": "sieve", "VideoSieve": "sieve",
+    "VisualTokens": "sieve",
     "Signal": "signals",
 }
 

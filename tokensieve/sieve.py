@@ -438,6 +438,23 @@ class GridSieve(Sieve):
         return Selection(kept[order], torch.cat(features)[order].to(tokens.features.dtype))
 
 
+@dataclass
+class VideoSieve(Sieve):
+    """A method for videos only (``needs_video``; a still image is refused by :meth:`VisualTokens.video`) with one
+    count per video: :meth:`select_video` sees the video's tokens (``tokens.frames`` is its (t, h, w) grid) and the
+    count ``k`` to keep, below the video's token count (a budget that covers them keeps every token)."""
+
+    needs_video = True
+
+    def select(self, tokens: VisualTokens) -> Selection:
+        tokens.video(self.name)
+        k = self.budget.resolve(len(tokens))
+        return Selection.every(tokens) if k >= len(tokens) else self.select_video(tokens, k)
+
+    def select_video(self, tokens: VisualTokens, k: int) -> Selection:
+        raise NotImplementedError
+
+
 def timed_select(sieve: Sieve, tokens: VisualTokens) -> tuple[Selection, float]:
     """``sieve.select(tokens)``, checked and timed: :func:`timed_select_all` of one image."""
     return timed_select_all(sieve, [tokens])[0]

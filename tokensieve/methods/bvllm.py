@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from .._lazy import F, torch
 from ..registry import register
 from ..selection import bipartite_merge, split_budget
-from ..sieve import Selection, Sieve, VisualTokens, check_fraction
+from ..sieve import Selection, VideoSieve, VisualTokens, check_fraction
 
 
 @register
 @dataclass
-class BVLLM(Sieve):
+class BVLLM(VideoSieve):
     """Choose the ``frames`` frames most relevant to the question, merge each chosen frame into an earlier chosen frame
     it nearly repeats, and merge each remaining frame's tokens by bipartite soft matching to its share of ``keep``.
 
@@ -57,7 +57,6 @@ class BVLLM(Sieve):
     name = "bvllm"
     paper = "B-VLLM (arXiv 2412.09919)"
     signals = ("text_embeddings",)
-    needs_video = True
 
     keep: int | float = 0.25
     frames: int = 16
@@ -71,12 +70,9 @@ class BVLLM(Sieve):
         check_fraction("threshold", self.threshold,
                        "the (cos + 1) / 2 similarity above which a chosen frame merges into an earlier one (1: never)")
 
-    def select(self, tokens: VisualTokens) -> Selection:
-        t, h, w = tokens.video(self.name)
-        n, per_frame = len(tokens), h * w
-        k = self.budget.resolve(n)
-        if k >= n:
-            return Selection.every(tokens)
+    def select_video(self, tokens: VisualTokens, k: int) -> Selection:
+        t, h, w = tokens.frames
+        per_frame = h * w
         text = tokens["text_embeddings"]
         if len(text) == 0:
             raise ValueError("bvllm chooses frames by their relevance to the question, and this prompt has no text: "

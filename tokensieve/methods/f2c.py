@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from .._lazy import torch
 from ..registry import register
 from ..selection import split_budget
-from ..sieve import Selection, VisualTokens
+from ..sieve import Selection, VideoSieve, VisualTokens
 from .pool import Pool
 from .question_relevance import frame_relevance
 
@@ -17,7 +17,7 @@ KMEANS_ROUNDS = 100
 
 @register
 @dataclass
-class F2C(Pool):
+class F2C(VideoSieve, Pool):
     """Key clips instead of key frames: anchor frames chosen by relevance to the question and spread over time, each
     widened to a clip of ``clip_frames`` frames around it, and every frame of the clips pooled so that the total fits
     ``keep`` (more frames, each at a lower resolution, at the budget of fewer whole frames).
@@ -54,7 +54,6 @@ class F2C(Pool):
     name = "f2c"
     paper = "F2C (arXiv 2510.02262)"
     signals = ("text_embeddings",)
-    needs_video = True
 
     keep: int | float = 0.25
     anchors: int = 8
@@ -68,12 +67,9 @@ class F2C(Pool):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{field}={value!r}: pass {meaning}, an int >= 1")
 
-    def select(self, tokens: VisualTokens) -> Selection:
-        t, h, w = tokens.video(self.name)
-        n, per_frame = len(tokens), h * w
-        k = self.budget.resolve(n)
-        if k >= n:
-            return Selection.every(tokens)
+    def select_video(self, tokens: VisualTokens, k: int) -> Selection:
+        t, h, w = tokens.frames
+        per_frame = h * w
         device = tokens.features.device
         frames = tokens.features.view(t, per_frame, -1)
         chosen = self.kept_frames(frame_relevance(tokens, self.name).tolist())

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from .._lazy import F, torch
 from ..registry import register
 from ..selection import split_budget
-from ..sieve import Selection, Sieve, VisualTokens
+from ..sieve import Selection, VideoSieve, VisualTokens
 from ..signals import Signal
 
 #: the reference's neighbours for the local density (DPC-kNN), its own token included
@@ -16,7 +16,7 @@ NEIGHBOURS = 4
 
 @register
 @dataclass
-class FastVID(Sieve):
+class FastVID(VideoSieve):
     """Cut the video where consecutive frames differ, keep each frame's most attended tokens, and in each segment merge
     the rest into density-peak anchors of every ``merge_every``-th frame.
 
@@ -52,7 +52,6 @@ class FastVID(Sieve):
     name = "fastvid"
     paper = "FastVID (arXiv 2503.11187)"
     signals = ("vision_attention",)
-    needs_video = True
 
     keep: int | float = 0.1
     segments: int = 8
@@ -75,12 +74,9 @@ class FastVID(Sieve):
     def requests(self) -> tuple[Signal, ...]:
         return (Signal("vision_attention", queries="mean"),)
 
-    def select(self, tokens: VisualTokens) -> Selection:
-        t, h, w = tokens.video(self.name)
-        n, per_frame = len(tokens), h * w
-        k = self.budget.resolve(n)
-        if k >= n:
-            return Selection.every(tokens)
+    def select_video(self, tokens: VisualTokens, k: int) -> Selection:
+        t, h, w = tokens.frames
+        per_frame = h * w
         frames = tokens.features.float().view(t, per_frame, -1)
         attention = tokens[self.requests()[0]].float().mean(dim=0).view(t, per_frame)
         device = frames.device

@@ -6,13 +6,13 @@ from dataclasses import dataclass
 
 from .._lazy import torch
 from ..registry import register
-from ..sieve import Selection, Sieve, VisualTokens
+from ..sieve import Selection, VideoSieve, VisualTokens
 from .question_relevance import token_relevance
 
 
 @register
 @dataclass
-class Goldfish(Sieve):
+class Goldfish(VideoSieve):
     """Split the video into clips of ``clip_frames`` consecutive frames (the last may be shorter), rank the clips by
     their relevance to the question, and keep the best clips whole until the budget is spent.
 
@@ -42,7 +42,6 @@ class Goldfish(Sieve):
     name = "goldfish"
     paper = "Goldfish (arXiv 2407.12679)"
     signals = ("text_embeddings",)
-    needs_video = True
 
     keep: int | float = 0.25
     clip_frames: int = 4
@@ -53,12 +52,9 @@ class Goldfish(Sieve):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"clip_frames={value!r}: pass the frames of each clip, an int >= 1")
 
-    def select(self, tokens: VisualTokens) -> Selection:
-        t, h, w = tokens.video(self.name)
-        n, per_frame = len(tokens), h * w
-        k = self.budget.resolve(n)
-        if k >= n:
-            return Selection.every(tokens)
+    def select_video(self, tokens: VisualTokens, k: int) -> Selection:
+        t, h, w = tokens.frames
+        per_frame = h * w
         relevance = token_relevance(tokens, self.name).view(t, per_frame)
         frame = relevance.mean(dim=1)
         clip_of = torch.arange(t, device=frame.device) // self.clip_frames

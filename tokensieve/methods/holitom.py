@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from .._lazy import F, torch
 from ..registry import register
 from ..selection import split_budget
-from ..sieve import Selection, Sieve, VisualTokens, check_fraction
+from ..sieve import Selection, VideoSieve, VisualTokens, check_fraction
 from ..signals import Signal
 from .sparsevlm_recycling import dpc_knn
 
@@ -19,7 +19,7 @@ ATTENTION = Signal("vision_attention", queries="mean")
 
 @register
 @dataclass
-class HoliTom(Sieve):
+class HoliTom(VideoSieve):
     """Cut the video into segments that save the most tokens, merge each segment's static tokens (one per place, then
     by density), and keep each frame's other tokens by attention.
 
@@ -58,7 +58,6 @@ class HoliTom(Sieve):
     name = "holitom"
     paper = "HoliTom (arXiv 2505.21334)"
     signals = ("vision_attention",)
-    needs_video = True
 
     keep: int | float = 0.15
     tau: float = 0.8
@@ -76,12 +75,9 @@ class HoliTom(Sieve):
     def requests(self) -> tuple[Signal, ...]:
         return (ATTENTION,)
 
-    def select(self, tokens: VisualTokens) -> Selection:
-        t, h, w = tokens.video(self.name)
-        n, per_frame = len(tokens), h * w
-        k = self.budget.resolve(n)
-        if k >= n:
-            return Selection.every(tokens)
+    def select_video(self, tokens: VisualTokens, k: int) -> Selection:
+        t, h, w = tokens.frames
+        per_frame = h * w
         frames = tokens.features.float().view(t, per_frame, -1)
         attention = tokens[ATTENTION].float().mean(dim=0).view(t, per_frame)
         dissimilar = F.cosine_similarity(frames[1:], frames[:-1], dim=-1) <= self.tau  # (t - 1, p): frame f+1 to f

@@ -6,13 +6,13 @@ from dataclasses import dataclass
 
 from .._lazy import torch
 from ..registry import register
-from ..sieve import Selection, VisualTokens
+from ..sieve import Selection, VideoSieve, VisualTokens
 from .pool import Pool
 
 
 @register
 @dataclass
-class ProgressivePool(Pool):
+class ProgressivePool(VideoSieve, Pool):
     """Frames in groups of ``group``; a frame's pooled resolution falls with its distance ``d`` from its group's first
     frame: it gets a share of the budget proportional to ``decay ** d`` and is average-pooled to that share (``pool``'s
     rule: the largest grid of at most its share that keeps the frame's aspect, each cell at its centre token).
@@ -32,7 +32,6 @@ class ProgressivePool(Pool):
 
     name = "progressive_pool"
     paper = "Visual Context Window Extension (arXiv 2409.20018)"
-    needs_video = True
 
     keep: int | float = 0.25
     group: int = 4
@@ -48,12 +47,9 @@ class ProgressivePool(Pool):
             raise ValueError(f"decay={decay!r}: pass each later frame's share relative to the one before, a number in "
                              f"(0, 1] (1: every frame alike)")
 
-    def select(self, tokens: VisualTokens) -> Selection:
-        t, h, w = tokens.video(self.name)
-        n, per_frame = len(tokens), h * w
-        k = self.budget.resolve(n)
-        if k >= n:
-            return Selection.every(tokens)
+    def select_video(self, tokens: VisualTokens, k: int) -> Selection:
+        t, h, w = tokens.frames
+        per_frame = h * w
         device = tokens.features.device
         frames = tokens.features.view(t, per_frame, -1)
         kept, features = [], []

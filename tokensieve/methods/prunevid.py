@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from .._lazy import F, torch
 from ..registry import register
 from ..selection import split_budget
-from ..sieve import Selection, Sieve, VisualTokens, check_fraction
+from ..sieve import Selection, VideoSieve, VisualTokens, check_fraction
 from .sparsevlm_recycling import dpc_knn
 
 #: the code's neighbours for the local density of DPC-kNN (``k=7``), never more than the points clustered
@@ -17,7 +17,7 @@ NEIGHBOURS = 7
 
 @register
 @dataclass
-class PruneVid(Sieve):
+class PruneVid(VideoSieve):
     """Cluster the frames into contiguous segments; in each, tokens whose place stays alike across the segment's frames
     merge into one (static), and each segment's static tokens and each frame's other (dynamic) tokens merge into
     density-peak clusters.
@@ -53,7 +53,6 @@ class PruneVid(Sieve):
 
     name = "prunevid"
     paper = "PruneVid (arXiv 2412.16117)"
-    needs_video = True
 
     keep: int | float = 0.5
     tau: float = 0.8
@@ -66,12 +65,9 @@ class PruneVid(Sieve):
                              f"a number in [-1, 1] (the code's 0.8)")
         check_fraction("segment_ratio", self.segment_ratio, "the frame clusters per frame (the code's temporal_segment_ratio)")
 
-    def select(self, tokens: VisualTokens) -> Selection:
-        t, h, w = tokens.video(self.name)
+    def select_video(self, tokens: VisualTokens, k: int) -> Selection:
+        t, h, w = tokens.frames
         n, per_frame = len(tokens), h * w
-        k = self.budget.resolve(n)
-        if k >= n:
-            return Selection.every(tokens)
         frames = tokens.features.float().view(t, per_frame, -1)
         segments = self.segments(frames)
         static = [self._static(frames[a:b + 1]) for a, b in segments]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from .._lazy import torch
 from ..registry import register
 from ..selection import bipartite_merge
-from ..sieve import Selection, VisualTokens
+from ..sieve import Selection, VideoSieve, VisualTokens
 from .pool import Pool
 from .question_relevance import frame_relevance
 
@@ -18,7 +18,7 @@ REDUCTIONS = ("merge", "pool")
 
 @register
 @dataclass
-class QuoTA(Pool):
+class QuoTA(VideoSieve, Pool):
     """Frames that matter to the question get more tokens: frame ``i`` gets ``k · w_i`` of the budget ``k`` with
     ``w_i ∝ p_i ** power``, ``p_i`` its relevance to the question, and is reduced to that share on its own: by token
     merging (``reduce="merge"``, ToMe's bipartite soft matching within the frame to exactly its share,
@@ -59,7 +59,6 @@ class QuoTA(Pool):
     name = "quota"
     paper = "QuoTA (arXiv 2503.08689)"
     signals = ("text_embeddings",)
-    needs_video = True
 
     keep: int | float = 0.25
     power: float = 2.0
@@ -75,12 +74,9 @@ class QuoTA(Pool):
             raise ValueError(f"reduce={self.reduce!r}: pass how a frame is reduced to its share, one of {REDUCTIONS} "
                              f"(token merging to exactly the share, or average pooling to at most it)")
 
-    def select(self, tokens: VisualTokens) -> Selection:
-        t, h, w = tokens.video(self.name)
-        n, per_frame = len(tokens), h * w
-        k = self.budget.resolve(n)
-        if k >= n:
-            return Selection.every(tokens)
+    def select_video(self, tokens: VisualTokens, k: int) -> Selection:
+        t, h, w = tokens.frames
+        per_frame = h * w
         shares = frame_shares(self.weights(frame_relevance(tokens, self.name)).tolist(), k, per_frame)
         if self.reduce == "merge":
             return self._merged(tokens.features.view(t, per_frame, -1), shares)

@@ -6,12 +6,12 @@ from dataclasses import dataclass
 
 from .._lazy import F, torch
 from ..registry import register
-from ..sieve import Selection, Sieve, VisualTokens
+from ..sieve import Selection, VideoSieve, VisualTokens
 
 
 @register
 @dataclass
-class TemporalMerge(Sieve):
+class TemporalMerge(VideoSieve):
     """Tokens at the same spatial place of consecutive frames that are near-identical merge into one, which stands at
     the first frame's slot and carries the run's mean.
 
@@ -35,7 +35,6 @@ class TemporalMerge(Sieve):
 
     name = "temporal_merge"
     paper = "baseline"
-    needs_video = True
 
     keep: int | float = 0.25
     threshold: float | None = None
@@ -49,11 +48,10 @@ class TemporalMerge(Sieve):
                              f"place of consecutive frames may merge, a number in [-1, 1] (0.9: near-identical), or "
                              f"None to merge by the budget alone")
 
-    def select(self, tokens: VisualTokens) -> Selection:
-        t, h, w = tokens.video(self.name)
+    def select_video(self, tokens: VisualTokens, k: int) -> Selection:
+        t, h, w = tokens.frames
         n, per_frame = len(tokens), h * w
-        k = self.budget.resolve(n)
-        if k >= n or t == 1:
+        if t == 1:
             return Selection.every(tokens)
         joins = self._joins(tokens.features.float().view(t, per_frame, -1), n - k)
         return self._runs(joins)
