@@ -11,7 +11,7 @@ Methods: each pre-LLM method at ``--keep`` against its ideal, the stock model wh
 method kept (a pre-hook on the language model gathers the input embeddings, the mask and all mrope position rows at
 the kept positions, read from a run of the method: ``shapes.decoder_fed_only``). Tower, projector and embeddings run in
 full in both, as the method needs them. Once per method the ideal's last logits are checked against the method's
-(with the method's own decoder inputs for a method that merges, whose kept tokens are means): the ideal is the same
+(with the method's own decoder inputs for a method that merges or pools, whose kept tokens are new features): the ideal is the same
 computation. Runs alternate (ideal, method, ...) and each pair gives one ratio; the figure is the median paired ratio
 with a distribution-free 95% interval, and "vs stock" the speed-up over the stock model given every token.
 
@@ -66,6 +66,9 @@ MODELS = {
     "qwen2.5-vl-7b": (qwen2_5_vl_7b, QWEN_VIDEO_SECONDS_PER_PAIR),
 }
 PARTS = ("methods", "frames")
+#: ``uniform`` (per video: every k-th token of the raster) and every pre-LLM video method
+METHODS = ("uniform", "evs", "vidcom2", "temporal_merge", "fastvid", "dycoke", "progressive_pool", "bvllm", "quota", "f2c",
+           "goldfish", "holitom", "prunevid")
 #: how far the ideal's last logits may stray from the method's: float32 kernels agree to rounding; in half precision
 #: the same decoder on the same inputs may still take another kernel path (a mask given or not)
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
@@ -152,11 +155,17 @@ def methods_table(model, inputs: dict, names: list[str], keep: float, repeats: i
             continue
         record = warm_up.stats.images[0]
         ideal = decoder_fed_only(model, inputs, record.kept, video_token)
-        # a merging method's kept tokens are its groups' means: the check feeds the ideal those, the timing gathers
-        merged = any(stage.assignment is not None for stage in record.stages)
-        substitute = [lambda m, a, kw: (a, dict(kw, inputs_embeds=fed["inputs_embeds"]))] if merged else []
-        with pre_hooks(decoder, ideal, *substitute):
+        # a merging or pooling method's kept tokens are new features (its groups' means): the check feeds the ideal the
+        # method's decoder input, the timing gathers
+        replaced = []
+
+        def substitute(module, args, kwargs):
+            replaced.append(not torch.equal(kwargs["inputs_embeds"], fed["inputs_embeds"]))
+            return args, dict(kwargs, inputs_embeds=fed["inputs_embeds"])
+
+        with pre_hooks(decoder, ideal, substitute):
             agreement = check_same(model(**prefill).logits[:, -1], method_logits, dtype, name)
+        merged = replaced[0]
         ideal_times, method_times, selection_times = [], [], []
         for _ in range(repeats):
             with pre_hooks(decoder, ideal):
@@ -218,7 +227,7 @@ def frames_table(model, inputs: dict, repeats: int, device: str, dtype: str, sto
 
 
 def main(
-    methods: str = typer.Option("uniform,evs,vidcom2,temporal_merge,fastvid,dycoke", help="comma-separated pre-LLM methods"),
+    methods: str = typer.Option(",".join(METHODS), help="comma-separated pre-LLM methods"),
     keep: float = typer.Option(0.25, help="share of the video's tokens the methods keep"),
     frames: int = typer.Option(16, help="input frames of the video (even: the processor pairs them)"),
     parts: str = typer.Option(",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}"),

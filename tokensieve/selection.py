@@ -216,20 +216,26 @@ def coverage_greedy(coverage: torch.Tensor, k: int, fraction: float | None = Non
     n = coverage.shape[1]
     k = min(k, n)
     best = coverage.new_zeros(coverage.shape[0])
+    # each row's excess over its cover, per column: a step recomputes only the rows whose cover it raised (the same
+    # values as recomputing every row, so the same picks), and the gains are its column sums
+    excess = (coverage - best[:, None]).clamp_(min=0)
     taken = coverage.new_zeros(n)  # -inf at the chosen columns
     chosen = torch.empty(k, dtype=torch.long, device=coverage.device)
     if fraction is not None:
         reach = (fraction - 1e-6) * coverage.max(dim=1).values.clamp(min=0).sum()
         covered = coverage.new_zeros(k)  # f after each step
     for step in range(k):
-        gains = (coverage - best[:, None]).clamp_(min=0).sum(dim=0)
+        gains = excess.sum(dim=0)
         if weight is not None:
             gains = gains + weight if add else gains * weight
         gains = gains + taken
         # picks stay one-element tensors: indexing with a 0-d tensor would stall a GPU once per step
         pick = gains.argmax(dim=0, keepdim=True)
         chosen[step : step + 1] = pick
-        best = torch.maximum(best, coverage.index_select(1, pick).squeeze(1))
+        # the rows the pick covers better (one wait for a GPU per step, cheaper than a pass over every row)
+        raised = (coverage.index_select(1, pick).squeeze(1) > best).nonzero().squeeze(1)
+        best.index_copy_(0, raised, coverage[raised, pick])
+        excess.index_copy_(0, raised, (coverage[raised] - best[raised, None]).clamp_(min=0))
         taken.index_fill_(0, pick, float("-inf"))
         if fraction is not None:
             covered[step] = best.sum()
