@@ -123,8 +123,8 @@ def sweep(model: str = "sieve-mini", suite: str = BUILTIN, methods: list[str] | 
 
     `methods`: names, `name:keep` specs or "all"; `keeps`: counts and ratios; either may be one
     comma-separated string. `device` defaults to CUDA when there is one (on a Ray cluster: when it has
-    GPUs); `dtype` to bfloat16 on CUDA, float32 on the CPU; `max_new_tokens` to 5 for the builtin suite
-    (one-word answers) and 16 for benchmarks. `show`: save the image as the model saw it for the first
+    GPUs); `dtype` to bfloat16 on CUDA, float32 on the CPU; `max_new_tokens` to 5 for the builtin and video
+    suites (one-word answers) and 16 for benchmarks. `show`: save the image as the model saw it for the first
     `show` samples (a video: its frames). `ray`: a Ray cluster's address, "auto" or "local", to run the
     configurations as Ray tasks (tokensieve/bench/ray_sweep.py), `shard` samples per task (default: a
     configuration's all). `frames`: frames per clip of the video suite (default 16).
