@@ -13,12 +13,14 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
 from tokensieve.bench import sweep
 from tokensieve.bench.outputs import write_outputs
-from tokensieve.bench.suites import load_suite, model_inputs, safe_id
+from tokensieve.bench.suites import load_model, load_suite, model_inputs, safe_id, video_frames
 from tokensieve.bench.summary import CHANCE_ROW, per_skill, read_runs, summarise
 from tokensieve.bench.sweep import SweepSpecError
+from tokensieve.cli import app
 from tokensieve.draw import DROPPED_GREY
 from tokensieve.qa import VIDEO_CHANCE, VIDEO_SKILLS, is_correct
 
@@ -255,3 +257,26 @@ def test_the_report_shows_a_strip_of_frames_with_kept_patches_and_dropped_frames
     greyed = 0.75 * np.array(DROPPED_GREY) + 0.25 * np.array(FRAME_COLOURS[2])
     assert np.abs(shown[half + 4:, half + 4:] - greyed).max() < 12
     assert np.abs(shown[: half - 4, half + 4:] - greyed).max() < 12
+
+
+def test_a_clip_goes_to_an_image_family_as_one_image_per_frame():
+    """sieve-mini takes no video: each frame is an image placeholder, then the question, and the run is told the
+    frame count (`ts.apply(..., video_frames=8)`, which reads the 8 images as one video)."""
+    model, processor = load_model("sieve-mini", "cpu", "float32")
+    sample = load_suite("video", 1, frames=FRAMES)[0][0]
+    inputs = model_inputs(model, processor, sample)
+    assert inputs["pixel_values"].shape[0] == FRAMES and "pixel_values_videos" not in inputs
+    assert (inputs["input_ids"] == model.config.image_token_id).sum() == FRAMES * 256
+    text = processor.decode(inputs["input_ids"][0])
+    assert text.index(sample.question) > text.rindex(processor.image_token)  # the question after the frames
+    assert video_frames(processor, sample) == FRAMES
+    assert video_frames(tiny_qwen2_vl_processor(), sample) is None  # a family that takes the video as one
+    assert video_frames(processor, load_suite("builtin", 1)[0][0]) is None  # a still image
+
+
+def test_cli_takes_frames_for_the_video_suite_only():
+    runner = CliRunner()
+    result = runner.invoke(app, ["bench", "--suite", "builtin", "--frames", "8", "--out", "unused"])
+    assert result.exit_code == 2 and "has no clips" in result.output
+    result = runner.invoke(app, ["bench", "--suite", "video", "--frames", "40", "--out", "unused"])
+    assert result.exit_code == 2 and "8 to 32 frames" in result.output
