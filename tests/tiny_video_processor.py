@@ -16,8 +16,19 @@ from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
 from transformers import BatchFeature, PreTrainedTokenizerFast, Qwen2VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from tokensieve.qa import video_examples
+
 from tiny_models import IMAGE_TOKEN, PAD, VOCAB
-from tiny_qwen2_vl import FRAME_SIZE, MERGE, PATCH, TEMPORAL_PATCH, VIDEO_TOKEN, VISION_END, VISION_START, flattened_video
+from tiny_qwen2_vl import (
+    FRAME_SIZE,
+    MERGE,
+    PATCH,
+    TEMPORAL_PATCH,
+    VIDEO_TOKEN,
+    VISION_END,
+    VISION_START,
+    flattened_video,
+)
 
 SPECIAL = {"<pad>": PAD, "<s>": 1, "</s>": 2, "<|video_pad|>": VIDEO_TOKEN, "<|vision_start|>": VISION_START,
            "<|vision_end|>": VISION_END, "<|image_pad|>": IMAGE_TOKEN}
@@ -32,9 +43,8 @@ CHAT_TEMPLATE = (
 
 def word_tokenizer() -> PreTrainedTokenizerFast:
     """Every lower-case word the suite asks in (and its answers) to an id of its own, anything else to <unk>."""
-    from tokensieve.qa import video_examples
-
-    words = sorted({w for ex in video_examples("test", 20, frames=8) for w in re.findall(r"\w+", ex.qa.question.lower())}
+    questions = [example.qa.question.lower() for example in video_examples("test", 20, frames=8)]
+    words = sorted({word for question in questions for word in re.findall(r"\w+", question)}
                    | {"assistant", "user", ":", "?", "left", "right", "up", "down", "1", "2", "3", "4"})
     free = [i for i in range(VOCAB) if i not in SPECIAL.values()]
     vocab = {**SPECIAL, UNKNOWN: free[0], **dict(zip(words, free[1:]))}

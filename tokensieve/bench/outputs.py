@@ -16,7 +16,17 @@ from . import plots
 from .gallery import gallery
 from .oracle import distribution, oracle
 from .report import write_report
-from .summary import BASELINE, by_budget, chance_level, headline, is_video_suite, per_category, per_skill, read_runs, summarise
+from .summary import (
+    BASELINE,
+    by_budget,
+    chance_level,
+    headline,
+    is_video_suite,
+    per_category,
+    per_skill,
+    read_runs,
+    summarise,
+)
 from .tables import print_summary, write_tables
 
 

@@ -120,7 +120,8 @@ def _summarise_config(rows: pd.DataFrame) -> dict:
 def _frames_kept(rows: pd.DataFrame) -> dict:
     """A video's frames (of its grid, t) and those that kept any token, means over the samples."""
     videos = rows[rows["kept_frames"].notna()]
-    return {"frames": videos["frames"].map(lambda thw: thw[0]).mean(), "frames_kept": videos["kept_frames"].map(len).mean()}
+    return {"frames": videos["frames"].map(lambda thw: thw[0]).mean(),
+            "frames_kept": videos["kept_frames"].map(len).mean()}
 
 
 def config_rank(pairs: pd.DataFrame) -> dict[str, int]:
