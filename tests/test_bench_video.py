@@ -135,6 +135,7 @@ def test_the_sweeps_tables_hold_accuracy_per_skill_against_chance(video_sweep):
     assert "## Video: accuracy against visual tokens" in summary_md and "## Accuracy per skill" in summary_md
     html = (video_sweep / "report.html").read_text()
     assert 'id="per-skill"' in html and 'id="video-tokens"' in html
+    assert "on the video suite (test split, 5 samples, 8 frames per clip)" in html
 
 
 def test_a_resume_with_another_clip_length_is_refused(video_sweep, tiny_video_model):

@@ -38,7 +38,7 @@ details > summary { cursor: pointer; }
 .plots img { max-width: 100%; }
 .sample { border: 1px solid #ddd; border-radius: 6px; padding: .5em 1em; margin: 1em 0; }
 .strip { display: flex; flex-wrap: wrap; gap: .5em; align-items: flex-start; margin: .3em 0; }
-.strip .method { width: 8em; font-weight: 600; align-self: center; }
+.strip .method { width: 8em; font-weight: 600; align-self: center; overflow-wrap: anywhere; }
 .strip figure { margin: 0; width: 192px; } .strip img { width: 100%; image-rendering: pixelated; }
 figcaption { font-size: 12px; word-wrap: break-word; }
 .right { color: #176a1e; } .wrong { color: #a4161a; }
@@ -83,7 +83,8 @@ def sweep_line(sweep: dict | None) -> str:
     if sweep is None:
         return "No sweep.json was found beside the runs."
     extent = [f"{sweep['split']} split" if sweep.get("split") else "",
-              f"{sweep['samples']} samples" if sweep.get("samples") is not None else ""]
+              f"{sweep['samples']} samples" if sweep.get("samples") is not None else "",
+              f"{sweep['frames']} frames per clip" if sweep.get("frames") else ""]
     extent_text = f" ({', '.join(part for part in extent if part)})" if any(extent) else ""
     where = "".join(f", {sweep[key]}" for key in ("device", "dtype") if sweep.get(key))
     return escape(f"{sweep.get('model', '?')} on the {sweep.get('suite', '?')} suite{extent_text}{where}.")
