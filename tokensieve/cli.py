@@ -228,19 +228,21 @@ def time_prefills(model, inputs, sieve):
 @app.command()
 def bench(
     model: str = typer.Option("sieve-mini", help="sieve-mini, or a local Hugging Face checkpoint folder"),
-    suite: str = typer.Option("builtin", help="builtin (the QA suite's test split) or pope, gqa, textvqa, mme, "
-                                              "scienceqa_img, mmbench (with --data)"),
+    suite: str = typer.Option("builtin", help="builtin (the QA suite's test split), video (the video QA suite's "
+                                              "test split) or pope, gqa, textvqa, mme, scienceqa_img, mmbench "
+                                              "(with --data)"),
     methods: str = typer.Option("all", help="comma-separated method names, or all; name:keep fixes one's budget"),
     keep: str = typer.Option("256,128,64,32,16", help="comma-separated budgets: counts (64) or ratios (0.25)"),
-    limit: int = typer.Option(None, help="the first N samples (builtin: 700 unless given)"),
+    limit: int = typer.Option(None, help="the first N samples (builtin: 700, video: 500 unless given)"),
+    frames: int = typer.Option(None, help="video suite: frames per clip, 8 to 32 (default 16)"),
     out: Path = typer.Option(Path("results"), help="results folder; rerun the same command to resume"),
     workers: int = typer.Option(1, help="configurations run in this many parallel processes"),
     data: Path = typer.Option(None, help="a benchmark's downloaded folder (or one .parquet file)"),
     split: str = typer.Option(None, help="benchmark split (default: the benchmark's scored split)"),
     device: str = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda when available)"),
     dtype: str = typer.Option(None, help="float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU)"),
-    max_new_tokens: int = typer.Option(None, help="longest answer (default: 5 builtin, 16 benchmarks)"),
-    show: int = typer.Option(6, help="save the first N images as the model saw them, for the report"),
+    max_new_tokens: int = typer.Option(None, help="longest answer (default: 5 builtin and video, 16 benchmarks)"),
+    show: int = typer.Option(6, help="save the first N images (video: clips' frames) for the report"),
     report: bool = typer.Option(True, help="write tables, plots and report.html when the sweep ends"),
     ray: str = typer.Option(None, help="run the configurations as Ray tasks on the cluster at this address "
                                        "(HOST:PORT, auto, or local to start one here); OUT stays on this machine"),
@@ -262,7 +264,7 @@ def bench(
     try:
         sweep(model=model, suite=suite, methods=methods, keeps=keep, limit=limit, out=out, workers=workers,
               data=data, split=split, device=device, dtype=dtype, max_new_tokens=max_new_tokens, show=show,
-              ray=ray, shard=shard)
+              ray=ray, shard=shard, frames=frames)
     except (SweepSpecError, BenchmarkDataMissing) as err:
         raise typer.BadParameter(str(err)) from None
     except task_died as err:  # on every attempt

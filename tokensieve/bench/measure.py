@@ -86,19 +86,20 @@ class Meter:
     def __init__(self, model):
         self.model = model
 
-    def refusal(self, sieve) -> str | None:
+    def refusal(self, sieve, video_frames: int | None = None) -> str | None:
         """Why this model cannot run `sieve` (e.g. a signal its vision tower cannot give), or None."""
         try:
-            ts.attach(self.model, sieve).remove()
+            _run(self.model, sieve, video_frames).remove()
         except ValueError as err:
             return str(err)
         return None
 
     @torch.inference_mode()
-    def generate(self, inputs: dict, max_new_tokens: int, sieve=None) -> Measurement:
+    def generate(self, inputs: dict, max_new_tokens: int, sieve=None, video_frames: int | None = None) -> Measurement:
+        """`video_frames`: the prompt's images are a video's frames, every `video_frames` in a row one video."""
         device = self.model.device
         clock = TokenClock(device)
-        with ts.apply(self.model, sieve, vision_flops=True) as run:  # no sieve: ts.observe
+        with _run(self.model, sieve, video_frames) as run:
             held_before = _memory_held(device)
             _synchronize(device)
             start = time.perf_counter()
@@ -110,6 +111,15 @@ class Meter:
             prefill_seconds=clock.times[0] - start,
             decode_seconds_per_token=statistics.median(gaps) if gaps else None,
             peak_memory_added_bytes=peak_added, stats=run.stats)
+
+
+def _run(model, sieve, video_frames: int | None) -> ts.Run:
+    """The run that records a generate: `sieve` applied, or (none) the stock model observed. A video given as
+    frames (a family without videos) is read as one video of `video_frames` frames."""
+    video = {} if video_frames is None else {"video_frames": video_frames}
+    if sieve is None:
+        return ts.observe(model, vision_flops=True, **video)
+    return ts.apply(model, sieve, vision_flops=True, **video)
 
 
 def _synchronize(device: torch.device) -> None:

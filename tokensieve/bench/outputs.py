@@ -1,8 +1,8 @@
 """Everything `tokensieve bench` writes after the sweep, from `OUT/runs/*.jsonl` and `OUT/sweep.json`.
 
-Writes `summary.csv`, `summary.md`, `per_category.csv`, `oracle.csv`, `oracle_distribution.csv`,
-`plots/*.png|svg` and `report.html` into OUT, and prints the summary table. It reads only files,
-so it can be run again on a finished or partial sweep (docs/bench-outputs.md).
+Writes `summary.csv`, `summary.md`, `per_category.csv` (the video suite: `per_skill.csv` too), `oracle.csv`,
+`oracle_distribution.csv`, `plots/*.png|svg` and `report.html` into OUT, and prints the summary table. It reads
+only files, so it can be run again on a finished or partial sweep (docs/bench-outputs.md).
 """
 
 from __future__ import annotations
@@ -16,7 +16,17 @@ from . import plots
 from .gallery import gallery
 from .oracle import distribution, oracle
 from .report import write_report
-from .summary import BASELINE, by_budget, chance_level, headline, per_category, read_runs, summarise
+from .summary import (
+    BASELINE,
+    by_budget,
+    chance_level,
+    headline,
+    is_video_suite,
+    per_category,
+    per_skill,
+    read_runs,
+    summarise,
+)
 from .tables import print_summary, write_tables
 
 
@@ -25,7 +35,8 @@ def write_outputs(out: Path, console: Console | None = None) -> None:
     runs = read_runs(out)
     summary, categories = summarise(runs), per_category(runs)
     leaders = headline(summary)
-    write_tables(out, summary, categories, leaders, by_budget(summary))
+    skills = per_skill(runs, summary) if is_video_suite(runs) else None
+    write_tables(out, summary, categories, leaders, by_budget(summary), skills)
     print_summary(summary, console)
 
     oracle_table = oracle(runs)
@@ -44,4 +55,4 @@ def write_outputs(out: Path, console: Console | None = None) -> None:
     sweep_file = out / "sweep.json"
     sweep = json.loads(sweep_file.read_text()) if sweep_file.is_file() else None
     write_report(out, sweep, leaders, summary, categories, oracle_distribution, plot_names,
-                 gallery(out, runs, summary))
+                 gallery(out, runs, summary), skills)

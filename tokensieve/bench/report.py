@@ -9,8 +9,18 @@ import pandas as pd
 
 from .gallery import GallerySample, file_data_uri
 from .oracle import NEVER
-from .summary import BASELINE
-from .tables import CATEGORY_COLUMNS, HEADLINE_COLUMNS, HEADLINE_NOTE, SUMMARY_COLUMNS, formatted
+from .summary import BASELINE, CHANCE_ROW
+from .tables import (
+    CATEGORY_COLUMNS,
+    HEADLINE_COLUMNS,
+    HEADLINE_NOTE,
+    SKILL_NOTE,
+    SUMMARY_COLUMNS,
+    VIDEO_TOKENS_COLUMNS,
+    VIDEO_TOKENS_NOTE,
+    formatted,
+    skill_columns,
+)
 
 STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 2em auto; max-width: 1400px; padding: 0 1em; color: #222; }
@@ -28,11 +38,18 @@ details > summary { cursor: pointer; }
 .plots img { max-width: 100%; }
 .sample { border: 1px solid #ddd; border-radius: 6px; padding: .5em 1em; margin: 1em 0; }
 .strip { display: flex; flex-wrap: wrap; gap: .5em; align-items: flex-start; margin: .3em 0; }
-.strip .method { width: 8em; font-weight: 600; align-self: center; }
+.strip .method { width: 8em; font-weight: 600; align-self: center; overflow-wrap: anywhere; }
 .strip figure { margin: 0; width: 192px; } .strip img { width: 100%; image-rendering: pixelated; }
 figcaption { font-size: 12px; word-wrap: break-word; }
 .right { color: #176a1e; } .wrong { color: #a4161a; }
 .same { color: #666; }
+.strip figure.clip { width: auto; max-width: 100%; }
+.clip .frames { display: flex; flex-wrap: wrap; gap: 2px; }
+.clip .frame { position: relative; width: 96px; } .clip .frame img { width: 96px; display: block; }
+.clip .frame.dropped img { opacity: .45; }
+.clip .frame.dropped b { position: absolute; left: 0; right: 0; top: 40%; text-align: center; font-size: 11px;
+  color: #a4161a; background: rgba(255, 255, 255, .8); }
+tr.chance td { background: #f3f3f3; font-style: italic; }
 """
 
 PLOT_CAPTIONS = {
@@ -56,7 +73,8 @@ def html_table(table: pd.DataFrame, columns: dict, table_id: str) -> str:
     body = []
     for config, row in zip(table["config"], rows):
         cells = "".join(f'<td class="{a}">{escape(v)}</td>' for a, v in zip(align, row))
-        body.append(f'<tr class="{"baseline" if config == BASELINE else ""}" data-config="{escape(config)}">{cells}</tr>')
+        kind = "baseline" if config == BASELINE else CHANCE_ROW if config == CHANCE_ROW else ""
+        body.append(f'<tr class="{kind}" data-config="{escape(config)}">{cells}</tr>')
     return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
@@ -65,7 +83,8 @@ def sweep_line(sweep: dict | None) -> str:
     if sweep is None:
         return "No sweep.json was found beside the runs."
     extent = [f"{sweep['split']} split" if sweep.get("split") else "",
-              f"{sweep['samples']} samples" if sweep.get("samples") is not None else ""]
+              f"{sweep['samples']} samples" if sweep.get("samples") is not None else "",
+              f"{sweep['frames']} frames per clip" if sweep.get("frames") else ""]
     extent_text = f" ({', '.join(part for part in extent if part)})" if any(extent) else ""
     where = "".join(f", {sweep[key]}" for key in ("device", "dtype") if sweep.get(key))
     return escape(f"{sweep.get('model', '?')} on the {sweep.get('suite', '?')} suite{extent_text}{where}.")
@@ -134,9 +153,32 @@ def _cell_figure(cell) -> str:
     verdict = '<span class="right">&#10003;</span>' if cell.correct else '<span class="wrong">&#10007;</span>'
     budget = f"keep {escape(cell.keep)}: " if cell.keep else ""
     same = "" if not cell.keep else ' <span class="same">(= baseline)</span>' if cell.agrees else " (&ne; baseline)"
-    return (f'<figure><img alt="{escape(cell.config)}" src="{cell.image_uri}">'
-            f"<figcaption>{budget}{cell.tokens_after}/{cell.tokens_before} tokens<br>"
-            f"{verdict} {escape(cell.prediction)}{same}</figcaption></figure>")
+    caption = (f"<figcaption>{budget}{cell.tokens_after}/{cell.tokens_before} tokens<br>"
+               f"{verdict} {escape(cell.prediction)}{same}</figcaption>")
+    if cell.frames is not None:
+        return f'<figure class="clip"><div class="frames">{_frame_strip(cell)}</div>{caption}</figure>'
+    return f'<figure><img alt="{escape(cell.config)}" src="{cell.image_uri}">{caption}</figure>'
+
+
+def _frame_strip(cell) -> str:
+    """A thumbnail per frame of the video; a frame that kept no token is faded and marked dropped."""
+    parts = []
+    for frame in cell.frames:
+        dropped = frame.kept == 0
+        parts.append(f'<span class="frame{" dropped" if dropped else ""}" title="frame {frame.index}: {frame.kept} '
+                     f'tokens kept"><img alt="{escape(cell.config)} frame {frame.index}" src="{frame.image_uri}">'
+                     f'{"<b>dropped</b>" if dropped else ""}</span>')
+    return "".join(parts)
+
+
+def video_section(summary: pd.DataFrame, skills: pd.DataFrame | None) -> str:
+    """The video suite's tables: accuracy against the video's visual tokens, and accuracy per skill with chance."""
+    if skills is None:
+        return ""
+    return (f'<h2>Video: accuracy against visual tokens</h2><p class="note">{escape(VIDEO_TOKENS_NOTE)}</p>'
+            f'<div class="wide">{html_table(summary, VIDEO_TOKENS_COLUMNS, "video-tokens")}</div>'
+            f'<h2>Accuracy per skill</h2><p class="note">{escape(SKILL_NOTE)}</p>'
+            f'<div class="wide">{html_table(skills, skill_columns(skills), "per-skill")}</div>')
 
 
 def oracle_section(distribution: pd.DataFrame, plots: Path, plot_names: list[str]) -> str:
@@ -163,7 +205,8 @@ where the baseline answered none of the samples right, no peak where none was me
 
 def write_report(out: Path, sweep: dict | None, headline: pd.DataFrame, summary: pd.DataFrame,
                  categories: pd.DataFrame, distribution: pd.DataFrame, plot_names: list[str],
-                 samples: list[GallerySample]) -> Path:
+                 samples: list[GallerySample], skills: pd.DataFrame | None = None) -> Path:
+    """`skills`: the video suite's per-skill table (summary.per_skill), which adds the video tables."""
     plots = out / "plots"
     main_plots = "".join(plot_figure(plots, n) for n in ("accuracy_vs_tokens", "accuracy_vs_latency") if n in plot_names)
     heatmap = plot_figure(plots, "retention_heatmap") if "retention_heatmap" in plot_names else ""
@@ -175,6 +218,7 @@ def write_report(out: Path, sweep: dict | None, headline: pd.DataFrame, summary:
 <h2>Most accurate per budget</h2>
 {html_table(headline, HEADLINE_COLUMNS, "headline")}
 <p class="note">{escape(HEADLINE_NOTE)}</p>{skipped_line(sweep)}
+{video_section(summary, skills)}
 <h2>Summary</h2>
 <p class="note">{SUMMARY_NOTE}</p>
 <div class="wide">{html_table(summary, SUMMARY_COLUMNS, "summary")}</div>
@@ -183,7 +227,9 @@ def write_report(out: Path, sweep: dict | None, headline: pd.DataFrame, summary:
 <details><summary>Table</summary><div class="wide">{html_table(categories, CATEGORY_COLUMNS, "per-category")}</div></details>
 <h2>Oracle: how many tokens each question needs</h2>{oracle_section(distribution, plots, plot_names)}
 <h2>Kept patches</h2><p>Greyed patches were dropped before the LLM; each caption gives the budget, the tokens
-kept of the first image, the prediction (&#10003; correct) and whether it is the baseline's answer.</p>{gallery_section(samples)}
+kept of the first image (of a video: of all its frames), the prediction (&#10003; correct) and whether it is the
+baseline's answer. A video shows a strip of its frames, each with the patches it kept; a frame that kept none is
+faded and marked &ldquo;dropped&rdquo;.</p>{gallery_section(samples)}
 <h2>Sweep settings</h2>{settings_section(sweep)}
 </body></html>
 """

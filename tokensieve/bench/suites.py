@@ -1,9 +1,11 @@
 """What a sweep runs on: the model, and samples from the built-in QA suite or a standard benchmark.
 
 Every source gives the same `SuiteSample`: a filename-safe id, the prompt text, the reference
-answer(s), a category, the image (rendered or decoded on demand) and the source's own per-sample
-score of a prediction (0..1). `model_inputs` puts a sample to the model the same way for every
-source and model: one user turn, the image, then the question, through the processor's chat template.
+answer(s), a category, the image or a video's frames (rendered or decoded on demand) and the source's own
+per-sample score of a prediction (0..1). `model_inputs` puts a sample to the model the same way for every
+source and model: one user turn, the image (or the video), then the question, through the processor's chat
+template. A video goes to a processor that takes videos as one video; to any other, as its frames, one image
+each, which the run reads as one video (`video_frames`).
 """
 
 from __future__ import annotations
@@ -18,13 +20,16 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from ..qa import examples, is_correct
+from ..qa import examples, is_correct, video_examples
+from ..qa.video import DEFAULT_FRAMES, MAX_FRAMES, MIN_FRAMES
 from .datasets import BENCHMARKS, benchmark
 
 BUILTIN = "builtin"
 BUILTIN_SPLIT = "test"  # never seen in training (tokensieve/qa/dataset.py)
 BUILTIN_IMAGE_SIZE = 224  # rendered at the size sieve-mini was trained at; other models' processors resize
 BUILTIN_DEFAULT_LIMIT = 700  # the suite is procedural and endless: 100 examples per skill unless --limit says
+VIDEO = "video"  # the built-in video suite (tokensieve/qa/video.py): its test split, like the builtin suite's
+VIDEO_DEFAULT_LIMIT = 500  # 100 clips per skill, as the builtin suite
 
 
 @dataclass
@@ -33,8 +38,9 @@ class SuiteSample:
     question: str  # the full prompt text
     target: str | list[str]  # the reference answer, or all of them (TextVQA's ten)
     category: str  # the QA skill, or the benchmark's category
-    image: Callable[[], Image.Image]
+    image: Callable[[], Image.Image] | None  # None for a video
     score: Callable[[str], float]  # the suite's per-sample score of a prediction: 1.0 is full marks
+    frames: Callable[[], list[Image.Image]] | None = None  # a video's frames, in order; None for an image
 
 
 def safe_id(text: str) -> str:
@@ -43,14 +49,19 @@ def safe_id(text: str) -> str:
 
 
 def load_suite(suite: str, limit: int | None = None, data: Path | str | None = None,
-               split: str | None = None) -> tuple[list[SuiteSample], str]:
-    """The first `limit` samples of `suite` and the split they come from."""
-    if suite == BUILTIN:
+               split: str | None = None, frames: int | None = None) -> tuple[list[SuiteSample], str]:
+    """The first `limit` samples of `suite` and the split they come from; `frames`: per clip, video suite only."""
+    if frames is not None and suite != VIDEO:
+        raise ValueError(f"frames={frames} is the {VIDEO!r} suite's clip length: the {suite!r} suite has no clips")
+    if suite in (BUILTIN, VIDEO):
         if split not in (None, BUILTIN_SPLIT):
-            raise ValueError(f"the builtin suite is scored on its {BUILTIN_SPLIT!r} split only, not {split!r}")
+            raise ValueError(f"the {suite} suite is scored on its {BUILTIN_SPLIT!r} split only, not {split!r}")
+        if suite == VIDEO:
+            return _video(limit or VIDEO_DEFAULT_LIMIT, frames or DEFAULT_FRAMES), BUILTIN_SPLIT
         return _builtin(limit or BUILTIN_DEFAULT_LIMIT), BUILTIN_SPLIT
     if suite not in BENCHMARKS:
-        raise ValueError(f"unknown suite {suite!r}: choose {BUILTIN!r} or a benchmark ({', '.join(BENCHMARKS)})")
+        raise ValueError(f"unknown suite {suite!r}: choose {BUILTIN!r}, {VIDEO!r} or a benchmark "
+                         f"({', '.join(BENCHMARKS)})")
     module, _ = benchmark(suite)
     split = split or inspect.signature(module.load).parameters["split"].default
     samples = [_from_benchmark(module, sample, suite) for sample in module.load(data, split=split, limit=limit)]
@@ -68,6 +79,20 @@ def _builtin(limit: int) -> list[SuiteSample]:
             id=f"{BUILTIN_SPLIT}-{example.index:05d}", question=qa.question, target=qa.answer, category=qa.skill,
             image=partial(example.image, BUILTIN_IMAGE_SIZE),
             score=lambda prediction, answer=qa.answer: float(is_correct(prediction, answer))))
+    return samples
+
+
+def _video(limit: int, frames: int) -> list[SuiteSample]:
+    """Clips 0..limit-1 of the video suite's test split; skills cycle, so any 5 in a row are balanced."""
+    if not MIN_FRAMES <= frames <= MAX_FRAMES:
+        raise ValueError(f"a clip of the video suite has {MIN_FRAMES} to {MAX_FRAMES} frames, not frames={frames}")
+    samples = []
+    for example in video_examples(BUILTIN_SPLIT, limit, frames=frames):
+        answer = example.qa.answer
+        samples.append(SuiteSample(
+            id=f"video-{BUILTIN_SPLIT}-{example.index:05d}", question=example.qa.question, target=answer,
+            category=example.skill, image=None, frames=partial(example.frames, BUILTIN_IMAGE_SIZE),
+            score=lambda prediction, answer=answer: float(is_correct(prediction, answer))))
     return samples
 
 
@@ -110,11 +135,31 @@ def load_model(model: str, device: str, dtype: str):
     return loaded.to(device), processor
 
 
+def takes_videos(processor) -> bool:
+    """Whether the processor puts a video to its model as one (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision)."""
+    return getattr(processor, "video_processor", None) is not None
+
+
+def video_frames(processor, sample: SuiteSample) -> int | None:
+    """For a video given to a processor without videos: its frame count, which the run needs to read the
+    frames (one image each) as one video (`ts.apply(..., video_frames=n)`); None otherwise."""
+    return None if sample.frames is None or takes_videos(processor) else len(sample.frames())
+
+
 def model_inputs(model, processor, sample: SuiteSample) -> dict:
-    """The processor's inputs for one sample: a user turn with the image, then the question."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample.question}]}]
+    """The processor's inputs for one sample: a user turn with the image (or the video), then the question.
+    A video goes as one where the processor takes videos, else as its frames, one image placeholder each."""
+    question = {"type": "text", "text": sample.question}
+    if sample.frames is None:
+        visual, media = [{"type": "image"}], {"images": sample.image()}
+    elif takes_videos(processor):
+        visual, media = [{"type": "video"}], {"videos": [sample.frames()]}
+    else:
+        frames = sample.frames()
+        visual, media = [{"type": "image"}] * len(frames), {"images": frames}
+    messages = [{"role": "user", "content": [*visual, question]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(images=sample.image(), text=prompt, return_tensors="pt")
+    inputs = processor(**media, text=prompt, return_tensors="pt")
     return inputs.to(model.device, dtype=model.dtype)  # the dtype applies to floating tensors only
 
 

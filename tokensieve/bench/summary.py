@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from tokensieve.qa import CHANCE, SKILLS, normalise
+from tokensieve.qa import CHANCE, SKILLS, VIDEO_CHANCE, VIDEO_SKILLS, accuracy_by_skill, normalise
 
 BASELINE = "baseline"
 MIB = 2**20
@@ -113,7 +113,15 @@ def _summarise_config(rows: pd.DataFrame) -> dict:
         "selection_ms": _median_ms(timed["selection_seconds"]),
         "n": len(rows),
         "n_timed": len(timed),
+        **(_frames_kept(rows) if "kept_frames" in rows else {}),
     }
+
+
+def _frames_kept(rows: pd.DataFrame) -> dict:
+    """A video's frames (of its grid, t) and those that kept any token, means over the samples."""
+    videos = rows[rows["kept_frames"].notna()]
+    return {"frames": videos["frames"].map(lambda thw: thw[0]).mean(),
+            "frames_kept": videos["kept_frames"].map(len).mean()}
 
 
 def config_rank(pairs: pd.DataFrame) -> dict[str, int]:
@@ -125,8 +133,10 @@ def config_rank(pairs: pd.DataFrame) -> dict[str, int]:
 
 
 def category_rank(category: str) -> tuple:
-    """The QA suite's skills in their own order, any other category alphabetically after them."""
-    return (SKILLS.index(category), "") if category in SKILLS else (len(SKILLS), category)
+    """The QA suites' skills in their own order (the image suite's, then the video suite's), any other category
+    alphabetically after them."""
+    skills = SKILLS + VIDEO_SKILLS
+    return (skills.index(category), "") if category in skills else (len(skills), category)
 
 
 def summarise(runs: pd.DataFrame) -> pd.DataFrame:
@@ -141,7 +151,7 @@ def per_category(runs: pd.DataFrame) -> pd.DataFrame:
     """Accuracy per (configuration, category), with the baseline's on the same samples and the retention."""
     pairs = paired(runs)
     rank = config_rank(pairs)
-    chance = CHANCE if is_qa_suite(runs) else {}  # MME's "existence" is not the QA suite's
+    chance = chance_table(runs)  # MME's "existence" is not the QA suite's
     rows = []
     for (config, category), group in pairs.groupby(["config", "category"]):
         accuracy, base_accuracy = group["score"].mean(), group["base_score"].mean()
@@ -157,16 +167,48 @@ def per_category(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def is_qa_suite(runs: pd.DataFrame) -> bool:
-    """Whether every category is one of the QA suite's skills (whose chance levels are known)."""
-    return bool(runs["category"].isin(list(CHANCE)).all())
+def chance_table(runs: pd.DataFrame) -> dict[str, float]:
+    """The chance level per skill of the QA suite whose skills the categories all are (the image suite's or the
+    video suite's); empty for other benchmarks."""
+    for chance in (CHANCE, VIDEO_CHANCE):
+        if runs["category"].isin(list(chance)).all():
+            return chance
+    return {}
 
 
 def chance_level(runs: pd.DataFrame) -> float | None:
     """The QA suite's chance accuracy over the baseline's samples; None for other benchmarks."""
-    if not is_qa_suite(runs):
+    chance = chance_table(runs)
+    if not chance:
         return None
-    return float(runs.loc[runs["config"] == BASELINE, "category"].map(CHANCE).mean())
+    return float(runs.loc[runs["config"] == BASELINE, "category"].map(chance).mean())
+
+
+def is_video_suite(runs: pd.DataFrame) -> bool:
+    """Whether the records are the built-in video suite's (every category one of its skills)."""
+    return chance_table(runs) is VIDEO_CHANCE
+
+
+CHANCE_ROW = "chance"
+
+
+def per_skill(runs: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
+    """The video suite's accuracy per skill (`accuracy_by_skill`): a row per configuration in the summary's order,
+    with its visual tokens at the LLM input and per layer, a column per skill and "overall", then the chance row."""
+    pairs = paired(runs)
+    rows = []
+    for config in summary["config"]:
+        group = pairs[pairs["config"] == config]
+        table = accuracy_by_skill(list(zip(group["category"], group["correct"].astype(bool))), VIDEO_CHANCE)
+        row = summary[summary["config"] == config].iloc[0]
+        rows.append({"config": config, "method": row["method"], "keep": row["keep"],
+                     "tokens_llm_input": row["tokens_llm_input"], "tokens_per_layer": row["tokens_per_layer"],
+                     **{skill: values["accuracy"] for skill, values in table.items()}})
+    base_skills = pairs.loc[pairs["config"] == BASELINE, "category"]
+    chance = accuracy_by_skill([(skill, False) for skill in base_skills], VIDEO_CHANCE)  # its chance column only
+    rows.append({"config": CHANCE_ROW, "method": CHANCE_ROW, "keep": "",
+                 **{skill: values["chance"] for skill, values in chance.items()}})
+    return pd.DataFrame(rows)
 
 
 def budget_label(keep: str, tokens_kept: float) -> str:

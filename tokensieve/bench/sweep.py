@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import shlex
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, wait
@@ -26,14 +27,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import tokensieve as ts
 
+from ..qa.video import DEFAULT_FRAMES
 from .measure import Meter
-from .suites import BUILTIN, check_model, load_model, load_suite, model_inputs, model_view
+from .suites import BUILTIN, VIDEO, check_model, load_model, load_suite, model_inputs, model_view, video_frames
 
 BASELINE = "baseline"
 DEFAULT_KEEPS = (256, 128, 64, 32, 16)
 WARMUP_NEW_TOKENS = 2  # a prefill and one decode step: enough to pay every first-call cost
 # Settings a resumed sweep must share with the records already in OUT: mixing them would mix numbers.
-_FIXED_ON_RESUME = ("model", "suite", "split", "data", "device", "dtype", "max_new_tokens")
+_FIXED_ON_RESUME = ("model", "suite", "split", "data", "device", "dtype", "max_new_tokens", "frames")
 
 
 class SweepSpecError(ValueError):
@@ -70,6 +72,7 @@ class Settings:
     max_new_tokens: int
     show: int
     out: str
+    frames: int | None = None  # the video suite's frames per clip (None: every other suite)
 
 
 def parse_keep(text: str | int | float) -> int | float:
@@ -114,48 +117,53 @@ def sweep(model: str = "sieve-mini", suite: str = BUILTIN, methods: list[str] | 
           keeps: list[int | float] | str = DEFAULT_KEEPS, limit: int | None = None, out: Path | str = "results",
           workers: int = 1, data: Path | str | None = None, split: str | None = None, device: str | None = None,
           dtype: str | None = None, max_new_tokens: int | None = None, show: int = 6,
-          progress: bool = True, ray: str | None = None, shard: int | None = None) -> Path:
+          progress: bool = True, ray: str | None = None, shard: int | None = None,
+          frames: int | None = None) -> Path:
     """Run the sweep into `out`, resuming what is there, and return `out`.
 
     `methods`: names, `name:keep` specs or "all"; `keeps`: counts and ratios; either may be one
     comma-separated string. `device` defaults to CUDA when there is one (on a Ray cluster: when it has
-    GPUs); `dtype` to bfloat16 on CUDA, float32 on the CPU; `max_new_tokens` to 5 for the builtin suite
-    (one-word answers) and 16 for benchmarks. `show`: save the image as the model saw it for the first
-    `show` samples. `ray`: a Ray cluster's address, "auto" or "local", to run the configurations as Ray
-    tasks (tokensieve/bench/ray_sweep.py), `shard` samples per task (default: a configuration's all).
+    GPUs); `dtype` to bfloat16 on CUDA, float32 on the CPU; `max_new_tokens` to 5 for the builtin and video
+    suites (one-word answers) and 16 for benchmarks. `show`: save the image as the model saw it for the first
+    `show` samples (a video: its frames). `ray`: a Ray cluster's address, "auto" or "local", to run the
+    configurations as Ray tasks (tokensieve/bench/ray_sweep.py), `shard` samples per task (default: a
+    configuration's all). `frames`: frames per clip of the video suite (default 16).
     """
     if ray is None:
         if shard is not None:
             raise SweepSpecError("shard splits a configuration into Ray tasks: it needs ray (--ray ADDRESS)")
         return _sweep(model, suite, methods, keeps, limit, out, workers, data, split, device, dtype,
-                      max_new_tokens, show, progress)
+                      max_new_tokens, show, progress, frames=frames)
     if workers != 1:
         raise SweepSpecError(f"workers={workers} is for a run on this machine: with ray, every free GPU (or CPU) "
                              f"of the cluster runs a task")
     if shard is not None and shard < 1:
         raise SweepSpecError(f"shard must be at least 1 sample, not {shard}")
+    if suite == VIDEO:  # its tasks would send back one picture per sample, not a clip's frames
+        raise SweepSpecError(f"the {VIDEO} suite does not run on Ray yet: run it on this machine (--workers N)")
     from .ray_sweep import cluster
 
     with cluster(ray) as ray_cluster:  # an address that does not answer fails here, before any work
         return _sweep(model, suite, methods, keeps, limit, out, workers, data, split, device, dtype,
-                      max_new_tokens, show, progress, ray_cluster, shard)
+                      max_new_tokens, show, progress, ray_cluster, shard, frames)
 
 
 def _sweep(model, suite, methods, keeps, limit, out, workers, data, split, device, dtype, max_new_tokens, show,
-           progress, ray_cluster=None, shard=None) -> Path:
+           progress, ray_cluster=None, shard=None, frames=None) -> Path:
     if device is None:
         device = ray_cluster.default_device() if ray_cluster else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     settings = Settings(model=model, suite=suite, split=split, data=None if data is None else str(data),
                         limit=limit, device=device, dtype=dtype, show=show, out=str(out),
-                        max_new_tokens=max_new_tokens or (5 if suite == BUILTIN else 16))
+                        max_new_tokens=max_new_tokens or (5 if suite in (BUILTIN, VIDEO) else 16),
+                        frames=frames if frames is not None or suite != VIDEO else DEFAULT_FRAMES)
     try:
         methods = ts.split_specs(methods) if isinstance(methods, str) else [m for m in methods if m]
         configs = plan(methods, [parse_keep(k) for k in (ts.budget.split_top_level(keeps) if isinstance(keeps, str) else keeps)])
         check_model(model, settings.dtype)
         if workers < 1 or (limit is not None and limit < 1):
             raise ValueError(f"workers and limit must be at least 1, not {workers} and {limit}")
-        samples, settings.split = load_suite(suite, limit, data, split)
+        samples, settings.split = load_suite(suite, limit, data, split, settings.frames)
     except ValueError as err:
         raise SweepSpecError(str(err)) from None
     out = Path(out)
@@ -220,8 +228,11 @@ class Worker:
     def __init__(self, settings: Settings, samples: list | None = None):
         self.settings = settings
         self.model, self.processor = load_model(settings.model, settings.device, settings.dtype)
-        self.samples = samples or load_suite(settings.suite, settings.limit, settings.data, settings.split)[0]
+        self.samples = samples or load_suite(settings.suite, settings.limit, settings.data, settings.split,
+                                             settings.frames)[0]
         self.meter = Meter(self.model)
+        # a video suite on a family without videos: each clip's frames go as images, read as one video
+        self.video_frames = video_frames(self.processor, self.samples[0]) if self.samples else None
 
     def run(self, config: Config, report: Callable) -> str | None:
         """Run `config` on every sample it has not recorded; returns why it was skipped, if it was.
@@ -247,23 +258,24 @@ class Worker:
     def sieve(self, config: Config):
         """The configuration's sieve (None for the baseline), and why this model refuses it, if it does."""
         sieve = ts.build(config.method, keep=config.keep) if config.method else None
-        return sieve, None if sieve is None else self.meter.refusal(sieve)
+        return sieve, None if sieve is None else self.meter.refusal(sieve, self.video_frames)
 
     def records(self, config: Config, sieve, todo: list):
         """One record per sample of `todo`, each yielded as soon as it is measured."""
         # Untimed warm-up on this configuration, so no record pays first-call costs.
-        self.meter.generate(model_inputs(self.model, self.processor, todo[0]), WARMUP_NEW_TOKENS, sieve)
+        self.meter.generate(model_inputs(self.model, self.processor, todo[0]), WARMUP_NEW_TOKENS, sieve,
+                            self.video_frames)
         for sample in todo:
             yield self._record(config, sieve, sample)
 
     def _record(self, config: Config, sieve, sample) -> dict:
         inputs = model_inputs(self.model, self.processor, sample)
-        measured = self.meter.generate(inputs, self.settings.max_new_tokens, sieve)
+        measured = self.meter.generate(inputs, self.settings.max_new_tokens, sieve, self.video_frames)
         prediction = self.processor.decode(measured.new_tokens, skip_special_tokens=True).strip()
         score = sample.score(prediction)
         stats = measured.stats  # the baseline's is ts.observe's: every token kept, the stock prefill
         first_image = stats.images[0]
-        return {
+        record = {
             "config": config.id, "method": config.method, "keep": config.keep if isinstance(config.keep, (int, float, type(None))) else str(config.keep), "sample": sample.id,
             "category": sample.category, "question": sample.question, "target": sample.target,
             "prediction": prediction, "correct": score >= 1.0, "score": score,
@@ -279,20 +291,42 @@ class Worker:
             # the baseline selects nothing: null, not the observer's 0.0
             "selection_seconds": stats.selection_seconds if sieve is not None else None, "warmup": False,
         }
+        if first_image.frames is not None:  # a video: `kept` and `grid` run over all its frames, frame after frame
+            record.update(frames=list(first_image.frames), frame_counts=first_image.frame_counts.tolist(),
+                          kept_frames=first_image.kept_frames.tolist())
+        return record
 
     def view(self, sample):
         """The sample's image as the model saw it (resized, cropped), for the report's kept-patch pictures."""
         return model_view(self.processor, model_inputs(self.model, self.processor, sample), sample)
 
     def _save_images(self, folder: Path) -> None:
-        """The first `show` samples' images as the model saw them, for the report's kept-patch pictures."""
+        """The first `show` samples' images as the model saw them (a video: its frames as rendered, in
+        `<sample>/<frame>.png`), for the report's kept-patch pictures."""
         folder.mkdir(exist_ok=True)
         for sample in self.samples[: self.settings.show]:
+            if sample.frames is not None:
+                _save_frames(sample, folder / sample.id)
+                continue
             target = folder / f"{sample.id}.png"
             if not target.is_file():
                 scratch = target.with_name(f"{target.stem}.{multiprocessing.current_process().pid}.tmp.png")
                 self.view(sample).save(scratch)
                 scratch.replace(target)  # atomic: parallel workers may write the same picture
+
+
+def _save_frames(sample, folder: Path) -> None:
+    """A video's frames as `folder/00.png`, `01.png`, ...; the folder appears whole (parallel workers)."""
+    if folder.is_dir():
+        return
+    scratch = folder.with_name(f"{folder.name}.{multiprocessing.current_process().pid}.tmp")
+    scratch.mkdir(exist_ok=True)
+    for index, frame in enumerate(sample.frames()):
+        frame.save(scratch / f"{index:02d}.png")
+    try:
+        scratch.rename(folder)  # atomic; another worker may have won the race
+    except OSError:
+        shutil.rmtree(scratch)
 
 
 class SweepProgress:

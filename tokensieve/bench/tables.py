@@ -92,6 +92,37 @@ def markdown(table: pd.DataFrame, columns: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The video suite's: accuracy against the video's visual tokens (summary.summarise's columns).
+VIDEO_TOKENS_COLUMNS = {
+    "method": ("method", "{}"),
+    "keep": ("keep", "{}"),
+    "tokens_before": ("video tokens", "{:.1f}"),
+    "tokens_llm_input": ("at LLM input", "{:.1f}"),
+    "tokens_per_layer": ("per layer", "{:.1f}"),
+    "frames_kept": ("frames kept", "{:.1f}"),
+    "frames": ("of frames", "{:.0f}"),
+    "accuracy": ("accuracy", "{:.3f}"),
+    **INTERVAL_COLUMN,
+    "retention": ("retention", "{:.1%}"),
+    "n": ("n", "{}"),
+}
+VIDEO_TOKENS_NOTE = ("Accuracy against the visual tokens of the video: those that entered the LLM, and, for in-LLM "
+                     "methods, those each decoder layer processed on average (as in-LLM papers count a budget); frames "
+                     "kept counts the frames of the video's grid that kept any token (on Qwen2-VL a frame is a pair "
+                     "of input frames). A ratio budget is a share of the video's tokens.")
+
+
+def skill_columns(skills: pd.DataFrame) -> dict:
+    """summary.per_skill's table: the configuration, its tokens, then a column per skill and overall."""
+    columns = {"method": ("method", "{}"), "keep": ("keep", "{}"), "tokens_llm_input": ("at LLM input", "{:.1f}"),
+               "tokens_per_layer": ("per layer", "{:.1f}")}
+    fixed = {"config", *columns}
+    return {**columns, **{skill: (skill, "{:.3f}") for skill in skills.columns if skill not in fixed}}
+
+
+SKILL_NOTE = ("Accuracy per skill of the video suite (exact match), each configuration on the samples the baseline "
+              "answered; the last row is each skill's chance level (a uniform guess among the answers a single frame "
+              "leaves possible, docs/video-data.md).")
 BY_BUDGET_NOTE = ("Accuracy (retention against the baseline) of each method at each budget, the most retained "
                   "methods first. A budget that is no token count adds the tokens kept; an in-LLM method whose layers "
                   "saw another number on average adds its tokens per layer, as those papers count them.")
@@ -111,13 +142,20 @@ def print_summary(summary: pd.DataFrame, console: Console | None = None) -> None
 
 
 def write_tables(out: Path, summary: pd.DataFrame, categories: pd.DataFrame, headline: pd.DataFrame,
-                 budgets: pd.DataFrame) -> None:
-    """`summary.csv`, `summary.md` and `per_category.csv` in `out`; `budgets` is summary.by_budget's table."""
+                 budgets: pd.DataFrame, skills: pd.DataFrame | None = None) -> None:
+    """`summary.csv`, `summary.md` and `per_category.csv` in `out`; `budgets` is summary.by_budget's table;
+    `skills` (the video suite: summary.per_skill's) adds the video tables to summary.md and `per_skill.csv`."""
     summary.to_csv(out / "summary.csv", index=False)
+    video = "" if skills is None else (
+        "## Video: accuracy against visual tokens\n\n" + markdown(summary, VIDEO_TOKENS_COLUMNS)
+        + f"\n{VIDEO_TOKENS_NOTE}\n\n## Accuracy per skill\n\n" + markdown(skills, skill_columns(skills))
+        + f"\n{SKILL_NOTE}\n\n")
     (out / "summary.md").write_text(
         "## Most accurate per budget\n\n" + markdown(headline, HEADLINE_COLUMNS)
-        + f"\n{HEADLINE_NOTE}\n\n## Accuracy by budget\n\n"
+        + f"\n{HEADLINE_NOTE}\n\n{video}## Accuracy by budget\n\n"
         + markdown(budgets, {column: (column, "{}") for column in budgets.columns})
         + f"\n{BY_BUDGET_NOTE}\n\n## Summary\n\n" + markdown(summary, SUMMARY_COLUMNS)
         + "\n## Per category\n\n" + markdown(categories, CATEGORY_COLUMNS))
     categories.to_csv(out / "per_category.csv", index=False)
+    if skills is not None:
+        skills.to_csv(out / "per_skill.csv", index=False)
