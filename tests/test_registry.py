@@ -97,3 +97,15 @@ def test_every_registered_method_is_listed_in_the_readme_and_has_a_catalogue_row
     assert f"{len(names)} training-free methods" in section
     assert [name for name in names if f"`{name}`" not in section] == []
     assert [name for name in names if f"\n| `{name}` |" not in catalogue] == []
+
+
+@pytest.mark.parametrize("name, why, instead", [
+    ("visionselector", "trained scorer", "idpruner"),
+    ("pvc", "trained tower and projector", "per_crop=True"),
+])
+def test_a_method_left_out_on_purpose_is_refused_with_why_and_what_to_use(name, why, instead):
+    for make in (lambda: ts.load(name), lambda: ts.build(f"{name}:64")):
+        with pytest.raises(ValueError, match=f"^{name} is not served: ") as refused:
+            make()
+        assert why in str(refused.value) and instead in str(refused.value)
+    assert name not in {info.name for info in ts.list_methods()}

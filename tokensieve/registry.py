@@ -16,6 +16,14 @@ from .sieve import SIGNALS, STAGES, Sieve
 
 _METHODS: dict[str, type[Sieve]] = {}
 
+#: methods users ask for that are deliberately not served, each with why and what to use instead
+NOT_SERVED = {
+    "visionselector": "VisionSelector ranks tokens by a trained scorer and has no training-free variant (docs/methods.md, "
+                      "'Methods not included'); idpruner runs its pipeline with [CLS] attention in the scorer's place",
+    "pvc": "PVC's progressive compression is its trained tower and projector, with no part that works without its "
+           "weights (docs/video.md, 'Not served'); pool with ts.Budget(k, per_crop=True) is what is left of it",
+}
+
 
 def register(cls: type[Sieve]) -> type[Sieve]:
     """Class decorator that makes a sieve loadable by its ``name`` (put it above ``@dataclass``)."""
@@ -42,6 +50,8 @@ def load(name: str, **kwargs) -> Sieve:
     try:
         cls = _METHODS[name]
     except KeyError:
+        if name in NOT_SERVED:
+            raise ValueError(f"{name} is not served: {NOT_SERVED[name]}") from None
         raise ValueError(f"unknown method {name!r}: choose one of {', '.join(sorted(_METHODS))}") from None
     arguments = [f.name for f in dataclasses.fields(cls)]
     unknown = [key for key in kwargs if key not in arguments]
