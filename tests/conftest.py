@@ -57,7 +57,7 @@ def freezes(name, kwargs) -> bool:
 
 def supported(family, name, kwargs) -> bool:
     """Whether the family gives every signal the case's in_vision and pre-LLM methods ask for, runs in-LLM stages if
-    the case has any (Gemma3 refuses them), lets them prune where they do (Qwen3-VL: after its DeepStack layers;
+    the case has any, or a method acting at decode steps (Gemma3 refuses them), lets them prune where they do (Qwen3-VL: after its DeepStack layers;
     Qwen3.5: nowhere), and has videos if a method acts on videos only; videos given as images (``video_frames=``) take
     no in_vision stage."""
     method = method_for(name, kwargs)
@@ -68,7 +68,7 @@ def supported(family, name, kwargs) -> bool:
         return False
     if family.options.get("video_frames") and any(s.stage == "in_vision" for s in sieves):
         return False  # the tower encodes each frame of a video given as images on its own
-    if any(s.stage == "in_llm" for s in sieves) and not serves_in_llm(family):
+    if any(s.stage == "in_llm" or s.decode_rule(4) is not None for s in sieves) and not serves_in_llm(family):
         return False
     depth = model.config.get_text_config().num_hidden_layers
     layers = [stage.layer for s in sieves if s.stage == "in_llm" for stage in s.schedule(depth)]

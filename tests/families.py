@@ -1,7 +1,7 @@
 """Every model family the contract tests run on: one tiny model each (see tiny_*.py). A video-capable family
 runs again with videos as its inputs (``*_video``: the same model, one video where the images were)."""
 
-from tiny_gemma3 import GEMMA3
+from tiny_gemma3 import GEMMA3, GEMMA3_FRAMES
 from tiny_gemma4 import GEMMA4
 from tiny_idefics3 import IDEFICS3, SMOLVLM
 from tiny_internvl import INTERNVL
@@ -31,6 +31,6 @@ FAMILIES = [
 ]
 
 #: the families the shared contract (test_contract.py) runs on: every family, and those whose inputs need keywords of
-#: ts.apply (``Family.options``: LLaVA given videos as their frames, ``video_frames=``), which other files' loops over
+#: ts.apply (``Family.options``: LLaVA and Gemma3 given videos as their frames, ``video_frames=``), which other files' loops over
 #: FAMILIES do not pass
-CONTRACT_FAMILIES = FAMILIES + [LLAVA_FRAMES]
+CONTRACT_FAMILIES = FAMILIES + [LLAVA_FRAMES, GEMMA3_FRAMES]

@@ -3,10 +3,11 @@ tokensieve/engine/video_frames.py, docs/video.md), on the tiny LLaVA of tests/ti
 visual input whose positions skip the newline between its frames, with its frames' signals; run.stats has one video
 record; a still image beside a video; the ``frames`` stage runs the tower on the kept frames only and equals the same
 frames dropped after it; bad counts, families and frames are refused with the model untouched. The shared contract runs
-on the family ``llava_frames`` (tests/families.py)."""
+on the families ``llava_frames`` and ``gemma3_frames`` (tests/families.py); the frames stage is checked on both."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,6 +15,7 @@ import tokensieve as ts
 from conftest import build_model
 from test_contract import TEXTS, _assert_same, _snapshot, greedy
 from tiny_llava_frames import FRAMES, LLAVA_FRAMES, NEWLINE, TOKENS_PER_FRAME, TOKENS_PER_VIDEO, llava_frames_inputs
+from tiny_gemma3 import GEMMA3_FRAMES
 from tiny_models import IMAGE_TOKEN, LLAVA
 from tiny_llava_next import LLAVA_NEXT
 from tiny_qwen2_vl import QWEN2_VL
@@ -106,7 +108,7 @@ def test_a_video_record_has_its_frames_and_the_tokens_kept_in_each():
         assert record.kept_frames.tolist() == [0, 2]
         assert record.frame_counts.tolist() == [TOKENS_PER_FRAME, 0, TOKENS_PER_FRAME, 0]
         assert record.timestamps is None
-    with ts.observe(model, video_frames=FRAMES) as run:
+    with ts.observe(model, video_frames=np.int64(FRAMES)) as run:  # numpy's ints are ints
         model(**inputs)
     assert [r.frame_counts.tolist() for r in run.stats.images] == [[TOKENS_PER_FRAME] * FRAMES] * 3
 
@@ -161,11 +163,13 @@ def test_a_padded_batch_of_rows_with_different_frame_counts_equals_each_row_alon
             torch.testing.assert_close(logits[row], expected, atol=1e-5, rtol=1e-5)
 
 
-def test_the_frames_stage_runs_the_tower_on_the_kept_frames_only_and_equals_dropping_them_after_it():
-    model = build_model(LLAVA_FRAMES)
-    inputs = llava_frames_inputs(TEXTS, n_images=[1, 2])
+@pytest.mark.parametrize("family", [LLAVA_FRAMES, GEMMA3_FRAMES], ids=lambda family: family.name)
+def test_the_frames_stage_runs_the_tower_on_the_kept_frames_only_and_equals_dropping_them_after_it(family):
+    model = build_model(family)
+    inputs = family.make_inputs(TEXTS, n_images=[1, 2])
     towers = []
-    embeddings = model.model.vision_tower.embeddings  # inside the tower, after tokensieve's hook on it
+    # inside the tower, after tokensieve's hook on it
+    embeddings = next(m for n, m in adapter_for(model).vision_tower.named_modules() if n.endswith("embeddings"))
     handle = embeddings.register_forward_pre_hook(lambda m, args: towers.append(args[0].shape[0]))
     kept_frames = torch.tensor([0, 2])  # uniform_frames: floor(i * 4 / 2)
 
@@ -254,7 +258,7 @@ def test_families_that_take_videos_or_are_not_served_refuse_video_frames():
                                          "Qwen2VLForConditionalGeneration takes videos: pass the video through its processor"):
         ts.apply(qwen, ts.load("evs", keep=8), video_frames=4)
     next_model = build_model(LLAVA_NEXT)
-    with pytest.raises(ValueError, match=r"video_frames= \(videos as lists of frames\) is served on the llava families, "
+    with pytest.raises(ValueError, match=r"video_frames= \(videos as lists of frames\) is served on the llava, gemma3 families, "
                                          r"not on LlavaNextForConditionalGeneration \(llava_next\)"):
         ts.observe(next_model, video_frames=4)
 

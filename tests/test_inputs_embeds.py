@@ -42,7 +42,7 @@ def test_a_forward_by_inputs_embeds_prunes_as_the_forward_by_input_ids(family, n
 
 # Gemma3's and Gemma 4's generate() refuse inputs_embeds (their prepare_inputs_for_generation does not take them),
 # stock and pruned alike: test_adapter_gemma3.py and test_adapter_gemma4.py check it
-GENERATES_BY_EMBEDS = [p for p in PRE_LLM if p.values[0].name not in ("gemma3", "gemma4")]
+GENERATES_BY_EMBEDS = [p for p in PRE_LLM if p.values[0].name not in ("gemma3", "gemma4", "gemma3_frames")]
 
 
 @pytest.mark.parametrize("family, name, kwargs", GENERATES_BY_EMBEDS)

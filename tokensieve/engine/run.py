@@ -253,7 +253,8 @@ class Run:
             raise ValueError(
                 f"this {type(self.model).__name__} call carries a video (pixel_values_videos), and tokensieve serves videos "
                 f"only on Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision (docs/video.md): run the {self.adapter.family} video outside the "
-                f"apply() block, or pass its frames as images{_FRAMES_HINT if self.adapter.frames_as_images else ''}"
+                f"apply() block, or pass its frames as images"
+                f"{' (ts.apply(model, method, video_frames=16), docs/video.md)' if self.adapter.frames_as_images else ''}"
             )
         self.adapter.check_inputs(kwargs)
         with_images = has_images(kwargs)
@@ -554,10 +555,12 @@ def _refuse_before_hooking(model: nn.Module, adapter, method, vision: Sieve | No
                 f"{sieve.name} needs signals {type(model).__name__} cannot give ({reasons}). Use a method "
                 f"that needs none of them, such as {', '.join(servable_methods(adapter, videos=videos))} (see `tokensieve methods`)"
             )
-    if in_llm and (why := adapter.in_llm_problem()) is not None:
+    # a method that acts at decode steps (dycoke's kv_keep) works inside the LLM too
+    inside = [*in_llm, *(s for s in (frames, vision, pre) if s is not None and s.decode_rule(len(adapter.decoder.layers)))]
+    if inside and (why := adapter.in_llm_problem()) is not None:
         raise ValueError(
-            f"{'+'.join(sieve.name for sieve in in_llm)} prunes inside the LLM, which {type(model).__name__} cannot "
-            f"serve: {why}. Use a method that acts before the LLM, such as {', '.join(servable_methods(adapter))} "
+            f"{'+'.join(sieve.name for sieve in inside)} prunes inside the LLM, which {type(model).__name__} cannot "
+            f"serve: {why}. Use a method that acts before the LLM, such as {', '.join(servable_methods(adapter, videos=videos))} "
             f"(see `tokensieve methods`)"
         )
     tower_requests = [r for r in requests if r.name not in ENGINE_SIGNALS]

@@ -21,6 +21,7 @@ An adapter serves this by setting ``frames_as_images`` and giving ``image_grid``
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -53,11 +54,11 @@ class VideoFrames:
             served = ", ".join(a.family for a in ADAPTERS if a.frames_as_images)
             raise ValueError(f"video_frames= (videos as lists of frames) is served on the {served} families, not on "
                              f"{name} ({adapter.family}): run its videos without tokensieve, or give its frames as images")
-        if isinstance(value, bool) or not isinstance(value, (int, tuple)) or \
-                (isinstance(value, tuple) and not all(isinstance(n, int) and not isinstance(n, bool) for n in value)):
+        if not (_is_int(value) or isinstance(value, tuple) and all(map(_is_int, value))):
             raise ValueError(f"video_frames={value!r}: pass an int (frames per video) or a tuple of ints (each prompt's "
                              f"visual inputs' frame counts, 1 for a still image)")
-        if isinstance(value, int):
+        if _is_int(value):
+            value = int(value)
             if value < 2:
                 raise ValueError(f"video_frames={value}: a video has at least 2 frames (one frame is a still image: "
                                  f"leave video_frames=None, or give a tuple such as (1, 8))")
@@ -65,7 +66,7 @@ class VideoFrames:
         if not value or min(value) < 1:
             raise ValueError(f"video_frames={value!r}: give each visual input's frame count, at least 1 (a still image), "
                              f"and at least one count")
-        return cls(value, False)
+        return cls(tuple(map(int, value)), False)
 
     def __str__(self) -> str:
         return f"video_frames={self.counts[0] if self.repeats else self.counts}"
@@ -101,6 +102,11 @@ class VideoFrames:
                 video = videos.get(frames[0].image)
                 grouped.append(_video_slot(frames, kept_frames[video] if kept_frames and video is not None else None))
         return grouped
+
+
+def _is_int(value) -> bool:
+    """An integer (numpy's too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _pass_videos(frames: VideoFrames, images: list[int]) -> dict[int, int]:
