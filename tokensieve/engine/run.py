@@ -51,8 +51,8 @@ from .llm_signals import PromptQueries, prompt_ends
 from .pack import Packing, gather_sequence
 from .ppe import PositionPreservation, group_members
 from .select import BeforeLLM
-from .video_frames import ImageFrames, VideoFrames, slot_signals
 from .static_cache import flat_mask_for_static_cache, refuse_compiled_model, refuse_static_cache_with_in_llm, refuse_tracing
+from .video_frames import ImageFrames, VideoFrames, slot_signals
 from .vision_flops import VisionPasses, vision_modules
 from .vision_stage import VisionMerging
 
@@ -607,7 +607,7 @@ def apply(model: nn.Module, method: Sieve | Chain | None = None, *, vision_flops
     tokens dropped before it in its row (decode steps too), as vLLM numbers them (docs/vllm.md); 1D rotary models and
     stages up to the LLM input (an in-LLM method sets its own, ``ts.PyramidDrop(positions="repack")``). The default,
     ``"original"``, keeps each token's position.
-    ``video_frames=16``, on a family that takes images only (LLaVA, sieve-mini): each run of 16 consecutive images of a
+    ``video_frames=16``, on a family that takes images only (LLaVA, sieve-mini, Gemma3): each run of 16 consecutive images of a
     prompt is one video of 16 frames; ``video_frames=(1, 16)``: each prompt's images are a still image, then a video of
     16 frames (docs/video.md, tokensieve/engine/video_frames.py). None (the default): every image is an image.
     """

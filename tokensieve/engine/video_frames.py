@@ -1,6 +1,6 @@
 """``video_frames=``: videos given as their frames, one image per frame, on families that take images only.
 
-An image-only family (LLaVA, sieve-mini) has no video input: a video reaches it as its frames, one image placeholder
+An image-only family (LLaVA, sieve-mini, Gemma3) has no video input: a video reaches it as its frames, one image placeholder
 each, the frames of a prompt one after another (text between them, a newline, stays text). ``video_frames`` says which
 of each prompt's images are frames of one video:
 
@@ -12,9 +12,10 @@ of each prompt's images are frames of one video:
 The family's per-image slots (one tower image each, all of one grid) are then grouped (:meth:`VideoFrames.group`): a
 video is one slot with ``frames == (t, h, w)``, one block per frame, ``grid == (1, t*h*w)``, its positions the frames'
 placeholders in order, and ``image`` the pass index of its first frame (its frames are the t images from there). Its
-signals are its frames' (each frame its own tower row), joined on the token axis (:func:`slot_signals`). A ``frames`` stage gives the tower only the kept
-frames' images and every still image (:class:`ImageFrames`), as frames_stage.py does for native videos. An
-``in_vision`` stage is refused (run.py): the tower encodes each frame on its own, so it would merge per frame.
+signals are its frames' (each frame its own tower row), joined on the token axis (:func:`slot_signals`). A ``frames``
+stage gives the tower only the kept frames' images and every still image (:class:`ImageFrames`), as frames_stage.py
+does for native videos. An ``in_vision`` stage is refused (run.py): the tower encodes each frame on its own, so it
+would merge per frame.
 
 An adapter serves this by setting ``frames_as_images`` and giving ``image_grid`` (base.py).
 """
