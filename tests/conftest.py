@@ -57,15 +57,18 @@ def freezes(name, kwargs) -> bool:
 
 def supported(family, name, kwargs) -> bool:
     """Whether the family gives every signal the case's in_vision and pre-LLM methods ask for, runs in-LLM stages if
-    the case has any (Gemma3 refuses them), lets them prune where they do (Qwen3-VL: after its DeepStack layers;
-    Qwen3.5: nowhere), and has videos if a method acts on videos only."""
+    the case has any, or a method acting at decode steps (Gemma3 refuses them), lets them prune where they do (Qwen3-VL: after its DeepStack layers;
+    Qwen3.5: nowhere), and has videos if a method acts on videos only; videos given as images (``video_frames=``) take
+    no in_vision stage."""
     method = method_for(name, kwargs)
     sieves = method.sieves if isinstance(method, ts.Chain) else (method,)
     model = build_model(family)
     adapter = adapter_for(model)
     if any(s.needs_video for s in sieves) and not family.videos:
         return False
-    if any(s.stage == "in_llm" for s in sieves) and not serves_in_llm(family):
+    if family.options.get("video_frames") and any(s.stage == "in_vision" for s in sieves):
+        return False  # the tower encodes each frame of a video given as images on its own
+    if any(s.stage == "in_llm" or s.decode_rule(4) is not None for s in sieves) and not serves_in_llm(family):
         return False
     depth = model.config.get_text_config().num_hidden_layers
     layers = [stage.layer for s in sieves if s.stage == "in_llm" for stage in s.schedule(depth)]
@@ -81,12 +84,12 @@ def serves_in_llm(family) -> bool:
 
 
 def family_method_params(want_supported: bool = True,
-                         stages=("frames", "in_vision", "pre_llm", "in_llm", "chain", "vision_chain")):
+                         stages=("frames", "in_vision", "pre_llm", "in_llm", "chain", "vision_chain"), families=FAMILIES):
     """(family, method, kwargs) for every pair the family supports (or, with False, refuses), for cases
     of the given stages ("chain" for chains, "vision_chain" for chains that merge inside the vision tower)."""
     return [
         pytest.param(family, name, kwargs, id=f"{family.name}-{name}")
-        for family in FAMILIES
+        for family in families
         for name, kwargs in METHOD_CASES
         if supported(family, name, kwargs) == want_supported and _stage(name, kwargs) in stages
     ]

@@ -8,11 +8,12 @@ import torch
 import tokensieve as ts
 from tokensieve.engine.compat import CACHE_ARGUMENT, output_cache
 from conftest import build_model, family_method_params, method_for
+from families import CONTRACT_FAMILIES
 from tokensieve.adapters import adapter_for
 
-CONTRACT = family_method_params()
-PRE_LLM = family_method_params(stages=("pre_llm",))
-REFUSED = family_method_params(want_supported=False)
+CONTRACT = family_method_params(families=CONTRACT_FAMILIES)
+PRE_LLM = family_method_params(stages=("pre_llm",), families=CONTRACT_FAMILIES)
+REFUSED = family_method_params(want_supported=False, families=CONTRACT_FAMILIES)
 TEXTS = [[5, 6, 7, 8], [9, 10]]  # two rows of different length, so the batch is left-padded
 
 
@@ -48,7 +49,7 @@ def test_keep_all_is_the_stock_model_bit_for_bit(family, name, kwargs, keep_all)
     expected_logits = model(**inputs).logits
     expected_tokens = greedy(model, inputs)
     keep = family.tokens_per_image if keep_all == "count" else keep_all
-    with ts.apply(model, method_for(name, kwargs, keep=keep, pre_keep=keep)) as run:
+    with ts.apply(model, method_for(name, kwargs, keep=keep, pre_keep=keep), **family.options) as run:
         logits = model(**inputs).logits
         tokens = greedy(model, inputs)
     assert torch.equal(logits, expected_logits)
@@ -63,7 +64,7 @@ def test_pruning_acts_and_is_deterministic(family, name, kwargs):
     stock = model(**inputs).logits[:, -1]
     results = []
     for _ in range(2):
-        with ts.apply(model, method_for(name, kwargs)) as run:
+        with ts.apply(model, method_for(name, kwargs), **family.options) as run:
             results.append((model(**inputs).logits[:, -1], [r.kept for r in run.stats.images]))
     (first, kept_first), (second, kept_second) = results
     assert torch.equal(first, second)
@@ -76,7 +77,7 @@ def test_pruning_acts_and_is_deterministic(family, name, kwargs):
 def test_generate_with_cache_equals_a_no_cache_loop(family, name, kwargs):
     model = build_model(family)
     inputs = family.make_inputs(TEXTS[:1])
-    with ts.apply(model, method_for(name, kwargs)):
+    with ts.apply(model, method_for(name, kwargs), **family.options):
         cached = greedy(model, inputs)
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         for _ in range(4):
@@ -92,7 +93,7 @@ def test_left_padded_batch_equals_each_row_alone(family, name, kwargs):
     model = build_model(family)
     batch = family.make_inputs(TEXTS, seed=3)
     rows = [family.make_inputs([text], seed=3, image_offset=i) for i, text in enumerate(TEXTS)]
-    with ts.apply(model, method_for(name, kwargs)):
+    with ts.apply(model, method_for(name, kwargs), **family.options):
         batch_logits = model(**batch).logits[:, -1]
         batch_tokens = greedy(model, batch)[:, -4:]
         for i, row in enumerate(rows):
@@ -113,7 +114,7 @@ def test_prefill_equals_the_stock_decoder_with_dropped_tokens_masked(family, nam
     model = build_model(family)
     decoder = adapter_for(model).decoder
     inputs = family.make_inputs(TEXTS)
-    with ts.apply(model, method_for(name, kwargs)) as run:
+    with ts.apply(model, method_for(name, kwargs), **family.options) as run:
         calls, handles = _decoder_calls(decoder)
         model(**inputs)
     pruned = calls[0]
@@ -182,7 +183,7 @@ def _deepstack_reference(stock, run):
 def test_second_turn_reusing_the_pruned_cache_equals_a_fresh_prefill(family, name, kwargs, texts):
     model = build_model(family)
     inputs = family.make_inputs(texts)
-    with ts.apply(model, method_for(name, kwargs)):
+    with ts.apply(model, method_for(name, kwargs), **family.options):
         # a random model may answer with the image token, which the second turn would read as a placeholder
         first = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
                                suppress_tokens=[family.image_token])
@@ -202,7 +203,7 @@ def test_each_stage_keeps_a_subset_of_what_the_stage_before_it_kept(family, name
     sieves = method.sieves if isinstance(method, ts.Chain) else (method,)
     depth = model.config.get_text_config().num_hidden_layers
     stages = [(stage, sieve) for sieve in sieves for stage in (sieve.schedule(depth) if sieve.stage == "in_llm" else (sieve,))]
-    with ts.apply(model, method) as run:
+    with ts.apply(model, method, **family.options) as run:
         model.generate(**family.make_inputs(TEXTS), max_new_tokens=2, do_sample=False, pad_token_id=0)
     for record in run.stats.images:
         assert [(s.method, s.layer) for s in record.stages] == [(s.name, getattr(s, "layer", None)) for s, _ in stages]
@@ -221,7 +222,7 @@ def test_sampling_is_reproducible_under_a_seed(family, name, kwargs):
     model = build_model(family)
     inputs = family.make_inputs(TEXTS)
     outputs = []
-    with ts.apply(model, method_for(name, kwargs)):
+    with ts.apply(model, method_for(name, kwargs), **family.options):
         for _ in range(2):
             torch.manual_seed(7)
             outputs.append(model.generate(**inputs, max_new_tokens=4, do_sample=True, top_k=20, pad_token_id=0))
@@ -232,7 +233,7 @@ def test_sampling_is_reproducible_under_a_seed(family, name, kwargs):
 def test_several_images_in_one_prompt_are_each_pruned(family, name, kwargs):
     model = build_model(family)
     inputs = family.make_inputs(TEXTS, n_images=[2, 1])
-    with ts.apply(model, method_for(name, kwargs)) as run:
+    with ts.apply(model, method_for(name, kwargs), **family.options) as run:
         tokens = greedy(model, inputs)
     assert [(r.row, r.before, r.after) for r in run.stats.images] == [
         (0, family.tokens_per_image, 16), (0, family.tokens_per_image, 16), (1, family.tokens_per_image, 16)
@@ -273,17 +274,17 @@ def test_model_is_restored_on_exit_and_after_an_exception(family, name, kwargs):
     model = build_model(family)
     inputs = family.make_inputs(TEXTS)
     before = _snapshot(model)
-    with ts.apply(model, method_for(name, kwargs)):
+    with ts.apply(model, method_for(name, kwargs), **family.options):
         greedy(model, inputs)
     _assert_same(model, before)
     with pytest.raises(KeyError):
-        with ts.apply(model, method_for(name, kwargs)):
+        with ts.apply(model, method_for(name, kwargs), **family.options):
             model(**inputs)
             raise KeyError("boom")
     _assert_same(model, before)
-    handle = ts.attach(model, method_for(name, kwargs))
+    handle = ts.attach(model, method_for(name, kwargs), **family.options)
     with pytest.raises(RuntimeError, match="already has a tokensieve method"):
-        ts.apply(model, method_for(name, kwargs))
+        ts.apply(model, method_for(name, kwargs), **family.options)
     handle.remove()
     handle.remove()
     _assert_same(model, before)
@@ -298,14 +299,14 @@ def test_a_method_the_family_cannot_serve_is_refused_before_touching_the_model(f
     # the alternatives a refusal may take; each but the layer's names a servable method after it
     refusal = (f"(needs signals {model_name} cannot give.*divprune|prunes inside the LLM, which {model_name} cannot serve.*divprune"
                f"|acts on videos, and tokensieve takes videos only on Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision, not on {model_name}.*divprune"
-               f"|prunes before decoder layer)")
+               f"|prunes before decoder layer|merges inside the vision tower, which encodes each frame)")
     method = method_for(name, kwargs)
     if adapter_for(model).takes_video and any(s.needs_video for s in getattr(method, "sieves", (method,))):
         # a video method on a video family given images: refused at the forward, before the decoder runs
-        with ts.apply(model, method):
+        with ts.apply(model, method, **family.options):
             with pytest.raises(ValueError, match=f"{methods} acts on videos.*carries an image"):
                 model(**family.make_inputs(TEXTS))
     else:
         with pytest.raises(ValueError, match=f"({methods}) {refusal}"):
-            ts.apply(model, method)
+            ts.apply(model, method, **family.options)
     _assert_same(model, before)

@@ -11,7 +11,7 @@ import torch
 
 import tokensieve as ts
 from conftest import build_model, method_for
-from families import FAMILIES
+from families import CONTRACT_FAMILIES
 from test_contract import CONTRACT, TEXTS
 
 MODES = {
@@ -35,7 +35,7 @@ def test_keep_all_generates_as_the_stock_model(family, name, kwargs, mode):
     model = build_model(family)
     inputs = family.make_inputs(TEXTS, n_images=N_IMAGES)
     expected = generate(model, inputs, family, mode)
-    with ts.apply(model, method_for(name, kwargs, keep=1.0, pre_keep=1.0)) as run:
+    with ts.apply(model, method_for(name, kwargs, keep=1.0, pre_keep=1.0), **family.options) as run:
         tokens = generate(model, inputs, family, mode)
     assert torch.equal(tokens, expected)
     # one record per image, not per copy
@@ -47,9 +47,9 @@ def test_keep_all_generates_as_the_stock_model(family, name, kwargs, mode):
 def test_every_copy_of_a_prompt_keeps_the_same_tokens_and_cache_equals_no_cache(family, name, kwargs, mode):
     model = build_model(family)
     inputs = family.make_inputs(TEXTS, n_images=N_IMAGES)
-    with ts.apply(model, method_for(name, kwargs)) as run:
+    with ts.apply(model, method_for(name, kwargs), **family.options) as run:
         cached = generate(model, inputs, family, mode)
-    with ts.apply(model, method_for(name, kwargs)) as uncached_run:
+    with ts.apply(model, method_for(name, kwargs), **family.options) as uncached_run:
         uncached = generate(model, inputs, family, mode, use_cache=False)
     assert torch.equal(cached, uncached)
     prompts = [r for r in run.stats.images if r.call == 0]
@@ -96,7 +96,7 @@ def _stock_assisted(family, mode: str) -> str:
     return "faithful" if torch.equal(assisted, greedy(model, inputs, family)) else "unfaithful"
 
 
-STOCK_ASSISTED = {(family.name, mode): _stock_assisted(family, mode) for family in FAMILIES for mode in ASSISTED_MODES}
+STOCK_ASSISTED = {(family.name, mode): _stock_assisted(family, mode) for family in CONTRACT_FAMILIES for mode in ASSISTED_MODES}
 #: families whose stock assisted decoding transformers refuses or runs unfaithfully: left out of the cases below
 KNOWN_LEFT_OUT = {"qwen3_5"}
 
@@ -126,7 +126,7 @@ def test_keep_all_assisted_decoding_generates_as_the_stock_model(family, name, k
     model = build_model(family)
     inputs = family.make_inputs(ASSISTED_PROMPT)
     expected = greedy(model, inputs, family, **assisted_options(family, mode))
-    with ts.apply(model, method_for(name, kwargs, keep=1.0, pre_keep=1.0)):
+    with ts.apply(model, method_for(name, kwargs, keep=1.0, pre_keep=1.0), **family.options):
         tokens = greedy(model, inputs, family, **assisted_options(family, mode))
     assert torch.equal(tokens, expected)
 
@@ -135,9 +135,9 @@ def test_keep_all_assisted_decoding_generates_as_the_stock_model(family, name, k
 def test_assisted_decoding_under_pruning_gives_the_tokens_of_plain_greedy_decoding(family, name, kwargs, mode):
     model = build_model(family)
     inputs = family.make_inputs(ASSISTED_PROMPT)
-    with ts.apply(model, method_for(name, kwargs)) as plain_run:
+    with ts.apply(model, method_for(name, kwargs), **family.options) as plain_run:
         plain = greedy(model, inputs, family)
-    with ts.apply(model, method_for(name, kwargs)) as assisted_run:
+    with ts.apply(model, method_for(name, kwargs), **family.options) as assisted_run:
         assisted = greedy(model, inputs, family, **assisted_options(family, mode))
     assert torch.equal(assisted, plain)
     # the verification forwards saw the image pruned as plain decoding prunes it
@@ -148,7 +148,7 @@ def test_assisted_decoding_under_pruning_gives_the_tokens_of_plain_greedy_decodi
 def test_assisted_decoding_is_refused_where_the_cache_is_evicted_after_the_prefill(family, name, kwargs, mode):
     model = build_model(family)
     inputs = family.make_inputs(ASSISTED_PROMPT)
-    with ts.apply(model, method_for(name, kwargs)):
+    with ts.apply(model, method_for(name, kwargs), **family.options):
         with pytest.raises(ValueError, match="draft tokens.*generate without assistant_model or prompt_lookup_num_tokens"):
             greedy(model, inputs, family, **assisted_options(family, mode))
         plain = greedy(model, inputs, family)  # the refusal left the run usable

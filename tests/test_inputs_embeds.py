@@ -31,7 +31,7 @@ def with_embeds(model, inputs: dict) -> tuple[dict, dict]:
 def test_a_forward_by_inputs_embeds_prunes_as_the_forward_by_input_ids(family, name, kwargs):
     model = build_model(family)
     by_ids, by_embeds = with_embeds(model, family.make_inputs(TEXTS))
-    with ts.apply(model, method_for(name, kwargs)) as run:
+    with ts.apply(model, method_for(name, kwargs), **family.options) as run:
         expected = model(**by_ids).logits
         logits = model(**by_embeds).logits
     assert torch.equal(logits, expected)
@@ -42,7 +42,7 @@ def test_a_forward_by_inputs_embeds_prunes_as_the_forward_by_input_ids(family, n
 
 # Gemma3's and Gemma 4's generate() refuse inputs_embeds (their prepare_inputs_for_generation does not take them),
 # stock and pruned alike: test_adapter_gemma3.py and test_adapter_gemma4.py check it
-GENERATES_BY_EMBEDS = [p for p in PRE_LLM if p.values[0].name not in ("gemma3", "gemma4")]
+GENERATES_BY_EMBEDS = [p for p in PRE_LLM if p.values[0].name not in ("gemma3", "gemma4", "gemma3_frames")]
 
 
 @pytest.mark.parametrize("family, name, kwargs", GENERATES_BY_EMBEDS)
@@ -51,7 +51,7 @@ def test_keep_all_by_inputs_embeds_is_the_stock_model(family, name, kwargs):
     _, by_embeds = with_embeds(model, family.make_inputs(TEXTS))
     expected_logits = model(**by_embeds).logits
     expected_tokens = model.generate(**by_embeds, max_new_tokens=3, do_sample=False, pad_token_id=0)
-    with ts.apply(model, method_for(name, kwargs, keep=1.0)) as run:
+    with ts.apply(model, method_for(name, kwargs, keep=1.0), **family.options) as run:
         logits = model(**by_embeds).logits
         tokens = model.generate(**by_embeds, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert torch.equal(logits, expected_logits)
@@ -68,7 +68,7 @@ POSITIONS_FROM_IDS = {"qwen2_vl", "qwen2_5_vl"}
 def test_generate_by_inputs_embeds_gives_the_tokens_of_generate_by_input_ids(family, name, kwargs):
     model = build_model(family)
     by_ids, by_embeds = with_embeds(model, family.make_inputs(TEXTS))
-    with ts.apply(model, method_for(name, kwargs)):
+    with ts.apply(model, method_for(name, kwargs), **family.options):
         expected = model.generate(**by_ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
         tokens = model.generate(**by_embeds, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert torch.equal(tokens, expected[:, by_ids["input_ids"].shape[1]:])
@@ -78,7 +78,7 @@ def test_generate_by_inputs_embeds_gives_the_tokens_of_generate_by_input_ids(fam
 def test_in_llm_methods_refuse_images_by_inputs_embeds(family, name, kwargs):
     model = build_model(family)
     _, by_embeds = with_embeds(model, family.make_inputs(TEXTS))
-    with ts.apply(model, method_for(name, kwargs)):
+    with ts.apply(model, method_for(name, kwargs), **family.options):
         with pytest.raises(ValueError, match="works inside the LLM.*recognises a prompt by its token ids.*pass input_ids"):
             model(**by_embeds)
         by_ids = family.make_inputs(TEXTS)

@@ -48,7 +48,7 @@ def test_keep_all_outputs_are_the_stock_models(family, name, kwargs, option):
     model = model_for(family, option)
     inputs = family.make_inputs(TEXTS)
     expected = generate(model, inputs, option)
-    with ts.apply(model, method_for(name, kwargs, keep=1.0, pre_keep=1.0)):
+    with ts.apply(model, method_for(name, kwargs, keep=1.0, pre_keep=1.0), **family.options):
         out = generate(model, inputs, option)
     assert torch.equal(out.sequences, expected.sequences)
     assert_same(getattr(out, OPTIONS[option]), getattr(expected, OPTIONS[option]))
@@ -69,7 +69,7 @@ def test_outputs_under_pruning_describe_the_pruned_sequence(family, name, kwargs
     model = model_for(family, option)
     inputs = family.make_inputs(TEXTS)
     prompt = inputs["input_ids"].shape[1]
-    with ts.apply(model, method_for(name, kwargs)) as run:
+    with ts.apply(model, method_for(name, kwargs), **family.options) as run:
         out = generate(model, inputs, option)
         first_logits = model(**inputs).logits[:, -1]
     steps = getattr(out, OPTIONS[option])

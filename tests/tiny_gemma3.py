@@ -14,6 +14,8 @@ than an image: its sliding layers count indices, so pruning lets them reach furt
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
@@ -24,7 +26,7 @@ SIZE, PATCH, TOKENS_PER_IMAGE = 64, 4, 64
 LONG_WINDOW = 512
 
 
-def tiny_gemma3(seed: int = 0, window: int = LONG_WINDOW) -> Gemma3ForConditionalGeneration:
+def tiny_gemma3(seed: int = 0, window: int = LONG_WINDOW, tokens_per_image: int = TOKENS_PER_IMAGE) -> Gemma3ForConditionalGeneration:
     torch.manual_seed(seed)
     text = dict(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -37,18 +39,19 @@ def tiny_gemma3(seed: int = 0, window: int = LONG_WINDOW) -> Gemma3ForConditiona
         num_attention_heads=4, image_size=SIZE, patch_size=PATCH,
     )
     config = Gemma3Config(
-        text_config=text, vision_config=vision, mm_tokens_per_image=TOKENS_PER_IMAGE, boi_token_index=BOI,
+        text_config=text, vision_config=vision, mm_tokens_per_image=tokens_per_image, boi_token_index=BOI,
         eoi_token_index=EOI, image_token_index=IMAGE_TOKEN,
     )
     return _for_tests(Gemma3ForConditionalGeneration(config))
 
 
 def gemma3_inputs(
-    texts: list[list[int]], n_images: list[int] | None = None, seed: int = 1, image_offset: int = 0
+    texts: list[list[int]], n_images: list[int] | None = None, seed: int = 1, image_offset: int = 0,
+    tokens_per_image: int = TOKENS_PER_IMAGE,
 ) -> dict:
     """Left-padded rows ``bos, (BOI, image x 64, EOI) per image, text``; images from the seeded stream."""
     n_images = n_images or [1] * len(texts)
-    image_block = [BOI] + [IMAGE_TOKEN] * TOKENS_PER_IMAGE + [EOI]
+    image_block = [BOI] + [IMAGE_TOKEN] * tokens_per_image + [EOI]
     input_ids, attention_mask = left_padded([[1] + image_block * n + text for text, n in zip(texts, n_images)])
     images = [random_image(seed, image_offset + i, SIZE) for i in range(sum(n_images))]
     return {
@@ -68,3 +71,19 @@ def gemma3_masked_reference(model, inputs: dict, embeds, mask, positions):
 
 
 GEMMA3 = Family("gemma3", tiny_gemma3, gemma3_inputs, TOKENS_PER_IMAGE, masked_reference=gemma3_masked_reference)
+
+FRAMES = 4  # frames of each video of ``gemma3_frames``
+TOKENS_PER_FRAME = 16  # its model pools each frame's 16x16 patches to 4x4 tokens
+
+
+def gemma3_frames_inputs(texts: list[list[int]], n_images: list[int] | None = None, seed: int = 1,
+                         image_offset: int = 0) -> dict:
+    """``gemma3_inputs`` with videos given as their frames (``video_frames=4``): ``n_images`` videos per row (default
+    one), each frame one image (``BOI, image x 16, EOI``)."""
+    n_videos = n_images or [1] * len(texts)
+    return gemma3_inputs(texts, [FRAMES * n for n in n_videos], seed, FRAMES * image_offset, TOKENS_PER_FRAME)
+
+
+GEMMA3_FRAMES = Family("gemma3_frames", partial(tiny_gemma3, tokens_per_image=TOKENS_PER_FRAME), gemma3_frames_inputs,
+                       FRAMES * TOKENS_PER_FRAME, masked_reference=gemma3_masked_reference, videos=True,
+                       options={"video_frames": FRAMES})

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -68,6 +68,8 @@ class Family:
     videos: bool = False  # its inputs are videos (tokens_per_image: per video, image_token: the video placeholder)
     #: placeholders after each video's tokens that its record does not count (LLaVA-OneVision's newline, kept always)
     trailing_placeholders: int = 0
+    #: the keywords ``ts.apply`` needs for its inputs (``video_frames=`` for videos given as their frames)
+    options: dict = field(default_factory=dict)
 
     def visual_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(batch, length) True at the tokens a method acts on: every placeholder but the trailing ones of each run."""

@@ -151,14 +151,16 @@ class MethodInfo:
     defaults: dict
 
 
-def servable_methods(adapter, stage: str = "pre_llm") -> list[str]:
+def servable_methods(adapter, stage: str = "pre_llm", videos: bool | None = None) -> list[str]:
     """Names of the registered methods of ``stage`` whose default signal requests ``adapter`` can give, e.g.
-    to suggest them when a method is refused."""
+    to suggest them when a method is refused; video methods where the run takes videos (``videos``; default: where
+    the family does, not counting ``video_frames=``)."""
+    videos = adapter.takes_video if videos is None else videos
     from .signals import requests_of  # signals.py imports the sieve module at call time only
 
     servable = []
     for name, cls in sorted(_METHODS.items()):
-        if cls.stage != stage or (cls.needs_video and not adapter.takes_video):
+        if cls.stage != stage or (cls.needs_video and not videos):
             continue
         try:
             requests = requests_of(cls(), adapter)

@@ -41,6 +41,8 @@ class ImageSlot:
     timestamps: torch.Tensor | None = None
     #: a video under a ``frames`` stage: the frames the vision tower ran on, ascending (None: every frame)
     kept_frames: torch.Tensor | None = None
+    #: a video given as images (``video_frames=``): its t frames are the vision pass's images from ``image`` on
+    of_images: bool = False
 
 
 @dataclass
@@ -77,6 +79,9 @@ class Adapter:
     aligned_inputs: ClassVar[tuple[str, ...]] = ()
     #: whether the engine serves this family's video inputs (``pixel_values_videos``); others are refused clearly
     takes_video: ClassVar[bool] = False
+    #: whether the engine serves videos given as their frames, one image each (``video_frames=``,
+    #: engine/video_frames.py): every image one tower image of one 2D grid (``image_grid``), its own slot
+    frames_as_images: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -176,6 +181,11 @@ class Adapter:
         """For a ``frames`` stage, at a vision-tower call: the (videos, 3) grids of (t, h, w) LLM tokens of a pass of
         videos, None for a pass of images."""
         return None
+
+    def image_grid(self, pixel_shape: tuple[int, ...]) -> tuple[int, int]:
+        """For ``video_frames=``: the (h, w) grid of LLM tokens of each image of a vision pass whose pixels have this
+        shape (``frames_as_images`` families)."""
+        raise NotImplementedError
 
     def frame_pass(self, args: tuple, kwargs: dict, kept: list[torch.Tensor]) -> tuple[tuple, dict]:
         """The vision-tower call's ``(args, kwargs)`` for only the ``kept`` frames of each video of the pass."""

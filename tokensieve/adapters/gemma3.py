@@ -52,6 +52,7 @@ class Gemma3Adapter(ImageBlockAdapter):
     signals = frozenset({"cls_attention", "vision_keys", "vision_attention", "vision_features", "project", "vision_tower"})
     type_ids = "token_type_ids"
     aligned_inputs = (type_ids,)
+    frames_as_images = True  # each image is one tower image of one grid: a video can be given as its frames
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -105,6 +106,10 @@ class Gemma3Adapter(ImageBlockAdapter):
         side = self.projector.patches_per_image
         return self.projector.avg_pool(per_patch.reshape(-1, 1, side, side)).flatten(1)
 
+    def image_grid(self, pixel_shape: tuple[int, ...]) -> tuple[int, int]:
+        side = self.projector.tokens_per_side
+        return side, side
+
     def slots(self, inputs: dict, capture: VisionCapture) -> list[ImageSlot]:
         if not capture.seen:
             raise ValueError(
@@ -112,9 +117,9 @@ class Gemma3Adapter(ImageBlockAdapter):
                 "(not precomputed image features) to the model inside the apply() block"
             )
         n_images = capture.inputs["pixel_shape"][0]
-        side = self.projector.tokens_per_side
-        blocks = self.placeholder_blocks(inputs, [side * side] * n_images, f"{n_images} image(s) of {side}x{side} tokens")
-        return [ImageSlot(row, positions, (side, side), image) for image, (row, positions) in enumerate(blocks)]
+        grid = self.image_grid(capture.inputs["pixel_shape"])
+        blocks = self.placeholder_blocks(inputs, [grid[0] * grid[1]] * n_images, f"{n_images} image(s) of {grid[0]}x{grid[1]} tokens")
+        return [ImageSlot(row, positions, grid, image) for image, (row, positions) in enumerate(blocks)]
 
     def image_signals(self, wanted, capture: VisionCapture, image: int) -> dict:
         signals = {}

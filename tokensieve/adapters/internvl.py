@@ -65,6 +65,7 @@ def _query_key(attention: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 class InternVLAdapter(LlavaAdapter):
     family = "internvl"
+    frames_as_images = False  # an image is several crops (or tiles): video_frames= is not served
     model_classes = ("InternVLForConditionalGeneration", "InternVLModel")
     signals = frozenset({"cls_attention", "vision_keys", "vision_attention", "vision_features", "project", "vision_tower"})
 

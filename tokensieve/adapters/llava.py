@@ -47,6 +47,7 @@ class LlavaAdapter(Adapter):
     family = "llava"
     model_classes = ("LlavaForConditionalGeneration", "LlavaModel")
     signals = frozenset({"cls_attention", "vision_keys", "vision_attention", "vision_features", "project", "vision_tower"})
+    frames_as_images = True  # each image is one tower image of one grid: a video can be given as its frames
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -175,6 +176,10 @@ class LlavaAdapter(Adapter):
                 signals[request] = self.projector
         return signals
 
+    def image_grid(self, pixel_shape: tuple[int, ...]) -> tuple[int, int]:
+        patch = self.vision_config.patch_size
+        return pixel_shape[-2] // patch, pixel_shape[-1] // patch
+
     def slots(self, inputs: dict, capture: VisionCapture) -> list[ImageSlot]:
         if not capture.seen:
             raise ValueError(
@@ -183,8 +188,7 @@ class LlavaAdapter(Adapter):
             )
         pixel_shape = capture.inputs["pixel_shape"]
         n_images = pixel_shape[0]
-        patch = self.vision_config.patch_size
-        grid = (pixel_shape[-2] // patch, pixel_shape[-1] // patch)
+        grid = self.image_grid(pixel_shape)
         blocks = self.placeholder_blocks(
             inputs, [grid[0] * grid[1]] * n_images, f"{n_images} image(s) of {grid[0]}x{grid[1]} patches"
         )

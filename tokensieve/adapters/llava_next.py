@@ -123,6 +123,7 @@ class _BeforeCall:
 
 class LlavaNextAdapter(LlavaAdapter):
     family = "llava_next"
+    frames_as_images = False  # an image is several crops (or tiles): video_frames= is not served
     model_classes = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
 
     def __init__(self, model: nn.Module):

@@ -31,9 +31,15 @@ def encoded_before(kwargs: dict) -> bool:
     return kwargs.get("pixel_values") is None and kwargs.get("pixel_values_videos") is None
 
 
-def find_images(adapter, inputs: dict, capture) -> list[ImageSlot]:
+def find_images(adapter, inputs: dict, capture, video_frames=None) -> list[ImageSlot]:
     """Every image of the call, one slot per image and row (the copies of a repeated row each get one, with the
-    image's index, so that every copy keeps the same tokens)."""
+    image's index, so that every copy keeps the same tokens); with ``video_frames`` (video_frames.py) each video's
+    frames one slot."""
+    slots = _slots(adapter, inputs, capture)
+    return video_frames.group(slots, capture.inputs.get("kept_frames")) if video_frames is not None else slots
+
+
+def _slots(adapter, inputs: dict, capture) -> list[ImageSlot]:
     try:
         return adapter.slots(inputs, capture)
     except PlaceholderMismatch:

@@ -52,10 +52,15 @@ from .pack import Packing, gather_sequence
 from .ppe import PositionPreservation, group_members
 from .select import BeforeLLM
 from .static_cache import flat_mask_for_static_cache, refuse_compiled_model, refuse_static_cache_with_in_llm, refuse_tracing
+from .video_frames import ImageFrames, VideoFrames, slot_signals
 from .vision_flops import VisionPasses, vision_modules
 from .vision_stage import VisionMerging
 
 _HOOKED_MODELS: weakref.WeakSet = weakref.WeakSet()
+
+#: how a family that takes images only is given a video (video_frames.py)
+_FRAMES_HINT = (" (or give a video as its frames, one image each, and say which images are frames of one video: "
+                "ts.apply(model, method, video_frames=16), docs/video.md)")
 
 #: what ``positions=`` takes: kept tokens keep their positions, or are renumbered without gaps
 POSITIONS = ("original", "repack")
@@ -88,17 +93,19 @@ class Run:
 
     ``vision_flops=True`` also counts the vision tower's and projector's FLOPs (``stats.vision_flops``,
     replayed on their inputs when the run is removed: tokensieve/engine/vision_flops.py).
-    ``positions="repack"``: see :func:`apply`."""
+    ``positions="repack"``, ``video_frames=``: see :func:`apply`."""
 
     def __init__(self, model: nn.Module, method: Sieve | Chain | None = None, *, vision_flops: bool = False,
-                 ppe: int | None = None, positions: str = "original"):
+                 ppe: int | None = None, positions: str = "original", video_frames: int | tuple[int, ...] | None = None):
         chain = method if isinstance(method, Chain) or method is None else Chain(method)
         adapter = adapter_for(model)
         self.vision, self.pre, self.in_llm = (chain.vision, chain.pre, chain.in_llm) if chain is not None else (None, None, ())
         self.frames = chain.frames if chain is not None else None
         self._observing = chain is None  # nothing to remove: every hook only records
         self._requests = requests_of(self.pre, adapter) if self.pre is not None else ()
-        _refuse_before_hooking(model, adapter, method, self.vision, self.pre, self._requests, self.in_llm, self.frames)
+        self._video_frames = VideoFrames.of(video_frames, adapter, model)
+        _refuse_before_hooking(model, adapter, method, self.vision, self.pre, self._requests, self.in_llm, self.frames,
+                               self._video_frames)
         _refuse_positions(positions, adapter, method, self.in_llm, ppe)
         self._repack = positions == "repack"
         self.model, self.sieve, self.adapter = model, method if method is not None else OBSERVER, adapter
@@ -132,7 +139,8 @@ class Run:
             # after the capture's pre-hook (the capture keeps the pass's full grid), before the vision FLOPs' (which
             # count the pass the tower runs)
             if self.frames is not None:
-                self._dropping = FrameDropping(self.frames, adapter, self._capture)
+                frames_of = ImageFrames(adapter, self._video_frames) if self._video_frames is not None else adapter
+                self._dropping = FrameDropping(self.frames, frames_of, self._capture)
             if vision_flops:
                 self._vision = VisionPasses(vision_modules(adapter), repr(self.vision) if self.vision is not None else None)
             if self.in_llm:
@@ -232,7 +240,7 @@ class Run:
         a mismatch gets tokensieve's message (what to change) rather than a failure deep inside."""
         call = self._call
         if call is not None and call.images_pending and not self.adapter.passes_pending(call.inputs, self._capture):
-            find_images(self.adapter, call.inputs, self._capture)
+            find_images(self.adapter, call.inputs, self._capture, self._video_frames)
 
     def _before_inner(self, module, args, kwargs):
         refuse_tracing(self.sieve.name)  # torch.compile(model.forward)
@@ -246,6 +254,7 @@ class Run:
                 f"this {type(self.model).__name__} call carries a video (pixel_values_videos), and tokensieve serves videos "
                 f"only on Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision (docs/video.md): run the {self.adapter.family} video outside the "
                 f"apply() block, or pass its frames as images"
+                f"{' (ts.apply(model, method, video_frames=16), docs/video.md)' if self.adapter.frames_as_images else ''}"
             )
         self.adapter.check_inputs(kwargs)
         with_images = has_images(kwargs)
@@ -402,7 +411,7 @@ class Run:
         """One image's values of the vision-tower signals in-LLM stages asked for, over all its tokens."""
         if self._layers is None or not self._layers.vision_requests:
             return {}
-        return self.adapter.image_signals(self._layers.vision_requests, self._capture, slot.image)
+        return slot_signals(self.adapter, self._layers.vision_requests, self._capture, slot)
 
     def _take_images(self) -> list[ImageSlot]:
         """The images of the current call, once: the first decoder forward of a call consumes them."""
@@ -410,7 +419,7 @@ class Run:
         if call is None or not call.images_pending:
             return []
         call.images_pending = False
-        return find_images(self.adapter, call.inputs, self._capture)
+        return find_images(self.adapter, call.inputs, self._capture, self._video_frames)
 
     def _prompt_ends(self, embeds: torch.Tensor, slots: list[ImageSlot], own_mask: torch.Tensor) -> torch.Tensor | None:
         """Each row's prompt's last position, where a stage needs it: the query of in-LLM stages, the end of
@@ -521,28 +530,37 @@ def _refuse_vision_signals_in_llm(model: nn.Module, adapter, vision: Sieve | Non
 
 
 def _refuse_before_hooking(model: nn.Module, adapter, method, vision: Sieve | None, pre: Sieve | None, requests,
-                           in_llm=(), frames: Sieve | None = None) -> None:
+                           in_llm=(), frames: Sieve | None = None, video_frames: VideoFrames | None = None) -> None:
     """Everything that can refuse a method on a model, checked before the first hook, so a refusal leaves the
     model untouched (in-LLM schedules are checked by LayerPruning, before its own first hook)."""
     for sieve in (frames, vision, pre, *in_llm):
-        if sieve is not None and sieve.needs_video and not adapter.takes_video:
+        if sieve is not None and sieve.needs_video and not adapter.takes_video and video_frames is None:
             raise ValueError(
                 f"{sieve.name} acts on videos, and tokensieve takes videos only on Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision, not on "
-                f"{type(model).__name__}: use an image method, such as {', '.join(servable_methods(adapter))} (see "
-                f"`tokensieve methods`)"
+                f"{type(model).__name__}{_FRAMES_HINT if adapter.frames_as_images else ''}: use an image method, such as "
+                f"{', '.join(servable_methods(adapter))} (see `tokensieve methods`)"
             )
+    videos = adapter.takes_video or video_frames is not None
+    if vision is not None and video_frames is not None:
+        raise ValueError(
+            f"{vision.name} merges inside the vision tower, which encodes each frame of a video given as images on its own "
+            f"(its budget would be per frame, the video unseen): with {video_frames}, use a pre-LLM method, such as "
+            f"{', '.join(servable_methods(adapter, videos=True))} (per frame: ts.Budget(k, per_crop=True))"
+        )
     for sieve in (vision, pre):
         missing = adapter.missing_signals(requests_of(sieve, adapter)) if sieve is not None else {}
         if missing:
             reasons = "; ".join(f"{name}: {why}" for name, why in missing.items())
             raise ValueError(
                 f"{sieve.name} needs signals {type(model).__name__} cannot give ({reasons}). Use a method "
-                f"that needs none of them, such as {', '.join(servable_methods(adapter))} (see `tokensieve methods`)"
+                f"that needs none of them, such as {', '.join(servable_methods(adapter, videos=videos))} (see `tokensieve methods`)"
             )
-    if in_llm and (why := adapter.in_llm_problem()) is not None:
+    # a method that acts at decode steps (dycoke's kv_keep) works inside the LLM too
+    inside = [*in_llm, *(s for s in (frames, vision, pre) if s is not None and s.decode_rule(len(adapter.decoder.layers)))]
+    if inside and (why := adapter.in_llm_problem()) is not None:
         raise ValueError(
-            f"{'+'.join(sieve.name for sieve in in_llm)} prunes inside the LLM, which {type(model).__name__} cannot "
-            f"serve: {why}. Use a method that acts before the LLM, such as {', '.join(servable_methods(adapter))} "
+            f"{'+'.join(sieve.name for sieve in inside)} prunes inside the LLM, which {type(model).__name__} cannot "
+            f"serve: {why}. Use a method that acts before the LLM, such as {', '.join(servable_methods(adapter, videos=videos))} "
             f"(see `tokensieve methods`)"
         )
     tower_requests = [r for r in requests if r.name not in ENGINE_SIGNALS]
@@ -568,14 +586,14 @@ def _refuse_before_hooking(model: nn.Module, adapter, method, vision: Sieve | No
 
 
 def attach(model: nn.Module, method: Sieve | Chain | None = None, *, vision_flops: bool = False,
-           ppe: int | None = None, positions: str = "original") -> Run:
+           ppe: int | None = None, positions: str = "original", video_frames: int | tuple[int, ...] | None = None) -> Run:
     """Apply ``method`` (a sieve or a chain; none: observe) to ``model`` until ``.remove()`` is called on the
-    returned handle."""
-    return Run(model, method, vision_flops=vision_flops, ppe=ppe, positions=positions)
+    returned handle. Keywords: see :func:`apply`."""
+    return Run(model, method, vision_flops=vision_flops, ppe=ppe, positions=positions, video_frames=video_frames)
 
 
 def apply(model: nn.Module, method: Sieve | Chain | None = None, *, vision_flops: bool = False,
-          ppe: int | None = None, positions: str = "original") -> Run:
+          ppe: int | None = None, positions: str = "original", video_frames: int | tuple[int, ...] | None = None) -> Run:
     """Apply ``method`` (a sieve or a chain) to ``model`` for the duration of a ``with`` block::
 
         with ts.apply(model, ts.load("fastervlm", keep=64)) as run:
@@ -589,11 +607,14 @@ def apply(model: nn.Module, method: Sieve | Chain | None = None, *, vision_flops
     tokens dropped before it in its row (decode steps too), as vLLM numbers them (docs/vllm.md); 1D rotary models and
     stages up to the LLM input (an in-LLM method sets its own, ``ts.PyramidDrop(positions="repack")``). The default,
     ``"original"``, keeps each token's position.
+    ``video_frames=16``, on a family that takes images only (LLaVA, sieve-mini, Gemma3): each run of 16 consecutive images of a
+    prompt is one video of 16 frames; ``video_frames=(1, 16)``: each prompt's images are a still image, then a video of
+    16 frames (docs/video.md, tokensieve/engine/video_frames.py). None (the default): every image is an image.
     """
-    return Run(model, method, vision_flops=vision_flops, ppe=ppe, positions=positions)
+    return Run(model, method, vision_flops=vision_flops, ppe=ppe, positions=positions, video_frames=video_frames)
 
 
-def observe(model: nn.Module, *, vision_flops: bool = False) -> Run:
+def observe(model: nn.Module, *, vision_flops: bool = False, video_frames: int | tuple[int, ...] | None = None) -> Run:
     """Record what the stock model does, changing nothing: its forwards and ``generate()`` give the
     unhooked model's outputs bit for bit, and ``run.stats`` has what a method's run has (per image the grid
     and token count, kept = every token; the LLM prefill FLOPs, reduced = unreduced; the KV cache's bytes;
@@ -603,5 +624,7 @@ def observe(model: nn.Module, *, vision_flops: bool = False) -> Run:
         with ts.observe(model) as run:
             out = model.generate(**inputs)
         print(run.stats.prefill_flops, run.stats.kv_bytes)
+
+    ``video_frames=``: records videos given as their frames, as :func:`apply`.
     """
-    return Run(model, None, vision_flops=vision_flops)
+    return Run(model, None, vision_flops=vision_flops, video_frames=video_frames)

@@ -21,6 +21,7 @@ from .find_tokens import check_finite
 from .frames_stage import FrameDropping, frame_tokens
 from .llm_signals import instruction
 from .pack import Selections
+from .video_frames import slot_signals
 from .vision_stage import MergedImage, VisionMerging
 
 
@@ -131,9 +132,8 @@ class BeforeLLM:
                                  f"(image {slot.image}, row {slot.row}): apply an image method to prompts with images "
                                  f"(see `tokensieve methods`)")
             else:
-                signals = self.adapter.image_signals(
-                    tuple(r for r in self.requests if r.name not in ENGINE_SIGNALS), self.capture, slot.image
-                )
+                signals = slot_signals(self.adapter, tuple(r for r in self.requests if r.name not in ENGINE_SIGNALS),
+                                       self.capture, slot)
                 if self.wants_text:
                     signals[Signal("text_embeddings")] = instruction(slot, slots, embeds, own_mask, prompt_ends)
                 given[slot.image] = (VisualTokens(features, slot.grid, signals, slot.blocks, prompt=slot.row,
