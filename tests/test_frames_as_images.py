@@ -192,6 +192,23 @@ def test_the_frames_stage_runs_the_tower_on_the_kept_frames_only_and_equals_drop
         assert torch.equal(greedy(model, inputs), tokens)
 
 
+
+@pytest.mark.parametrize("family", [LLAVA_FRAMES, GEMMA3_FRAMES], ids=lambda family: family.name)
+def test_the_vision_flops_of_a_frames_stage_count_the_kept_frames_pass_once(family):
+    # the count replays the tower's pass after the run: a pass of the kept frames, which must not be dropped again
+    model = build_model(family)
+    inputs = family.make_inputs(TEXTS, n_images=[1, 2])
+    counts = {}
+    for spec in ("uniform_frames:frames=4", "uniform_frames:frames=2", "uniform_frames:keep=0.5", "uniform_frames:frames=1"):
+        with ts.apply(model, ts.build(spec), video_frames=FRAMES, vision_flops=True) as run:
+            model(**inputs)
+        counts[spec] = run.stats.vision_flops
+    with ts.observe(model, video_frames=FRAMES, vision_flops=True) as stock:
+        model(**inputs)
+    assert counts["uniform_frames:frames=4"] == stock.stats.vision_flops
+    assert counts["uniform_frames:keep=0.5"] == counts["uniform_frames:frames=2"]  # the same two frames of four
+    assert stock.stats.vision_flops > counts["uniform_frames:frames=2"] > counts["uniform_frames:frames=1"] > 0
+
 def test_keeping_all_with_video_methods_is_the_stock_model_bit_for_bit():
     model = build_model(LLAVA_FRAMES)
     inputs = LLAVA_FRAMES.make_inputs(TEXTS, n_images=[2, 1])

@@ -202,6 +202,10 @@ def test_the_vision_flops_fall_with_the_frames_dropped():
             model(**inputs)
         counts.append(run.stats.vision_flops)
     assert counts[0] > counts[1] > counts[2] > 0
+    # a token budget keeps the same 2 of 4 pairs; the count replays the kept pairs' pass once, not dropped again
+    with ts.apply(model, ts.load("uniform_frames", keep=0.5), vision_flops=True) as run:
+        model(**inputs)
+    assert run.stats.vision_flops == counts[1]
 
 
 def test_a_frames_stage_refuses_an_in_llm_method_that_reads_the_tower():

@@ -174,6 +174,9 @@ class Run:
         self._capture.reset()
         _HOOKED_MODELS.discard(self.model)
         self.removed = True
+        if self._dropping is not None:  # the replay below is of the kept frames' pass: not to be dropped again
+            self._dropping.remove()
+            self._dropping = None
         if self._vision is not None:  # replayed now that no hook of the run can fire (or count)
             vision, self._vision = self._vision, None
             vision.remove()
@@ -181,9 +184,6 @@ class Run:
         if self._merging is not None:
             self._merging.remove()
             self._merging = None
-        if self._dropping is not None:
-            self._dropping.remove()
-            self._dropping = None
         if self._ppe is not None:
             self._ppe.remove()
             self._ppe = None
