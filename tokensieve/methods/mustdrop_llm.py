@@ -39,8 +39,9 @@ class MustDropLLM(Sieve):
     ``llava/model/language_model/modelling_sparse_llama.py``; the key set in ``clip_encoder.py``, ``keep_rate =
     0.08`` of the tokens after merging). Thresholds: the README's 64-token setting (``global_thr=0.011``,
     ``individual_thr=0.01``; 192 tokens: 0.001/0.001, 128: 0.0012/0.001; the argparse defaults 1.0/0 drop
-    nothing). The method as the paper runs it is the chain ``mustdrop+mustdrop_llm``. Original positions are kept
-    (the code narrows the position ids, which keeps the survivors' own).
+    nothing). The method as the paper runs it is the chain ``mustdrop+mustdrop_llm``. Positions: the code renumbers
+    the kept tokens without gaps (``position_ids.narrow(1, 0, n)`` keeps the first n ids); here each keeps its
+    original position, as ``fastv``; the code's renumbering is not offered as an option yet.
 
     ``decode=True`` adds the code's decoding stage ("output-aware cache policy", the end of ``LlamaDynamicvitModel
     .forward``): after the prefill, the KV cache of every layer from the first stage's scoring layer (``layer - 1``;
