@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from tokensieve.engine.compat import from_pretrained
 from tokensieve.mini import SAMPLE_IMAGE, VIDEO_FRAME_SIZE, build, features, train, video, video_inputs
+from tokensieve.mini.evaluate_video import generate_answers, language_model_of
 from tokensieve.mini.fasteval import answer
 from tokensieve.mini.lora import add_lora
 from tokensieve.mini.sequences import IGNORE, Encoder, embed_with_images
@@ -87,10 +88,10 @@ def test_fast_answers_on_cached_clips_are_what_generate_answers(sieve_mini, smal
     model, processor = sieve_mini
     clips = video_examples("validation", 4)
     cache = video.VideoFeatureCache(8, frames=16)
-    fast = answer(video.language_model_of(model), model.model.multi_modal_projector,
+    fast = answer(language_model_of(model), model.model.multi_modal_projector,
                   Encoder(processor.tokenizer, 64), cache.first("validation", 4), [ex.qa.question for ex in clips],
                   images=16)
-    assert fast == video.generate_answers(model, processor, clips)
+    assert fast == generate_answers(model, processor, clips)
 
 
 def test_init_from_weights_is_the_committed_model(sieve_mini):

@@ -126,6 +126,7 @@ def main(
     train_images: int = typer.Option(8000, help="size of the train split used (multiple of 500)"),
     lr: float = typer.Option(1e-3, help="peak learning rate of the projector"),
     lora_lr: float = typer.Option(5e-4, help="peak learning rate of the LoRA adapters"),
+    warmup: int = typer.Option(100, help="steps of linear warm-up to the peak rates (then cosine to a tenth)"),
     lora_rank: int = typer.Option(16, help="LoRA rank on every linear layer of the language model; 0: projector only"),
     align_steps: int = typer.Option(600, help="patch-to-word alignment steps fitting the projector before training "
                                     "through the language model (align.py); 0 starts from random weights"),
@@ -296,7 +297,7 @@ def main(
         exs, features = batch_at(step)
         packs = [ex.qas + [describe(ex.scene)] if describe_scene else ex.qas for ex in exs]
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, group["peak"])
+            group["lr"] = lr_at(step, steps, group["peak"], warmup)
         loss = answer_loss = answer_loss_of([train_encoder.conversation(qas) for qas in packs], features)
         if video_batch:  # one sequence per clip: its frames, then its one question
             clips, clip_features = clips_at(step)
@@ -321,7 +322,7 @@ def main(
             elapsed = (time.time() - clock) / len(recent)
             extra = {"read_loss": recent_read, "video_loss": recent_video}
             extra = {k: float(np.mean(v)) for k, v in extra.items() if v}
-            print(f"step {done}/{steps} loss {np.mean(recent):.4f} lr {lr_at(step, steps, lr):.2e} "
+            print(f"step {done}/{steps} loss {np.mean(recent):.4f} lr {lr_at(step, steps, lr, warmup):.2e} "
                   + "".join(f"{k} {v:.4f} " for k, v in extra.items()) + f"{elapsed:.2f}s/step", flush=True)
             log.write(json.dumps({"step": done, "loss": float(np.mean(recent)), **extra, "s_per_step": elapsed}) + "\n")
             log.flush()

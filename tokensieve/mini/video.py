@@ -8,19 +8,17 @@ evaluation read the frames' layer-8 patch tokens from a cache, as features.py do
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
-import typer
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from transformers import Dinov2Model, LlamaForCausalLM
+from transformers import Dinov2Model
 
 from ..engine.compat import from_pretrained
-from ..qa import VIDEO_CHANCE, VIDEO_DATA_VERSION, VideoExample, accuracy_by_skill, format_table, is_correct, video_examples
+from ..qa import VIDEO_DATA_VERSION, VideoExample, video_examples
 from .assemble import PATCH_SIZE, make_processor
-from .build import language_dir, load_sieve_mini, mini_dir, vision_dir
+from .build import language_dir, mini_dir, vision_dir
 
 VIDEO_FRAME_SIZE = 112
 FRAME_TOKENS = (VIDEO_FRAME_SIZE // PATCH_SIZE) ** 2
@@ -98,57 +96,6 @@ class VideoFeatureCache:
             hidden = self._tower(pixels, output_hidden_states=True).hidden_states[self.layer][:, 1:]  # drop [CLS]
             out.append(hidden.reshape(-1, self.frames * self.frame_tokens, hidden.shape[-1]).to("cpu", torch.float16))
         return torch.cat(out)
-
-
-def language_model_of(model) -> LlamaForCausalLM:
-    """The assembled model's language model and head as one causal LM (the same tensors), for fasteval."""
-    with torch.device("meta"):
-        lm = LlamaForCausalLM(model.config.text_config)
-    lm.model, lm.lm_head = model.model.language_model, model.lm_head
-    return lm.eval()
-
-
-@torch.inference_mode()
-def generate_answers(model, processor, clips: list[VideoExample]) -> list[str]:
-    """Each clip's answer through the stock path: video_inputs, then model.generate (greedy, 5 tokens)."""
-    answers = []
-    for ex in clips:
-        inputs = video_inputs(processor, ex.frames(VIDEO_FRAME_SIZE), ex.qa.question)
-        output = model.generate(**inputs, max_new_tokens=5, do_sample=False)
-        answers.append(processor.decode(output[0, inputs.input_ids.shape[1]:], skip_special_tokens=True).strip())
-    return answers
-
-
-def main(split: str = typer.Option("validation"), clips: int = typer.Option(50, min=1),
-         frames: int = typer.Option(16, min=8, max=32),
-         generate: bool = typer.Option(False, help="through model.generate on the frames (slow) instead of the "
-                                       "fast path on cached features")):
-    """Per-skill accuracy of the assembled sieve-mini on the video suite, with chance.
-
-        python -m tokensieve.mini.video --split validation --clips 50            # cached features
-        python -m tokensieve.mini.video --split validation --clips 10 --generate # the stock generate path
-    """
-    from .fasteval import evaluate_clips
-    from .sequences import Encoder
-
-    model, processor = load_sieve_mini()
-    exs = video_examples(split, clips, frames=frames)
-    clock = time.time()
-    if generate:
-        answers = generate_answers(model, processor, exs)
-        table = accuracy_by_skill([(ex.skill, is_correct(a, ex.qa.answer)) for ex, a in zip(exs, answers)],
-                                  VIDEO_CHANCE)
-    else:
-        cache = VideoFeatureCache(model.config.vision_feature_layer, frames)
-        table = evaluate_clips(language_model_of(model), model.model.multi_modal_projector,
-                               Encoder(processor.tokenizer, cache.frame_tokens), exs, cache.first(split, clips))
-    path = "model.generate" if generate else "fast path, cached features"
-    print(f"\n{split}, {clips} clips of {frames} frames at {VIDEO_FRAME_SIZE} px ({path}, "
-          f"{time.time() - clock:.0f} s):\n{format_table(table)}")
-
-
-if __name__ == "__main__":
-    typer.run(main)
 
 
 __all__ = ["FRAME_TOKENS", "VIDEO_FRAME_SIZE", "VIDEO_SHARD_SIZE", "VideoFeatureCache", "video_inputs",
