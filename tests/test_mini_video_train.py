@@ -113,7 +113,7 @@ def test_init_from_weights_is_the_committed_model(sieve_mini):
         trained = lm(inputs_embeds=embeds).logits[0, -1]
         committed = model(**inputs).logits[0, -1, :trained.shape[0]]
     # The same weights, the LoRA merged (assembled) or beside the frozen weights (training): fp32 rounding only.
-    assert (trained - committed).abs().max() < 1e-3
+    assert (trained - committed).abs().max() < 2e-4  # measured 3.8e-5 on logits up to 35
     assert trained.argmax() == committed.argmax()
     with pytest.raises(ValueError, match="--lora-rank 16"):
         train.init_from_committed(projector, add_lora(from_pretrained(LlamaForCausalLM, build.language_dir()).model,
