@@ -1,4 +1,6 @@
-"""sieve-mini's conversation format: SmolLM2's ChatML turns with an `<image>` placeholder in the first one.
+"""sieve-mini's conversation format: SmolLM2's ChatML turns with `<image>` placeholders in the first one.
+
+An image is one `<image>`; a video clip is one `<image>` per frame, each frame an image of its own.
 
 Training formats strings with these functions; the processor's Jinja template below writes the same
 text (a test checks they agree), so a model trained here is prompted at inference exactly as it learnt.
@@ -20,10 +22,10 @@ CHAT_TEMPLATE = (
 )
 
 
-def user_turn(question: str, with_image: bool) -> str:
-    """A user turn followed by the assistant's opening, ready for the answer."""
-    image = f"{IMAGE_TOKEN}\n" if with_image else ""
-    return f"<|im_start|>user\n{image}{question}{END_OF_TURN}\n<|im_start|>assistant\n"
+def user_turn(question: str, images: int) -> str:
+    """A user turn with `images` placeholders (a clip: one per frame), then the assistant's opening."""
+    placeholders = f"{IMAGE_TOKEN}\n" * images
+    return f"<|im_start|>user\n{placeholders}{question}{END_OF_TURN}\n<|im_start|>assistant\n"
 
 
 def assistant_answer(answer: str) -> str:

@@ -1,6 +1,7 @@
 """Greedy answers from cached vision features: the projector and the language model without the tower.
 
-Used during training (validation every few hundred steps) and for quick per-skill tables. Optional
+Used during training (validation every few hundred steps) and for quick per-skill tables, on images
+and on clips of the video suite (a clip's features are its frames', one after another). Optional
 random pruning keeps a fraction of the image tokens at their original positions, the same thing
 tokensieve's pre-LLM methods do, to check that the QA suite punishes losing visual information.
 """
@@ -10,16 +11,17 @@ from __future__ import annotations
 import torch
 
 from ..engine.compat import CACHE_ARGUMENT, output_cache
-from ..qa import Example, accuracy_by_skill, is_correct
+from ..qa import VIDEO_CHANCE, Example, VideoExample, accuracy_by_skill, is_correct
 from .sequences import Encoder, embed_with_images
 
 
 @torch.no_grad()
 def answer(lm, projector, encoder: Encoder, features: torch.Tensor, questions: list[str],
-           keep_ratio: float = 1.0, seed: int = 0, max_new_tokens: int = 5) -> list[str]:
-    """Answers to one question per image. features: (B, N, D_vision)."""
+           keep_ratio: float = 1.0, seed: int = 0, max_new_tokens: int = 5, images: int = 1) -> list[str]:
+    """Answers to one question per image, or per clip of `images` frames. features: (B, N, D_vision), N the
+    image tokens of all `images` images."""
     device = next(lm.parameters()).device
-    prompts = [encoder.prompt(q) for q in questions]
+    prompts = [encoder.prompt(q, images) for q in questions]
     length = max(map(len, prompts))
     pad = encoder.tokenizer.pad_token_id
     ids = torch.tensor([[pad] * (length - len(p)) + p for p in prompts], device=device)  # left padding
@@ -66,3 +68,16 @@ def evaluate(lm, projector, encoder: Encoder, exs: list[Example], features: torc
                        [ex.qas[0].question for ex in chunk], keep_ratio, seed=start)
         records += [(ex.skill, is_correct(p, ex.qas[0].answer)) for ex, p in zip(chunk, preds)]
     return accuracy_by_skill(records)
+
+
+def evaluate_clips(lm, projector, encoder: Encoder, exs: list[VideoExample], features: torch.Tensor,
+                   batch: int = 4) -> dict[str, dict[str, float]]:
+    """Per-skill accuracy on the video suite, with its chance levels. features: (clips, frames * tokens, D)."""
+    frames = features.shape[1] // encoder.image_tokens
+    records = []
+    for start in range(0, len(exs), batch):
+        chunk = exs[start:start + batch]
+        preds = answer(lm, projector, encoder, features[start:start + len(chunk)],
+                       [ex.qa.question for ex in chunk], images=frames)
+        records += [(ex.skill, is_correct(p, ex.qa.answer)) for ex, p in zip(chunk, preds)]
+    return accuracy_by_skill(records, VIDEO_CHANCE)

@@ -1,8 +1,8 @@
 """Token sequences for training and fast evaluation on cached features.
 
-One sequence holds one image and several questions about it, as a multi-turn chat: the image in
-the first user turn, then question/answer turns. Labels cover only answer tokens (and the end of
-turn that stops generation). Pieces are tokenized separately at the same boundaries that
+One sequence holds one image (or one clip: its frames as images) and several questions about it, as a
+multi-turn chat: the image(s) in the first user turn, then question/answer turns. Labels cover only
+answer tokens (and the end of turn that stops generation). Pieces are tokenized separately at the same boundaries that
 inference uses (the prompt ends at "assistant\\n"), so training and inference see the same ids.
 """
 
@@ -27,16 +27,19 @@ class Encoder:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
-    def prompt(self, question: str) -> list[int]:
-        """The first user turn with the image placeholders expanded, ending where the answer starts."""
-        before, after = user_turn(question, with_image=True).split(IMAGE_TOKEN)
-        return self._ids(before) + [self.image_token_id] * self.image_tokens + self._ids(after)
+    def prompt(self, question: str, images: int = 1) -> list[int]:
+        """The first user turn with each image's placeholders expanded, ending where the answer starts."""
+        first, *rest = user_turn(question, images).split(IMAGE_TOKEN)
+        ids = self._ids(first)
+        for piece in rest:  # tokenized apart, as the processor's text splits at each special <image> token
+            ids += [self.image_token_id] * self.image_tokens + self._ids(piece)
+        return ids
 
-    def conversation(self, qas: list[QA]) -> tuple[list[int], list[int]]:
-        """(input ids, labels) for all questions about one image."""
+    def conversation(self, qas: list[QA], images: int = 1) -> tuple[list[int], list[int]]:
+        """(input ids, labels) for all questions about one image, or one clip of `images` frames."""
         ids, labels = [], []
         for turn, qa in enumerate(qas):
-            prompt = self.prompt(qa.question) if turn == 0 else self._ids(user_turn(qa.question, with_image=False))
+            prompt = self.prompt(qa.question, images) if turn == 0 else self._ids(user_turn(qa.question, images=0))
             answer = self._ids(assistant_answer(qa.answer))
             n_labelled = answer.index(self.end_of_turn_id) + 1  # the answer and its end of turn, not "\n"
             ids += prompt + answer

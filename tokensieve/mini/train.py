@@ -1,6 +1,7 @@
 """Train sieve-mini's projector (and LoRA adapters in the language model) on the QA suite's train split.
 
     nice -n 19 python -m tokensieve.mini.train --out /tmp/sieve-mini-train --steps 3000
+    nice -n 19 python -m tokensieve.mini.train --out /tmp/sieve-mini-video --init-from-weights --video-batch 4 ...
 
 The vision tower and the language model's own weights stay frozen; gradients flow through the
 whole language model to the projector and adapters. Vision features are cached (features.py).
@@ -8,6 +9,10 @@ Each training sequence packs several questions about one image. The loss covers 
 only. bf16 autocast on CPU (fast where the CPU has bf16 units), a GPU when present. Checkpoints
 every --checkpoint-every steps; rerunning the same command resumes. --export writes the small
 trained files that `tokensieve model build` assembles into sieve-mini.
+
+The multi-frame phase (--video-batch N) starts from the committed weights (--init-from-weights) and adds,
+at every step, N clips of the video suite (one sequence per clip: its frames as images, video.py, then
+its question) to the image sequences; it evaluates both suites and exports only when --export is given.
 """
 
 from __future__ import annotations
@@ -20,20 +25,22 @@ from pathlib import Path
 import numpy as np
 import torch
 import typer
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlamaForCausalLM, LlavaConfig
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from ..engine.compat import from_pretrained
-from ..qa import DATA_VERSION, examples, format_table
+from ..qa import DATA_VERSION, VIDEO_DATA_VERSION, examples, format_table, video_examples
 from ..qa.questions import describe
 from .align import WordTargets, fit_projector, refit_words, word_patches
 from .build import LORA_FILE, PROJECTOR_FILE, VISION_FEATURE_LAYER, language_dir, vision_dir
 from .assemble import llava_config
-from .fasteval import evaluate
+from .fasteval import evaluate, evaluate_clips
 from .features import SHARD_SIZE, FeatureCache
-from .lora import add_lora, lora_state, quantised
+from .lora import LoRALinear, add_lora, dequantised, lora_state, quantised
 from .sequences import IGNORE, Encoder, embed_with_images
+from .video import VIDEO_SHARD_SIZE, VideoFeatureCache
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -63,6 +70,38 @@ def pool_grid(features: torch.Tensor, factor: int) -> torch.Tensor:
     return torch.nn.functional.avg_pool2d(grid, factor).flatten(2).transpose(1, 2).contiguous()
 
 
+def pool_frames(features: torch.Tensor, frames: int, factor: int) -> torch.Tensor:
+    """pool_grid on each frame of clips (B, frames * N, D): (B, frames * N / factor**2, D)."""
+    per_frame = pool_grid(features.reshape(features.shape[0] * frames, -1, features.shape[-1]), factor)
+    return per_frame.reshape(features.shape[0], -1, features.shape[-1])
+
+
+def init_from_committed(projector: LlavaMultiModalProjector, wrapped: dict[str, LoRALinear]) -> None:
+    """The committed projector and (dequantised) LoRA adapters as the starting point: the published sieve-mini."""
+    projector.load_state_dict(load_file(str(PROJECTOR_FILE)), strict=True)
+    with safe_open(str(LORA_FILE), "pt") as f:
+        scale = float(f.metadata()["scale"])
+    lora = dequantised(load_file(str(LORA_FILE)))
+    if set(lora) != {f"{name}.{ab}" for name in wrapped for ab in ("lora_A", "lora_B")}:
+        raise ValueError(f"{LORA_FILE} adapts other layers than --lora-rank's adapters on {LORA_TARGETS}; "
+                         "pass the --lora-rank the committed weights were trained with (16)")
+    for name, layer in wrapped.items():
+        if layer.lora_A.shape != lora[f"{name}.lora_A"].shape or layer.scale != scale:
+            raise ValueError(f"{LORA_FILE} has rank {lora[f'{name}.lora_A'].shape[0]} and scale {scale}; "
+                             f"--lora-rank {layer.lora_A.shape[0]} gives scale {layer.scale}: pass --lora-rank 16")
+        layer.lora_A.data.copy_(lora[f"{name}.lora_A"])
+        layer.lora_B.data.copy_(lora[f"{name}.lora_B"])
+
+
+def shuffled(seed: int, step: int, n_shards: int, shard_size: int, batch: int) -> tuple[int, np.ndarray]:
+    """Step -> (shard, indices in it): epochs visit shards in a seeded order, items in a seeded order within each."""
+    steps_per_shard = shard_size // batch
+    epoch, within = divmod(step, n_shards * steps_per_shard)
+    shard_slot, offset = divmod(within, steps_per_shard)
+    shard = int(np.random.default_rng((seed, epoch)).permutation(n_shards)[shard_slot])
+    return shard, np.random.default_rng((seed, epoch, shard)).permutation(shard_size)[offset * batch:(offset + 1) * batch]
+
+
 def batch_tensors(encoder: Encoder, convs: list[tuple[list[int], list[int]]], device) -> tuple[torch.Tensor, ...]:
     length = max(len(ids) for ids, _ in convs)
     pad = encoder.tokenizer.pad_token_id
@@ -87,6 +126,7 @@ def main(
     train_images: int = typer.Option(8000, help="size of the train split used (multiple of 500)"),
     lr: float = typer.Option(1e-3, help="peak learning rate of the projector"),
     lora_lr: float = typer.Option(5e-4, help="peak learning rate of the LoRA adapters"),
+    warmup: int = typer.Option(100, help="steps of linear warm-up to the peak rates (then cosine to a tenth)"),
     lora_rank: int = typer.Option(16, help="LoRA rank on every linear layer of the language model; 0: projector only"),
     align_steps: int = typer.Option(600, help="patch-to-word alignment steps fitting the projector before training "
                                     "through the language model (align.py); 0 starts from random weights"),
@@ -102,13 +142,28 @@ def main(
     val_examples: int = typer.Option(210, help="validation examples per evaluation (30 per skill)"),
     eval_every: int = typer.Option(250),
     checkpoint_every: int = typer.Option(50),
+    log_every: int = typer.Option(10, help="steps between loss lines (mean loss and seconds per step since the last)"),
     seed: int = typer.Option(0),
+    init_from_weights: bool = typer.Option(False, help="start from the committed projector and LoRA "
+                                           "(tokensieve/mini/weights) instead of the alignment; a checkpoint wins"),
+    video_batch: int = typer.Option(0, help="clips of the video suite per step, beside --batch images (0: none)"),
+    video_frames: int = typer.Option(16, help="frames per clip (8 to 32), each an image of 64 tokens"),
+    video_clips: int = typer.Option(2000, help=f"train clips used (multiple of {VIDEO_SHARD_SIZE})"),
+    video_pool: int = typer.Option(1, help="train on each frame's features pooled by this factor per side "
+                                   "(2: 16 tokens a frame); validation runs at full tokens"),
+    video_weight: float = typer.Option(1.0, help="weight of the clips' answer loss beside the images'"),
+    video_val_examples: int = typer.Option(100, help="validation clips per evaluation (20 per skill)"),
     threads: int = typer.Option(1, help="torch CPU threads; 0: torch's default. On a shared CPU one thread is "
                                 "fastest: OpenMP workers of a niced job wait on each other (5x slower with 2)"),
-    export: bool = typer.Option(True, help="write weights to tokensieve/mini/weights at each evaluation and at the end"),
+    export: bool = typer.Option(None, help="write weights to tokensieve/mini/weights at each evaluation and at "
+                                "the end; default: yes, except in the multi-frame phase (--video-batch)"),
 ):
     if train_images % SHARD_SIZE:
         raise typer.BadParameter(f"--train-images must be a multiple of {SHARD_SIZE}, got {train_images}")
+    if video_batch and (video_clips % VIDEO_SHARD_SIZE or VIDEO_SHARD_SIZE % video_batch):
+        raise typer.BadParameter(f"--video-clips must be a multiple of {VIDEO_SHARD_SIZE} and --video-batch "
+                                 f"divide it, got {video_clips} and {video_batch}")
+    export = not video_batch if export is None else export
     if threads:
         torch.set_num_threads(threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -142,6 +197,9 @@ def main(
         optimizer.load_state_dict(state["optimizer"])
         start, refitted = state["step"], state.get("read_refit", False)
         print(f"resumed from {checkpoint} at step {start}")
+    elif init_from_weights:
+        init_from_committed(projector, wrapped)
+        print(f"started from the committed weights ({PROJECTOR_FILE.parent})", flush=True)
     else:
         standardise_first_layer(projector, cache.shard("train", 0))
         if align_steps:
@@ -164,16 +222,23 @@ def main(
         refitted = True
         print(f"reading refit: {read_refit} steps, relative error {errors[0]:.3f} on word patches, "
               f"{errors[1]:.3f} from the projector's own outputs elsewhere", flush=True)
-    shards_per_epoch_steps = SHARD_SIZE // batch
 
     def batch_at(step: int) -> tuple[list, torch.Tensor]:
-        """Step -> images: epochs visit shards in a seeded order, images in a seeded order within each."""
-        epoch, within = divmod(step, n_shards * shards_per_epoch_steps)
-        shard_slot, offset = divmod(within, shards_per_epoch_steps)
-        shard = int(np.random.default_rng((seed, epoch)).permutation(n_shards)[shard_slot])
-        order = np.random.default_rng((seed, epoch, shard)).permutation(SHARD_SIZE)[offset * batch:(offset + 1) * batch]
+        shard, order = shuffled(seed, step, n_shards, SHARD_SIZE, batch)
         exs = [examples("train", 1, shard * SHARD_SIZE + int(i), questions)[0] for i in order]
         return exs, pool_grid(cache.shard("train", shard)[torch.from_numpy(order)], pool)
+
+    if video_batch:  # clips in their own seeded order (seed + 1), so that the images' order stays as it was
+        video_cache = VideoFeatureCache(layer, video_frames, device=device)
+        video_encoder = Encoder(tokenizer, image_tokens=video_cache.frame_tokens // video_pool**2)
+        frame_encoder = Encoder(tokenizer, image_tokens=video_cache.frame_tokens)
+        video_val = video_examples("validation", video_val_examples, frames=video_frames)
+        video_val_features = video_cache.first("validation", video_val_examples)
+
+    def clips_at(step: int) -> tuple[list, torch.Tensor]:
+        shard, order = shuffled(seed + 1, step, video_clips // VIDEO_SHARD_SIZE, VIDEO_SHARD_SIZE, video_batch)
+        exs = [video_examples("train", 1, shard * VIDEO_SHARD_SIZE + int(i), video_frames)[0] for i in order]
+        return exs, pool_frames(video_cache.shard("train", shard)[torch.from_numpy(order)], video_frames, video_pool)
 
     val = examples("validation", val_examples)
     val_features = torch.cat([cache.shard("validation", s) for s in range(math.ceil(val_examples / SHARD_SIZE))])[:val_examples]
@@ -182,18 +247,23 @@ def main(
         projector.eval()
         with torch.autocast(device, dtype=torch.bfloat16):
             table = evaluate(lm, projector, encoder, val, val_features)
+            video_table = evaluate_clips(lm, projector, frame_encoder, video_val, video_val_features) if video_batch else None
         projector.train()
-        text = format_table(table)
-        print(f"validation at step {step} ({val_examples} examples, full tokens):\n{text}", flush=True)
-        (out / f"val-step{step:05d}.md").write_text(text + "\n")
-        log.write(json.dumps({"step": step, "validation": table}) + "\n")
+        text = f"images ({val_examples} validation examples, full tokens):\n\n{format_table(table)}\n"
+        if video_table:
+            text += (f"\nclips ({video_val_examples} validation clips of {video_frames} frames, full tokens):\n\n"
+                     f"{format_table(video_table)}\n")
+        print(f"validation at step {step}:\n{text}", flush=True)
+        (out / f"val-step{step:05d}.md").write_text(text)
+        log.write(json.dumps({"step": step, "validation": table, "video_validation": video_table}) + "\n")
         log.flush()
         if export:
             export_weights(step)
 
     def export_weights(step: int) -> None:
         meta = {"vision_feature_layer": str(layer), "data_version": DATA_VERSION, "step": str(step),
-                "seed": str(seed), "read_weight": str(read_weight), "read_refit": str(read_refit)}
+                "seed": str(seed), "read_weight": str(read_weight), "read_refit": str(read_refit),
+                **({"video_data_version": VIDEO_DATA_VERSION, "video_frames": str(video_frames)} if video_batch else {})}
         save_file({k: v.detach().float().cpu().contiguous() for k, v in projector.state_dict().items()},
                   str(PROJECTOR_FILE), metadata=meta)
         if wrapped:
@@ -209,14 +279,8 @@ def main(
                     "read_refit": refitted}, partial)
         partial.replace(checkpoint)
 
-    projector.train()
-    clock, recent, recent_read = time.time(), [], []
-    for step in range(start, steps):
-        exs, features = batch_at(step)
-        packs = [ex.qas + [describe(ex.scene)] if describe_scene else ex.qas for ex in exs]
-        ids, labels, mask = batch_tensors(train_encoder, [train_encoder.conversation(qas) for qas in packs], device)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, group["peak"])
+    def answer_loss_of(convs: list[tuple[list[int], list[int]]], features: torch.Tensor) -> torch.Tensor:
+        ids, labels, mask = batch_tensors(encoder, convs, device)
         with torch.autocast(device, dtype=torch.bfloat16):
             embeds = embed_with_images(lm.get_input_embeddings(), ids, encoder.image_token_id,
                                        projector(features.to(device, torch.float32)))
@@ -225,12 +289,27 @@ def main(
             targets = labels[:, 1:]
             picked = targets != IGNORE
             logits = lm.lm_head(hidden[:, :-1][picked])
-        loss = answer_loss = torch.nn.functional.cross_entropy(logits.float(), targets[picked])
+        return torch.nn.functional.cross_entropy(logits.float(), targets[picked])
+
+    projector.train()
+    clock, recent, recent_read, recent_video = time.time(), [], [], []
+    for step in range(start, steps):
+        exs, features = batch_at(step)
+        packs = [ex.qas + [describe(ex.scene)] if describe_scene else ex.qas for ex in exs]
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, group["peak"], warmup)
+        loss = answer_loss = answer_loss_of([train_encoder.conversation(qas) for qas in packs], features)
+        if video_batch:  # one sequence per clip: its frames, then its one question
+            clips, clip_features = clips_at(step)
+            video_loss = answer_loss_of([video_encoder.conversation([ex.qa], video_frames) for ex in clips],
+                                        clip_features)
+            loss = loss + video_weight * video_loss
+            recent_video.append(video_loss.item())
         if read_weight:  # word patches drawn by step, so that resuming anywhere draws the same ones
             index = torch.randint(len(word_features), (256,), generator=torch.Generator().manual_seed(seed * 10**6 + step))
             projected = projector(word_features[index].to(device, torch.float32))
             read_loss = torch.nn.functional.mse_loss(projected, word_wanted[index].to(device)) / word_scale
-            loss = answer_loss + read_weight * read_loss
+            loss = loss + read_weight * read_loss
             recent_read.append(read_loss.item())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -239,15 +318,15 @@ def main(
         recent.append(answer_loss.item())
 
         done = step + 1
-        if done % 10 == 0:
-            elapsed = time.time() - clock
-            reading = {"read_loss": float(np.mean(recent_read))} if recent_read else {}
-            print(f"step {done}/{steps} loss {np.mean(recent):.4f} lr {lr_at(step, steps, lr):.2e} "
-                  + "".join(f"{k} {v:.4f} " for k, v in reading.items()) + f"{elapsed / 10:.2f}s/step", flush=True)
-            log.write(json.dumps({"step": done, "loss": float(np.mean(recent)), **reading,
-                                  "s_per_step": elapsed / 10}) + "\n")
+        if done % log_every == 0:
+            elapsed = (time.time() - clock) / len(recent)
+            extra = {"read_loss": recent_read, "video_loss": recent_video}
+            extra = {k: float(np.mean(v)) for k, v in extra.items() if v}
+            print(f"step {done}/{steps} loss {np.mean(recent):.4f} lr {lr_at(step, steps, lr, warmup):.2e} "
+                  + "".join(f"{k} {v:.4f} " for k, v in extra.items()) + f"{elapsed:.2f}s/step", flush=True)
+            log.write(json.dumps({"step": done, "loss": float(np.mean(recent)), **extra, "s_per_step": elapsed}) + "\n")
             log.flush()
-            clock, recent, recent_read = time.time(), [], []
+            clock, recent, recent_read, recent_video = time.time(), [], [], []
         if done % checkpoint_every == 0 or done == steps:
             save_checkpoint(done)
         if done % eval_every == 0 or done == steps:

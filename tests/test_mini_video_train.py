@@ -1,0 +1,151 @@
+"""sieve-mini's multi-frame phase: a clip is its frames as images at 112 px, one `<image>` each. The training
+sequences, the processor, the feature cache, the fast evaluation and generate agree; the phase starts from
+the committed weights and resumes from its checkpoints. Uses the real sieve-mini (built as test_mini_model.py
+builds it) with tiny feature caches under a temporary folder.
+"""
+
+import itertools
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import LlamaForCausalLM
+from typer.testing import CliRunner
+
+from tokensieve.engine.compat import from_pretrained
+from tokensieve.mini import SAMPLE_IMAGE, VIDEO_FRAME_SIZE, build, features, train, video, video_inputs
+from tokensieve.mini.evaluate_video import generate_answers, language_model_of
+from tokensieve.mini.fasteval import answer
+from tokensieve.mini.lora import add_lora
+from tokensieve.mini.sequences import IGNORE, Encoder, embed_with_images
+from tokensieve.qa import VIDEO_DATA_VERSION, video_examples
+
+
+@pytest.fixture(scope="module")
+def sieve_mini():
+    return build.load_sieve_mini()
+
+
+@pytest.fixture
+def small_caches(tmp_path, monkeypatch):
+    """Feature caches of 8 images and 2 clips a shard, in a temporary folder (the real ones hold 500 and 100)."""
+    monkeypatch.setattr(features, "mini_dir", lambda: tmp_path)
+    monkeypatch.setattr(video, "mini_dir", lambda: tmp_path)
+    for module, name, size in ((features, "SHARD_SIZE", 8), (train, "SHARD_SIZE", 8),
+                               (video, "VIDEO_SHARD_SIZE", 2), (train, "VIDEO_SHARD_SIZE", 2)):
+        monkeypatch.setattr(module, name, size)
+    return tmp_path
+
+
+def test_a_clip_is_one_run_of_placeholders_per_frame_and_only_the_answer_is_labelled(sieve_mini):
+    tokenizer = sieve_mini[1].tokenizer
+    encoder = Encoder(tokenizer, image_tokens=64)
+    ex = video_examples("train", 1, 1)[0]  # motion
+    ids, labels = encoder.conversation([ex.qa], images=16)
+    is_image = [i == encoder.image_token_id for i in ids]
+    runs = [len(list(run)) for image, run in itertools.groupby(is_image) if image]
+    assert runs == [64] * 16
+    newline = tokenizer("\n", add_special_tokens=False).input_ids
+    first_gap = is_image.index(True) + 64
+    assert ids[first_gap:first_gap + len(newline)] == newline  # "<image>\n" per frame, as the template writes
+    labelled = [i for i, label in zip(ids, labels) if label != IGNORE]
+    assert tokenizer.decode(labelled) == f"{ex.qa.answer}<|im_end|>"
+    assert labels[-len(labelled) - 1:-1] == labelled and labels[-1] == IGNORE  # not the closing "\n"
+    assert all(label == IGNORE for label, image in zip(labels, is_image) if image)
+
+
+def test_video_inputs_write_what_training_reads(sieve_mini):
+    _, processor = sieve_mini
+    ex = video_examples("validation", 1, 3)[0]
+    inputs = video_inputs(processor, ex.frames(224), ex.qa.question)  # resized to 112 px by the processor
+    assert inputs.pixel_values.shape == (16, 3, VIDEO_FRAME_SIZE, VIDEO_FRAME_SIZE)
+    assert inputs.input_ids[0].tolist() == Encoder(processor.tokenizer, image_tokens=64).prompt(ex.qa.question, 16)
+    assert (inputs.input_ids == processor.image_token_id).sum() == 1024
+    with pytest.raises(ValueError, match="at least one frame"):
+        video_inputs(processor, [], ex.qa.question)
+
+
+def test_the_clip_cache_holds_the_towers_layer_8_patches_of_every_frame(sieve_mini, small_caches):
+    model, processor = sieve_mini
+    cache = video.VideoFeatureCache(8, frames=8)
+    shard = cache.shard("validation", 0)
+    assert shard.shape == (2, 8 * 64, 384) and shard.dtype == torch.float16
+    path = cache.path("validation", 0)
+    assert path == small_caches / "features" / f"{VIDEO_DATA_VERSION}-8f-112px-layer8" / "validation-0000.safetensors"
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"data_version": VIDEO_DATA_VERSION, "frames": "8", "frame_size": "112", "layer": "8"}
+    ex = video_examples("validation", 1, 1, frames=8)[0]
+    pixels = video_inputs(processor, ex.frames(VIDEO_FRAME_SIZE), ex.qa.question).pixel_values
+    with torch.no_grad():
+        hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[8][:, 1:]
+    assert torch.allclose(shard[1].float(), hidden.reshape(8 * 64, 384), atol=2e-2)  # fp16 storage
+    assert torch.equal(cache.first("validation", 3)[:2], shard)
+
+
+def test_fast_answers_on_cached_clips_are_what_generate_answers(sieve_mini, small_caches):
+    model, processor = sieve_mini
+    clips = video_examples("validation", 4)
+    cache = video.VideoFeatureCache(8, frames=16)
+    fast = answer(language_model_of(model), model.model.multi_modal_projector,
+                  Encoder(processor.tokenizer, 64), cache.first("validation", 4), [ex.qa.question for ex in clips],
+                  images=16)
+    assert fast == generate_answers(model, processor, clips)
+
+
+def test_init_from_weights_is_the_committed_model(sieve_mini):
+    model, processor = sieve_mini
+    lm = from_pretrained(LlamaForCausalLM, build.language_dir(), dtype=torch.float32).eval()
+    wrapped = add_lora(lm.model, train.LORA_TARGETS, 16, alpha=32)
+    projector = train.make_projector(build.vision_dir(), build.language_dir(), 8)
+    train.init_from_committed(projector, wrapped)
+
+    question = "What colour is the triangle?"
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}], add_generation_prompt=True)
+    inputs = processor(images=Image.open(SAMPLE_IMAGE), text=text, return_tensors="pt")
+    encoder = Encoder(processor.tokenizer, image_tokens=256)
+    ids = torch.tensor([encoder.prompt(question)])
+    with torch.no_grad():
+        patches = model.model.vision_tower(inputs.pixel_values, output_hidden_states=True).hidden_states[8][:, 1:]
+        embeds = embed_with_images(lm.get_input_embeddings(), ids, encoder.image_token_id, projector(patches))
+        trained = lm(inputs_embeds=embeds).logits[0, -1]
+        committed = model(**inputs).logits[0, -1, :trained.shape[0]]
+    # The same weights, the LoRA merged (assembled) or beside the frozen weights (training): fp32 rounding only.
+    assert (trained - committed).abs().max() < 2e-4  # measured 3.8e-5 on logits up to 35
+    assert trained.argmax() == committed.argmax()
+    with pytest.raises(ValueError, match="--lora-rank 16"):
+        train.init_from_committed(projector, add_lora(from_pretrained(LlamaForCausalLM, build.language_dir()).model,
+                                                      train.LORA_TARGETS, 8, alpha=16))
+
+
+def _train(out, steps):
+    app = train.typer.Typer()
+    app.command()(train.main)
+    with torch.enable_grad():  # conftest runs every test under no_grad
+        result = CliRunner().invoke(app, [
+            "--out", str(out), "--steps", str(steps), "--batch", "1", "--questions", "2", "--train-images", "8",
+            "--init-from-weights", "--video-batch", "1", "--video-frames", "8", "--video-clips", "2",
+            "--video-pool", "2", "--val-examples", "2", "--video-val-examples", "2", "--checkpoint-every", "1",
+            "--eval-every", "100", "--log-every", "1", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_the_video_phase_trains_resumes_and_leaves_the_committed_weights(sieve_mini, small_caches):
+    committed = build.PROJECTOR_FILE.read_bytes(), build.LORA_FILE.read_bytes()
+    straight = _train(small_caches / "straight", 3)
+    assert "started from the committed weights" in straight and "video_loss" in straight
+    assert "clips (2 validation clips of 8 frames" in (small_caches / "straight" / "val-step00003.md").read_text()
+    _train(small_caches / "resumed", 2)
+    assert "resumed from" in _train(small_caches / "resumed", 3)
+    # Within the warm-up the rate does not depend on --steps, so stopping at 2 and resuming to 3 is the same run.
+    a, b = (torch.load(small_caches / run / "checkpoint.pt", weights_only=True) for run in ("straight", "resumed"))
+    assert a["step"] == b["step"] == 3
+    for name, tensor in a["lora"].items():
+        assert torch.equal(tensor, b["lora"][name]), name
+    assert all(torch.equal(v, b["projector"][k]) for k, v in a["projector"].items())
+    start = load_file(str(build.PROJECTOR_FILE))
+    assert all((a["projector"][k] - v).abs().max() > 1e-6 for k, v in start.items())  # it did train
+    assert (build.PROJECTOR_FILE.read_bytes(), build.LORA_FILE.read_bytes()) == committed
