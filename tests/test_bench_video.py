@@ -12,16 +12,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 from tokensieve.bench import sweep
 from tokensieve.bench.outputs import write_outputs
-from tokensieve.bench.suites import load_model, load_suite, model_inputs, safe_id, video_frames
+from tokensieve.bench.suites import frame_size, load_model, load_suite, model_inputs, safe_id, video_frames
 from tokensieve.bench.summary import CHANCE_ROW, per_skill, read_runs, summarise
 from tokensieve.bench.sweep import SweepSpecError
 from tokensieve.cli import app
 from tokensieve.draw import DROPPED_GREY
+from tokensieve.mini import VIDEO_FRAME_SIZE, video_inputs
 from tokensieve.qa import VIDEO_CHANCE, VIDEO_SKILLS, is_correct
 
 from tiny_qwen2_vl import TOKENS_PER_FRAME, tiny_qwen2_vl
@@ -268,6 +270,14 @@ def test_a_clip_goes_to_an_image_family_as_one_image_per_frame():
     inputs = model_inputs(model, processor, sample)
     assert inputs["pixel_values"].shape[0] == FRAMES and "pixel_values_videos" not in inputs
     assert (inputs["input_ids"] == model.config.image_token_id).sum() == FRAMES * 256
+    # the bench gives sieve-mini its clips at the size they were trained at: the inputs its own helper builds
+    assert frame_size("sieve-mini") == VIDEO_FRAME_SIZE and frame_size("/some/checkpoint") is None
+    at_trained_size = model_inputs(model, processor, sample, frame_size("sieve-mini"))
+    expected = video_inputs(processor, sample.frames(), sample.question)
+    assert at_trained_size.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(at_trained_size[key], expected[key]), key
+    assert (expected["input_ids"] == model.config.image_token_id).sum() == FRAMES * (VIDEO_FRAME_SIZE // 14) ** 2
     text = processor.decode(inputs["input_ids"][0])
     assert text.index(sample.question) > text.rindex(processor.image_token)  # the question after the frames
     assert video_frames(processor, sample) == FRAMES

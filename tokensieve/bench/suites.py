@@ -146,9 +146,20 @@ def video_frames(processor, sample: SuiteSample) -> int | None:
     return None if sample.frames is None or takes_videos(processor) else len(sample.frames())
 
 
-def model_inputs(model, processor, sample: SuiteSample) -> dict:
+def frame_size(model: str) -> int | None:
+    """The side, in pixels, at which a video's frames go as images to a model without videos: sieve-mini's, at which
+    its clips were trained (64 tokens a frame); None for any other model (its processor's size for images)."""
+    if model != SIEVE_MINI:
+        return None
+    from ..mini.video import VIDEO_FRAME_SIZE
+
+    return VIDEO_FRAME_SIZE
+
+
+def model_inputs(model, processor, sample: SuiteSample, frame_size: int | None = None) -> dict:
     """The processor's inputs for one sample: a user turn with the image (or the video), then the question.
-    A video goes as one where the processor takes videos, else as its frames, one image placeholder each."""
+    A video goes as one where the processor takes videos, else as its frames, one image placeholder each, resized to
+    ``frame_size`` square where given (:func:`frame_size`)."""
     question = {"type": "text", "text": sample.question}
     if sample.frames is None:
         visual, media = [{"type": "image"}], {"images": sample.image()}
@@ -157,6 +168,8 @@ def model_inputs(model, processor, sample: SuiteSample) -> dict:
     else:
         frames = sample.frames()
         visual, media = [{"type": "image"}] * len(frames), {"images": frames}
+        if frame_size is not None:
+            media["size"] = {"height": frame_size, "width": frame_size}
     messages = [{"role": "user", "content": [*visual, question]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(**media, text=prompt, return_tensors="pt")

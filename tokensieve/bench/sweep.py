@@ -29,7 +29,8 @@ import tokensieve as ts
 
 from ..qa.video import DEFAULT_FRAMES
 from .measure import Meter
-from .suites import BUILTIN, VIDEO, check_model, load_model, load_suite, model_inputs, model_view, video_frames
+from .suites import (BUILTIN, VIDEO, check_model, frame_size, load_model, load_suite, model_inputs, model_view,
+                     video_frames)
 
 BASELINE = "baseline"
 DEFAULT_KEEPS = (256, 128, 64, 32, 16)
@@ -231,8 +232,10 @@ class Worker:
         self.samples = samples or load_suite(settings.suite, settings.limit, settings.data, settings.split,
                                              settings.frames)[0]
         self.meter = Meter(self.model)
-        # a video suite on a family without videos: each clip's frames go as images, read as one video
+        # a video suite on a family without videos: each clip's frames go as images (at sieve-mini's trained size),
+        # read as one video
         self.video_frames = video_frames(self.processor, self.samples[0]) if self.samples else None
+        self.frame_size = frame_size(settings.model)
 
     def run(self, config: Config, report: Callable) -> str | None:
         """Run `config` on every sample it has not recorded; returns why it was skipped, if it was.
@@ -263,13 +266,13 @@ class Worker:
     def records(self, config: Config, sieve, todo: list):
         """One record per sample of `todo`, each yielded as soon as it is measured."""
         # Untimed warm-up on this configuration, so no record pays first-call costs.
-        self.meter.generate(model_inputs(self.model, self.processor, todo[0]), WARMUP_NEW_TOKENS, sieve,
+        self.meter.generate(model_inputs(self.model, self.processor, todo[0], self.frame_size), WARMUP_NEW_TOKENS, sieve,
                             self.video_frames)
         for sample in todo:
             yield self._record(config, sieve, sample)
 
     def _record(self, config: Config, sieve, sample) -> dict:
-        inputs = model_inputs(self.model, self.processor, sample)
+        inputs = model_inputs(self.model, self.processor, sample, self.frame_size)
         measured = self.meter.generate(inputs, self.settings.max_new_tokens, sieve, self.video_frames)
         prediction = self.processor.decode(measured.new_tokens, skip_special_tokens=True).strip()
         score = sample.score(prediction)
@@ -298,7 +301,7 @@ class Worker:
 
     def view(self, sample):
         """The sample's image as the model saw it (resized, cropped), for the report's kept-patch pictures."""
-        return model_view(self.processor, model_inputs(self.model, self.processor, sample), sample)
+        return model_view(self.processor, model_inputs(self.model, self.processor, sample, self.frame_size), sample)
 
     def _save_images(self, folder: Path) -> None:
         """The first `show` samples' images as the model saw them (a video: its frames as rendered, in
