@@ -229,12 +229,13 @@ def time_prefills(model, inputs, sieve):
 def bench(
     model: str = typer.Option("sieve-mini", help="sieve-mini, or a local Hugging Face checkpoint folder"),
     suite: str = typer.Option("builtin", help="builtin (the QA suite's test split), video (the video QA suite's "
-                                              "test split) or pope, gqa, textvqa, mme, scienceqa_img, mmbench "
-                                              "(with --data)"),
+                                              "test split), pope, gqa, textvqa, mme, scienceqa_img, mmbench "
+                                              "or the video benchmarks videomme, mvbench (with --data)"),
     methods: str = typer.Option("all", help="comma-separated method names, or all; name:keep fixes one's budget"),
     keep: str = typer.Option("256,128,64,32,16", help="comma-separated budgets: counts (64) or ratios (0.25)"),
     limit: int = typer.Option(None, help="the first N samples (builtin: 700, video: 500 unless given)"),
-    frames: int = typer.Option(None, help="video suite: frames per clip, 8 to 32 (default 16)"),
+    frames: int = typer.Option(None, help="video suite: frames per clip, 8 to 32; videomme, mvbench: frames sampled "
+                                          "uniformly per video (default 16)"),
     out: Path = typer.Option(Path("results"), help="results folder; rerun the same command to resume"),
     workers: int = typer.Option(1, help="configurations run in this many parallel processes"),
     data: Path = typer.Option(None, help="a benchmark's downloaded folder (or one .parquet file)"),
@@ -255,6 +256,10 @@ def bench(
 
     with missing_extra_as_one_line():
         require("bench", "datasets", "matplotlib", "skimage", "pandas", "pyarrow", purpose="tokensieve bench")
+        from .bench.datasets import VIDEO_BENCHMARKS
+
+        if suite in VIDEO_BENCHMARKS:
+            require("video", "av", purpose=f"decoding the {suite} videos (PyAV)")
         if ray is not None:
             from .bench.ray_sweep import RaySweepError  # names `pip install 'tokensieve[ray]'` if ray is missing
     task_died = RaySweepError if ray is not None else ()

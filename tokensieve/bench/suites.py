@@ -1,4 +1,4 @@
-"""What a sweep runs on: the model, and samples from the built-in QA suite or a standard benchmark.
+"""What a sweep runs on: the model, and samples from the built-in QA suites or a standard benchmark (image or video).
 
 Every source gives the same `SuiteSample`: a filename-safe id, the prompt text, the reference
 answer(s), a category, the image or a video's frames (rendered or decoded on demand) and the source's own
@@ -22,7 +22,7 @@ from PIL import Image
 
 from ..qa import examples, is_correct, video_examples
 from ..qa.video import DEFAULT_FRAMES, MAX_FRAMES, MIN_FRAMES
-from .datasets import BENCHMARKS, benchmark
+from .datasets import BENCHMARKS, VIDEO_BENCHMARKS, benchmark
 
 BUILTIN = "builtin"
 BUILTIN_SPLIT = "test"  # never seen in training (tokensieve/qa/dataset.py)
@@ -30,6 +30,9 @@ BUILTIN_IMAGE_SIZE = 224  # rendered at the size sieve-mini was trained at; othe
 BUILTIN_DEFAULT_LIMIT = 700  # the suite is procedural and endless: 100 examples per skill unless --limit says
 VIDEO = "video"  # the built-in video suite (tokensieve/qa/video.py): its test split, like the builtin suite's
 VIDEO_DEFAULT_LIMIT = 500  # 100 clips per skill, as the builtin suite
+# MVBench's one task whose videos (NTU RGB+D, under their own licence) are not in its download: the bench leaves it
+# out when its video folder is absent (tokensieve/bench/datasets/mvbench.py)
+MVBENCH_UNSHIPPED_TASK = "Fine-grained Pose"
 
 
 @dataclass
@@ -48,23 +51,39 @@ def safe_id(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", text)
 
 
+def takes_frames(suite: str) -> bool:
+    """Whether the suite's samples are videos, sampled to `frames` frames: the video suite and the video benchmarks."""
+    return suite == VIDEO or suite in VIDEO_BENCHMARKS
+
+
 def load_suite(suite: str, limit: int | None = None, data: Path | str | None = None,
                split: str | None = None, frames: int | None = None) -> tuple[list[SuiteSample], str]:
-    """The first `limit` samples of `suite` and the split they come from; `frames`: per clip, video suite only."""
-    if frames is not None and suite != VIDEO:
-        raise ValueError(f"frames={frames} is the {VIDEO!r} suite's clip length: the {suite!r} suite has no clips")
+    """The first `limit` samples of `suite` and the split they come from; `frames`: per video (the video suite's
+    clip length, or the frames sampled uniformly from a video benchmark's video), video suites only."""
+    if frames is not None and not takes_frames(suite):
+        raise ValueError(f"frames={frames} is the frames per video of a video suite: the {suite!r} suite has "
+                         f"no clips")
     if suite in (BUILTIN, VIDEO):
         if split not in (None, BUILTIN_SPLIT):
             raise ValueError(f"the {suite} suite is scored on its {BUILTIN_SPLIT!r} split only, not {split!r}")
         if suite == VIDEO:
             return _video(limit or VIDEO_DEFAULT_LIMIT, frames or DEFAULT_FRAMES), BUILTIN_SPLIT
         return _builtin(limit or BUILTIN_DEFAULT_LIMIT), BUILTIN_SPLIT
-    if suite not in BENCHMARKS:
-        raise ValueError(f"unknown suite {suite!r}: choose {BUILTIN!r}, {VIDEO!r} or a benchmark "
-                         f"({', '.join(BENCHMARKS)})")
-    module, _ = benchmark(suite)
-    split = split or inspect.signature(module.load).parameters["split"].default
-    samples = [_from_benchmark(module, sample, suite) for sample in module.load(data, split=split, limit=limit)]
+    if suite in VIDEO_BENCHMARKS:
+        module, _ = VIDEO_BENCHMARKS[suite]
+        split = split or inspect.signature(module.load).parameters["split"].default
+        frames = DEFAULT_FRAMES if frames is None else frames
+        if frames < 1:
+            raise ValueError(f"frames={frames}: sample at least one frame per video")
+        samples = [_from_video_benchmark(module, sample, suite, frames)
+                   for sample in _load_video_benchmark(module, suite, data, split, limit)]
+    elif suite in BENCHMARKS:
+        module, _ = benchmark(suite)
+        split = split or inspect.signature(module.load).parameters["split"].default
+        samples = [_from_benchmark(module, sample, suite) for sample in module.load(data, split=split, limit=limit)]
+    else:
+        raise ValueError(f"unknown suite {suite!r}: choose {BUILTIN!r}, {VIDEO!r}, a benchmark "
+                         f"({', '.join(BENCHMARKS)}) or a video benchmark ({', '.join(VIDEO_BENCHMARKS)})")
     ids = [s.id for s in samples]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{suite} {split}: two samples share an id once made filename-safe")
@@ -103,6 +122,28 @@ def _from_benchmark(module, sample, suite: str) -> SuiteSample:
     target = sample.answers[0] if len(sample.answers) == 1 else list(sample.answers)
     return SuiteSample(id=safe_id(f"{suite}-{sample.id}"), question=sample.question, target=target,
                        category=sample.category, image=lambda: sample.image, score=score)
+
+
+def _load_video_benchmark(module, suite: str, data, split: str, limit: int | None) -> list:
+    """The video benchmark's questions; MVBench's without the task whose videos its download lacks, when they are
+    absent (under <data>/video, where its loader looks)."""
+    if suite != "mvbench" or data is None:
+        return module.load(data, split=split, limit=limit)
+    folder = module.TASKS[MVBENCH_UNSHIPPED_TASK][1]
+    shipped = (Path(data) / "video" / folder).is_dir()
+    tasks = None if shipped else [task for task in module.TASKS if task != MVBENCH_UNSHIPPED_TASK]
+    return module.load(data, split=split, limit=limit, tasks=tasks)
+
+
+def _from_video_benchmark(module, sample, suite: str, frames: int) -> SuiteSample:
+    """A video benchmark's question as the bench's sample: `frames` frames sampled uniformly from its video (within
+    the span asked about, if any), decoded when asked for; scored by the benchmark's official rule."""
+    def score(prediction: str) -> float:
+        return float(module.score([sample], [prediction])["per_sample"][0])
+
+    return SuiteSample(id=safe_id(f"{suite}-{sample.id}"), question=sample.question, target=sample.answers[0],
+                       category=sample.category, image=None, score=score,
+                       frames=lambda: sample.frames(num_frames=frames).frames)
 
 
 SIEVE_MINI = "sieve-mini"

@@ -29,8 +29,9 @@ import tokensieve as ts
 
 from ..qa.video import DEFAULT_FRAMES
 from .measure import Meter
+from .datasets import BenchmarkDataMissing
 from .suites import (BUILTIN, VIDEO, check_model, frame_size, load_model, load_suite, model_inputs, model_view,
-                     video_frames)
+                     takes_frames, video_frames)
 
 BASELINE = "baseline"
 DEFAULT_KEEPS = (256, 128, 64, 32, 16)
@@ -73,7 +74,7 @@ class Settings:
     max_new_tokens: int
     show: int
     out: str
-    frames: int | None = None  # the video suite's frames per clip (None: every other suite)
+    frames: int | None = None  # frames per video of the video suite or a video benchmark (None: image suites)
 
 
 def parse_keep(text: str | int | float) -> int | float:
@@ -128,7 +129,8 @@ def sweep(model: str = "sieve-mini", suite: str = BUILTIN, methods: list[str] | 
     suites (one-word answers) and 16 for benchmarks. `show`: save the image as the model saw it for the first
     `show` samples (a video: its frames). `ray`: a Ray cluster's address, "auto" or "local", to run the
     configurations as Ray tasks (tokensieve/bench/ray_sweep.py), `shard` samples per task (default: a
-    configuration's all). `frames`: frames per clip of the video suite (default 16).
+    configuration's all). `frames`: frames per clip of the video suite, or sampled uniformly from each video
+    of a video benchmark (videomme, mvbench; default 16).
     """
     if ray is None:
         if shard is not None:
@@ -140,8 +142,8 @@ def sweep(model: str = "sieve-mini", suite: str = BUILTIN, methods: list[str] | 
                              f"of the cluster runs a task")
     if shard is not None and shard < 1:
         raise SweepSpecError(f"shard must be at least 1 sample, not {shard}")
-    if suite == VIDEO:  # its tasks would send back one picture per sample, not a clip's frames
-        raise SweepSpecError(f"the {VIDEO} suite does not run on Ray yet: run it on this machine (--workers N)")
+    if takes_frames(suite):  # its tasks would send back one picture per sample, not a clip's frames
+        raise SweepSpecError(f"the {suite} suite does not run on Ray yet: run it on this machine (--workers N)")
     from .ray_sweep import cluster
 
     with cluster(ray) as ray_cluster:  # an address that does not answer fails here, before any work
@@ -157,7 +159,7 @@ def _sweep(model, suite, methods, keeps, limit, out, workers, data, split, devic
     settings = Settings(model=model, suite=suite, split=split, data=None if data is None else str(data),
                         limit=limit, device=device, dtype=dtype, show=show, out=str(out),
                         max_new_tokens=max_new_tokens or (5 if suite in (BUILTIN, VIDEO) else 16),
-                        frames=frames if frames is not None or suite != VIDEO else DEFAULT_FRAMES)
+                        frames=frames if frames is not None or not takes_frames(suite) else DEFAULT_FRAMES)
     try:
         methods = ts.split_specs(methods) if isinstance(methods, str) else [m for m in methods if m]
         configs = plan(methods, [parse_keep(k) for k in (ts.budget.split_top_level(keeps) if isinstance(keeps, str) else keeps)])
@@ -165,7 +167,9 @@ def _sweep(model, suite, methods, keeps, limit, out, workers, data, split, devic
         if workers < 1 or (limit is not None and limit < 1):
             raise ValueError(f"workers and limit must be at least 1, not {workers} and {limit}")
         samples, settings.split = load_suite(suite, limit, data, split, settings.frames)
-    except ValueError as err:
+    except BenchmarkDataMissing:
+        raise
+    except (ValueError, FileNotFoundError) as err:  # a video benchmark's videos not where its questions say
         raise SweepSpecError(str(err)) from None
     out = Path(out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
