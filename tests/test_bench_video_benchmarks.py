@@ -198,5 +198,6 @@ def test_a_videomme_sweep_records_every_question_scored_officially_and_summarise
     assert "evs" in (videomme_sweep / "summary.md").read_text()
     first = sorted(questions)[0]
     assert len(list((videomme_sweep / "images" / first).iterdir())) == FRAMES
-    assert "on the videomme suite (test split, 3 samples, 8 frames per clip)" in (
-        videomme_sweep / "report.html").read_text()
+    html = (videomme_sweep / "report.html").read_text()
+    assert "on the videomme suite (test split, 3 samples, 8 frames per clip)" in html
+    assert '<figure class="clip">' in html  # the shown video's frame strip

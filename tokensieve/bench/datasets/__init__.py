@@ -5,7 +5,8 @@ parquet files from a local path (raising BenchmarkDataMissing, which says how to
 when they are absent), and `score(samples, predictions) -> dict` implementing the benchmark's
 official scoring rule: its headline numbers, "by_category" (all but TextVQA) and "per_sample".
 The video benchmarks (VIDEO_BENCHMARKS) load the same way but give VideoSamples (video_files.py): a
-video file resolved under a `videos` folder instead of an image; the bench does not run them yet.
+video file resolved under a `videos` folder instead of an image; the bench runs them as suites of
+sampled frames (tokensieve/bench/suites.py, `--suite videomme|mvbench`).
 """
 
 from __future__ import annotations
