@@ -28,8 +28,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import tokensieve as ts
 
 from ..qa.video import DEFAULT_FRAMES
-from .measure import Meter
 from .datasets import BenchmarkDataMissing
+from .measure import Meter
 from .suites import (BUILTIN, VIDEO, check_model, frame_size, load_model, load_suite, model_inputs, model_view,
                      takes_frames, video_frames)
 
