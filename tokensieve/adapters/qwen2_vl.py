@@ -57,7 +57,7 @@ class Qwen2VLAdapter(Adapter):
     signals = frozenset({"cls_attention", "vision_keys", "vision_attention", "vision_features", "project", "vision_tower"})
     aligned_inputs = ("mm_token_type_ids",)
     model_name: ClassVar[str] = "Qwen2-VL"  # in messages
-    takes_video: ClassVar[bool] = True  # Qwen3-VL and Qwen3.5 set it False (their videos carry timestamp tokens)
+    takes_video: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
