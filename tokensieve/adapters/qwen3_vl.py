@@ -67,12 +67,9 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     def full_frames(self, output, grid: torch.Tensor, kept: list[torch.Tensor]):
         """Qwen2-VL's (the merger's output over every frame, zeros at the dropped ones), and each DeepStack set alike:
         the model splits and scatters them by the full grid."""
-        merged = output.pooler_output
-        levels = getattr(output, "deepstack_features", None) or []
-        for level, rows in enumerate(levels):
-            output.pooler_output = rows
-            levels[level] = super().full_frames(output, grid, kept).pooler_output
-        output.pooler_output = merged
+        levels = getattr(output, "deepstack_features", None)  # Qwen3.5's tower has none
+        if levels:
+            output.deepstack_features = [self._over_every_frame(rows, grid, kept) for rows in levels]
         return super().full_frames(output, grid, kept)
 
     def pack_token_inputs(self, kwargs: dict, pack) -> dict:
