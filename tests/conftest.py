@@ -77,8 +77,8 @@ def supported(family, name, kwargs) -> bool:
 
 
 def serves_in_llm(family) -> bool:
-    """Whether the family runs in-LLM stages from decoder layer 1 on (Gemma3 refuses them: its adapter's
-    ``in_llm_problem``; Qwen3.5 too: ``stage_layer_problem``)."""
+    """Whether the family runs in-LLM stages from decoder layer 1 on (Gemma3 and Qwen3.5 refuse them: their adapters'
+    ``in_llm_problem``)."""
     adapter = adapter_for(build_model(family))
     return adapter.in_llm_problem() is None and adapter.stage_layer_problem(1) is None
 

@@ -10,7 +10,7 @@ from tiny_llava_frames import LLAVA_FRAMES
 from tiny_llava_onevision_video import LLAVA_ONEVISION_VIDEO
 from tiny_models import LLAVA
 from tiny_qwen2_vl import QWEN2_5_VL, QWEN2_5_VL_VIDEO, QWEN2_VL, QWEN2_VL_VIDEO
-from tiny_qwen3_vl import QWEN3_5, QWEN3_VL
+from tiny_qwen3_vl import QWEN3_5, QWEN3_5_VIDEO, QWEN3_VL, QWEN3_VL_VIDEO
 
 FAMILIES = [
     LLAVA,
@@ -28,6 +28,8 @@ FAMILIES = [
     QWEN2_VL_VIDEO,
     QWEN2_5_VL_VIDEO,
     LLAVA_ONEVISION_VIDEO,
+    QWEN3_VL_VIDEO,
+    QWEN3_5_VIDEO,
 ]
 
 #: the families the shared contract (test_contract.py) runs on: every family, and those whose inputs need keywords of

@@ -1,10 +1,12 @@
 """Qwen3-VL (DeepStack), Qwen3-VL-MoE and Qwen3.5 (hybrid linear attention) specifics.
 
-What they share with Qwen2-VL (videos and bad mm_token_type_ids refused, 3D positions kept, project(vision_features),
+What they share with Qwen2-VL (bad mm_token_type_ids refused, 3D positions kept, project(vision_features),
 hand-written decode loops) runs in test_adapter_qwen2_vl.py; the shared contract in test_contract.py. Here: the
 DeepStack rows follow the kept tokens (and merge maps), the positions/mask the decoder gets cannot be read as
-packed sequences, the merger's token-to-patch map, in-LLM stages around the DeepStack layers, and Qwen3.5's
-reference (the LM on the kept tokens alone, since a masked token still advances a linear layer's state).
+packed sequences, the merger's token-to-patch map, in-LLM stages around the DeepStack layers, Qwen3.5's
+reference (the LM on the kept tokens alone, since a masked token still advances a linear layer's state), and videos,
+whose frames the prompt separates by timestamp text (the contract runs on them as ``qwen3_vl_video`` and
+``qwen3_5_video``).
 """
 
 from __future__ import annotations
@@ -19,11 +21,15 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 import tokensieve as ts
 from conftest import build_model
 import test_contract as contract  # its tests run here on more models (imported by name, pytest would collect them)
-from test_contract import TEXTS, _assert_same, _snapshot
+from test_contract import TEXTS, _assert_same, _snapshot, greedy
 from test_in_llm import _assert_kept_rows_equal, _masked_stock_hidden, _pruned_hidden
 from tiny_models import Family
-from tiny_qwen2_vl import TOKENS_PER_IMAGE, flattened_patches, qwen2_vl_inputs
-from tiny_qwen3_vl import QWEN3_5, QWEN3_VL, tiny_qwen3_vl, tiny_qwen3_vl_moe
+from tiny_models import IMAGE_TOKEN
+from tiny_qwen2_vl import FRAME_GRID, TOKENS_PER_FRAME, TOKENS_PER_IMAGE, TOKENS_PER_VIDEO, VIDEO_TOKEN, VISION_END, \
+    VISION_START, flattened_patches, qwen2_vl_inputs
+from tiny_qwen3_vl import (
+    QWEN3_5, QWEN3_5_VIDEO, QWEN3_VL, QWEN3_VL_VIDEO, qwen3_vl_video_inputs, tiny_qwen3_vl, tiny_qwen3_vl_moe,
+)
 from tokensieve.adapters import adapter_for
 from tokensieve.engine.compat import CACHE_ARGUMENT
 
@@ -66,10 +72,10 @@ def _decoder_calls(model, inputs, method=None):
     return calls[0], run
 
 
-def _kept_slots(inputs, records):
-    """(batch, length) True at every real token the records keep (text and kept image tokens)."""
+def _kept_slots(inputs, records, token=IMAGE_TOKEN):
+    """(batch, length) True at every real token the records keep (text and the kept tokens of ``token``)."""
     keep = inputs["attention_mask"].bool().clone()
-    placed = (inputs["input_ids"] == QWEN3_VL.image_token).nonzero()
+    placed = (inputs["input_ids"] == token).nonzero()
     start = 0
     for record in records:
         block = placed[start : start + record.before]
@@ -247,7 +253,7 @@ def test_an_in_llm_stage_after_the_last_deepstack_layer_equals_the_stock_model_m
 def test_qwen3_5_in_llm_methods_are_refused():
     model = build_model(QWEN3_5)
     before = _snapshot(model)
-    with pytest.raises(ValueError, match="fastv prunes before decoder layer 3, but Qwen3.5's linear-attention layers"):
+    with pytest.raises(ValueError, match="fastv prunes inside the LLM, which Qwen3_5ForConditionalGeneration cannot serve: Qwen3.5's linear-attention layers"):
         ts.apply(model, ts.FastV(layer=3, keep=16))
     _assert_same(model, before)
 
@@ -273,3 +279,111 @@ def test_qwen3_5_pruning_equals_the_lm_on_the_kept_tokens_not_the_masked_sequenc
     after = kept > first_dropped
     assert (got[after] - masked[after]).abs().max() > 1e-3
     torch.testing.assert_close(got[~after], masked[~after], atol=2e-5, rtol=1e-4)
+
+
+DEEP_VIDEO = Family("qwen3_vl_deepstack3_video", DEEP.build, qwen3_vl_video_inputs, TOKENS_PER_VIDEO, VIDEO_TOKEN,
+                    videos=True)
+FRAMES_T = TOKENS_PER_VIDEO // TOKENS_PER_FRAME  # temporal patches of the tiny video
+
+
+def _image_and_video(texts) -> dict:
+    """Each row ``1, image, video (timestamps between its frames), text``, as the processor lays out a prompt with an
+    image and then a video."""
+    images, videos = qwen2_vl_inputs([[]] * len(texts)), qwen3_vl_video_inputs([[]] * len(texts))
+    rows = []
+    for row, text in enumerate(texts):
+        image_ids = images["input_ids"][row][images["attention_mask"][row].bool()].tolist()
+        video_ids = videos["input_ids"][row][videos["attention_mask"][row].bool()].tolist()[1:]  # one leading 1
+        rows.append(image_ids + video_ids + text)
+    width = max(map(len, rows))
+    input_ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    types = torch.where(input_ids == VIDEO_TOKEN, 2, (input_ids == IMAGE_TOKEN).int())
+    return {**images, **videos, "input_ids": input_ids, "attention_mask": mask, "mm_token_type_ids": types}
+
+
+class _Records(ts.Sieve):
+    """Keeps every token and records what it was given."""
+
+    name, paper = "records", "test"
+    stage = "pre_llm"
+    seen: list
+
+    def select(self, tokens):
+        self.seen.append(tokens)
+        return ts.Selection.every(tokens)
+
+
+@pytest.mark.parametrize("family", [QWEN3_VL_VIDEO, QWEN3_5_VIDEO], ids=lambda f: f.name)
+def test_a_video_is_one_slot_of_its_frames_tokens_without_the_timestamps_between_them(family):
+    model = build_model(family)
+    inputs = family.make_inputs(TEXTS[:1])
+    ids = inputs["input_ids"][0]
+    # the layout mirrored from Qwen3VLProcessor.replace_video_token: text before every frame, then start, pads, end
+    starts, ends = (ids == VISION_START).nonzero().squeeze(1), (ids == VISION_END).nonzero().squeeze(1)
+    assert len(starts) == len(ends) == FRAMES_T and bool((starts[1:] - ends[:-1] > 1).all())
+    sieve = _Records(keep=1.0)
+    sieve.seen = []
+    with ts.apply(model, sieve) as run:
+        model(**inputs)
+    (tokens,) = sieve.seen
+    t, h, w = tokens.frames
+    assert (t, h, w) == (FRAMES_T, FRAME_GRID // 2, FRAME_GRID // 2) and tokens.grid == (1, t * h * w)
+    assert [block.tolist() for block in tokens.layout()] == torch.arange(t * h * w).view(t, h, w).tolist()
+    assert tokens.timestamps is None  # the seconds reach the model only as the prompt's text
+    (record,) = run.stats.images
+    assert (record.before, record.frames, record.timestamps) == (TOKENS_PER_VIDEO, (t, h, w), None)
+
+
+@pytest.mark.parametrize("family", [QWEN3_VL, QWEN3_5], ids=lambda f: f.name)
+def test_an_image_and_a_video_in_one_prompt_keep_all_is_the_stock_model(family):
+    model = build_model(family)
+    inputs = _image_and_video(TEXTS)
+    stock_logits, stock_tokens = model(**inputs).logits, greedy(model, inputs)
+    with ts.apply(model, ts.load("divprune", keep=1.0)) as run:
+        assert torch.equal(model(**inputs).logits, stock_logits)
+        assert torch.equal(greedy(model, inputs), stock_tokens)
+    kinds = [(r.row, r.before, r.frames) for r in run.stats.images[:4]]
+    assert kinds == [(0, TOKENS_PER_IMAGE, None), (1, TOKENS_PER_IMAGE, None),
+                     (0, TOKENS_PER_VIDEO, (FRAMES_T, 4, 4)), (1, TOKENS_PER_VIDEO, (FRAMES_T, 4, 4))]
+
+
+@pytest.mark.parametrize("family", [QWEN3_VL_VIDEO, QWEN3_5_VIDEO], ids=lambda f: f.name)
+def test_kept_video_tokens_keep_their_features_and_the_positions_get_rope_index_gives_the_unpruned_video(family):
+    """Token i of a video's slot is its i-th video_pad token, frame after frame (the timestamp, start and end tokens
+    between frames are text, and stay), and keeps the mrope position the model's own get_rope_index gives it."""
+    model = build_model(family)
+    inputs = family.make_inputs(TEXTS)
+    own, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                        video_grid_thw=inputs["video_grid_thw"], attention_mask=inputs["attention_mask"])
+    stock, _ = _decoder_calls(model, inputs)
+    pruned, run = _decoder_calls(model, inputs, _Scattered(keep=13))
+    assert [record.after for record in run.stats.images] == [13, 13]
+    keep = _kept_slots(inputs, run.stats.images, VIDEO_TOKEN)  # each record's kept indices among the video_pad tokens
+    for row in range(keep.shape[0]):
+        kept = keep[row].nonzero().squeeze(1)
+        assert torch.equal(pruned["position_ids"][-3:, row, -len(kept):], own[:, row, kept])
+        assert torch.equal(pruned["inputs_embeds"][row, -len(kept):], stock["inputs_embeds"][row, kept])
+
+
+@pytest.mark.parametrize("merge", [False, True], ids=["pruned", "merged"])
+def test_deepstack_rows_follow_the_kept_video_tokens(merge):
+    model = build_model(DEEP_VIDEO)
+    inputs = DEEP_VIDEO.make_inputs(TEXTS)
+    stock, _ = _decoder_calls(model, inputs)
+    pruned, run = _decoder_calls(model, inputs, _Scattered(keep=13, merge=merge))
+    records = run.stats.images
+    keep = _kept_slots(inputs, records, VIDEO_TOKEN)
+    for row in range(len(keep)):
+        kept = keep[row].nonzero().squeeze(1)
+        at = pruned["visual_pos_masks"][row]
+        assert not at[: len(at) - len(kept)].any()
+        assert torch.equal(at[-len(kept) :], stock["visual_pos_masks"][row, kept])
+    for got, expected in zip(pruned["deepstack_visual_embeds"], _expected_deepstack(stock, records, merge)):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_a_frames_stage_spreads_every_deepstack_level_over_the_full_video():
+    """The tower runs on the kept frames only; each DeepStack set is given back the full video's length (zeros at the
+    dropped frames), or the model's split by video_grid_thw fails."""
+    contract.test_prefill_equals_the_stock_decoder_with_dropped_tokens_masked(DEEP_VIDEO, "uniform_frames", {})

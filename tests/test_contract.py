@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 import tokensieve as ts
 from tokensieve.engine.compat import CACHE_ARGUMENT, output_cache
-from conftest import build_model, family_method_params, method_for
+from conftest import build_model, family_method_params, method_for, supported
 from families import CONTRACT_FAMILIES
 from tokensieve.adapters import adapter_for
 
@@ -298,11 +300,11 @@ def test_a_method_the_family_cannot_serve_is_refused_before_touching_the_model(f
     model_name = type(model).__name__
     # the alternatives a refusal may take; each but the layer's names a servable method after it
     refusal = (f"(needs signals {model_name} cannot give.*divprune|prunes inside the LLM, which {model_name} cannot serve.*divprune"
-               f"|acts on videos, and tokensieve takes videos only on Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision, not on {model_name}.*divprune"
+               f"|acts on videos, and tokensieve takes videos only on Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and LLaVA-OneVision, not on {model_name}.*divprune"
                f"|prunes before decoder layer|merges inside the vision tower, which encodes each frame)")
     method = method_for(name, kwargs)
-    if adapter_for(model).takes_video and any(s.needs_video for s in getattr(method, "sieves", (method,))):
-        # a video method on a video family given images: refused at the forward, before the decoder runs
+    if adapter_for(model).takes_video and supported(replace(family, videos=True), name, kwargs):
+        # a video method the family serves on videos, given images: refused at the forward, before the decoder runs
         with ts.apply(model, method, **family.options):
             with pytest.raises(ValueError, match=f"{methods} acts on videos.*carries an image"):
                 model(**family.make_inputs(TEXTS))

@@ -180,6 +180,6 @@ def test_a_family_that_takes_no_video_says_so():
     inputs = LLAVA.make_inputs(TEXTS[:1])
     before = _snapshot(model)
     with ts.apply(model, ts.load("random", keep=16)):
-        with pytest.raises(ValueError, match="carries a video.*only on Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision.*frames as images"):
+        with pytest.raises(ValueError, match="carries a video.*only on Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and LLaVA-OneVision.*frames as images"):
             model(**inputs, pixel_values_videos=torch.randn(1, 2, 3, 32, 32))
     _assert_same(model, before)

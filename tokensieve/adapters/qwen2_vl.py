@@ -57,7 +57,7 @@ class Qwen2VLAdapter(Adapter):
     signals = frozenset({"cls_attention", "vision_keys", "vision_attention", "vision_features", "project", "vision_tower"})
     aligned_inputs = ("mm_token_type_ids",)
     model_name: ClassVar[str] = "Qwen2-VL"  # in messages
-    takes_video: ClassVar[bool] = True  # Qwen3-VL and Qwen3.5 set it False (their videos carry timestamp tokens)
+    takes_video: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -201,7 +201,12 @@ class Qwen2VLAdapter(Adapter):
     def full_frames(self, output, grid: torch.Tensor, kept: list[torch.Tensor]):
         """The merger's output (``pooler_output``, one row per LLM token, each video frame after frame in raster
         order) spread over every frame, zeros at the dropped ones; the patch-level states stay the kept frames'."""
-        merged = output.pooler_output
+        output.pooler_output = self._over_every_frame(output.pooler_output, grid, kept)
+        return output
+
+    @staticmethod
+    def _over_every_frame(merged: torch.Tensor, grid: torch.Tensor, kept: list[torch.Tensor]) -> torch.Tensor:
+        """Rows of one LLM token each, of the kept frames only, placed in the full grid's rows (zeros elsewhere)."""
         rows, start = [], 0
         for (t, h, w), frames in zip(grid.tolist(), kept):
             per_frame = h * w
@@ -209,8 +214,7 @@ class Qwen2VLAdapter(Adapter):
             start += t * per_frame
         full = merged.new_zeros(start, merged.shape[-1])
         full[torch.cat(rows).to(merged.device)] = merged
-        output.pooler_output = full
-        return output
+        return full
 
     def passes_pending(self, inputs: dict, capture: VisionCapture) -> bool:
         # the model's forward encodes the images, then the videos: after the first pass the second is to come

@@ -22,9 +22,18 @@ sees, so in-LLM stages prune only after the last injection layer (``stage_layer_
 layers for every full-attention one. A linear layer's recurrence reads a masked token as a zero input that still
 advances its state, so pruning cannot equal the unpruned sequence with the dropped tokens masked out; what it
 equals is the language model run on the kept tokens alone, at their original positions (tests/test_adapter_qwen3_vl.py
-checks that reference). In-LLM stages are refused: a linear layer's state has already absorbed every token.
+checks that reference). In-LLM stages, and decode-step rules (dycoke's ``kv_keep``), are refused (``in_llm_problem``): a
+linear layer's state has already absorbed every token, and it has no attention to mask.
 
-Videos are refused, as for Qwen2-VL.
+**Videos.** The processor writes each temporal patch (frame pair) of a video as its own little image with a timestamp
+before it: ``<t seconds>`` text tokens, ``vision_start``, the frame's ``video_pad`` tokens, ``vision_end``
+(``Qwen3VLProcessor.replace_video_token``), and ``get_rope_index`` splits ``video_grid_thw`` into one (1, h, w) grid per
+frame (no temporal mrope axis: every frame starts its t, h, w positions where the text before it ends). A video is
+still one slot, as on Qwen2-VL: ``frames = (t, h/2, w/2)``, one block per frame, its positions the video_pad tokens
+in order across frames; the timestamp and vision start/end tokens between frames are text and always stay. The
+seconds reach the model only as those text tokens (no ``second_per_grid_ts``), so the slots' ``timestamps`` are None.
+The tower attends within each frame, as Qwen2-VL's does, so a ``frames`` stage runs it on the kept frames only; its
+DeepStack rows are spread back over every frame with the merger's output (``full_frames``).
 """
 
 from __future__ import annotations
@@ -38,7 +47,6 @@ from .qwen2_vl import Qwen2VLAdapter
 class Qwen3VLAdapter(Qwen2VLAdapter):
     family = "qwen3_vl"
     model_name = "Qwen3-VL"
-    takes_video = False  # its videos interleave timestamp tokens with the frames' tokens: not served yet (docs/video.md)
     model_classes = (
         "Qwen3VLForConditionalGeneration", "Qwen3VLModel", "Qwen3VLMoeForConditionalGeneration", "Qwen3VLMoeModel",
     )
@@ -55,6 +63,14 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         return (f"{self.model_name} adds its DeepStack features to every image position after decoder layers 0 to {last} "
                 f"(from a mask no layer hook can reach), so a stage before layer {last + 1} would drop tokens they are "
                 f"added to: pass layer={last + 1} or later")
+
+    def full_frames(self, output, grid: torch.Tensor, kept: list[torch.Tensor]):
+        """Qwen2-VL's (the merger's output over every frame, zeros at the dropped ones), and each DeepStack set alike:
+        the model splits and scatters them by the full grid."""
+        levels = getattr(output, "deepstack_features", None)  # Qwen3.5's tower has none
+        if levels:
+            output.deepstack_features = [self._over_every_frame(rows, grid, kept) for rows in levels]
+        return super().full_frames(output, grid, kept)
 
     def pack_token_inputs(self, kwargs: dict, pack) -> dict:
         where, levels = kwargs.get("visual_pos_masks"), kwargs.get("deepstack_visual_embeds")
@@ -73,7 +89,8 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
     model_name = "Qwen3.5"
     model_classes = ("Qwen3_5ForConditionalGeneration", "Qwen3_5Model")
 
-    def stage_layer_problem(self, layer: int) -> str | None:
+    def in_llm_problem(self) -> str | None:
+        # also what refuses a pre-LLM method's decode-step rule (dycoke's kv_keep), which no layer's check sees
         return (f"{self.model_name}'s linear-attention layers carry a recurrent state that has already absorbed every "
                 f"token by then (pruning would save no cache there, and its full-attention layers would need per-layer "
-                f"decode masks): in-LLM methods are not served, use a pre-LLM method")
+                f"decode masks)")

@@ -177,7 +177,7 @@ def load_model(model: str, device: str, dtype: str):
 
 
 def takes_videos(processor) -> bool:
-    """Whether the processor puts a video to its model as one (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision)."""
+    """Whether the processor puts a video to its model as one (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, LLaVA-OneVision)."""
     return getattr(processor, "video_processor", None) is not None
 
 

@@ -252,7 +252,7 @@ class Run:
         if has_video(kwargs) and not self.adapter.takes_video:
             raise ValueError(
                 f"this {type(self.model).__name__} call carries a video (pixel_values_videos), and tokensieve serves videos "
-                f"only on Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision (docs/video.md): run the {self.adapter.family} video outside the "
+                f"only on Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and LLaVA-OneVision (docs/video.md): run the {self.adapter.family} video outside the "
                 f"apply() block, or pass its frames as images"
                 f"{' (ts.apply(model, method, video_frames=16), docs/video.md)' if self.adapter.frames_as_images else ''}"
             )
@@ -536,7 +536,7 @@ def _refuse_before_hooking(model: nn.Module, adapter, method, vision: Sieve | No
     for sieve in (frames, vision, pre, *in_llm):
         if sieve is not None and sieve.needs_video and not adapter.takes_video and video_frames is None:
             raise ValueError(
-                f"{sieve.name} acts on videos, and tokensieve takes videos only on Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision, not on "
+                f"{sieve.name} acts on videos, and tokensieve takes videos only on Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and LLaVA-OneVision, not on "
                 f"{type(model).__name__}{_FRAMES_HINT if adapter.frames_as_images else ''}: use an image method, such as "
                 f"{', '.join(servable_methods(adapter))} (see `tokensieve methods`)"
             )
