@@ -101,9 +101,17 @@ STOCK_ASSISTED = {(family.name, mode): _stock_assisted(family, mode) for family 
 KNOWN_LEFT_OUT = {"qwen3_5", "qwen3_5_video"}
 
 
+def _stock_kind(family: str, mode: str) -> str:
+    """The stock model's assisted decoding on ``family``, as the cases below take it: a known family's recurrent state
+    is never rolled back after rejected candidates, so where its stock run happens to give plain greedy's tokens on the
+    assisted prompt (5.25's prompt lookup on qwen3_5_video) that is luck, not faithfulness."""
+    kind = STOCK_ASSISTED[(family, mode)]
+    return "unfaithful" if kind == "faithful" and family in KNOWN_LEFT_OUT else kind
+
+
 def _assisted_cases(*stock: str, evicting: bool = False) -> list:
     return [pytest.param(*case.values, mode, id=f"{case.id}-{mode}") for case in CONTRACT for mode in ASSISTED_MODES
-            if STOCK_ASSISTED[(case.values[0].name, mode)] in stock and _evicts(*case.values[1:]) == evicting]
+            if _stock_kind(case.values[0].name, mode) in stock and _evicts(*case.values[1:]) == evicting]
 
 
 def _evicts(name, kwargs) -> bool:
