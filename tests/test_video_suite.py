@@ -10,7 +10,7 @@ from tokensieve.qa import (SPLIT_SEEDS, VIDEO_CHANCE, VIDEO_SKILLS, accuracy_by_
                            video_example, video_examples)
 from tokensieve.qa.backgrounds import random_background
 from tokensieve.qa.scenes import COLOURS, SHAPES
-from tokensieve.qa.video_questions import DIRECTIONS, FLASH_COUNTS
+from tokensieve.qa.video_questions import DIRECTIONS, FLASH_COUNTS, describe_clip
 
 SIZE = 96  # small frames keep the pixel checks quick; geometry is in fractions of the side
 
@@ -160,3 +160,18 @@ def test_answers_score_in_the_image_suites_short_form():
     table = accuracy_by_skill([(ex.skill, is_correct(ex.qa.answer, ex.qa.answer)) for ex in exs], VIDEO_CHANCE)
     assert list(table)[:-1] == list(VIDEO_SKILLS) and table["overall"]["accuracy"] == 1.0
     assert table["needle"]["chance"] == 1 / 4
+
+
+def test_the_training_description_states_each_answer_in_the_order_objects_appear():
+    for ex in video_examples("validation", 40, frames=12):
+        text, subject = describe_clip(ex.clip.tracks), ex.clip.tracks[ex.qa.subject]
+        first_seen = [next(t for t, p in enumerate(tr.poses) if p) for tr in ex.clip.tracks]
+        mentions = [text.index(f"{tr.shape} ") for tr in ex.clip.tracks]
+        assert sorted(mentions) == [mentions[i] for i in sorted(range(len(mentions)), key=first_seen.__getitem__)]
+        expected = {"order": lambda: (f"{subject.shape} appears in frame {first_seen[ex.qa.subject] + 1}"
+                                   if first_seen[ex.qa.subject] else f"{subject.shape} stays"),
+                    "motion": lambda: f"{subject.name(0)} moves {ex.qa.answer}",
+                    "flashes": lambda: f"{subject.name(first_seen[0])} flashes {ex.qa.answer} time",
+                    "needle": lambda: f"{ex.qa.answer} {subject.shape} only in frame {first_seen[0] + 1}",
+                    "change": lambda: f"{ex.qa.answer} turns from {subject.poses[0].colour} to {subject.poses[-1].colour}"}
+        assert expected[ex.skill]() in text, (ex.skill, text)

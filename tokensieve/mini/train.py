@@ -31,8 +31,9 @@ from transformers import AutoTokenizer, LlamaForCausalLM, LlavaConfig
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from ..engine.compat import from_pretrained
-from ..qa import DATA_VERSION, VIDEO_DATA_VERSION, examples, format_table, video_examples
+from ..qa import DATA_VERSION, QA, VIDEO_DATA_VERSION, examples, format_table, video_examples
 from ..qa.questions import describe
+from ..qa.video_questions import describe_clip
 from .align import WordTargets, fit_projector, refit_words, word_patches
 from .build import LORA_FILE, PROJECTOR_FILE, VISION_FEATURE_LAYER, language_dir, vision_dir
 from .assemble import llava_config
@@ -151,6 +152,10 @@ def main(
     video_clips: int = typer.Option(2000, help=f"train clips used (multiple of {VIDEO_SHARD_SIZE})"),
     video_pool: int = typer.Option(1, help="train on each frame's features pooled by this factor per side "
                                    "(2: 16 tokens a frame); validation runs at full tokens"),
+    video_full_every: int = typer.Option(0, help="with --video-pool, every this many steps the clips go at full "
+                                         "tokens instead (0: never), so that the model sees both"),
+    video_describe: bool = typer.Option(True, "--video-describe/--no-video-describe",
+                                        help="end each clip's sequence with what happens in it, object by object"),
     video_weight: float = typer.Option(1.0, help="weight of the clips' answer loss beside the images'"),
     video_val_examples: int = typer.Option(100, help="validation clips per evaluation (20 per skill)"),
     threads: int = typer.Option(1, help="torch CPU threads; 0: torch's default. On a shared CPU one thread is "
@@ -235,10 +240,14 @@ def main(
         video_val = video_examples("validation", video_val_examples, frames=video_frames)
         video_val_features = video_cache.first("validation", video_val_examples)
 
+    def clip_pool_at(step: int) -> int:
+        return 1 if video_full_every and step % video_full_every == 0 else video_pool
+
     def clips_at(step: int) -> tuple[list, torch.Tensor]:
         shard, order = shuffled(seed + 1, step, video_clips // VIDEO_SHARD_SIZE, VIDEO_SHARD_SIZE, video_batch)
         exs = [video_examples("train", 1, shard * VIDEO_SHARD_SIZE + int(i), video_frames)[0] for i in order]
-        return exs, pool_frames(video_cache.shard("train", shard)[torch.from_numpy(order)], video_frames, video_pool)
+        features = video_cache.shard("train", shard)[torch.from_numpy(order)]
+        return exs, pool_frames(features, video_frames, clip_pool_at(step))
 
     val = examples("validation", val_examples)
     val_features = torch.cat([cache.shard("validation", s) for s in range(math.ceil(val_examples / SHARD_SIZE))])[:val_examples]
@@ -248,14 +257,21 @@ def main(
         with torch.autocast(device, dtype=torch.bfloat16):
             table = evaluate(lm, projector, encoder, val, val_features)
             video_table = evaluate_clips(lm, projector, frame_encoder, video_val, video_val_features) if video_batch else None
+            pooled_table = (evaluate_clips(lm, projector, video_encoder, video_val,
+                                           pool_frames(video_val_features, video_frames, video_pool))
+                            if video_batch and video_pool > 1 else None)
         projector.train()
         text = f"images ({val_examples} validation examples, full tokens):\n\n{format_table(table)}\n"
         if video_table:
             text += (f"\nclips ({video_val_examples} validation clips of {video_frames} frames, full tokens):\n\n"
                      f"{format_table(video_table)}\n")
+        if pooled_table:
+            text += (f"\nclips at the training's pooled tokens ({video_encoder.image_tokens} a frame):\n\n"
+                     f"{format_table(pooled_table)}\n")
         print(f"validation at step {step}:\n{text}", flush=True)
         (out / f"val-step{step:05d}.md").write_text(text)
-        log.write(json.dumps({"step": step, "validation": table, "video_validation": video_table}) + "\n")
+        log.write(json.dumps({"step": step, "validation": table, "video_validation": video_table,
+                             "video_validation_pooled": pooled_table}) + "\n")
         log.flush()
         if export:
             export_weights(step)
@@ -291,6 +307,11 @@ def main(
             logits = lm.lm_head(hidden[:, :-1][picked])
         return torch.nn.functional.cross_entropy(logits.float(), targets[picked])
 
+    def clip_pack(ex) -> list[QA]:
+        if not video_describe:
+            return [ex.qa]
+        return [ex.qa, QA("description", "Describe the video.", describe_clip(ex.clip.tracks))]
+
     projector.train()
     clock, recent, recent_read, recent_video = time.time(), [], [], []
     for step in range(start, steps):
@@ -301,7 +322,8 @@ def main(
         loss = answer_loss = answer_loss_of([train_encoder.conversation(qas) for qas in packs], features)
         if video_batch:  # one sequence per clip: its frames, then its one question
             clips, clip_features = clips_at(step)
-            video_loss = answer_loss_of([video_encoder.conversation([ex.qa], video_frames) for ex in clips],
+            clip_encoder = video_encoder if clip_pool_at(step) > 1 else frame_encoder
+            video_loss = answer_loss_of([clip_encoder.conversation(clip_pack(ex), video_frames) for ex in clips],
                                         clip_features)
             loss = loss + video_weight * video_loss
             recent_video.append(video_loss.item())

@@ -216,6 +216,32 @@ _READERS = {"order": _seen_order, "motion": _seen_motion, "flashes": _seen_flash
             "change": _seen_change}
 
 
+def describe_clip(tracks: list[Track]) -> str:
+    """What happens in a clip, object by object in the order they first appear (for training only: it ties
+    each object's events over time, with 1-based frame numbers, to the words the questions use)."""
+    frames = range(len(tracks[0].poses))
+    events = []
+    for track in sorted(tracks, key=lambda tr: next(t for t in frames if tr.poses[t] is not None)):
+        shown = [t for t in frames if track.poses[t] is not None]
+        first, colours = track.poses[shown[0]], [track.poses[t].colour for t in shown]
+        runs = sum(t - 1 not in shown for t in shown)
+        name = f"{first.colour} {track.shape}"
+        if len(shown) == 1:
+            events.append(f"{name} only in frame {shown[0] + 1}")
+        elif runs > 1 or shown[-1] != frames[-1]:
+            events.append(f"{name} flashes {runs} time{'s' * (runs != 1)}")
+        elif shown[0] > 0:
+            events.append(f"{name} appears in frame {shown[0] + 1}")
+        elif len(set(colours)) > 1:
+            switch = shown[colours.index(colours[-1])]
+            events.append(f"{track.shape} turns from {first.colour} to {colours[-1]} in frame {switch + 1}")
+        elif (way := _seen_motion([track], list(frames), VideoQA("motion", "", "", 0))) is not None:
+            events.append(f"{name} moves {way}")
+        else:
+            events.append(f"{name} stays")
+    return "; ".join(events) + "."
+
+
 def seen_answer(tracks: list[Track], frames: Sequence[int], qa: VideoQA) -> str | None:
     """The answer that only `frames` of the clip determine (None: they leave it open), from the tracks alone."""
     return _READERS[qa.skill](tracks, sorted(frames), qa)
