@@ -120,7 +120,7 @@ def test_init_from_weights_is_the_committed_model(sieve_mini):
                                                       train.LORA_TARGETS, 8, alpha=16))
 
 
-def _train(out, steps):
+def _train(out, steps, *options):
     app = train.typer.Typer()
     app.command()(train.main)
     with torch.enable_grad():  # conftest runs every test under no_grad
@@ -128,7 +128,7 @@ def _train(out, steps):
             "--out", str(out), "--steps", str(steps), "--batch", "1", "--questions", "2", "--train-images", "8",
             "--init-from-weights", "--video-batch", "1", "--video-frames", "8", "--video-clips", "2",
             "--video-pool", "2", "--val-examples", "2", "--video-val-examples", "2", "--checkpoint-every", "1",
-            "--eval-every", "100", "--log-every", "1", "--threads", "1"])
+            "--eval-every", "100", "--log-every", "1", "--threads", "1", *options])
     assert result.exit_code == 0, result.output
     return result.output
 
@@ -149,3 +149,12 @@ def test_the_video_phase_trains_resumes_and_leaves_the_committed_weights(sieve_m
     start = load_file(str(build.PROJECTOR_FILE))
     assert all((a["projector"][k] - v).abs().max() > 1e-6 for k, v in start.items())  # it did train
     assert (build.PROJECTOR_FILE.read_bytes(), build.LORA_FILE.read_bytes()) == committed
+    assert "at the training's pooled tokens (16 a frame)" in (small_caches / "straight" / "val-step00003.md").read_text()
+
+
+def test_a_resumed_run_takes_new_peak_rates_and_full_token_steps(sieve_mini, small_caches):
+    _train(small_caches / "run", 1)
+    _train(small_caches / "run", 3, "--lr", "5e-4", "--lora-lr", "7e-5", "--video-full-every", "2", "--warmup", "2")
+    groups = torch.load(small_caches / "run" / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["peak"] for g in groups] == [5e-4, 7e-5]
+    assert [g["lr"] for g in groups] == [train.lr_at(2, 3, peak, 2) for peak in (5e-4, 7e-5)]

@@ -200,6 +200,8 @@ def main(
             w.lora_A.data.copy_(state["lora"][f"{name}.lora_A"])
             w.lora_B.data.copy_(state["lora"][f"{name}.lora_B"])
         optimizer.load_state_dict(state["optimizer"])
+        for group, peak in zip(optimizer.param_groups, (lr, lora_lr)):  # a rerun may change the peak rates
+            group["peak"] = peak
         start, refitted = state["step"], state.get("read_refit", False)
         print(f"resumed from {checkpoint} at step {start}")
     elif init_from_weights:
