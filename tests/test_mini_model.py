@@ -118,6 +118,7 @@ def test_processor_writes_what_training_read(sieve_mini):
         add_generation_prompt=True)
     ids = processor(images=Image.open(SAMPLE_IMAGE), text=text, return_tensors="pt").input_ids[0].tolist()
     assert ids == Encoder(processor.tokenizer, image_tokens=256).prompt(question)
+    assert text == "<|im_start|>user\n<image>\nWhat colour is the star?<|im_end|>\n<|im_start|>assistant\n"  # no number
 
 
 def test_448_pixels_give_1024_visual_tokens():

@@ -47,9 +47,11 @@ def test_a_clip_is_one_run_of_placeholders_per_frame_and_only_the_answer_is_labe
     is_image = [i == encoder.image_token_id for i in ids]
     runs = [len(list(run)) for image, run in itertools.groupby(is_image) if image]
     assert runs == [64] * 16
-    newline = tokenizer("\n", add_special_tokens=False).input_ids
+    between = tokenizer("\nframe 2: ", add_special_tokens=False).input_ids
     first_gap = is_image.index(True) + 64
-    assert ids[first_gap:first_gap + len(newline)] == newline  # "<image>\n" per frame, as the template writes
+    assert ids[first_gap:first_gap + len(between)] == between  # "frame n: <image>\n" per frame, as the template writes
+    prompt = tokenizer.decode(ids[:is_image.index(True)])
+    assert prompt.endswith("user\nframe 1: ") and tokenizer.decode(ids).count("frame ") == 16
     labelled = [i for i, label in zip(ids, labels) if label != IGNORE]
     assert tokenizer.decode(labelled) == f"{ex.qa.answer}<|im_end|>"
     assert labels[-len(labelled) - 1:-1] == labelled and labels[-1] == IGNORE  # not the closing "\n"

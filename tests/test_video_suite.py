@@ -10,7 +10,7 @@ from tokensieve.qa import (SPLIT_SEEDS, VIDEO_CHANCE, VIDEO_SKILLS, accuracy_by_
                            video_example, video_examples)
 from tokensieve.qa.backgrounds import random_background
 from tokensieve.qa.scenes import COLOURS, SHAPES
-from tokensieve.qa.video_questions import DIRECTIONS, FLASH_COUNTS, describe_clip
+from tokensieve.qa.video_questions import DIRECTIONS, FLASH_COUNTS, describe_clip, describe_frame
 
 SIZE = 96  # small frames keep the pixel checks quick; geometry is in fractions of the side
 
@@ -175,3 +175,16 @@ def test_the_training_description_states_each_answer_in_the_order_objects_appear
                     "needle": lambda: f"{ex.qa.answer} {subject.shape} only in frame {first_seen[0] + 1}",
                     "change": lambda: f"{ex.qa.answer} turns from {subject.poses[0].colour} to {subject.poses[-1].colour}"}
         assert expected[ex.skill]() in text, (ex.skill, text)
+
+
+def test_a_frame_description_names_what_that_frame_shows_and_where():
+    ex = video_example("train", 2, frames=8)  # flashes: its subject is hidden in some frames
+    subject = ex.clip.tracks[ex.qa.subject]
+    for t, pose in enumerate(subject.poses):
+        text = describe_frame(ex.clip.tracks, t)
+        assert (subject.shape in text) == (pose is not None), (t, text)
+        shown = sum(tr.poses[t] is not None for tr in ex.clip.tracks)
+        assert text.count(",") == shown - 1 if shown else text == "no shapes."
+    ex = video_example("train", 1, frames=8)  # motion: the mover's ninth of the canvas changes with it
+    first, last = describe_frame(ex.clip.tracks, 0), describe_frame(ex.clip.tracks, 7)
+    assert first != last and ex.clip.tracks[0].name(0) in first and ex.clip.tracks[0].name(7) in last

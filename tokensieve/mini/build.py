@@ -28,7 +28,7 @@ from transformers import AutoTokenizer
 
 from ..extras import require
 from . import wheels
-from .chat import IMAGE_TOKEN
+from .chat import CHAT_TEMPLATE, IMAGE_TOKEN
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 PROJECTOR_FILE = WEIGHTS_DIR / "projector.safetensors"
@@ -106,8 +106,9 @@ def language_dir(progress: Progress | None = None) -> Path:
 
 
 def weights_version() -> str:
-    """A short hash of the committed trained weights: a new version gets its own assembled folder."""
-    digest = hashlib.sha256()
+    """A short hash of the committed trained weights and the chat template: a new version gets its own assembled
+    folder."""
+    digest = hashlib.sha256(CHAT_TEMPLATE.encode())
     for path in (PROJECTOR_FILE, LORA_FILE):
         if path.is_file():
             digest.update(path.read_bytes())

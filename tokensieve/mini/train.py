@@ -33,7 +33,7 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 from ..engine.compat import from_pretrained
 from ..qa import DATA_VERSION, QA, VIDEO_DATA_VERSION, examples, format_table, video_examples
 from ..qa.questions import describe
-from ..qa.video_questions import describe_clip
+from ..qa.video_questions import describe_clip, describe_frame
 from .align import WordTargets, fit_projector, refit_words, word_patches
 from .build import LORA_FILE, PROJECTOR_FILE, VISION_FEATURE_LAYER, language_dir, vision_dir
 from .assemble import llava_config
@@ -156,6 +156,8 @@ def main(
                                          "tokens instead (0: never), so that the model sees both"),
     video_describe: bool = typer.Option(True, "--video-describe/--no-video-describe",
                                         help="end each clip's sequence with what happens in it, object by object"),
+    frame_questions: int = typer.Option(4, help="questions per clip on what one frame shows (\"What is in frame 7?\"), "
+                                        "frames drawn by step; they tie frame numbers to frame contents"),
     video_weight: float = typer.Option(1.0, help="weight of the clips' answer loss beside the images'"),
     video_val_examples: int = typer.Option(100, help="validation clips per evaluation (20 per skill)"),
     threads: int = typer.Option(1, help="torch CPU threads; 0: torch's default. On a shared CPU one thread is "
@@ -309,10 +311,13 @@ def main(
             logits = lm.lm_head(hidden[:, :-1][picked])
         return torch.nn.functional.cross_entropy(logits.float(), targets[picked])
 
-    def clip_pack(ex) -> list[QA]:
-        if not video_describe:
-            return [ex.qa]
-        return [ex.qa, QA("description", "Describe the video.", describe_clip(ex.clip.tracks))]
+    def clip_pack(ex, step: int) -> list[QA]:
+        """The clip's question, then questions on single frames, then (--video-describe) what happens in it."""
+        frames = np.random.default_rng((seed, step, ex.index)).choice(video_frames, frame_questions, replace=False)
+        pack = [ex.qa] + [QA("frame", f"What is in frame {t + 1}?", describe_frame(ex.clip.tracks, t)) for t in frames]
+        if video_describe:
+            pack.append(QA("description", "Describe the video.", describe_clip(ex.clip.tracks)))
+        return pack
 
     projector.train()
     clock, recent, recent_read, recent_video = time.time(), [], [], []
@@ -325,7 +330,7 @@ def main(
         if video_batch:  # one sequence per clip: its frames, then its one question
             clips, clip_features = clips_at(step)
             clip_encoder = video_encoder if clip_pool_at(step) > 1 else frame_encoder
-            video_loss = answer_loss_of([clip_encoder.conversation(clip_pack(ex), video_frames) for ex in clips],
+            video_loss = answer_loss_of([clip_encoder.conversation(clip_pack(ex, step), video_frames) for ex in clips],
                                         clip_features)
             loss = loss + video_weight * video_loss
             recent_video.append(video_loss.item())

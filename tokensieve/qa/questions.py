@@ -82,7 +82,7 @@ def ask_reading(scene: Scene, rng: np.random.Generator) -> QA | None:
     return QA("reading", "What word is written?", scene.word.text)
 
 
-def _where(s) -> str:
+def where(s) -> str:
     """Which ninth of the canvas a shape's centre is in, in words."""
     row = ("top", "", "bottom")[min(2, int(s.y * 3))]
     column = ("left", "", "right")[min(2, int(s.x * 3))]
@@ -92,8 +92,8 @@ def _where(s) -> str:
 def describe(scene: Scene) -> QA:
     """A full description (for training only: it ties every visual attribute to the words the questions use)."""
     large = sorted(scene.large, key=lambda s: (min(2, int(s.y * 3)), s.x))
-    parts = [f"{len(large)} shape{'s' * (len(large) != 1)}: " + ", ".join(f"{s.name} {_where(s)}" for s in large)]
-    parts += [f"small {s.name} {_where(s)}" for s in scene.small]
+    parts = [f"{len(large)} shape{'s' * (len(large) != 1)}: " + ", ".join(f"{s.name} {where(s)}" for s in large)]
+    parts += [f"small {s.name} {where(s)}" for s in scene.small]
     if scene.word is not None:
         parts.append(f"the word {scene.word.text}")
     return QA("description", "Describe the image.", "; ".join(parts) + ".")

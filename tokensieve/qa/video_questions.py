@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .questions import where
 from .scenes import COLOURS, MARGIN, NORMAL_RADIUS, SHAPES
 
 DIRECTIONS = ("left", "right", "up", "down")
@@ -240,6 +241,14 @@ def describe_clip(tracks: list[Track]) -> str:
         else:
             events.append(f"{name} stays")
     return "; ".join(events) + "."
+
+
+def describe_frame(tracks: list[Track], t: int) -> str:
+    """What frame `t` (0-based) shows, top to bottom, each object with the ninth of the canvas it is in (for
+    training only: with the prompt's frame numbers it ties each frame's content to its number)."""
+    shown = sorted((pose.y, pose.x, f"{pose.colour} {track.shape} {where(pose)}")
+                   for track in tracks if (pose := track.poses[t]) is not None)
+    return (", ".join(words for _, _, words in shown) or "no shapes") + "."
 
 
 def seen_answer(tracks: list[Track], frames: Sequence[int], qa: VideoQA) -> str | None:
