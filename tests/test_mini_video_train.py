@@ -20,7 +20,7 @@ from tokensieve.mini.evaluate_video import generate_answers, language_model_of
 from tokensieve.mini.fasteval import answer
 from tokensieve.mini.lora import add_lora
 from tokensieve.mini.sequences import IGNORE, Encoder, embed_with_images
-from tokensieve.qa import VIDEO_DATA_VERSION, video_examples
+from tokensieve.qa import QA, VIDEO_DATA_VERSION, video_examples
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +160,28 @@ def test_a_resumed_run_takes_new_peak_rates_and_full_token_steps(sieve_mini, sma
     groups = torch.load(small_caches / "run" / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"]
     assert [g["peak"] for g in groups] == [5e-4, 7e-5]
     assert [g["lr"] for g in groups] == [train.lr_at(2, 3, peak, 2) for peak in (5e-4, 7e-5)]
+
+
+def test_the_question_weight_falls_on_each_clips_own_answer(sieve_mini):
+    tokenizer = sieve_mini[1].tokenizer
+    encoder = Encoder(tokenizer, image_tokens=4)
+    ex = video_examples("train", 1, frames=8)[0]
+    spans = train.object_spans(ex.clip.tracks)
+    qas = [ex.qa] + [QA("spans", f"In which frames is the {name}?", frames) for name, frames in spans]
+    rows = [encoder.conversation(qas, images=8), encoder.conversation(qas[1:], images=8)]
+    ids, labels, _ = train.batch_tensors(encoder, rows, "cpu")
+    first = train.first_answer(labels)
+    assert tokenizer.decode(ids[0][first[0]]) == f"{ex.qa.answer}<|im_end|>"
+    assert tokenizer.decode(ids[1][first[1]]) == f"{spans[0][1]}<|im_end|>"
+    assert ((labels != IGNORE) & ~first).sum() > first.sum()  # the other answers are still labelled
+
+
+def test_span_questions_and_the_question_weight_change_what_the_clips_teach(sieve_mini, small_caches):
+    def video_loss(run, *options):
+        output = _train(small_caches / run, 1, *options)
+        return float(output.split("video_loss ")[1].split()[0])
+
+    plain = video_loss("plain")
+    assert video_loss("again") == plain  # deterministic, so the differences below are the options'
+    assert video_loss("spans", "--span-questions", "3") != plain
+    assert video_loss("weighted", "--question-weight", "20") != plain

@@ -10,7 +10,7 @@ from tokensieve.qa import (SPLIT_SEEDS, VIDEO_CHANCE, VIDEO_SKILLS, accuracy_by_
                            video_example, video_examples)
 from tokensieve.qa.backgrounds import random_background
 from tokensieve.qa.scenes import COLOURS, SHAPES
-from tokensieve.qa.video_questions import DIRECTIONS, FLASH_COUNTS, describe_clip, describe_frame
+from tokensieve.qa.video_questions import DIRECTIONS, FLASH_COUNTS, describe_clip, describe_frame, object_spans
 
 SIZE = 96  # small frames keep the pixel checks quick; geometry is in fractions of the side
 
@@ -188,3 +188,29 @@ def test_a_frame_description_names_what_that_frame_shows_and_where():
     ex = video_example("train", 1, frames=8)  # motion: the mover's ninth of the canvas changes with it
     first, last = describe_frame(ex.clip.tracks, 0), describe_frame(ex.clip.tracks, 7)
     assert first != last and ex.clip.tracks[0].name(0) in first and ex.clip.tracks[0].name(7) in last
+
+
+def test_object_spans_give_the_frames_each_object_is_seen_in_under_each_colour():
+    ex = video_example("train", 2, frames=8)  # flashes: its subject is seen in `answer` separate runs
+    spans = dict(object_spans(ex.clip.tracks))
+    subject = ex.clip.tracks[ex.qa.subject]
+    seen = [t for t, pose in enumerate(subject.poses) if pose is not None]
+    text = spans[subject.name(seen[0])]
+    assert text.count(" and ") == int(ex.qa.answer) - 1
+    numbers = [int(word) for word in text.replace("frames ", "").replace("frame ", "").replace(" to ", " ").split(" and ")
+               for word in word.split()]
+    assert numbers[0] == seen[0] + 1 and numbers[-1] == seen[-1] + 1
+    needle = video_example("train", 3, frames=8)  # one object in one frame, two in all eight
+    frame = next(t for t, pose in enumerate(needle.clip.tracks[0].poses) if pose)
+    needle_spans = dict(object_spans(needle.clip.tracks))
+    assert needle_spans[needle.clip.tracks[0].name(frame)] == f"frame {frame + 1}"
+    assert needle_spans[needle.clip.tracks[1].name(0)] == needle_spans[needle.clip.tracks[2].name(0)] == "frames 1 to 8"
+    change = video_example("train", 4, frames=8)  # the changed object is named once under each colour
+    mover = change.clip.tracks[change.qa.subject]
+    switch = next(t for t, pose in enumerate(mover.poses) if pose.colour != mover.poses[0].colour)
+    before, after = dict(object_spans(change.clip.tracks))[mover.name(0)], dict(object_spans(change.clip.tracks))[mover.name(7)]
+    assert (before, after) == (f"frames 1 to {switch}" if switch > 1 else "frame 1", f"frames {switch + 1} to 8"
+                               if switch < 7 else "frame 8")
+    order = video_example("train", 0, frames=8)  # objects listed as they first appear
+    firsts = sorted(next(t for t, p in enumerate(tr.poses) if p) for tr in order.clip.tracks)
+    assert [int(text.split()[1]) for _, text in object_spans(order.clip.tracks)] == [t + 1 for t in firsts]

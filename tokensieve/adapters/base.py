@@ -20,6 +20,22 @@ def carries(inputs: dict, kind: str) -> bool:
     return pixels is not None or (inputs.get("mm_encoder_outputs") or {}).get(kind) is not None
 
 
+def spread_rows(output, rows: torch.Tensor, total: int):
+    """A vision tower's ``output`` (every tensor in it, tuples of hidden states too) computed on some rows of a
+    pass, given back all ``total`` rows: its rows at ``rows``, zeros elsewhere (``Adapter.full_frames``)."""
+
+    def spread(values):
+        if not isinstance(values, torch.Tensor):
+            return values
+        full = values.new_zeros(total, *values.shape[1:])
+        full[rows.to(values.device)] = values
+        return full
+
+    for name, value in list(output.items()):
+        output[name] = tuple(map(spread, value)) if isinstance(value, tuple) else spread(value)
+    return output
+
+
 class PlaceholderMismatch(ValueError):
     """The image placeholder tokens of the input do not match the images of the vision pass."""
 

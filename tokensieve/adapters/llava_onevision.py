@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ..signals import Signal
-from .base import ImageSlot, VisionCapture, carries
+from .base import ImageSlot, VisionCapture, carries, spread_rows
 from .llava_next import LlavaNextAdapter, _BeforeCall
 
 #: signals whose values could not give a video's tokens exactly (see the module's docstring)
@@ -169,19 +169,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     def full_frames(self, output, grid: torch.Tensor, kept: list[torch.Tensor]):
         """Every per-frame output of the tower (its states, the selected hidden states among them) given back one row per
         frame of the full videos, zeros at the dropped frames."""
-        rows = self._frame_rows(kept)
-        total = int(grid[:, 0].sum())
-
-        def spread(values):
-            if not isinstance(values, torch.Tensor):
-                return values
-            full = values.new_zeros(total, *values.shape[1:])
-            full[rows.to(values.device)] = values
-            return full
-
-        for name, value in list(output.items()):
-            output[name] = tuple(map(spread, value)) if isinstance(value, tuple) else spread(value)
-        return output
+        return spread_rows(output, self._frame_rows(kept), int(grid[:, 0].sum()))
 
     # slots and signals
 

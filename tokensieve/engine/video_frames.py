@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..adapters import ADAPTERS, ImageSlot
+from ..adapters.base import spread_rows
 
 #: signals whose token axis is the one before last (the others': the last); ``project`` is a module, the same per frame
 _TOKENS_BEFORE_LAST = ("vision_keys", "vision_features")
@@ -193,15 +194,4 @@ class ImageFrames:
         return ((chosen, *args[1:]), kwargs) if args else (args, {**kwargs, "pixel_values": chosen})
 
     def full_frames(self, output, grid: torch.Tensor, kept: list[torch.Tensor]):
-        rows, total = self._rows(kept), sum(self._items)
-
-        def spread(values):
-            if not isinstance(values, torch.Tensor):
-                return values
-            full = values.new_zeros(total, *values.shape[1:])
-            full[rows.to(values.device)] = values
-            return full
-
-        for name, value in list(output.items()):
-            output[name] = tuple(map(spread, value)) if isinstance(value, tuple) else spread(value)
-        return output
+        return spread_rows(output, self._rows(kept), sum(self._items))

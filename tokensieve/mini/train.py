@@ -6,7 +6,7 @@
 The vision tower and the language model's own weights stay frozen; gradients flow through the
 whole language model to the projector and adapters. Vision features are cached (features.py).
 Each training sequence packs several questions about one image. The loss covers answer tokens
-only. bf16 autocast on CPU (fast where the CPU has bf16 units), a GPU when present. Checkpoints
+only. bf16 where the hardware has it (a GPU, a CPU with bf16 units), else fp32 (`training_dtype`). Checkpoints
 every --checkpoint-every steps; rerunning the same command resumes. --export writes the small
 trained files that `tokensieve model build` assembles into sieve-mini.
 
@@ -33,7 +33,7 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 from ..engine.compat import from_pretrained
 from ..qa import DATA_VERSION, QA, VIDEO_DATA_VERSION, examples, format_table, video_examples
 from ..qa.questions import describe
-from ..qa.video_questions import describe_clip, describe_frame
+from ..qa.video_questions import describe_clip, describe_frame, object_spans
 from .align import WordTargets, fit_projector, refit_words, word_patches
 from .build import LORA_FILE, PROJECTOR_FILE, VISION_FEATURE_LAYER, language_dir, vision_dir
 from .assemble import llava_config
@@ -112,6 +112,22 @@ def batch_tensors(encoder: Encoder, convs: list[tuple[list[int], list[int]]], de
     return ids, labels, mask
 
 
+def training_dtype(device: str) -> torch.dtype:
+    """bf16 on a GPU or a CPU with bf16 units (AVX512-BF16, AMX); fp32 elsewhere: there bf16 matrix products
+    fall back to a slow single-threaded kernel (a training step went from 13 s to over 2 minutes on AVX2 cores)."""
+    if device == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def first_answer(labels: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: each row's first run of labelled tokens, the answer to its first question."""
+    labelled = labels != IGNORE
+    started = labelled.cumsum(-1) > 0
+    ended = (started & ~labelled).cumsum(-1) > 0  # past the first unlabelled token after the run began
+    return labelled & ~ended
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -158,7 +174,11 @@ def main(
                                         help="end each clip's sequence with what happens in it, object by object"),
     frame_questions: int = typer.Option(4, help="questions per clip on what one frame shows (\"What is in frame 7?\"), "
                                         "frames drawn by step; they tie frame numbers to frame contents"),
+    span_questions: int = typer.Option(0, help="questions per clip on when one object is seen (\"In which frames is "
+                                       "the red star?\" -> \"frames 3 to 5 and 9\"), objects drawn by step"),
     video_weight: float = typer.Option(1.0, help="weight of the clips' answer loss beside the images'"),
+    question_weight: float = typer.Option(1.0, help="weight of each answer token of a clip's own question beside "
+                                          "the tokens of its frame, span and description answers (1: equal)"),
     video_val_examples: int = typer.Option(100, help="validation clips per evaluation (20 per skill)"),
     threads: int = typer.Option(1, help="torch CPU threads; 0: torch's default. On a shared CPU one thread is "
                                 "fastest: OpenMP workers of a niced job wait on each other (5x slower with 2)"),
@@ -180,8 +200,10 @@ def main(
 
     vision, language = vision_dir(), language_dir()
     tokenizer = AutoTokenizer.from_pretrained(language)
-    # Frozen weights in bf16: autocast would otherwise re-cast every fp32 weight at every step.
-    lm = from_pretrained(LlamaForCausalLM, language, dtype=torch.bfloat16).to(device)
+    dtype = training_dtype(device)
+    print(f"training in {dtype} on {device}", flush=True)
+    # Frozen weights in the compute dtype: autocast would otherwise re-cast every fp32 weight at every step.
+    lm = from_pretrained(LlamaForCausalLM, language, dtype=dtype).to(device)
     lm.requires_grad_(False)
     wrapped = add_lora(lm.model, LORA_TARGETS, lora_rank, alpha=2 * lora_rank) if lora_rank else {}
     lm.to(device)
@@ -258,7 +280,7 @@ def main(
 
     def run_eval(step: int) -> None:
         projector.eval()
-        with torch.autocast(device, dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
             table = evaluate(lm, projector, encoder, val, val_features)
             video_table = evaluate_clips(lm, projector, frame_encoder, video_val, video_val_features) if video_batch else None
             pooled_table = (evaluate_clips(lm, projector, video_encoder, video_val,
@@ -299,9 +321,11 @@ def main(
                     "read_refit": refitted}, partial)
         partial.replace(checkpoint)
 
-    def answer_loss_of(convs: list[tuple[list[int], list[int]]], features: torch.Tensor) -> torch.Tensor:
+    def answer_loss_of(convs: list[tuple[list[int], list[int]]], features: torch.Tensor,
+                       first_weight: float = 1.0) -> torch.Tensor:
+        """Mean cross-entropy over answer tokens; those of each sequence's first answer weigh `first_weight`."""
         ids, labels, mask = batch_tensors(encoder, convs, device)
-        with torch.autocast(device, dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
             embeds = embed_with_images(lm.get_input_embeddings(), ids, encoder.image_token_id,
                                        projector(features.to(device, torch.float32)))
             hidden = lm.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
@@ -309,12 +333,19 @@ def main(
             targets = labels[:, 1:]
             picked = targets != IGNORE
             logits = lm.lm_head(hidden[:, :-1][picked])
-        return torch.nn.functional.cross_entropy(logits.float(), targets[picked])
+        losses = torch.nn.functional.cross_entropy(logits.float(), targets[picked], reduction="none")
+        weights = torch.where(first_answer(labels)[:, 1:][picked], first_weight, 1.0)
+        return (weights * losses).sum() / weights.sum()
 
     def clip_pack(ex, step: int) -> list[QA]:
-        """The clip's question, then questions on single frames, then (--video-describe) what happens in it."""
-        frames = np.random.default_rng((seed, step, ex.index)).choice(video_frames, frame_questions, replace=False)
+        """The clip's question, then questions on single frames and on when objects are seen, then
+        (--video-describe) what happens in it."""
+        rng = np.random.default_rng((seed, step, ex.index))
+        frames = rng.choice(video_frames, frame_questions, replace=False)
         pack = [ex.qa] + [QA("frame", f"What is in frame {t + 1}?", describe_frame(ex.clip.tracks, t)) for t in frames]
+        spans = object_spans(ex.clip.tracks)
+        pack += [QA("spans", f"In which frames is the {spans[i][0]}?", spans[i][1])
+                 for i in rng.permutation(len(spans))[:span_questions]]
         if video_describe:
             pack.append(QA("description", "Describe the video.", describe_clip(ex.clip.tracks)))
         return pack
@@ -331,7 +362,7 @@ def main(
             clips, clip_features = clips_at(step)
             clip_encoder = video_encoder if clip_pool_at(step) > 1 else frame_encoder
             video_loss = answer_loss_of([clip_encoder.conversation(clip_pack(ex, step), video_frames) for ex in clips],
-                                        clip_features)
+                                        clip_features, question_weight)
             loss = loss + video_weight * video_loss
             recent_video.append(video_loss.item())
         if read_weight:  # word patches drawn by step, so that resuming anywhere draws the same ones

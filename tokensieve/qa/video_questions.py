@@ -184,8 +184,8 @@ def _seen_order(tracks: list[Track], frames: list[int], qa: VideoQA) -> str | No
     return None if others else tracks[winner].shape
 
 
-def _seen_motion(tracks: list[Track], frames: list[int], qa: VideoQA) -> str | None:
-    poses = [tracks[qa.subject].poses[t] for t in frames if tracks[qa.subject].poses[t] is not None]
+def _direction(poses: list[Pose]) -> str | None:
+    """Which way an object went from its first pose to its last (None: fewer than two, or no move)."""
     if len(poses) < 2:
         return None
     dx, dy = poses[-1].x - poses[0].x, poses[-1].y - poses[0].y
@@ -194,6 +194,10 @@ def _seen_motion(tracks: list[Track], frames: list[int], qa: VideoQA) -> str | N
     if abs(dx) > abs(dy):
         return "right" if dx > 0 else "left"
     return "down" if dy > 0 else "up"
+
+
+def _seen_motion(tracks: list[Track], frames: list[int], qa: VideoQA) -> str | None:
+    return _direction([tracks[qa.subject].poses[t] for t in frames if tracks[qa.subject].poses[t] is not None])
 
 
 def _seen_flashes(tracks: list[Track], frames: list[int], qa: VideoQA) -> str | None:
@@ -236,7 +240,7 @@ def describe_clip(tracks: list[Track]) -> str:
         elif len(set(colours)) > 1:
             switch = shown[colours.index(colours[-1])]
             events.append(f"{track.shape} turns from {first.colour} to {colours[-1]} in frame {switch + 1}")
-        elif (way := _seen_motion([track], list(frames), VideoQA("motion", "", "", 0))) is not None:
+        elif (way := _direction([track.poses[t] for t in shown])) is not None:
             events.append(f"{name} moves {way}")
         else:
             events.append(f"{name} stays")
@@ -249,6 +253,31 @@ def describe_frame(tracks: list[Track], t: int) -> str:
     shown = sorted((pose.y, pose.x, f"{pose.colour} {track.shape} {where(pose)}")
                    for track in tracks if (pose := track.poses[t]) is not None)
     return (", ".join(words for _, _, words in shown) or "no shapes") + "."
+
+
+def _spans(frames: list[int]) -> str:
+    """Sorted 0-based frame indices as 1-based runs: [2, 3, 4, 8] -> "frames 3 to 5 and 9"."""
+    runs = []
+    for t in frames:
+        if runs and t == runs[-1][1] + 1:
+            runs[-1][1] = t
+        else:
+            runs.append([t, t])
+    words = [f"{a + 1} to {b + 1}" if b > a else f"{a + 1}" for a, b in runs]
+    return ("frame " if len(frames) == 1 else "frames ") + " and ".join(words)
+
+
+def object_spans(tracks: list[Track]) -> list[tuple[str, str]]:
+    """(name, the frames it is seen in) for every object of a clip under every colour it shows, in the order
+    they first appear: ("red star", "frames 3 to 5 and 9 to 12"). For training only: where each object is in
+    time, the step between single frames and the order, flashes, needle and change questions."""
+    n_frames = len(tracks[0].poses)
+    seen: dict[str, list[int]] = {}
+    for t in range(n_frames):
+        for track in tracks:
+            if track.poses[t] is not None:
+                seen.setdefault(track.name(t), []).append(t)
+    return [(name, _spans(frames)) for name, frames in seen.items()]
 
 
 def seen_answer(tracks: list[Track], frames: Sequence[int], qa: VideoQA) -> str | None:
