@@ -79,7 +79,8 @@ def question_text(question: str, candidates: list[str]) -> str:
 
 def load(data: Path | str | None, split: str = "train", limit: int | None = None,
          videos: Path | str | None = None, tasks: list[str] | None = None) -> list[VideoSample]:
-    """MVBench's questions, task by task in TASKS' order (or `tasks`'), each with its video resolved."""
+    """MVBench's questions, each with its video resolved, in rounds: every task's first question in TASKS' order
+    (or `tasks`'), then every task's second, ..., so that a `limit` spreads over the tasks."""
     if split != "train":
         raise ValueError(f"MVBench has one split, 'train' (as its Hugging Face configs name it), not {split!r}")
     unknown = sorted(set(tasks or ()) - set(TASKS))
@@ -95,29 +96,27 @@ def load(data: Path | str | None, split: str = "train", limit: int | None = None
     if absent:
         raise BenchmarkDataMissing("MVBench", REPO, data, f"no question file for {', '.join(absent)} (looked for "
                                    f"json/<file>, <file> and <file stem>/*.parquet); or pass tasks= to leave tasks out")
+    rounds = max(map(len, rows_by_task.values()), default=0)
+    order = [(task, index) for index in range(rounds) for task in chosen if index < len(rows_by_task[task])]
     samples, missing = [], []
-    for task in chosen:
+    for task, index in order[:limit]:
         _, folder, kind, span = TASKS[task]
-        for index, row in enumerate(rows_by_task[task]):
-            if limit is not None and len(samples) + len(missing) >= limit:
-                break
-            path = videos / folder / row["video"]
-            if not (path.is_dir() if kind == "frame" else path.is_file()):
-                missing.append(str(path))
-                continue
-            candidates = [str(c) for c in row["candidates"]]
-            if row["answer"] not in candidates:
-                raise ValueError(f"MVBench {task} row {index}: its answer {row['answer']!r} is none of its candidates")
-            meta = {"answer_text": row["answer"], "options": candidates, "system": SYSTEM,
-                    "answer_prefix": ANSWER_PREFIX}
-            if span:
-                meta["window"] = (float(row["start"]), float(row["end"]))
-            if kind == "frame":
-                meta["folder_fps"] = FRAME_FOLDER_FPS
-            samples.append(VideoSample(
-                id=f"{Path(TASKS[task][0]).stem}#{index}", video=path,
-                question=question_text(row["question"], candidates),
-                answers=[LETTERS[candidates.index(row["answer"])]], category=task, meta=meta))
+        row = rows_by_task[task][index]
+        path = videos / folder / row["video"]
+        if not (path.is_dir() if kind == "frame" else path.is_file()):
+            missing.append(str(path))
+            continue
+        candidates = [str(c) for c in row["candidates"]]
+        if row["answer"] not in candidates:
+            raise ValueError(f"MVBench {task} row {index}: its answer {row['answer']!r} is none of its candidates")
+        meta = {"answer_text": row["answer"], "options": candidates, "system": SYSTEM, "answer_prefix": ANSWER_PREFIX}
+        if span:
+            meta["window"] = (float(row["start"]), float(row["end"]))
+        if kind == "frame":
+            meta["folder_fps"] = FRAME_FOLDER_FPS
+        samples.append(VideoSample(
+            id=f"{Path(TASKS[task][0]).stem}#{index}", video=path, question=question_text(row["question"], candidates),
+            answers=[LETTERS[candidates.index(row["answer"])]], category=task, meta=meta))
     if missing:
         raise FileNotFoundError(f"{len(missing)} MVBench videos not found (e.g. {missing[0]}): unzip the "
                                 f"download's video/*.zip under {videos}, or pass videos=<that folder>, "
