@@ -162,7 +162,7 @@ def test_a_resumed_run_takes_new_peak_rates_and_full_token_steps(sieve_mini, sma
     assert [g["lr"] for g in groups] == [train.lr_at(2, 3, peak, 2) for peak in (5e-4, 7e-5)]
 
 
-def test_the_question_weight_falls_on_each_clips_own_answer(sieve_mini):
+def test_the_question_weight_falls_on_each_clips_leading_answers(sieve_mini):
     tokenizer = sieve_mini[1].tokenizer
     encoder = Encoder(tokenizer, image_tokens=4)
     ex = video_examples("train", 1, frames=8)[0]
@@ -170,10 +170,11 @@ def test_the_question_weight_falls_on_each_clips_own_answer(sieve_mini):
     qas = [ex.qa] + [QA("spans", f"In which frames is the {name}?", frames) for name, frames in spans]
     rows = [encoder.conversation(qas, images=8), encoder.conversation(qas[1:], images=8)]
     ids, labels, _ = train.batch_tensors(encoder, rows, "cpu")
-    first = train.first_answer(labels)
-    assert tokenizer.decode(ids[0][first[0]]) == f"{ex.qa.answer}<|im_end|>"
-    assert tokenizer.decode(ids[1][first[1]]) == f"{spans[0][1]}<|im_end|>"
-    assert ((labels != IGNORE) & ~first).sum() > first.sum()  # the other answers are still labelled
+    leading = train.leading_answers(labels, torch.tensor([2, 1]))
+    assert tokenizer.decode(ids[0][leading[0]]) == f"{ex.qa.answer}<|im_end|>{spans[0][1]}<|im_end|>"
+    assert tokenizer.decode(ids[1][leading[1]]) == f"{spans[0][1]}<|im_end|>"
+    assert ((labels != IGNORE) & ~leading).sum() > leading.sum()  # the other answers are still labelled
+    assert torch.equal(train.leading_answers(labels, torch.tensor([99, 99])), labels != IGNORE)
 
 
 def test_span_questions_and_the_question_weight_change_what_the_clips_teach(sieve_mini, small_caches):
@@ -185,3 +186,10 @@ def test_span_questions_and_the_question_weight_change_what_the_clips_teach(siev
     assert video_loss("again") == plain  # deterministic, so the differences below are the options'
     assert video_loss("spans", "--span-questions", "3") != plain
     assert video_loss("weighted", "--question-weight", "20") != plain
+    assert video_loss("suite", "--suite-questions") != plain  # the first train clip (order) answers more
+
+
+def test_clips_train_and_evaluate_at_the_frame_size_given(sieve_mini, small_caches):
+    _train(small_caches / "small", 1, "--video-frame-size", "56")
+    assert (small_caches / "features" / f"{VIDEO_DATA_VERSION}-8f-56px-layer8").is_dir()
+    assert "at the training's pooled tokens (4 a frame)" in (small_caches / "small" / "val-step00001.md").read_text()

@@ -10,7 +10,8 @@ from tokensieve.qa import (SPLIT_SEEDS, VIDEO_CHANCE, VIDEO_SKILLS, accuracy_by_
                            video_example, video_examples)
 from tokensieve.qa.backgrounds import random_background
 from tokensieve.qa.scenes import COLOURS, SHAPES
-from tokensieve.qa.video_questions import DIRECTIONS, FLASH_COUNTS, describe_clip, describe_frame, object_spans
+from tokensieve.qa.video_questions import (DIRECTIONS, FLASH_COUNTS, describe_clip, describe_frame, object_spans,
+                                          suite_questions)
 
 SIZE = 96  # small frames keep the pixel checks quick; geometry is in fractions of the side
 
@@ -214,3 +215,31 @@ def test_object_spans_give_the_frames_each_object_is_seen_in_under_each_colour()
     order = video_example("train", 0, frames=8)  # objects listed as they first appear
     firsts = sorted(next(t for t, p in enumerate(tr.poses) if p) for tr in order.clip.tracks)
     assert [int(text.split()[1]) for _, text in object_spans(order.clip.tracks)] == [t + 1 for t in firsts]
+
+
+def test_suite_questions_are_every_question_a_clip_answers_and_only_those():
+    asked_kinds = Counter()
+    for ex in video_examples("train", 60, frames=8):
+        tracks, frames = ex.clip.tracks, range(8)
+        asked = {qa.question: qa.answer for qa in suite_questions(tracks)}
+        assert asked[ex.qa.question] == ex.qa.answer  # the clip's own question, with its answer
+        by_name = {tr.name(next(t for t in frames if tr.poses[t])): tr for tr in tracks}
+        firsts = [next(t for t in frames if tr.poses[t]) for tr in tracks]
+        for variant, edge in (("first", min(firsts)), ("last", max(firsts))):
+            winners = [tr.shape for tr, t in zip(tracks, firsts) if t == edge]
+            assert asked.get(f"Which shape appears {variant}?") == (winners[0] if len(winners) == 1 else None)
+        for name, track in by_name.items():
+            seen = track.visible(frames)
+            flashes = asked.get(f"How many times does the {name} flash?")
+            assert flashes == (None if all(seen) else str(runs(seen)))
+            move = asked.get(f"Which way does the {name} move?")
+            shown_at = [track.poses[t] for t in frames if track.poses[t]]
+            assert (move is None) == (shown_at[0].x == shown_at[-1].x and shown_at[0].y == shown_at[-1].y)
+        once = [tr for tr in tracks if sum(tr.visible(frames)) == 1]
+        needle = asked.get("What colour is the shape that appears in only one frame?")
+        assert needle == (next(p.colour for p in once[0].poses if p) if len(once) == 1 else None)
+        changed = [tr.shape for tr in tracks if len({p.colour for p in tr.poses if p}) > 1]
+        assert asked.get("Which shape changes colour?") == (changed[0] if changed else None)
+        asked_kinds[ex.skill] += len(asked)
+    # Order, flashes and needle clips answer more than their own question (late objects flash once, ...).
+    assert all(asked_kinds[skill] > 12 for skill in ("order", "flashes", "needle"))

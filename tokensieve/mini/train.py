@@ -33,7 +33,7 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 from ..engine.compat import from_pretrained
 from ..qa import DATA_VERSION, QA, VIDEO_DATA_VERSION, examples, format_table, video_examples
 from ..qa.questions import describe
-from ..qa.video_questions import describe_clip, describe_frame, object_spans
+from ..qa.video_questions import describe_clip, describe_frame, object_spans, suite_questions
 from .align import WordTargets, fit_projector, refit_words, word_patches
 from .build import LORA_FILE, PROJECTOR_FILE, VISION_FEATURE_LAYER, language_dir, vision_dir
 from .assemble import llava_config
@@ -41,7 +41,7 @@ from .fasteval import evaluate, evaluate_clips
 from .features import SHARD_SIZE, FeatureCache
 from .lora import LoRALinear, add_lora, dequantised, lora_state, quantised
 from .sequences import IGNORE, Encoder, embed_with_images
-from .video import VIDEO_SHARD_SIZE, VideoFeatureCache
+from .video import VIDEO_FRAME_SIZE, VIDEO_SHARD_SIZE, VideoFeatureCache
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -115,17 +115,21 @@ def batch_tensors(encoder: Encoder, convs: list[tuple[list[int], list[int]]], de
 def training_dtype(device: str) -> torch.dtype:
     """bf16 on a GPU or a CPU with bf16 units (AVX512-BF16, AMX); fp32 elsewhere: there bf16 matrix products
     fall back to a slow single-threaded kernel (a training step went from 13 s to over 2 minutes on AVX2 cores)."""
-    if device == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    return torch.bfloat16 if device == "cuda" or _cpu_has_bf16() else torch.float32
 
 
-def first_answer(labels: torch.Tensor) -> torch.Tensor:
-    """(B, L) bool: each row's first run of labelled tokens, the answer to its first question."""
+def _cpu_has_bf16() -> bool:
+    try:  # torch has no public check; a release without this private one falls back to fp32
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def leading_answers(labels: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: each row's first `counts[row]` runs of labelled tokens, the answers to its first questions."""
     labelled = labels != IGNORE
-    started = labelled.cumsum(-1) > 0
-    ended = (started & ~labelled).cumsum(-1) > 0  # past the first unlabelled token after the run began
-    return labelled & ~ended
+    starts = labelled & ~torch.nn.functional.pad(labelled[:, :-1], (1, 0), value=False)
+    return labelled & (starts.cumsum(-1) <= counts.to(labels.device).unsqueeze(-1))
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
@@ -164,7 +168,9 @@ def main(
     init_from_weights: bool = typer.Option(False, help="start from the committed projector and LoRA "
                                            "(tokensieve/mini/weights) instead of the alignment; a checkpoint wins"),
     video_batch: int = typer.Option(0, help="clips of the video suite per step, beside --batch images (0: none)"),
-    video_frames: int = typer.Option(16, help="frames per clip (8 to 32), each an image of 64 tokens"),
+    video_frames: int = typer.Option(16, help="frames per clip (8 to 32), each an image of its own"),
+    video_frame_size: int = typer.Option(VIDEO_FRAME_SIZE, help="pixels per side of each frame, a multiple of 14 "
+                                         "(112: 8x8 = 64 tokens a frame; 56: 16); evaluation runs at it too"),
     video_clips: int = typer.Option(2000, help=f"train clips used (multiple of {VIDEO_SHARD_SIZE})"),
     video_pool: int = typer.Option(1, help="train on each frame's features pooled by this factor per side "
                                    "(2: 16 tokens a frame); validation runs at full tokens"),
@@ -177,8 +183,12 @@ def main(
     span_questions: int = typer.Option(0, help="questions per clip on when one object is seen (\"In which frames is "
                                        "the red star?\" -> \"frames 3 to 5 and 9\"), objects drawn by step"),
     video_weight: float = typer.Option(1.0, help="weight of the clips' answer loss beside the images'"),
-    question_weight: float = typer.Option(1.0, help="weight of each answer token of a clip's own question beside "
-                                          "the tokens of its frame, span and description answers (1: equal)"),
+    suite_questions_: bool = typer.Option(False, "--suite-questions/--own-question",
+                                          help="ask every question of the suite's kinds that a clip answers "
+                                          "(suite_questions: an order clip's late objects each flash once), "
+                                          "not only the one it was made for"),
+    question_weight: float = typer.Option(1.0, help="weight of each answer token of a clip's suite questions "
+                                          "beside the tokens of its frame, span and description answers (1: equal)"),
     video_val_examples: int = typer.Option(100, help="validation clips per evaluation (20 per skill)"),
     threads: int = typer.Option(1, help="torch CPU threads; 0: torch's default. On a shared CPU one thread is "
                                 "fastest: OpenMP workers of a niced job wait on each other (5x slower with 2)"),
@@ -260,7 +270,7 @@ def main(
         return exs, pool_grid(cache.shard("train", shard)[torch.from_numpy(order)], pool)
 
     if video_batch:  # clips in their own seeded order (seed + 1), so that the images' order stays as it was
-        video_cache = VideoFeatureCache(layer, video_frames, device=device)
+        video_cache = VideoFeatureCache(layer, video_frames, video_frame_size, device=device)
         video_encoder = Encoder(tokenizer, image_tokens=video_cache.frame_tokens // video_pool**2)
         frame_encoder = Encoder(tokenizer, image_tokens=video_cache.frame_tokens)
         video_val = video_examples("validation", video_val_examples, frames=video_frames)
@@ -322,8 +332,8 @@ def main(
         partial.replace(checkpoint)
 
     def answer_loss_of(convs: list[tuple[list[int], list[int]]], features: torch.Tensor,
-                       first_weight: float = 1.0) -> torch.Tensor:
-        """Mean cross-entropy over answer tokens; those of each sequence's first answer weigh `first_weight`."""
+                       leading: list[int] | None = None, leading_weight: float = 1.0) -> torch.Tensor:
+        """Mean cross-entropy over answer tokens; those of row i's first `leading[i]` answers weigh `leading_weight`."""
         ids, labels, mask = batch_tensors(encoder, convs, device)
         with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
             embeds = embed_with_images(lm.get_input_embeddings(), ids, encoder.image_token_id,
@@ -334,15 +344,24 @@ def main(
             picked = targets != IGNORE
             logits = lm.lm_head(hidden[:, :-1][picked])
         losses = torch.nn.functional.cross_entropy(logits.float(), targets[picked], reduction="none")
-        weights = torch.where(first_answer(labels)[:, 1:][picked], first_weight, 1.0)
+        if leading is None:
+            return losses.mean()
+        weights = torch.where(leading_answers(labels, torch.tensor(leading))[:, 1:][picked], leading_weight, 1.0)
         return (weights * losses).sum() / weights.sum()
 
+    def clip_questions(ex) -> list[QA]:
+        """The clip's own question, then (--suite-questions) the suite's other questions it answers."""
+        if not suite_questions_:
+            return [ex.qa]
+        return [ex.qa] + [qa for qa in suite_questions(ex.clip.tracks) if qa.question != ex.qa.question]
+
     def clip_pack(ex, step: int) -> list[QA]:
-        """The clip's question, then questions on single frames and on when objects are seen, then
+        """The clip's suite questions, then questions on single frames and on when objects are seen, then
         (--video-describe) what happens in it."""
         rng = np.random.default_rng((seed, step, ex.index))
         frames = rng.choice(video_frames, frame_questions, replace=False)
-        pack = [ex.qa] + [QA("frame", f"What is in frame {t + 1}?", describe_frame(ex.clip.tracks, t)) for t in frames]
+        pack = clip_questions(ex) + [QA("frame", f"What is in frame {t + 1}?", describe_frame(ex.clip.tracks, t))
+                                     for t in frames]
         spans = object_spans(ex.clip.tracks)
         pack += [QA("spans", f"In which frames is the {spans[i][0]}?", spans[i][1])
                  for i in rng.permutation(len(spans))[:span_questions]]
@@ -362,7 +381,7 @@ def main(
             clips, clip_features = clips_at(step)
             clip_encoder = video_encoder if clip_pool_at(step) > 1 else frame_encoder
             video_loss = answer_loss_of([clip_encoder.conversation(clip_pack(ex, step), video_frames) for ex in clips],
-                                        clip_features, question_weight)
+                                        clip_features, [len(clip_questions(ex)) for ex in clips], question_weight)
             loss = loss + video_weight * video_loss
             recent_video.append(video_loss.item())
         if read_weight:  # word patches drawn by step, so that resuming anywhere draws the same ones

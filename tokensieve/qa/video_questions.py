@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .questions import where
+from .questions import QA, where
 from .scenes import COLOURS, MARGIN, NORMAL_RADIUS, SHAPES
 
 DIRECTIONS = ("left", "right", "up", "down")
@@ -278,6 +278,24 @@ def object_spans(tracks: list[Track]) -> list[tuple[str, str]]:
             if track.poses[t] is not None:
                 seen.setdefault(track.name(t), []).append(t)
     return [(name, _spans(frames)) for name, frames in seen.items()]
+
+
+def suite_questions(tracks: list[Track]) -> list[QA]:
+    """Every question of the suite's five kinds that a clip answers, whatever skill it was made for (for
+    training only: a clip made for one skill often answers others, e.g. an order clip's late objects each
+    flash once). Objects are named as the suite names them; an object seen in every frame is not asked how
+    often it flashes, and a question whose answer the clip leaves open is not asked."""
+    frames = list(range(len(tracks[0].poses)))
+    asked = [VideoQA("order", f"Which shape appears {v}?", "", 0, v) for v in ("first", "last")]
+    asked += [VideoQA("needle", "What colour is the shape that appears in only one frame?", "", 0),
+              VideoQA("change", "Which shape changes colour?", "", 0)]
+    for i, track in enumerate(tracks):
+        name = track.name(next(t for t in frames if track.poses[t] is not None))
+        asked.append(VideoQA("motion", f"Which way does the {name} move?", "", i))
+        if not all(track.visible(frames)):
+            asked.append(VideoQA("flashes", f"How many times does the {name} flash?", "", i))
+    answered = [(qa, seen_answer(tracks, frames, qa)) for qa in asked]
+    return [QA(qa.skill, qa.question, answer) for qa, answer in answered if answer]
 
 
 def seen_answer(tracks: list[Track], frames: Sequence[int], qa: VideoQA) -> str | None:
