@@ -151,7 +151,11 @@ def test_the_video_phase_trains_resumes_and_leaves_the_committed_weights(sieve_m
     start = load_file(str(build.PROJECTOR_FILE))
     assert all((a["projector"][k] - v).abs().max() > 1e-6 for k, v in start.items())  # it did train
     assert (build.PROJECTOR_FILE.read_bytes(), build.LORA_FILE.read_bytes()) == committed
-    assert "at the training's pooled tokens (16 a frame)" in (small_caches / "straight" / "val-step00003.md").read_text()
+    table = (small_caches / "straight" / "val-step00003.md").read_text()
+    assert "at the training's pooled tokens (16 a frame)" in table
+    lookups = table.split("lookups on the first 2 clips, full tokens: ")[1].split()
+    assert lookups[:2] == ["frame", "descriptions"] and lookups[3:5] == ["object", "spans"]
+    assert all(float(lookups[i].rstrip(",")) in (0.0, 0.5, 1.0) for i in (2, 5))  # two validation clips
 
 
 def test_a_resumed_run_takes_new_peak_rates_and_full_token_steps(sieve_mini, small_caches):

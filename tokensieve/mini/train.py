@@ -37,13 +37,16 @@ from ..qa.video_questions import describe_clip, describe_frame, object_spans, su
 from .align import WordTargets, fit_projector, refit_words, word_patches
 from .build import LORA_FILE, PROJECTOR_FILE, VISION_FEATURE_LAYER, language_dir, vision_dir
 from .assemble import llava_config
-from .fasteval import evaluate, evaluate_clips
+from .fasteval import evaluate, evaluate_clips, evaluate_lookups
 from .features import SHARD_SIZE, FeatureCache
 from .lora import LoRALinear, add_lora, dequantised, lora_state, quantised
 from .sequences import IGNORE, Encoder, embed_with_images
 from .video import VIDEO_FRAME_SIZE, VIDEO_SHARD_SIZE, VideoFeatureCache
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+LOOKUP_CLIPS = 40  # validation clips whose frame and span lookups each evaluation checks (evaluate_lookups)
 
 
 def make_projector(vision: Path, language: Path, layer: int) -> LlavaMultiModalProjector:
@@ -296,6 +299,8 @@ def main(
             pooled_table = (evaluate_clips(lm, projector, video_encoder, video_val,
                                            pool_frames(video_val_features, video_frames, video_pool))
                             if video_batch and video_pool > 1 else None)
+            lookups = (evaluate_lookups(lm, projector, frame_encoder, video_val[:LOOKUP_CLIPS],
+                                        video_val_features[:LOOKUP_CLIPS]) if video_batch else None)
         projector.train()
         text = f"images ({val_examples} validation examples, full tokens):\n\n{format_table(table)}\n"
         if video_table:
@@ -304,10 +309,14 @@ def main(
         if pooled_table:
             text += (f"\nclips at the training's pooled tokens ({video_encoder.image_tokens} a frame):\n\n"
                      f"{format_table(pooled_table)}\n")
+        if lookups:
+            text += (f"\nlookups on the first {min(LOOKUP_CLIPS, video_val_examples)} clips, full tokens: "
+                     f"frame descriptions {lookups['frame']:.3f}, object spans {lookups['spans']:.3f}\n")
         print(f"validation at step {step}:\n{text}", flush=True)
         (out / f"val-step{step:05d}.md").write_text(text)
         log.write(json.dumps({"step": step, "validation": table, "video_validation": video_table,
-                             "video_validation_pooled": pooled_table}) + "\n")
+                             "video_validation_pooled": pooled_table,
+                             "lookups": lookups}) + "\n")
         log.flush()
         if export:
             export_weights(step)
