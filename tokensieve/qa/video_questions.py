@@ -53,6 +53,18 @@ class VideoQA:
     variant: str = ""  # "first" or "last" for the order skill
 
 
+# Each skill's question, said once: the clip makers ask it and suite_questions asks it of every clip.
+QUESTIONS = {"order": "Which shape appears {variant}?", "motion": "Which way does the {name} move?",
+             "flashes": "How many times does the {name} flash?",
+             "needle": "What colour is the shape that appears in only one frame?",
+             "change": "Which shape changes colour?"}
+
+
+def ask(skill: str, answer: str, subject: int, name: str = "", variant: str = "") -> VideoQA:
+    """The skill's question about track `subject` (named `name`; `variant` for order)."""
+    return VideoQA(skill, QUESTIONS[skill].format(name=name, variant=variant), answer, subject, variant)
+
+
 class _Layout:
     """Non-overlapping boxes on the canvas, placed at random (as the image suite places its shapes)."""
 
@@ -91,7 +103,7 @@ def make_order(rng: np.random.Generator, n_frames: int) -> tuple[list[Track], Vi
         tracks.append(Track(still.shape, still.r, (None,) * start + still.poses[start:]))
     variant = "first" if rng.random() < 0.5 else "last"
     subject = starts.index(min(starts) if variant == "first" else max(starts))
-    return tracks, VideoQA("order", f"Which shape appears {variant}?", shapes[subject], subject, variant)
+    return tracks, ask("order", shapes[subject], subject, variant=variant)
 
 
 def make_motion(rng: np.random.Generator, n_frames: int) -> tuple[list[Track], VideoQA]:
@@ -110,7 +122,7 @@ def make_motion(rng: np.random.Generator, n_frames: int) -> tuple[list[Track], V
         poses.append(Pose(start[0] + step * horizontal, start[1] + step * (not horizontal), colours[0]))
     tracks = [Track(shapes[0], r, tuple(poses))]
     tracks += [layout.static(shapes[i], colours[i], n_frames) for i in range(1, 1 + int(rng.integers(3)))]
-    return tracks, VideoQA("motion", f"Which way does the {colours[0]} {shapes[0]} move?", direction, 0)
+    return tracks, ask("motion", direction, 0, f"{colours[0]} {shapes[0]}")
 
 
 def _runs(rng: np.random.Generator, count: int, n_frames: int) -> list[bool]:
@@ -134,7 +146,7 @@ def make_flashes(rng: np.random.Generator, n_frames: int) -> tuple[list[Track], 
     shown = _runs(rng, count, n_frames)
     tracks = [Track(still.shape, still.r, tuple(p if on else None for p, on in zip(still.poses, shown)))]
     tracks += [layout.static(shapes[i], colours[i], n_frames) for i in range(1, 1 + int(rng.integers(3)))]
-    return tracks, VideoQA("flashes", f"How many times does the {colours[0]} {shapes[0]} flash?", str(count), 0)
+    return tracks, ask("flashes", str(count), 0, f"{colours[0]} {shapes[0]}")
 
 
 def make_needle(rng: np.random.Generator, n_frames: int) -> tuple[list[Track], VideoQA]:
@@ -145,7 +157,7 @@ def make_needle(rng: np.random.Generator, n_frames: int) -> tuple[list[Track], V
     still = layout.static(shapes[0], colours[0], n_frames)
     needle = Track(still.shape, still.r, tuple(p if t == frame else None for t, p in enumerate(still.poses)))
     tracks = [needle] + [layout.static(shapes[i], colours[i], n_frames) for i in (1, 2)]
-    return tracks, VideoQA("needle", "What colour is the shape that appears in only one frame?", colours[0], 0)
+    return tracks, ask("needle", colours[0], 0)
 
 
 def make_change(rng: np.random.Generator, n_frames: int) -> tuple[list[Track], VideoQA]:
@@ -157,7 +169,7 @@ def make_change(rng: np.random.Generator, n_frames: int) -> tuple[list[Track], V
     before = tracks[subject].poses[0]
     after = Pose(before.x, before.y, colours[3])
     tracks[subject] = Track(shapes[subject], tracks[subject].r, (before,) * switch + (after,) * (n_frames - switch))
-    return tracks, VideoQA("change", "Which shape changes colour?", shapes[subject], subject)
+    return tracks, ask("change", shapes[subject], subject)
 
 
 MAKERS: dict[str, Callable[[np.random.Generator, int], tuple[list[Track], VideoQA]]] = {
@@ -286,14 +298,12 @@ def suite_questions(tracks: list[Track]) -> list[QA]:
     flash once). Objects are named as the suite names them; an object seen in every frame is not asked how
     often it flashes, and a question whose answer the clip leaves open is not asked."""
     frames = list(range(len(tracks[0].poses)))
-    asked = [VideoQA("order", f"Which shape appears {v}?", "", 0, v) for v in ("first", "last")]
-    asked += [VideoQA("needle", "What colour is the shape that appears in only one frame?", "", 0),
-              VideoQA("change", "Which shape changes colour?", "", 0)]
+    asked = [ask("order", "", 0, variant=v) for v in ("first", "last")] + [ask("needle", "", 0), ask("change", "", 0)]
     for i, track in enumerate(tracks):
         name = track.name(next(t for t in frames if track.poses[t] is not None))
-        asked.append(VideoQA("motion", f"Which way does the {name} move?", "", i))
+        asked.append(ask("motion", "", i, name))
         if not all(track.visible(frames)):
-            asked.append(VideoQA("flashes", f"How many times does the {name} flash?", "", i))
+            asked.append(ask("flashes", "", i, name))
     answered = [(qa, seen_answer(tracks, frames, qa)) for qa in asked]
     return [QA(qa.skill, qa.question, answer) for qa, answer in answered if answer]
 
