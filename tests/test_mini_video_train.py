@@ -197,3 +197,22 @@ def test_clips_train_and_evaluate_at_the_frame_size_given(sieve_mini, small_cach
     _train(small_caches / "small", 1, "--video-frame-size", "56")
     assert (small_caches / "features" / f"{VIDEO_DATA_VERSION}-8f-56px-layer8").is_dir()
     assert "at the training's pooled tokens (4 a frame)" in (small_caches / "small" / "val-step00001.md").read_text()
+
+
+def test_visual_frames_number_each_clips_tokens_frame_by_frame_whatever_the_padding():
+    is_image = torch.tensor([[0, 1, 1, 0, 1, 1, 0, 0], [1, 1, 0, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    assert train.visual_frames(is_image, 2).tolist() == [0, 0, 1, 1] + [0, 0, 1, 1, 2, 2]
+
+
+def test_the_frame_probe_trains_the_adapters_resumes_and_stays_out_of_the_weights(sieve_mini, small_caches):
+    committed = build.PROJECTOR_FILE.read_bytes(), build.LORA_FILE.read_bytes()
+    assert "frame_probe_accuracy" not in _train(small_caches / "plain", 2)
+    output = _train(small_caches / "probe", 2, "--frame-probe-weight", "1", "--frame-probe-layer", "3")
+    accuracy = float(output.split("frame_probe_accuracy ")[1].split()[0])
+    assert 0 <= accuracy <= 1
+    plain, probe = (torch.load(small_caches / run / "checkpoint.pt", weights_only=True) for run in ("plain", "probe"))
+    assert probe["frame_probe"]["weight"].shape == (train.MAX_FRAMES, sieve_mini[0].config.text_config.hidden_size)
+    assert "frame_probe" not in plain and plain["step"] == probe["step"] == 2
+    assert any(not torch.equal(probe["lora"][name], plain["lora"][name]) for name in probe["lora"])  # it taught
+    assert "resumed from" in _train(small_caches / "probe", 3, "--frame-probe-weight", "1", "--frame-probe-layer", "3")
+    assert (build.PROJECTOR_FILE.read_bytes(), build.LORA_FILE.read_bytes()) == committed

@@ -32,6 +32,7 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from ..engine.compat import from_pretrained
 from ..qa import DATA_VERSION, QA, VIDEO_DATA_VERSION, examples, format_table, video_examples
+from ..qa.video import MAX_FRAMES
 from ..qa.questions import describe
 from ..qa.video_questions import describe_clip, describe_frame, object_spans, suite_questions
 from .align import WordTargets, fit_projector, refit_words, word_patches
@@ -135,6 +136,12 @@ def leading_answers(labels: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return labelled & (starts.cumsum(-1) <= counts.to(labels.device).unsqueeze(-1))
 
 
+def visual_frames(is_image: torch.Tensor, frame_tokens: int) -> torch.Tensor:
+    """(B, L) bool of visual tokens -> the 0-based frame of each, in `hidden[is_image]` order: each row holds
+    one clip, frame after frame of `frame_tokens` tokens."""
+    return ((is_image.long().cumsum(-1) - 1) // frame_tokens)[is_image]
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -192,6 +199,11 @@ def main(
                                           "not only the one it was made for"),
     question_weight: float = typer.Option(1.0, help="weight of each answer token of a clip's suite questions "
                                           "beside the tokens of its frame, span and description answers (1: equal)"),
+    frame_probe_weight: float = typer.Option(0.0, help="weight of a loss that makes each visual token of a clip "
+                                             "carry its frame: a linear probe on the language model's hidden state "
+                                             "after --frame-probe-layer must name the token's frame (the probe is "
+                                             "for training only and not exported)"),
+    frame_probe_layer: int = typer.Option(8, help="the language model's layer whose outputs the frame probe reads"),
     video_val_examples: int = typer.Option(100, help="validation clips per evaluation (20 per skill)"),
     threads: int = typer.Option(1, help="torch CPU threads; 0: torch's default. On a shared CPU one thread is "
                                 "fastest: OpenMP workers of a niced job wait on each other (5x slower with 2)"),
@@ -225,9 +237,12 @@ def main(
     encoder = Encoder(tokenizer, image_tokens=cache.shard("train", 0).shape[1])
     train_encoder = Encoder(tokenizer, image_tokens=cache.shard("train", 0).shape[1] // pool**2)
 
+    # Frame of each visual token from the language model's hidden state; trained beside the projector.
+    frame_probe = torch.nn.Linear(lm.config.hidden_size, MAX_FRAMES).to(device) if frame_probe_weight else None
+    projector_params = list(projector.parameters()) + (list(frame_probe.parameters()) if frame_probe else [])
     lora_params = [p for w in wrapped.values() for p in (w.lora_A, w.lora_B)]
-    params = list(projector.parameters()) + lora_params
-    optimizer = torch.optim.AdamW([{"params": list(projector.parameters()), "peak": lr},
+    params = projector_params + lora_params
+    optimizer = torch.optim.AdamW([{"params": projector_params, "peak": lr},
                                    {"params": lora_params, "peak": lora_lr}], lr=lr, weight_decay=0.0)
     checkpoint, start, refitted = out / "checkpoint.pt", 0, False
     if checkpoint.is_file():
@@ -236,6 +251,8 @@ def main(
         for name, w in wrapped.items():
             w.lora_A.data.copy_(state["lora"][f"{name}.lora_A"])
             w.lora_B.data.copy_(state["lora"][f"{name}.lora_B"])
+        if frame_probe:
+            frame_probe.load_state_dict(state["frame_probe"])
         optimizer.load_state_dict(state["optimizer"])
         for group, peak in zip(optimizer.param_groups, (lr, lora_lr)):  # a rerun may change the peak rates
             group["peak"] = peak
@@ -337,26 +354,38 @@ def main(
         partial = checkpoint.with_suffix(".partial")
         torch.save({"projector": projector.state_dict(), "lora": lora_state(wrapped),
                     "optimizer": optimizer.state_dict(), "step": step,
-                    "read_refit": refitted}, partial)
+                    "read_refit": refitted,
+                    **({"frame_probe": frame_probe.state_dict()} if frame_probe else {})}, partial)
         partial.replace(checkpoint)
 
     def answer_loss_of(convs: list[tuple[list[int], list[int]]], features: torch.Tensor,
-                       leading: list[int] | None = None, leading_weight: float = 1.0) -> torch.Tensor:
-        """Mean cross-entropy over answer tokens; those of row i's first `leading[i]` answers weigh `leading_weight`."""
+                       leading: list[int] | None = None, leading_weight: float = 1.0,
+                       frame_tokens: int = 0) -> tuple[torch.Tensor, tuple[torch.Tensor, float] | None]:
+        """Mean cross-entropy over answer tokens; those of row i's first `leading[i]` answers weigh `leading_weight`.
+        With `frame_tokens` (clips) and the frame probe: also its loss and accuracy on the visual tokens."""
         ids, labels, mask = batch_tensors(encoder, convs, device)
+        probing = frame_probe is not None and frame_tokens > 0
         with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
             embeds = embed_with_images(lm.get_input_embeddings(), ids, encoder.image_token_id,
                                        projector(features.to(device, torch.float32)))
-            hidden = lm.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+            outputs = lm.model(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=probing)
+            hidden = outputs.last_hidden_state
+            probe = None
+            if probing:
+                is_image = ids == encoder.image_token_id
+                frames = visual_frames(is_image, frame_tokens)
+                guesses = frame_probe(outputs.hidden_states[frame_probe_layer][is_image]).float()
+                probe = (torch.nn.functional.cross_entropy(guesses, frames),
+                         (guesses.argmax(-1) == frames).float().mean().item())
             # Logits only where an answer token is predicted: the 49k-way head over every token costs a lot.
             targets = labels[:, 1:]
             picked = targets != IGNORE
             logits = lm.lm_head(hidden[:, :-1][picked])
         losses = torch.nn.functional.cross_entropy(logits.float(), targets[picked], reduction="none")
         if leading is None:
-            return losses.mean()
+            return losses.mean(), probe
         weights = torch.where(leading_answers(labels, torch.tensor(leading))[:, 1:][picked], leading_weight, 1.0)
-        return (weights * losses).sum() / weights.sum()
+        return (weights * losses).sum() / weights.sum(), probe
 
     def clip_questions(ex) -> list[QA]:
         """The clip's own question, then (--suite-questions) the suite's other questions it answers."""
@@ -379,20 +408,24 @@ def main(
         return pack
 
     projector.train()
-    clock, recent, recent_read, recent_video = time.time(), [], [], []
+    clock, recent, recent_read, recent_video, recent_probe = time.time(), [], [], [], []
     for step in range(start, steps):
         exs, features = batch_at(step)
         packs = [ex.qas + [describe(ex.scene)] if describe_scene else ex.qas for ex in exs]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, group["peak"], warmup)
-        loss = answer_loss = answer_loss_of([train_encoder.conversation(qas) for qas in packs], features)
+        loss = answer_loss = answer_loss_of([train_encoder.conversation(qas) for qas in packs], features)[0]
         if video_batch:  # one sequence per clip: its frames, then its one question
             clips, clip_features = clips_at(step)
             clip_encoder = video_encoder if clip_pool_at(step) > 1 else frame_encoder
-            video_loss = answer_loss_of([clip_encoder.conversation(clip_pack(ex, step), video_frames) for ex in clips],
-                                        clip_features, [len(clip_questions(ex)) for ex in clips], question_weight)
+            video_loss, probe = answer_loss_of(
+                [clip_encoder.conversation(clip_pack(ex, step), video_frames) for ex in clips], clip_features,
+                [len(clip_questions(ex)) for ex in clips], question_weight, clip_encoder.image_tokens)
             loss = loss + video_weight * video_loss
             recent_video.append(video_loss.item())
+            if probe:
+                loss = loss + frame_probe_weight * probe[0]
+                recent_probe.append(probe[1])
         if read_weight:  # word patches drawn by step, so that resuming anywhere draws the same ones
             index = torch.randint(len(word_features), (256,), generator=torch.Generator().manual_seed(seed * 10**6 + step))
             projected = projector(word_features[index].to(device, torch.float32))
@@ -408,13 +441,13 @@ def main(
         done = step + 1
         if done % log_every == 0:
             elapsed = (time.time() - clock) / len(recent)
-            extra = {"read_loss": recent_read, "video_loss": recent_video}
+            extra = {"read_loss": recent_read, "video_loss": recent_video, "frame_probe_accuracy": recent_probe}
             extra = {k: float(np.mean(v)) for k, v in extra.items() if v}
             print(f"step {done}/{steps} loss {np.mean(recent):.4f} lr {lr_at(step, steps, lr, warmup):.2e} "
                   + "".join(f"{k} {v:.4f} " for k, v in extra.items()) + f"{elapsed:.2f}s/step", flush=True)
             log.write(json.dumps({"step": done, "loss": float(np.mean(recent)), **extra, "s_per_step": elapsed}) + "\n")
             log.flush()
-            clock, recent, recent_read, recent_video = time.time(), [], [], []
+            clock, recent, recent_read, recent_video, recent_probe = time.time(), [], [], [], []
         if done % checkpoint_every == 0 or done == steps:
             save_checkpoint(done)
         if done % eval_every == 0 or done == steps:
