@@ -122,15 +122,19 @@ def test_init_from_weights_is_the_committed_model(sieve_mini):
                                                       train.LORA_TARGETS, 8, alpha=16))
 
 
-def _train(out, steps, *options):
+def _invoke(out, steps, *options):
     app = train.typer.Typer()
     app.command()(train.main)
     with torch.enable_grad():  # conftest runs every test under no_grad
-        result = CliRunner().invoke(app, [
+        return CliRunner().invoke(app, [
             "--out", str(out), "--steps", str(steps), "--batch", "1", "--questions", "2", "--train-images", "8",
             "--init-from-weights", "--video-batch", "1", "--video-frames", "8", "--video-clips", "2",
             "--video-pool", "2", "--val-examples", "2", "--video-val-examples", "2", "--checkpoint-every", "1",
             "--eval-every", "100", "--log-every", "1", "--threads", "1", *options])
+
+
+def _train(out, steps, *options):
+    result = _invoke(out, steps, *options)
     assert result.exit_code == 0, result.output
     return result.output
 
@@ -155,7 +159,8 @@ def test_the_video_phase_trains_resumes_and_leaves_the_committed_weights(sieve_m
     assert "at the training's pooled tokens (16 a frame)" in table
     lookups = table.split("lookups on the first 2 clips, full tokens: ")[1].split()
     assert lookups[:2] == ["frame", "descriptions"] and lookups[3:5] == ["object", "spans"]
-    assert all(float(lookups[i].rstrip(",")) in (0.0, 0.5, 1.0) for i in (2, 5))  # two validation clips
+    assert lookups[6:8] == ["frame", "objects"]
+    assert all(float(lookups[i].rstrip(",")) in (0.0, 0.5, 1.0) for i in (2, 5, 8))  # two validation clips
 
 
 def test_a_resumed_run_takes_new_peak_rates_and_full_token_steps(sieve_mini, small_caches):
@@ -216,3 +221,10 @@ def test_the_frame_probe_trains_the_adapters_resumes_and_stays_out_of_the_weight
     assert any(not torch.equal(probe["lora"][name], plain["lora"][name]) for name in probe["lora"])  # it taught
     assert "resumed from" in _train(small_caches / "probe", 3, "--frame-probe-weight", "1", "--frame-probe-layer", "3")
     assert (build.PROJECTOR_FILE.read_bytes(), build.LORA_FILE.read_bytes()) == committed
+
+
+def test_the_frame_probe_without_clips_is_refused_before_training(small_caches):
+    result = _invoke(small_caches / "images", 1, "--frame-probe-weight", "1", "--video-batch", "0")
+    message = " ".join(result.output.replace("│", " ").split())  # typer's boxed, wrapped error
+    assert result.exit_code == 2 and "--frame-probe-weight reads clips' visual tokens: give --video-batch too" in message
+    assert not (small_caches / "images").exists()

@@ -10,8 +10,8 @@ from tokensieve.qa import (SPLIT_SEEDS, VIDEO_CHANCE, VIDEO_SKILLS, accuracy_by_
                            video_example, video_examples)
 from tokensieve.qa.backgrounds import random_background
 from tokensieve.qa.scenes import COLOURS, SHAPES
-from tokensieve.qa.video_questions import (DIRECTIONS, FLASH_COUNTS, describe_clip, describe_frame, object_spans,
-                                          suite_questions)
+from tokensieve.qa.video_questions import (DIRECTIONS, FLASH_COUNTS, describe_clip, describe_frame, named_objects,
+                                          object_spans, suite_questions)
 
 SIZE = 96  # small frames keep the pixel checks quick; geometry is in fractions of the side
 
@@ -189,6 +189,17 @@ def test_a_frame_description_names_what_that_frame_shows_and_where():
     ex = video_example("train", 1, frames=8)  # motion: the mover's ninth of the canvas changes with it
     first, last = describe_frame(ex.clip.tracks, 0), describe_frame(ex.clip.tracks, 7)
     assert first != last and ex.clip.tracks[0].name(0) in first and ex.clip.tracks[0].name(7) in last
+
+
+def test_the_objects_a_description_names_are_those_its_frame_shows_whatever_the_positions():
+    for index in range(6):
+        ex = video_example("validation", index, frames=8)
+        for t in range(8):
+            shown = {f"{pose.colour} {track.shape}" for track in ex.clip.tracks if (pose := track.poses[t]) is not None}
+            assert named_objects(describe_frame(ex.clip.tracks, t)) == shown
+    assert named_objects("Red star top left, blue cross centre.") == named_objects("blue cross, red star.")
+    assert named_objects("red star top left.") != named_objects("red square top left.")
+    assert named_objects("no shapes.") == set() and named_objects("a star, red") == set()
 
 
 def test_object_spans_give_the_frames_each_object_is_seen_in_under_each_colour():

@@ -215,6 +215,8 @@ def main(
     if video_batch and (video_clips % VIDEO_SHARD_SIZE or VIDEO_SHARD_SIZE % video_batch):
         raise typer.BadParameter(f"--video-clips must be a multiple of {VIDEO_SHARD_SIZE} and --video-batch "
                                  f"divide it, got {video_clips} and {video_batch}")
+    if frame_probe_weight and not video_batch:
+        raise typer.BadParameter("--frame-probe-weight reads clips' visual tokens: give --video-batch too")
     export = not video_batch if export is None else export
     if threads:
         torch.set_num_threads(threads)
@@ -328,7 +330,8 @@ def main(
                      f"{format_table(pooled_table)}\n")
         if lookups:
             text += (f"\nlookups on the first {min(LOOKUP_CLIPS, video_val_examples)} clips, full tokens: "
-                     f"frame descriptions {lookups['frame']:.3f}, object spans {lookups['spans']:.3f}\n")
+                     f"frame descriptions {lookups['frame']:.3f}, object spans {lookups['spans']:.3f}, "
+                     f"frame objects {lookups['objects']:.3f}\n")
         print(f"validation at step {step}:\n{text}", flush=True)
         (out / f"val-step{step:05d}.md").write_text(text)
         log.write(json.dumps({"step": step, "validation": table, "video_validation": video_table,
@@ -358,34 +361,37 @@ def main(
                     **({"frame_probe": frame_probe.state_dict()} if frame_probe else {})}, partial)
         partial.replace(checkpoint)
 
-    def answer_loss_of(convs: list[tuple[list[int], list[int]]], features: torch.Tensor,
-                       leading: list[int] | None = None, leading_weight: float = 1.0,
-                       frame_tokens: int = 0) -> tuple[torch.Tensor, tuple[torch.Tensor, float] | None]:
-        """Mean cross-entropy over answer tokens; those of row i's first `leading[i]` answers weigh `leading_weight`.
-        With `frame_tokens` (clips) and the frame probe: also its loss and accuracy on the visual tokens."""
+    def forward(convs: list[tuple[list[int], list[int]]], features: torch.Tensor, hidden_states: bool = False):
+        """Token ids, labels and the language model's outputs (every layer's with `hidden_states`) for a batch."""
         ids, labels, mask = batch_tensors(encoder, convs, device)
-        probing = frame_probe is not None and frame_tokens > 0
         with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
             embeds = embed_with_images(lm.get_input_embeddings(), ids, encoder.image_token_id,
                                        projector(features.to(device, torch.float32)))
-            outputs = lm.model(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=probing)
-            hidden = outputs.last_hidden_state
-            probe = None
-            if probing:
-                is_image = ids == encoder.image_token_id
-                frames = visual_frames(is_image, frame_tokens)
-                guesses = frame_probe(outputs.hidden_states[frame_probe_layer][is_image]).float()
-                probe = (torch.nn.functional.cross_entropy(guesses, frames),
-                         (guesses.argmax(-1) == frames).float().mean().item())
-            # Logits only where an answer token is predicted: the 49k-way head over every token costs a lot.
-            targets = labels[:, 1:]
-            picked = targets != IGNORE
+            outputs = lm.model(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=hidden_states)
+        return ids, labels, outputs
+
+    def answer_loss_of(labels: torch.Tensor, hidden: torch.Tensor, leading: list[int] | None = None,
+                       leading_weight: float = 1.0) -> torch.Tensor:
+        """Mean cross-entropy over answer tokens; those of row i's first `leading[i]` answers weigh `leading_weight`."""
+        # Logits only where an answer token is predicted: the 49k-way head over every token costs a lot.
+        targets = labels[:, 1:]
+        picked = targets != IGNORE
+        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
             logits = lm.lm_head(hidden[:, :-1][picked])
         losses = torch.nn.functional.cross_entropy(logits.float(), targets[picked], reduction="none")
         if leading is None:
-            return losses.mean(), probe
+            return losses.mean()
         weights = torch.where(leading_answers(labels, torch.tensor(leading))[:, 1:][picked], leading_weight, 1.0)
-        return (weights * losses).sum() / weights.sum(), probe
+        return (weights * losses).sum() / weights.sum()
+
+    def frame_probe_loss(ids: torch.Tensor, outputs, frame_tokens: int) -> tuple[torch.Tensor, float]:
+        """The frame probe's cross-entropy and accuracy at the visual tokens of clips of `frame_tokens` per frame."""
+        is_image = ids == encoder.image_token_id
+        frames = visual_frames(is_image, frame_tokens)
+        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            guesses = frame_probe(outputs.hidden_states[frame_probe_layer][is_image]).float()
+        return (torch.nn.functional.cross_entropy(guesses, frames),
+                (guesses.argmax(-1) == frames).float().mean().item())
 
     def clip_questions(ex) -> list[QA]:
         """The clip's own question, then (--suite-questions) the suite's other questions it answers."""
@@ -414,18 +420,21 @@ def main(
         packs = [ex.qas + [describe(ex.scene)] if describe_scene else ex.qas for ex in exs]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, group["peak"], warmup)
-        loss = answer_loss = answer_loss_of([train_encoder.conversation(qas) for qas in packs], features)[0]
-        if video_batch:  # one sequence per clip: its frames, then its one question
+        _, labels, outputs = forward([train_encoder.conversation(qas) for qas in packs], features)
+        loss = answer_loss = answer_loss_of(labels, outputs.last_hidden_state)
+        if video_batch:  # one sequence per clip: its frames, then its questions
             clips, clip_features = clips_at(step)
             clip_encoder = video_encoder if clip_pool_at(step) > 1 else frame_encoder
-            video_loss, probe = answer_loss_of(
-                [clip_encoder.conversation(clip_pack(ex, step), video_frames) for ex in clips], clip_features,
-                [len(clip_questions(ex)) for ex in clips], question_weight, clip_encoder.image_tokens)
+            ids, labels, outputs = forward([clip_encoder.conversation(clip_pack(ex, step), video_frames) for ex in clips],
+                                           clip_features, hidden_states=frame_probe is not None)
+            video_loss = answer_loss_of(labels, outputs.last_hidden_state,
+                                        [len(clip_questions(ex)) for ex in clips], question_weight)
             loss = loss + video_weight * video_loss
             recent_video.append(video_loss.item())
-            if probe:
-                loss = loss + frame_probe_weight * probe[0]
-                recent_probe.append(probe[1])
+            if frame_probe:
+                probe_loss, probe_accuracy = frame_probe_loss(ids, outputs, clip_encoder.image_tokens)
+                loss = loss + frame_probe_weight * probe_loss
+                recent_probe.append(probe_accuracy)
         if read_weight:  # word patches drawn by step, so that resuming anywhere draws the same ones
             index = torch.randint(len(word_features), (256,), generator=torch.Generator().manual_seed(seed * 10**6 + step))
             projected = projector(word_features[index].to(device, torch.float32))

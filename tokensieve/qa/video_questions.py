@@ -267,6 +267,13 @@ def describe_frame(tracks: list[Track], t: int) -> str:
     return (", ".join(words for _, _, words in shown) or "no shapes") + "."
 
 
+def named_objects(text: str) -> set[str]:
+    """The objects ("red star") a text names: of a frame description, what the frame shows, positions aside
+    (a partial score of the lookups, which an exact match hides)."""
+    words = text.lower().replace(",", " ").replace(".", " ").split()
+    return {f"{colour} {shape}" for colour, shape in zip(words, words[1:]) if colour in COLOURS and shape in SHAPES}
+
+
 def _spans(frames: list[int]) -> str:
     """Sorted 0-based frame indices as 1-based runs: [2, 3, 4, 8] -> "frames 3 to 5 and 9"."""
     runs = []
