@@ -228,3 +228,43 @@ def test_the_frame_probe_without_clips_is_refused_before_training(small_caches):
     message = " ".join(result.output.replace("│", " ").split())  # typer's boxed, wrapped error
     assert result.exit_code == 2 and "--frame-probe-weight reads clips' visual tokens: give --video-batch too" in message
     assert not (small_caches / "images").exists()
+
+
+def test_a_window_of_a_clip_is_the_clip_its_frames_show():
+    tracks = video_examples("train", 4, frames=8)[3].clip.tracks  # flashes: an object unseen in some frames
+    for start, length in itertools.product(range(8), (1, 3)):
+        window = train.window_of(tracks, start, length)
+        seen = [track for track in tracks if any(pose is not None for pose in track.poses[start:start + length])]
+        assert [track.shape for track in window] == [track.shape for track in seen]
+        assert all(track.poses == old.poses[start:start + length] for track, old in zip(window, seen))
+        assert [train.describe_frame(window, t) for t in range(len(window[0].poses) if window else 0)] == \
+            [train.describe_frame(tracks, t) for t in range(start, min(8, start + length)) if window]
+    one = train.window_of(tracks, 0, 1)
+    assert {frames for _, frames in train.object_spans(one)} == {"frame 1"}
+    empty = train.window_of([train.replace(tracks[0], poses=(None,) * 8)], 2, 3)
+    assert empty == [] and train.object_spans(empty) == [] and train.describe_frame(empty, 0) == "no shapes."
+
+
+def test_a_window_trains_on_what_it_shows_and_is_looked_up_at_its_own_length(sieve_mini, small_caches):
+    output = _train(small_caches / "window", 1, "--video-window", "2", "--span-questions", "2", "--own-question")
+    plain = _train(small_caches / "plain", 1, "--span-questions", "2")
+    assert output.split("video_loss ")[1].split()[0] != plain.split("video_loss ")[1].split()[0]
+    table = (small_caches / "window" / "val-step00001.md").read_text()
+    assert "lookups on the first 2 clips, full tokens" in table  # the whole clips are still checked
+    window = table.split("lookups on their first 2 frames: ")[1].split()
+    assert window[:2] == ["frame", "descriptions"] and window[3:5] == ["object", "spans"]
+    assert all(float(window[i].rstrip(",")) in (0.0, 0.5, 1.0) for i in (2, 5, 8))
+
+
+WHOLE_CLIPS = "--video-window cuts the clips of --video-batch to 1 to --video-frames"
+
+
+@pytest.mark.parametrize("options, message", [
+    (("--video-window", "9"), WHOLE_CLIPS), (("--video-window", "2", "--suite-questions"), WHOLE_CLIPS),
+    (("--video-window", "2", "--video-batch", "0"), WHOLE_CLIPS),
+    (("--video-window", "2", "--frame-questions", "0", "--no-video-describe"), "--video-window asks only about the window")])
+def test_a_window_longer_than_the_clips_with_whole_clip_questions_or_nothing_to_ask_is_refused(small_caches, options,
+                                                                                                  message):
+    result = _invoke(small_caches / "refused", 1, *options)
+    assert result.exit_code == 2 and message in " ".join(result.output.replace("│", " ").split())
+    assert not (small_caches / "refused").exists()

@@ -12,7 +12,7 @@ import torch
 
 from ..engine.compat import CACHE_ARGUMENT, output_cache
 from ..qa import VIDEO_CHANCE, Example, VideoExample, accuracy_by_skill, is_correct
-from ..qa.video_questions import describe_frame, named_objects, object_spans
+from ..qa.video_questions import Track, describe_frame, named_objects, object_spans
 from .sequences import Encoder, embed_with_images
 
 
@@ -84,19 +84,20 @@ def evaluate_clips(lm, projector, encoder: Encoder, exs: list[VideoExample], fea
     return accuracy_by_skill(records, VIDEO_CHANCE)
 
 
-def evaluate_lookups(lm, projector, encoder: Encoder, exs: list[VideoExample], features: torch.Tensor,
+def evaluate_lookups(lm, projector, encoder: Encoder, tracks: list[list[Track]], features: torch.Tensor,
                      batch: int = 4) -> dict[str, float]:
-    """Accuracy of the training's per-frame lookups on clips: "What is in frame n?" (clip i: frame i mod
-    frames), as the whole description ("frame") and as the objects it names, positions aside ("objects"), and
-    "In which frames is the ...?" (clip i: its (i mod objects)-th object). A model that cannot tell one frame's
-    tokens from the next fails them, whatever its answers to the suite's questions."""
+    """Accuracy of the training's per-frame lookups on clips (each given by its tracks): "What is in frame n?"
+    (clip i: frame i mod frames), as the whole description ("frame") and as the objects it names, positions
+    aside ("objects"), and "In which frames is the ...?" (clip i: its (i mod objects)-th object). A model that
+    cannot tell one frame's tokens from the next fails them, whatever its answers to the suite's questions."""
     frames = features.shape[1] // encoder.image_tokens
     asked = []
-    for i, ex in enumerate(exs):
-        t, spans = i % frames, object_spans(ex.clip.tracks)
-        name, seen = spans[i % len(spans)]
-        asked.append((i, "frame", f"What is in frame {t + 1}?", describe_frame(ex.clip.tracks, t)))
-        asked.append((i, "spans", f"In which frames is the {name}?", seen))
+    for i, clip in enumerate(tracks):
+        t = i % frames
+        asked.append((i, "frame", f"What is in frame {t + 1}?", describe_frame(clip, t)))
+        if spans := object_spans(clip):
+            name, seen = spans[i % len(spans)]
+            asked.append((i, "spans", f"In which frames is the {name}?", seen))
     correct = {"frame": [], "objects": [], "spans": []}
     for start in range(0, len(asked), batch):
         chunk = asked[start:start + batch]
@@ -106,4 +107,4 @@ def evaluate_lookups(lm, projector, encoder: Encoder, exs: list[VideoExample], f
             correct[kind].append(is_correct(pred, truth))
             if kind == "frame":
                 correct["objects"].append(named_objects(pred) == named_objects(truth))
-    return {kind: sum(v) / len(v) for kind, v in correct.items()}
+    return {kind: sum(v) / len(v) if v else 0.0 for kind, v in correct.items()}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ from ..engine.compat import from_pretrained
 from ..qa import DATA_VERSION, QA, VIDEO_DATA_VERSION, examples, format_table, video_examples
 from ..qa.video import MAX_FRAMES
 from ..qa.questions import describe
-from ..qa.video_questions import describe_clip, describe_frame, object_spans, suite_questions
+from ..qa.video_questions import Track, describe_clip, describe_frame, object_spans, suite_questions
 from .align import WordTargets, fit_projector, refit_words, word_patches
 from .build import LORA_FILE, PROJECTOR_FILE, VISION_FEATURE_LAYER, language_dir, vision_dir
 from .assemble import llava_config
@@ -142,6 +143,12 @@ def visual_frames(is_image: torch.Tensor, frame_tokens: int) -> torch.Tensor:
     return ((is_image.long().cumsum(-1) - 1) // frame_tokens)[is_image]
 
 
+def window_of(tracks: list[Track], start: int, length: int) -> list[Track]:
+    """A clip's tracks over frames `start` to `start + length - 1`, those seen there only: a shorter clip."""
+    cut = [replace(track, poses=track.poses[start:start + length]) for track in tracks]
+    return [track for track in cut if any(pose is not None for pose in track.poses)]
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -188,6 +195,9 @@ def main(
                                          "tokens instead (0: never), so that the model sees both"),
     video_describe: bool = typer.Option(True, "--video-describe/--no-video-describe",
                                         help="end each clip's sequence with what happens in it, object by object"),
+    video_window: int = typer.Option(0, help="train on a window of this many consecutive frames of each clip, at "
+                                     "a seeded random start, asked only about the window (its frames, spans and "
+                                     "description): a curriculum's early stages. 0: whole clips"),
     frame_questions: int = typer.Option(4, help="questions per clip on what one frame shows (\"What is in frame 7?\"), "
                                         "frames drawn by step; they tie frame numbers to frame contents"),
     span_questions: int = typer.Option(0, help="questions per clip on when one object is seen (\"In which frames is "
@@ -215,6 +225,13 @@ def main(
     if video_batch and (video_clips % VIDEO_SHARD_SIZE or VIDEO_SHARD_SIZE % video_batch):
         raise typer.BadParameter(f"--video-clips must be a multiple of {VIDEO_SHARD_SIZE} and --video-batch "
                                  f"divide it, got {video_clips} and {video_batch}")
+    if video_window and not (video_batch and 0 < video_window <= video_frames and not suite_questions_):
+        raise typer.BadParameter(f"--video-window cuts the clips of --video-batch to 1 to --video-frames "
+                                 f"({video_frames}) frames and their suite questions ask about whole clips: give "
+                                 f"--video-batch and --own-question, got --video-window {video_window}")
+    if video_window and not (frame_questions or span_questions or video_describe):
+        raise typer.BadParameter("--video-window asks only about the window: give --frame-questions, "
+                                 "--span-questions or --video-describe")
     if frame_probe_weight and not video_batch:
         raise typer.BadParameter("--frame-probe-weight reads clips' visual tokens: give --video-batch too")
     export = not video_batch if export is None else export
@@ -229,6 +246,11 @@ def main(
     tokenizer = AutoTokenizer.from_pretrained(language)
     dtype = training_dtype(device)
     print(f"training in {dtype} on {device}", flush=True)
+
+    def autocast() -> torch.autocast:
+        """Mixed precision where the device has a faster dtype than fp32 (see training_dtype)."""
+        return torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
+
     # Frozen weights in the compute dtype: autocast would otherwise re-cast every fp32 weight at every step.
     lm = from_pretrained(LlamaForCausalLM, language, dtype=dtype).to(device)
     lm.requires_grad_(False)
@@ -301,25 +323,39 @@ def main(
     def clip_pool_at(step: int) -> int:
         return 1 if video_full_every and step % video_full_every == 0 else video_pool
 
-    def clips_at(step: int) -> tuple[list, torch.Tensor]:
+    shown_frames = video_window or video_frames
+
+    def clips_at(step: int) -> tuple[list, list[list[Track]], torch.Tensor]:
+        """The step's clips, the tracks of what each shows (its window with --video-window) and their features."""
         shard, order = shuffled(seed + 1, step, video_clips // VIDEO_SHARD_SIZE, VIDEO_SHARD_SIZE, video_batch)
         exs = [video_examples("train", 1, shard * VIDEO_SHARD_SIZE + int(i), video_frames)[0] for i in order]
-        features = video_cache.shard("train", shard)[torch.from_numpy(order)]
-        return exs, pool_frames(features, video_frames, clip_pool_at(step))
+        features = pool_frames(video_cache.shard("train", shard)[torch.from_numpy(order)], video_frames,
+                               clip_pool_at(step))
+        if not video_window:
+            return exs, [ex.clip.tracks for ex in exs], features
+        starts = [int(np.random.default_rng((seed, step, ex.index, 1)).integers(video_frames - video_window + 1))
+                  for ex in exs]
+        per_frame = features.unflatten(1, (video_frames, -1))
+        features = torch.stack([per_frame[i, t:t + video_window] for i, t in enumerate(starts)]).flatten(1, 2)
+        return exs, [window_of(ex.clip.tracks, t, video_window) for ex, t in zip(exs, starts)], features
 
     val = examples("validation", val_examples)
     val_features = torch.cat([cache.shard("validation", s) for s in range(math.ceil(val_examples / SHARD_SIZE))])[:val_examples]
 
     def run_eval(step: int) -> None:
         projector.eval()
-        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+        with autocast():
             table = evaluate(lm, projector, encoder, val, val_features)
             video_table = evaluate_clips(lm, projector, frame_encoder, video_val, video_val_features) if video_batch else None
             pooled_table = (evaluate_clips(lm, projector, video_encoder, video_val,
                                            pool_frames(video_val_features, video_frames, video_pool))
                             if video_batch and video_pool > 1 else None)
-            lookups = (evaluate_lookups(lm, projector, frame_encoder, video_val[:LOOKUP_CLIPS],
+            lookups = (evaluate_lookups(lm, projector, frame_encoder, [ex.clip.tracks for ex in video_val[:LOOKUP_CLIPS]],
                                         video_val_features[:LOOKUP_CLIPS]) if video_batch else None)
+            window_lookups = (evaluate_lookups(lm, projector, frame_encoder,
+                                               [window_of(ex.clip.tracks, 0, video_window) for ex in video_val[:LOOKUP_CLIPS]],
+                                               video_val_features[:LOOKUP_CLIPS, :video_window * frame_encoder.image_tokens])
+                              if video_window else None)
         projector.train()
         text = f"images ({val_examples} validation examples, full tokens):\n\n{format_table(table)}\n"
         if video_table:
@@ -332,11 +368,14 @@ def main(
             text += (f"\nlookups on the first {min(LOOKUP_CLIPS, video_val_examples)} clips, full tokens: "
                      f"frame descriptions {lookups['frame']:.3f}, object spans {lookups['spans']:.3f}, "
                      f"frame objects {lookups['objects']:.3f}\n")
+        if window_lookups:
+            text += (f"\nlookups on their first {video_window} frames: frame descriptions {window_lookups['frame']:.3f}, "
+                     f"object spans {window_lookups['spans']:.3f}, frame objects {window_lookups['objects']:.3f}\n")
         print(f"validation at step {step}:\n{text}", flush=True)
         (out / f"val-step{step:05d}.md").write_text(text)
         log.write(json.dumps({"step": step, "validation": table, "video_validation": video_table,
                              "video_validation_pooled": pooled_table,
-                             "lookups": lookups}) + "\n")
+                             "lookups": lookups, "window_lookups": window_lookups}) + "\n")
         log.flush()
         if export:
             export_weights(step)
@@ -364,7 +403,7 @@ def main(
     def forward(convs: list[tuple[list[int], list[int]]], features: torch.Tensor, hidden_states: bool = False):
         """Token ids, labels and the language model's outputs (every layer's with `hidden_states`) for a batch."""
         ids, labels, mask = batch_tensors(encoder, convs, device)
-        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+        with autocast():
             embeds = embed_with_images(lm.get_input_embeddings(), ids, encoder.image_token_id,
                                        projector(features.to(device, torch.float32)))
             outputs = lm.model(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=hidden_states)
@@ -376,7 +415,7 @@ def main(
         # Logits only where an answer token is predicted: the 49k-way head over every token costs a lot.
         targets = labels[:, 1:]
         picked = targets != IGNORE
-        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+        with autocast():
             logits = lm.lm_head(hidden[:, :-1][picked])
         losses = torch.nn.functional.cross_entropy(logits.float(), targets[picked], reduction="none")
         if leading is None:
@@ -388,29 +427,32 @@ def main(
         """The frame probe's cross-entropy and accuracy at the visual tokens of clips of `frame_tokens` per frame."""
         is_image = ids == encoder.image_token_id
         frames = visual_frames(is_image, frame_tokens)
-        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+        with autocast():
             guesses = frame_probe(outputs.hidden_states[frame_probe_layer][is_image]).float()
         return (torch.nn.functional.cross_entropy(guesses, frames),
                 (guesses.argmax(-1) == frames).float().mean().item())
 
     def clip_questions(ex) -> list[QA]:
-        """The clip's own question, then (--suite-questions) the suite's other questions it answers."""
+        """The clip's own question, then (--suite-questions) the suite's other questions it answers; none of a
+        window (--video-window), whose answers may differ from the whole clip's."""
+        if video_window:
+            return []
         if not suite_questions_:
             return [ex.qa]
         return [ex.qa] + [qa for qa in suite_questions(ex.clip.tracks) if qa.question != ex.qa.question]
 
-    def clip_pack(ex, step: int) -> list[QA]:
-        """The clip's suite questions, then questions on single frames and on when objects are seen, then
-        (--video-describe) what happens in it."""
+    def clip_pack(ex, tracks: list[Track], step: int) -> list[QA]:
+        """The clip's suite questions, then questions on single frames (as many as it shows, at most) and on when
+        objects are seen, then (--video-describe) what happens in it; `tracks`: what the clip shows."""
         rng = np.random.default_rng((seed, step, ex.index))
-        frames = rng.choice(video_frames, frame_questions, replace=False)
-        pack = clip_questions(ex) + [QA("frame", f"What is in frame {t + 1}?", describe_frame(ex.clip.tracks, t))
+        frames = rng.choice(shown_frames, min(frame_questions, shown_frames), replace=False)
+        pack = clip_questions(ex) + [QA("frame", f"What is in frame {t + 1}?", describe_frame(tracks, t))
                                      for t in frames]
-        spans = object_spans(ex.clip.tracks)
+        spans = object_spans(tracks)
         pack += [QA("spans", f"In which frames is the {spans[i][0]}?", spans[i][1])
                  for i in rng.permutation(len(spans))[:span_questions]]
-        if video_describe:
-            pack.append(QA("description", "Describe the video.", describe_clip(ex.clip.tracks)))
+        if video_describe and tracks:
+            pack.append(QA("description", "Describe the video.", describe_clip(tracks)))
         return pack
 
     projector.train()
@@ -423,9 +465,10 @@ def main(
         _, labels, outputs = forward([train_encoder.conversation(qas) for qas in packs], features)
         loss = answer_loss = answer_loss_of(labels, outputs.last_hidden_state)
         if video_batch:  # one sequence per clip: its frames, then its questions
-            clips, clip_features = clips_at(step)
+            clips, shown, clip_features = clips_at(step)
             clip_encoder = video_encoder if clip_pool_at(step) > 1 else frame_encoder
-            ids, labels, outputs = forward([clip_encoder.conversation(clip_pack(ex, step), video_frames) for ex in clips],
+            ids, labels, outputs = forward([clip_encoder.conversation(clip_pack(ex, tracks, step), shown_frames)
+                                            for ex, tracks in zip(clips, shown)],
                                            clip_features, hidden_states=frame_probe is not None)
             video_loss = answer_loss_of(labels, outputs.last_hidden_state,
                                         [len(clip_questions(ex)) for ex in clips], question_weight)

@@ -290,7 +290,7 @@ def object_spans(tracks: list[Track]) -> list[tuple[str, str]]:
     """(name, the frames it is seen in) for every object of a clip under every colour it shows, in the order
     they first appear: ("red star", "frames 3 to 5 and 9 to 12"). For training only: where each object is in
     time, the step between single frames and the order, flashes, needle and change questions."""
-    n_frames = len(tracks[0].poses)
+    n_frames = len(tracks[0].poses) if tracks else 0
     seen: dict[str, list[int]] = {}
     for t in range(n_frames):
         for track in tracks:
