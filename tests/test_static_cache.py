@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import CompileConfig, StaticCache
+from transformers import CompileConfig, DynamicCache, MistralConfig, StaticCache
 
 import tokensieve as ts
 from conftest import build_model, family_method_params, method_for
@@ -20,6 +20,7 @@ from families import FAMILIES
 from test_contract import TEXTS
 from test_observe import cache_bytes
 from tiny_models import LLAVA
+from tokensieve.engine import decode_stage
 from tokensieve.engine.compat import CACHE_ARGUMENT, output_cache
 
 BEFORE_LLM = family_method_params(stages=("in_vision", "pre_llm"))
@@ -176,6 +177,19 @@ def test_a_method_acting_at_decode_steps_refuses_a_static_cache_before_the_prefi
         assert run.stats.images == []  # refused before any image was pruned
         tokens = model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0)
     assert tokens.shape == (2, inputs["input_ids"].shape[1] + 2)
+
+
+def test_the_decode_cache_refusal_names_the_layers_and_what_to_change():
+    """A static cache is the caller's choice; sliding-window layers are the model's own (a Mistral-like config)."""
+    method = method_for(*AT_DECODE[0].values[1:])
+    sliding = DynamicCache(config=MistralConfig(sliding_window=8, num_hidden_layers=2))
+    with pytest.raises(ValueError, match="not a DynamicCache with DynamicSlidingWindowLayer layers: a model with "
+                                         "sliding-window attention layers cannot serve it"):
+        decode_stage._check_cache(sliding, method)
+    static = StaticCache(config=MistralConfig(sliding_window=None, num_hidden_layers=2), max_cache_len=8)
+    with pytest.raises(ValueError, match="not a StaticCache with StaticLayer layers: generate without cache_implementation"):
+        decode_stage._check_cache(static, method)
+    decode_stage._check_cache(DynamicCache(config=MistralConfig(sliding_window=None, num_hidden_layers=2)), method)  # full attention: served
 
 
 # Compiled forwards are refused: dynamo does not guard on a module's hooks, so a forward compiled before apply()

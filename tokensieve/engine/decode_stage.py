@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from ..sieve import DecodeRule, Sieve
 from .compat import CACHE_ARGUMENT
@@ -351,7 +351,14 @@ def _refuse(method: Sieve, rule: DecodeRule, decoder: nn.Module, layers: LayerPr
 
 def _check_cache(cache, method: Sieve) -> None:
     layers = getattr(cache, "layers", None) if cache is not None else []
-    if any(type(layer) is not DynamicLayer for layer in layers or ()):
-        raise ValueError(f"{method.name} acts on the KV cache at decode steps, and needs the default dynamic cache of "
-                         f"full-attention layers, not a {type(cache).__name__}: generate without cache_implementation "
-                         f"inside the apply() block")
+    others = [layer for layer in layers or () if type(layer) is not DynamicLayer]
+    if not others:
+        return
+    # A sliding-window layer comes from the model's own config (no generate() option removes it); a static one
+    # from the caller's cache_implementation or cache.
+    remedy = ("a model with sliding-window attention layers cannot serve it; apply a method that acts before "
+              "or inside the prefill only" if all(type(layer) is DynamicSlidingWindowLayer for layer in others) else
+              "generate without cache_implementation inside the apply() block")
+    raise ValueError(f"{method.name} acts on the KV cache at decode steps, and needs the default dynamic cache of "
+                     f"full-attention layers, not a {type(cache).__name__} with {', '.join(sorted({type(layer).__name__ for layer in others}))} "
+                     f"layers: {remedy}")
