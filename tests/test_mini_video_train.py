@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from tokensieve.engine.compat import from_pretrained
 from tokensieve.mini import SAMPLE_IMAGE, VIDEO_FRAME_SIZE, build, features, train, video, video_inputs
 from tokensieve.mini.evaluate_video import generate_answers, language_model_of
-from tokensieve.mini.fasteval import answer
+from tokensieve.mini.fasteval import answer, evaluate_lookups, format_lookups
 from tokensieve.mini.lora import add_lora
 from tokensieve.mini.sequences import IGNORE, Encoder, embed_with_images
 from tokensieve.qa import QA, VIDEO_DATA_VERSION, video_examples
@@ -94,6 +94,19 @@ def test_fast_answers_on_cached_clips_are_what_generate_answers(sieve_mini, smal
                   Encoder(processor.tokenizer, 64), cache.first("validation", 4), [ex.qa.question for ex in clips],
                   images=16)
     assert fast == generate_answers(model, processor, clips)
+
+
+def test_lookups_report_a_kind_nobody_was_asked_as_none_asked_not_as_zero(sieve_mini):
+    model, processor = sieve_mini
+    shown = video_examples("validation", 1, frames=8)[0].clip.tracks
+    hidden = [train.replace(track, poses=(None,) * 8) for track in shown]  # a clip where no object is ever seen
+    features = torch.randn(2, 8 * 16, 384)
+    lookups = evaluate_lookups(language_model_of(model), model.model.multi_modal_projector,
+                               Encoder(processor.tokenizer, 16), [hidden, hidden], features)
+    assert lookups["spans"] is None and lookups["frame"] is not None and lookups["objects"] is not None
+    assert "object spans none asked" in format_lookups(lookups)
+    assert evaluate_lookups(language_model_of(model), model.model.multi_modal_projector,
+                            Encoder(processor.tokenizer, 16), [shown, hidden], features)["spans"] in (0.0, 1.0)
 
 
 def test_init_from_weights_is_the_committed_model(sieve_mini):

@@ -359,6 +359,6 @@ def _check_cache(cache, method: Sieve) -> None:
     remedy = ("a model with sliding-window attention layers cannot serve it; apply a method that acts before "
               "or inside the prefill only" if all(type(layer) is DynamicSlidingWindowLayer for layer in others) else
               "generate without cache_implementation inside the apply() block")
+    kinds = ", ".join(sorted({type(layer).__name__ for layer in others}))
     raise ValueError(f"{method.name} acts on the KV cache at decode steps, and needs the default dynamic cache of "
-                     f"full-attention layers, not a {type(cache).__name__} with {', '.join(sorted({type(layer).__name__ for layer in others}))} "
-                     f"layers: {remedy}")
+                     f"full-attention layers, not a {type(cache).__name__} with {kinds} layers: {remedy}")

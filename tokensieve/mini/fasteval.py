@@ -85,11 +85,12 @@ def evaluate_clips(lm, projector, encoder: Encoder, exs: list[VideoExample], fea
 
 
 def evaluate_lookups(lm, projector, encoder: Encoder, tracks: list[list[Track]], features: torch.Tensor,
-                     batch: int = 4) -> dict[str, float]:
+                     batch: int = 4) -> dict[str, float | None]:
     """Accuracy of the training's per-frame lookups on clips (each given by its tracks): "What is in frame n?"
     (clip i: frame i mod frames), as the whole description ("frame") and as the objects it names, positions
     aside ("objects"), and "In which frames is the ...?" (clip i: its (i mod objects)-th object). A model that
-    cannot tell one frame's tokens from the next fails them, whatever its answers to the suite's questions."""
+    cannot tell one frame's tokens from the next fails them, whatever its answers to the suite's questions.
+    A kind with no question (spans where no clip shows an object) is None, not a score of 0."""
     frames = features.shape[1] // encoder.image_tokens
     asked = []
     for i, clip in enumerate(tracks):
@@ -107,4 +108,11 @@ def evaluate_lookups(lm, projector, encoder: Encoder, tracks: list[list[Track]],
             correct[kind].append(is_correct(pred, truth))
             if kind == "frame":
                 correct["objects"].append(named_objects(pred) == named_objects(truth))
-    return {kind: sum(v) / len(v) if v else 0.0 for kind, v in correct.items()}
+    return {kind: sum(v) / len(v) if v else None for kind, v in correct.items()}
+
+
+def format_lookups(lookups: dict[str, float | None]) -> str:
+    """evaluate_lookups' scores as one line of the evaluation file."""
+    names = {"frame": "frame descriptions", "spans": "object spans", "objects": "frame objects"}
+    return ", ".join(f"{name} {'none asked' if lookups[kind] is None else f'{lookups[kind]:.3f}'}"
+                     for kind, name in names.items())

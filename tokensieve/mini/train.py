@@ -39,7 +39,7 @@ from ..qa.video_questions import Track, describe_clip, describe_frame, object_sp
 from .align import WordTargets, fit_projector, refit_words, word_patches
 from .build import LORA_FILE, PROJECTOR_FILE, VISION_FEATURE_LAYER, language_dir, vision_dir
 from .assemble import llava_config
-from .fasteval import evaluate, evaluate_clips, evaluate_lookups
+from .fasteval import evaluate, evaluate_clips, evaluate_lookups, format_lookups
 from .features import SHARD_SIZE, FeatureCache
 from .lora import LoRALinear, add_lora, dequantised, lora_state, quantised
 from .sequences import IGNORE, Encoder, embed_with_images
@@ -366,11 +366,9 @@ def main(
                      f"{format_table(pooled_table)}\n")
         if lookups:
             text += (f"\nlookups on the first {min(LOOKUP_CLIPS, video_val_examples)} clips, full tokens: "
-                     f"frame descriptions {lookups['frame']:.3f}, object spans {lookups['spans']:.3f}, "
-                     f"frame objects {lookups['objects']:.3f}\n")
+                     f"{format_lookups(lookups)}\n")
         if window_lookups:
-            text += (f"\nlookups on their first {video_window} frames: frame descriptions {window_lookups['frame']:.3f}, "
-                     f"object spans {window_lookups['spans']:.3f}, frame objects {window_lookups['objects']:.3f}\n")
+            text += f"\nlookups on their first {video_window} frames: {format_lookups(window_lookups)}\n"
         print(f"validation at step {step}:\n{text}", flush=True)
         (out / f"val-step{step:05d}.md").write_text(text)
         log.write(json.dumps({"step": step, "validation": table, "video_validation": video_table,
