@@ -427,6 +427,10 @@ def test_the_sweep_of_every_method_runs_an_adaptive_budget_where_a_method_takes_
     configs = plan(["all"], [parse_keep("32"), parse_keep("adaptive(0.9)")])
     assert {c.method for c in configs if isinstance(c.keep, Adaptive)} == takers
     assert sum(c.keep == 32 for c in configs) == len(ts.list_methods())
+    stills = plan(["all"], [parse_keep("32")], videos=False)  # a suite of images: no method for videos only
+    video_only = {info.name for info in ts.list_methods() if info.needs_video}
+    assert {"evs", "vidcom2", "uniform_frames"} <= video_only
+    assert {c.method for c in stills[1:]} == {info.name for info in ts.list_methods()} - video_only
     with pytest.raises(SweepSpecError, match="random cannot take an adaptive budget"):
         plan(["random"], [parse_keep("adaptive(0.9)")])
 

@@ -149,6 +149,7 @@ class MethodInfo:
     stage: str
     signals: tuple[str, ...]
     defaults: dict
+    needs_video: bool  # a method for videos only: a still image is refused
 
 
 def servable_methods(adapter, stage: str = "pre_llm", videos: bool | None = None) -> list[str]:
@@ -178,7 +179,8 @@ def list_methods(stage: str | None = None, needs: str | tuple[str, ...] = ()) ->
         raise ValueError(f"stage={stage!r}: choose from {', '.join(STAGES)}")
     wanted = {needs} if isinstance(needs, str) else set(needs)
     return [
-        MethodInfo(name, cls.__name__, cls.paper, cls.stage, cls.signals, {f.name: f.default for f in dataclasses.fields(cls)})
+        MethodInfo(name, cls.__name__, cls.paper, cls.stage, cls.signals,
+                   {f.name: f.default for f in dataclasses.fields(cls)}, cls.needs_video)
         for name, cls in sorted(_METHODS.items())
         if (stage is None or cls.stage == stage) and wanted <= set(cls.signals)
     ]

@@ -84,16 +84,18 @@ def parse_keep(text: str | int | float) -> int | float:
         raise SweepSpecError(str(err)) from None
 
 
-def plan(methods: list[str], keeps: list[int | float]) -> list[Config]:
+def plan(methods: list[str], keeps: list[int | float], videos: bool = True) -> list[Config]:
     """The baseline, then each method at each budget (`name:keep` gives one method its own budget;
     `name:keep,arg=value` passes it arguments too).
 
     Every method is built here once, so an unknown name or a bad budget fails before a model loads.
     With "all", an adaptive budget runs for the methods that take one (their `adaptive_rules`): the
-    others have no score to threshold, and asking for one of them by name is refused as usual.
+    others have no score to threshold, and asking for one of them by name is refused as usual. Where the
+    suite has no videos (`videos=False`), "all" leaves out the methods for videos only.
     """
     every_method = methods == ["all"]
-    names = [info.name for info in ts.list_methods()] if every_method else methods
+    names = ([info.name for info in ts.list_methods() if videos or not info.needs_video] if every_method
+             else methods)
     configs = [Config()]
     for spec in names:
         try:
@@ -162,7 +164,8 @@ def _sweep(model, suite, methods, keeps, limit, out, workers, data, split, devic
                         frames=frames if frames is not None or not takes_frames(suite) else DEFAULT_FRAMES)
     try:
         methods = ts.split_specs(methods) if isinstance(methods, str) else [m for m in methods if m]
-        configs = plan(methods, [parse_keep(k) for k in (ts.budget.split_top_level(keeps) if isinstance(keeps, str) else keeps)])
+        configs = plan(methods, [parse_keep(k) for k in (ts.budget.split_top_level(keeps) if isinstance(keeps, str) else keeps)],
+                       videos=takes_frames(suite))
         check_model(model, settings.dtype)
         if workers < 1 or (limit is not None and limit < 1):
             raise ValueError(f"workers and limit must be at least 1, not {workers} and {limit}")
