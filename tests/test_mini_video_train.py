@@ -258,6 +258,19 @@ def test_a_window_of_a_clip_is_the_clip_its_frames_show():
     assert empty == [] and train.object_spans(empty) == [] and train.describe_frame(empty, 0) == "no shapes."
 
 
+def test_mixed_windows_show_another_clip_in_each_frame_and_describe_what_they_show():
+    clips = video_examples("train", 5, frames=8)
+    windows = [train.window_of(ex.clip.tracks, 2, 3) for ex in clips]
+    features = torch.randn(5, 3 * 16, 384)
+    mixed, picked = train.mixed_windows(windows, features, 3)
+    for i, t in itertools.product(range(5), range(3)):
+        source = (i + t) % 5
+        assert train.describe_frame(mixed[i], t) == train.describe_frame(windows[source], t)
+        assert torch.equal(picked[i, t * 16:(t + 1) * 16], features[source, t * 16:(t + 1) * 16])
+    assert all(sum(pose is not None for pose in track.poses) == 1 for window in mixed for track in window)
+    assert train.describe_frame(mixed[0], 1) != train.describe_frame(mixed[0], 2)  # the frames are of other clips
+
+
 def test_a_window_trains_on_what_it_shows_and_is_looked_up_at_its_own_length(sieve_mini, small_caches):
     output = _train(small_caches / "window", 1, "--video-window", "2", "--span-questions", "2", "--own-question")
     plain = _train(small_caches / "plain", 1, "--span-questions", "2")
@@ -269,13 +282,23 @@ def test_a_window_trains_on_what_it_shows_and_is_looked_up_at_its_own_length(sie
     assert all(float(window[i].rstrip(",")) in (0.0, 0.5, 1.0) for i in (2, 5, 8))
 
 
+def test_a_mixed_window_run_trains_and_looks_up_mixed_validation_windows(sieve_mini, small_caches):
+    mixed = _train(small_caches / "mixed", 1, "--video-window", "2", "--video-mix", "--own-question", "--video-batch", "2")
+    plain = _train(small_caches / "plain", 1, "--video-window", "2", "--own-question", "--video-batch", "2")
+    assert mixed.split("video_loss ")[1].split()[0] != plain.split("video_loss ")[1].split()[0]
+    table = (small_caches / "mixed" / "val-step00001.md").read_text()
+    window = table.split("lookups on their first 2 frames, mixed across clips: ")[1].split()
+    assert window[:2] == ["frame", "descriptions"] and float(window[2].rstrip(",")) in (0.0, 0.5, 1.0)
+
+
 WHOLE_CLIPS = "--video-window cuts the clips of --video-batch to 1 to --video-frames"
 
 
 @pytest.mark.parametrize("options, message", [
     (("--video-window", "9"), WHOLE_CLIPS), (("--video-window", "2", "--suite-questions"), WHOLE_CLIPS),
     (("--video-window", "2", "--video-batch", "0"), WHOLE_CLIPS),
-    (("--video-window", "2", "--frame-questions", "0", "--no-video-describe"), "--video-window asks only about the window")])
+    (("--video-window", "2", "--frame-questions", "0", "--no-video-describe"), "--video-window asks only about the window"),
+    (("--video-mix",), "--video-mix mixes the frames of --video-window's windows")])
 def test_a_window_longer_than_the_clips_with_whole_clip_questions_or_nothing_to_ask_is_refused(small_caches, options,
                                                                                                   message):
     result = _invoke(small_caches / "refused", 1, *options)

@@ -149,6 +149,23 @@ def window_of(tracks: list[Track], start: int, length: int) -> list[Track]:
     return [track for track in cut if any(pose is not None for pose in track.poses)]
 
 
+def mixed_windows(windows: list[list[Track]], features: torch.Tensor, length: int
+                  ) -> tuple[list[list[Track]], torch.Tensor]:
+    """Windows whose frames come from different clips: the i-th one's frame t is frame t of window (i + t) mod B.
+
+    windows: B windows of `length` frames each (window_of); features: their (B, length * tokens, D) patches. In a window of
+    one clip's frames, neighbours mostly show the same objects, so "What is in frame 2?" can be answered from
+    any frame; here each frame shows another clip and only the frame asked for answers it.
+    """
+    count = len(windows)
+    per_frame = features.unflatten(1, (length, -1))
+    mixed = [[replace(track, poses=tuple(track.poses[t] if u == t else None for u in range(length)))
+              for t in range(length) for track in windows[(i + t) % count] if track.poses[t] is not None]
+             for i in range(count)]
+    picked = torch.stack([per_frame[(torch.arange(count) + t) % count, t] for t in range(length)], dim=1)
+    return mixed, picked.flatten(1, 2)
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -198,6 +215,9 @@ def main(
     video_window: int = typer.Option(0, help="train on a window of this many consecutive frames of each clip, at "
                                      "a seeded random start, asked only about the window (its frames, spans and "
                                      "description): a curriculum's early stages. 0: whole clips"),
+    video_mix: bool = typer.Option(False, help="with --video-window, take each window's frames from different "
+                                   "clips of the step (mixed_windows), so that only the frame asked for answers a "
+                                   "frame question; the window lookups then mix the validation clips too"),
     frame_questions: int = typer.Option(4, help="questions per clip on what one frame shows (\"What is in frame 7?\"), "
                                         "frames drawn by step; they tie frame numbers to frame contents"),
     span_questions: int = typer.Option(0, help="questions per clip on when one object is seen (\"In which frames is "
@@ -229,6 +249,8 @@ def main(
         raise typer.BadParameter(f"--video-window cuts the clips of --video-batch to 1 to --video-frames "
                                  f"({video_frames}) frames and their suite questions ask about whole clips: give "
                                  f"--video-batch and --own-question, got --video-window {video_window}")
+    if video_mix and not video_window:
+        raise typer.BadParameter("--video-mix mixes the frames of --video-window's windows: give --video-window too")
     if video_window and not (frame_questions or span_questions or video_describe):
         raise typer.BadParameter("--video-window asks only about the window: give --frame-questions, "
                                  "--span-questions or --video-describe")
@@ -337,13 +359,21 @@ def main(
                   for ex in exs]
         per_frame = features.unflatten(1, (video_frames, -1))
         features = torch.stack([per_frame[i, t:t + video_window] for i, t in enumerate(starts)]).flatten(1, 2)
-        return exs, [window_of(ex.clip.tracks, t, video_window) for ex, t in zip(exs, starts)], features
+        windows = [window_of(ex.clip.tracks, t, video_window) for ex, t in zip(exs, starts)]
+        return exs, *(mixed_windows(windows, features, video_window) if video_mix else (windows, features))
 
     val = examples("validation", val_examples)
     val_features = torch.cat([cache.shard("validation", s) for s in range(math.ceil(val_examples / SHARD_SIZE))])[:val_examples]
 
+    def val_windows() -> tuple[list[list[Track]], torch.Tensor]:
+        """The first frames of the lookup clips, mixed across clips with --video-mix, as training sees them."""
+        windows = [window_of(ex.clip.tracks, 0, video_window) for ex in video_val[:LOOKUP_CLIPS]]
+        features = video_val_features[:LOOKUP_CLIPS, :video_window * frame_encoder.image_tokens]
+        return mixed_windows(windows, features, video_window) if video_mix else (windows, features)
+
     def run_eval(step: int) -> None:
         projector.eval()
+        windows = val_windows() if video_window else None  # outside autocast: its stack refuses fp16 features
         with autocast():
             table = evaluate(lm, projector, encoder, val, val_features)
             video_table = evaluate_clips(lm, projector, frame_encoder, video_val, video_val_features) if video_batch else None
@@ -352,10 +382,7 @@ def main(
                             if video_batch and video_pool > 1 else None)
             lookups = (evaluate_lookups(lm, projector, frame_encoder, [ex.clip.tracks for ex in video_val[:LOOKUP_CLIPS]],
                                         video_val_features[:LOOKUP_CLIPS]) if video_batch else None)
-            window_lookups = (evaluate_lookups(lm, projector, frame_encoder,
-                                               [window_of(ex.clip.tracks, 0, video_window) for ex in video_val[:LOOKUP_CLIPS]],
-                                               video_val_features[:LOOKUP_CLIPS, :video_window * frame_encoder.image_tokens])
-                              if video_window else None)
+            window_lookups = evaluate_lookups(lm, projector, frame_encoder, *windows) if windows else None
         projector.train()
         text = f"images ({val_examples} validation examples, full tokens):\n\n{format_table(table)}\n"
         if video_table:
@@ -368,7 +395,8 @@ def main(
             text += (f"\nlookups on the first {min(LOOKUP_CLIPS, video_val_examples)} clips, full tokens: "
                      f"{format_lookups(lookups)}\n")
         if window_lookups:
-            text += f"\nlookups on their first {video_window} frames: {format_lookups(window_lookups)}\n"
+            text += (f"\nlookups on their first {video_window} frames{', mixed across clips' if video_mix else ''}: "
+                     f"{format_lookups(window_lookups)}\n")
         print(f"validation at step {step}:\n{text}", flush=True)
         (out / f"val-step{step:05d}.md").write_text(text)
         log.write(json.dumps({"step": step, "validation": table, "video_validation": video_table,
