@@ -291,6 +291,27 @@ def test_a_mixed_window_run_trains_and_looks_up_mixed_validation_windows(sieve_m
     assert window[:2] == ["frame", "descriptions"] and float(window[2].rstrip(",")) in (0.0, 0.5, 1.0)
 
 
+def test_whole_clips_of_a_mixed_step_are_asked_the_suite_and_the_rest_are_mixed(sieve_mini, small_caches,
+                                                                                  monkeypatch):
+    for module in (video, train):  # shards of 3 clips: two to mix and one kept whole
+        monkeypatch.setattr(module, "VIDEO_SHARD_SIZE", 3)
+    mixing = ("--video-window", "8", "--video-mix", "--video-batch", "3", "--video-clips", "3", "--suite-questions")
+    kept = _train(small_caches / "kept", 1, *mixing, "--whole-clips", "1")
+    more = _train(small_caches / "more", 1, *mixing, "--whole-clips", "1", "--question-weight", "5")
+    all_mixed = _train(small_caches / "all-mixed", 1, *mixing[:-1], "--own-question")
+    losses = [run.split("video_loss ")[1].split()[0] for run in (kept, more, all_mixed)]
+    # The whole clip's suite answers are the leading ones that --question-weight weighs; mixed clips have none.
+    assert len(set(losses)) == 3
+    table = (small_caches / "kept" / "val-step00001.md").read_text()
+    assert "lookups on their first 8 frames, mixed across clips" in table
+    for unmixed, window, whole in ((), "8", "1"), (("--video-mix",), "4", "1"), (("--video-mix",), "8", "2"):
+        refused = _invoke(small_caches / "refused", 1, "--video-window", window, *unmixed, "--video-batch", "3",
+                          "--video-clips", "3", "--whole-clips", whole)
+        assert refused.exit_code == 2, refused.output
+        assert "--whole-clips keeps some of a mixed step's clips whole" in " ".join(refused.output.replace("│", " ").split())
+    assert not (small_caches / "refused").exists()
+
+
 WHOLE_CLIPS = "--video-window cuts the clips of --video-batch to 1 to --video-frames"
 
 

@@ -218,6 +218,10 @@ def main(
     video_mix: bool = typer.Option(False, help="with --video-window, take each window's frames from different "
                                    "clips of the step (mixed_windows), so that only the frame asked for answers a "
                                    "frame question; the window lookups then mix the validation clips too"),
+    whole_clips: int = typer.Option(0, help="with --video-mix and a window of all --video-frames, this many of "
+                                    "each step's clips stay whole, unmixed, and are asked their own question "
+                                    "(or --suite-questions) too, while the others' frames are mixed: the lookup "
+                                    "keeps being taught while the suite is"),
     frame_questions: int = typer.Option(4, help="questions per clip on what one frame shows (\"What is in frame 7?\"), "
                                         "frames drawn by step; they tie frame numbers to frame contents"),
     span_questions: int = typer.Option(0, help="questions per clip on when one object is seen (\"In which frames is "
@@ -245,7 +249,12 @@ def main(
     if video_batch and (video_clips % VIDEO_SHARD_SIZE or VIDEO_SHARD_SIZE % video_batch):
         raise typer.BadParameter(f"--video-clips must be a multiple of {VIDEO_SHARD_SIZE} and --video-batch "
                                  f"divide it, got {video_clips} and {video_batch}")
-    if video_window and not (video_batch and 0 < video_window <= video_frames and not suite_questions_):
+    if whole_clips and not (video_mix and video_window == video_frames and 0 < whole_clips <= video_batch - 2):
+        raise typer.BadParameter(f"--whole-clips keeps some of a mixed step's clips whole: give --video-mix, "
+                                 f"--video-window equal to --video-frames and --video-batch at least --whole-clips "
+                                 f"+ 2 (two clips to mix), got --whole-clips {whole_clips}")
+    if video_window and not (video_batch and 0 < video_window <= video_frames
+                             and (whole_clips or not suite_questions_)):
         raise typer.BadParameter(f"--video-window cuts the clips of --video-batch to 1 to --video-frames "
                                  f"({video_frames}) frames and their suite questions ask about whole clips: give "
                                  f"--video-batch and --own-question, got --video-window {video_window}")
@@ -360,7 +369,15 @@ def main(
         per_frame = features.unflatten(1, (video_frames, -1))
         features = torch.stack([per_frame[i, t:t + video_window] for i, t in enumerate(starts)]).flatten(1, 2)
         windows = [window_of(ex.clip.tracks, t, video_window) for ex, t in zip(exs, starts)]
-        return exs, *(mixed_windows(windows, features, video_window) if video_mix else (windows, features))
+        if not video_mix:
+            return exs, windows, features
+        mixed = video_batch - whole_clips  # the step's last --whole-clips clips stay as they are
+        mixed_tracks, mixed_features = mixed_windows(windows[:mixed], features[:mixed], video_window)
+        return exs, mixed_tracks + windows[mixed:], torch.cat([mixed_features, features[mixed:]])
+
+    def is_whole(i: int) -> bool:
+        """Whether the step's i-th clip shows the whole clip, unmixed, and is asked about it."""
+        return not video_window or i >= video_batch - whole_clips
 
     val = examples("validation", val_examples)
     val_features = torch.cat([cache.shard("validation", s) for s in range(math.ceil(val_examples / SHARD_SIZE))])[:val_examples]
@@ -458,21 +475,21 @@ def main(
         return (torch.nn.functional.cross_entropy(guesses, frames),
                 (guesses.argmax(-1) == frames).float().mean().item())
 
-    def clip_questions(ex) -> list[QA]:
+    def clip_questions(ex, whole: bool) -> list[QA]:
         """The clip's own question, then (--suite-questions) the suite's other questions it answers; none of a
-        window (--video-window), whose answers may differ from the whole clip's."""
-        if video_window:
+        window or mixed clip (`whole` false), whose answers may differ from the whole clip's."""
+        if not whole:
             return []
         if not suite_questions_:
             return [ex.qa]
         return [ex.qa] + [qa for qa in suite_questions(ex.clip.tracks) if qa.question != ex.qa.question]
 
-    def clip_pack(ex, tracks: list[Track], step: int) -> list[QA]:
+    def clip_pack(ex, tracks: list[Track], step: int, whole: bool) -> list[QA]:
         """The clip's suite questions, then questions on single frames (as many as it shows, at most) and on when
         objects are seen, then (--video-describe) what happens in it; `tracks`: what the clip shows."""
         rng = np.random.default_rng((seed, step, ex.index))
         frames = rng.choice(shown_frames, min(frame_questions, shown_frames), replace=False)
-        pack = clip_questions(ex) + [QA("frame", f"What is in frame {t + 1}?", describe_frame(tracks, t))
+        pack = clip_questions(ex, whole) + [QA("frame", f"What is in frame {t + 1}?", describe_frame(tracks, t))
                                      for t in frames]
         spans = object_spans(tracks)
         pack += [QA("spans", f"In which frames is the {spans[i][0]}?", spans[i][1])
@@ -493,11 +510,13 @@ def main(
         if video_batch:  # one sequence per clip: its frames, then its questions
             clips, shown, clip_features = clips_at(step)
             clip_encoder = video_encoder if clip_pool_at(step) > 1 else frame_encoder
-            ids, labels, outputs = forward([clip_encoder.conversation(clip_pack(ex, tracks, step), shown_frames)
-                                            for ex, tracks in zip(clips, shown)],
+            wholes = [is_whole(i) for i in range(len(clips))]
+            ids, labels, outputs = forward([clip_encoder.conversation(clip_pack(ex, tracks, step, whole), shown_frames)
+                                            for ex, tracks, whole in zip(clips, shown, wholes)],
                                            clip_features, hidden_states=frame_probe is not None)
             video_loss = answer_loss_of(labels, outputs.last_hidden_state,
-                                        [len(clip_questions(ex)) for ex in clips], question_weight)
+                                        [len(clip_questions(ex, whole)) for ex, whole in zip(clips, wholes)],
+                                        question_weight)
             loss = loss + video_weight * video_loss
             recent_video.append(video_loss.item())
             if frame_probe:
