@@ -153,9 +153,9 @@ def mixed_windows(windows: list[list[Track]], features: torch.Tensor, length: in
                   ) -> tuple[list[list[Track]], torch.Tensor]:
     """Windows whose frames come from different clips: the i-th one's frame t is frame t of window (i + t) mod B.
 
-    windows: B windows of `length` frames each (window_of); features: their (B, length * tokens, D) patches. In a window of
-    one clip's frames, neighbours mostly show the same objects, so "What is in frame 2?" can be answered from
-    any frame; here each frame shows another clip and only the frame asked for answers it.
+    windows: B windows of `length` frames each (window_of); features: their (B, length * tokens, D) patches.
+    In a window of one clip's frames, neighbours mostly show the same objects, so "What is in frame 2?" can be
+    answered from any frame; here each frame shows another clip and only the frame asked for answers it.
     """
     count = len(windows)
     per_frame = features.unflatten(1, (length, -1))
